@@ -1,0 +1,39 @@
+# make run: set up .venv and serve conf/gsrv.toml in the foreground.
+# make test: set up .venv with the test extra and run the whole suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= conf/gsrv.toml
+
+.PHONY: run test bench check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-bench: pyproject.toml $(BIN)/python
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/gsrv serve -c $(CONFIG)
+
+check: $(VENV)/.installed
+	$(BIN)/gsrv check -c $(CONFIG)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,5 @@
+"""`python -m gsrv` is the `gsrv` command."""
+
+from gsrv.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""A session's child process: spawn without a shell, watch its exit, and the stop ladder.
+
+The only module that sends signals. Each child leads its own session (process group),
+so the ladder's killpg reaches grandchildren such as the parts of a shell pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import gevent
+from gevent import get_hub
+from gevent.event import Event
+
+from gsrv.errors import SpawnError
+
+GROUP_POLL_S = 0.02
+REAP_TIMEOUT_S = 5.0
+
+_hub_ready: set[int] = set()
+
+
+def build_env(
+    environ: Mapping[str, str], pass_env: Iterable[str], env: Iterable[tuple[str, str]], extra: Mapping[str, str]
+) -> dict[str, str]:
+    """The child's environment: the allowlist from gsrv's own, then the service's table, then UCSPI."""
+    result = {name: environ[name] for name in pass_env if name in environ}
+    result.update(env)
+    result.update(extra)
+    return result
+
+
+class Child:
+    """One running command with non-blocking pipes; `exited` is set once it is reaped."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.pid = proc.pid
+        self._proc = proc
+        self.exited = Event()
+        self.status: int | None = None
+        self.signals_sent: list[str] = []
+        self.stdin = proc.stdin.fileno() if proc.stdin else -1
+        self.stdout = proc.stdout.fileno() if proc.stdout else -1
+        self.stderr = proc.stderr.fileno() if proc.stderr else -1
+        for fd in (self.stdin, self.stdout, self.stderr):
+            if fd >= 0:
+                os.set_blocking(fd, False)
+
+    @classmethod
+    def spawn(cls, argv: tuple[str, ...], env: dict[str, str], cwd: str | None, stderr: str) -> Child:
+        """Start argv (no shell) in a new session. Raises SpawnError with a readable reason."""
+        hub = get_hub()
+        if id(hub.loop) not in _hub_ready:
+            hub.loop.install_sigchld()
+            _hub_ready.add(id(hub.loop))
+        err = {"log": subprocess.PIPE, "discard": subprocess.DEVNULL, "stdout": subprocess.STDOUT}[stderr]
+        try:
+            # The stdlib constructor forks with vfork in C (well under a millisecond); gevent's
+            # Popen forks in Python and blocks the loop for milliseconds. The exit status must
+            # come from gevent's child watcher, registered before anything can yield.
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                bufsize=0, close_fds=True, start_new_session=True, env=env, cwd=cwd,
+            )  # fmt: skip
+        except OSError as e:
+            name = e.filename if e.filename is not None else argv[0]
+            raise SpawnError(f"{e.strerror or e}: {name}") from None
+        except (ValueError, subprocess.SubprocessError) as e:
+            raise SpawnError(str(e)) from None
+        child = cls(proc)
+        watcher = hub.loop.child(proc.pid)
+        watcher.start(child._on_exit, watcher)
+        return child
+
+    def _on_exit(self, watcher: object) -> None:
+        self.status = watcher.rstatus  # type: ignore[attr-defined]
+        watcher.stop()  # type: ignore[attr-defined]
+        # Tell the Popen object the child is reaped, so that neither its __del__ nor
+        # subprocess's cleanup ever calls waitpid on a pid the kernel may have reused.
+        self._proc.returncode = os.waitstatus_to_exitcode(self.status)
+        self.exited.set()
+
+    @property
+    def exit_code(self) -> int | None:
+        if self.status is None or not os.WIFEXITED(self.status):
+            return None
+        return os.WEXITSTATUS(self.status)
+
+    @property
+    def signal(self) -> int | None:
+        if self.status is None or not os.WIFSIGNALED(self.status):
+            return None
+        return os.WTERMSIG(self.status)
+
+    def close_stdin(self) -> None:
+        if self._proc.stdin and not self._proc.stdin.closed:
+            self._proc.stdin.close()
+
+    def close_pipes(self) -> None:
+        for pipe in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
+    def group_alive(self) -> bool:
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.pid, sig)
+            self.signals_sent.append(sig.name.removeprefix("SIG"))
+        except ProcessLookupError:
+            pass
+
+    def _wait_group_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.exited.is_set() and not self.group_alive():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.exited.is_set():
+                gevent.sleep(min(left, GROUP_POLL_S))  # grandchildren left: poll the group
+            else:
+                self.exited.wait(left)
+
+    def stop(self, kill_grace: float, on_escalate: Callable[[float], None]) -> None:
+        """The ladder: close stdin, TERM the group if it lives, KILL after kill_grace, reap."""
+        self.close_stdin()
+        if self.exited.is_set() and not self.group_alive():
+            self.close_pipes()
+            return
+        self._signal_group(signal.SIGTERM)
+        if not self._wait_group_gone(kill_grace):
+            on_escalate(kill_grace)
+            self._signal_group(signal.SIGKILL)
+            self._wait_group_gone(REAP_TIMEOUT_S)
+        self.close_pipes()
+

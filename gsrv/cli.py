@@ -1,0 +1,106 @@
+"""The command line: serve, check, send. The only composer: it wires config, log, server, signals."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+import gevent
+from gevent.queue import Queue
+
+from gsrv import __version__
+from gsrv.config import Config, load
+from gsrv.errors import ConfigError
+from gsrv.logs import Log
+from gsrv.send import send
+from gsrv.server import BindError, Server
+
+DEFAULT_CONFIG = "conf/gsrv.toml"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"Error: {message}\nFor help, use gsrv -h", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gsrv", description="Stream each TCP connection through a command, in bounded memory.")
+    parser.add_argument("--version", action="version", version=f"gsrv {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    serve = sub.add_parser("serve", help="serve the config's services in the foreground")
+    serve.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    check = sub.add_parser("check", help="validate a config file and list its services")
+    check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    send = sub.add_parser("send", help="stream stdin to a service and its reply to stdout")
+    send.add_argument("target", metavar="HOST:PORT")
+    return parser
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load(path)
+    except ConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return None
+
+
+def check(path: str) -> int:
+    config = _load(path)
+    if config is None:
+        return 2
+    print(f"{path}: ok, {len(config.services)} service(s)")
+    for svc in config.services:
+        print(f"  {svc.name:<12} {svc.listen!s:<22} {' '.join(svc.command)}")
+    return 0
+
+
+def serve(path: str) -> int:
+    config = _load(path)
+    if config is None:
+        return 2
+    log = Log(2, config.server.log_level, config.server.log_format)
+    server = Server(config, log)
+    try:
+        server.bind()
+    except BindError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    signals: Queue[int] = Queue()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        gevent.signal_handler(signum, signals.put, signum)  # handlers only record
+    worker = gevent.spawn(_handle_signals, server, signals)
+    server.start()
+    server.stopped.wait()
+    worker.kill()
+    log.info("stopped")
+    log.flush()
+    return 0
+
+
+def _handle_signals(server: Server, signals: Queue[int]) -> None:
+    stops = 0
+    while True:
+        signum = signals.get()
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            server.log.info("signal", signal=name, next="reload")
+            server.reload()
+            continue
+        stops += 1
+        if stops == 1:
+            server.log.info("signal", signal=name, next="drain")
+            server.drain()
+        else:
+            server.log.warning("signal", signal=name, next="stop now, skipping the drain")
+            server.force_stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "check":
+        return check(args.config)
+    if args.cmd == "serve":
+        return serve(args.config)
+    return send(args.target)

@@ -1,0 +1,274 @@
+"""The TOML config file: parsed with tomllib into frozen dataclasses, every value checked.
+
+Each error names the file, the table and key, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import shutil
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from gsrv.errors import ConfigError
+from gsrv.units import DURATION_HINT, describe, format_size, parse_duration, parse_size
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
+TOP_TABLES = ("server", "services")
+
+
+@dataclass(frozen=True)
+class Address:
+    """A TCP address to bind; port 0 lets the kernel pick."""
+
+    host: str
+    port: int
+
+    @property
+    def is_v6(self) -> bool:
+        return ":" in self.host
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.host in ("0.0.0.0", "::")
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.is_v6 else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    log_level: str = "info"
+    log_format: str = "text"
+    drain_timeout: float = 30.0
+    kill_grace: float = 2.0
+    eof_grace: float = 1.0
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    listen: Address
+    command: tuple[str, ...]
+    max_sessions: int = 256
+    chunk_size: int = 64 * 1024
+    backlog: int = 1024
+    idle_timeout: float = 0.0
+    session_timeout: float = 0.0
+    env: tuple[tuple[str, str], ...] = ()
+    pass_env: tuple[str, ...] = DEFAULT_PASS_ENV
+    cwd: str | None = None
+    stderr: str = "log"
+    nonzero_exit: str = "close"
+    keepalive: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    server: ServerConfig
+    services: tuple[ServiceConfig, ...]
+
+    def service(self, name: str) -> ServiceConfig | None:
+        return next((s for s in self.services if s.name == name), None)
+
+
+SERVER_KEYS = tuple(ServerConfig.__dataclass_fields__)
+SERVICE_KEYS = tuple(k for k in ServiceConfig.__dataclass_fields__ if k != "name")
+
+
+class _Table:
+    """One TOML table being read: typed getters that raise ConfigError naming file and key."""
+
+    def __init__(self, file: str, name: str, data: dict[str, Any], known: tuple[str, ...]) -> None:
+        self.file, self.name, self.data = file, name, data
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f'did you mean "{close[0]}"?' if close else "known keys: " + ", ".join(known)
+                raise ConfigError(file, f"[{name}]", f'has unknown key "{key}" ({hint})')
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.file, f"[{self.name}] {key}", message)
+
+    def integer(self, key: str, default: int, low: int) -> int:
+        value = self.data.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise self.fail(key, f"must be an integer >= {low} (got {describe(value)})")
+        return value
+
+    def size(self, key: str, default: int, low: int, high: int) -> int:
+        value = self.data.get(key, default)
+        try:
+            size = parse_size(value)
+        except ValueError as e:
+            raise self.fail(key, str(e)) from None
+        if not low <= size <= high:
+            span = f"between {format_size(low)} and {format_size(high)}"
+            raise self.fail(key, f"must be {span} (got {describe(value)})")
+        return size
+
+    def duration(self, key: str, default: str, zero_means: str | None = None) -> float:
+        value = self.data.get(key, default)
+        try:
+            seconds = parse_duration(value)
+        except ValueError as e:
+            raise self.fail(key, str(e)) from None
+        if seconds == 0 and zero_means is None:
+            raise self.fail(key, f"must be {DURATION_HINT} greater than 0 (got {describe(value)})")
+        return seconds
+
+    def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
+        value = self.data.get(key, default)
+        if value not in options:
+            listed = ", ".join(f'"{o}"' for o in options)
+            raise self.fail(key, f"must be one of {listed} (got {describe(value)})")
+        return str(value)
+
+    def strings(self, key: str, default: tuple[str, ...], non_empty: bool = False) -> tuple[str, ...]:
+        value = self.data.get(key, list(default))
+        ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+        if not ok or (non_empty and not value):
+            what = "a non-empty array of non-empty strings" if non_empty else "an array of strings"
+            raise self.fail(key, f"must be {what} (got {describe(value)})")
+        return tuple(value)
+
+    def string_table(self, key: str) -> tuple[tuple[str, str], ...]:
+        value = self.data.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise self.fail(key, f"must be a table of strings, like {{ NAME = \"value\" }} (got {describe(value)})")
+        return tuple(value.items())
+
+
+def parse_address(text: object) -> Address:
+    """"host:port" or "[v6]:port" with an IP literal; ValueError if it is neither."""
+    if isinstance(text, str):
+        host, sep, port = text.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            want_v6 = True
+        else:
+            want_v6 = False
+        try:
+            ip = ipaddress.ip_address(host)
+            number = int(port)
+        except ValueError:
+            ip, number = None, -1
+        if sep and ip is not None and (ip.version == 6) == want_v6 and port.isdigit() and 0 <= number <= 65535:
+            return Address(str(ip), number)
+    raise ValueError(
+        'must be "host:port" or "[v6]:port" with an IP address and a port 0-65535 '
+        f"(got {describe(text)})"
+    )
+
+
+def _resolve_command(table: _Table, command: tuple[str, ...], env: dict[str, str], cwd: str | None) -> None:
+    program = command[0]
+    if "/" in program:
+        path = os.path.join(cwd or os.getcwd(), program)
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise table.fail("command", f'[0] "{program}" is not an executable file')
+        return
+    if shutil.which(program, path=env.get("PATH", os.defpath)) is None:
+        raise table.fail("command", f'[0] "{program}" was not found on PATH ({env.get("PATH", os.defpath)})')
+
+
+def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> ServiceConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(file, f"[services.{name}]", f"must be a table (got {describe(data)})")
+    t = _Table(file, f"services.{name}", data, SERVICE_KEYS)
+    for required, example in (("listen", '"127.0.0.1:7001"'), ("command", '["sha256sum"]')):
+        if required not in data:
+            raise t.fail(required, f"is required (for example {required} = {example})")
+    try:
+        listen = parse_address(data["listen"])
+    except ValueError as e:
+        raise t.fail("listen", str(e)) from None
+    command = t.strings("command", (), non_empty=True)
+    env = t.string_table("env")
+    pass_env = t.strings("pass_env", DEFAULT_PASS_ENV)
+    cwd = data.get("cwd")
+    if cwd is not None and not (isinstance(cwd, str) and os.path.isdir(cwd)):
+        raise t.fail("cwd", f"must be an existing directory (got {describe(cwd)})")
+    child_env = {k: server_env[k] for k in pass_env if k in server_env} | dict(env)
+    _resolve_command(t, command, child_env, cwd)
+    return ServiceConfig(
+        name=name,
+        listen=listen,
+        command=command,
+        max_sessions=t.integer("max_sessions", 256, 1),
+        chunk_size=t.size("chunk_size", 64 * 1024, 4 * 1024, 1024 * 1024),
+        backlog=t.integer("backlog", 1024, 1),
+        idle_timeout=t.duration("idle_timeout", "0s", zero_means="no limit"),
+        session_timeout=t.duration("session_timeout", "0s", zero_means="no limit"),
+        env=env,
+        pass_env=pass_env,
+        cwd=cwd,
+        stderr=t.choice("stderr", "log", ("log", "discard", "stdout")),
+        nonzero_exit=t.choice("nonzero_exit", "close", ("close", "reset")),
+        keepalive=t.duration("keepalive", "60s", zero_means="off"),
+    )
+
+
+def _check_addresses(file: str, services: list[ServiceConfig]) -> None:
+    """Two services on one port collide when their hosts are equal or one is a wildcard."""
+    for i, svc in enumerate(services):
+        for other in services[:i]:
+            a, b = svc.listen, other.listen
+            if a.port == 0 or a.port != b.port:
+                continue
+            same_family = a.is_v6 == b.is_v6
+            if a.host == b.host or "::" in (a.host, b.host) or (same_family and (a.is_wildcard or b.is_wildcard)):
+                raise ConfigError(
+                    file, f"[services.{svc.name}] listen", f"{a} collides with {b} of [services.{other.name}]"
+                )
+
+
+def parse(file: str, text: str, environ: dict[str, str] | None = None) -> Config:
+    """Parse config text; `file` is only used in messages. Raises ConfigError."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(file, "", f"is not valid TOML: {e}") from None
+    for table in data:
+        if table not in TOP_TABLES:
+            close = difflib.get_close_matches(table, TOP_TABLES, n=1)
+            hint = f"did you mean [{close[0]}]?" if close else "known tables: [server], [services.NAME]"
+            raise ConfigError(file, f"[{table}]", f"is not a known table ({hint})")
+    raw_server = data.get("server", {})
+    if not isinstance(raw_server, dict):
+        raise ConfigError(file, "[server]", f"must be a table (got {describe(raw_server)})")
+    t = _Table(file, "server", raw_server, SERVER_KEYS)
+    server = ServerConfig(
+        log_level=t.choice("log_level", "info", LOG_LEVELS),
+        log_format=t.choice("log_format", "text", ("text", "json")),
+        drain_timeout=t.duration("drain_timeout", "30s"),
+        kill_grace=t.duration("kill_grace", "2s"),
+        eof_grace=t.duration("eof_grace", "1s"),
+    )
+    raw_services = data.get("services", {})
+    if not isinstance(raw_services, dict) or not raw_services:
+        raise ConfigError(file, "[services]", "must define at least one service, like [services.echo]")
+    server_env = dict(os.environ if environ is None else environ)
+    services = []
+    for name, body in raw_services.items():
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(file, f"[services.{name}]", "name must use only letters, digits, - and _")
+        services.append(_service(file, name, body, server_env))
+    _check_addresses(file, services)
+    return Config(path=file, server=server, services=tuple(services))
+
+
+def load(path: str) -> Config:
+    """Read and parse a config file. Raises ConfigError, also when the file cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(path, "", f"cannot be read: {reason}") from None
+    return parse(path, text)

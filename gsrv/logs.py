@@ -1,0 +1,144 @@
+"""Log lines (logfmt or JSON) and the non-blocking writer that puts them on stderr.
+
+A stalled log reader must never stall the relay: lines wait in a bounded queue, the
+overflow is dropped and counted, and one greenlet writes to a non-blocking descriptor.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import os
+import stat
+import time
+from typing import Any
+
+import gevent
+from gevent.event import Event
+from gevent.socket import wait_write
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+QUEUE_BYTES = 4 * 1024 * 1024
+
+
+def timestamp(now: float) -> str:
+    millis = int(now * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{millis:03d}Z"
+
+
+def _logfmt_value(value: object) -> str:
+    text = str(value)
+    if text and not any(c in text for c in ' "=\\\n\t') and text.isprintable():
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def format_line(fmt: str, level: str, event: str, fields: dict[str, Any], now: float) -> str:
+    """One log line, without its newline; `fields` keep their order."""
+    record: dict[str, Any] = {"ts": timestamp(now), "level": level, "event": event}
+    record.update((k, v) for k, v in fields.items() if v is not None)
+    if fmt == "json":
+        return json.dumps(record, ensure_ascii=False, default=str)
+    return " ".join(f"{k}={_logfmt_value(v)}" for k, v in record.items())
+
+
+def _own_description(fd: int) -> int:
+    """A descriptor for fd's target that we may make non-blocking without touching others.
+
+    O_NONBLOCK belongs to the open file description, which a pipe or terminal shares with
+    other processes; reopening /proc/self/fd/N gives gsrv a description of its own.
+    Regular files never stall a writer, so they are used as they are.
+    """
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        try:
+            own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_APPEND)
+            return own
+        except OSError:
+            pass
+    return os.dup(fd)
+
+
+class Log:
+    """Structured event log: `log.info("session_end", service=..., ...)`."""
+
+    def __init__(self, fd: int = 2, level: str = "info", fmt: str = "text") -> None:
+        self._fd = _own_description(fd)
+        self.level = level
+        self.fmt = fmt
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self.dropped = 0
+        self._reported_drops = 0
+        self._wake = Event()
+        self._writer: gevent.Greenlet | None = None
+
+    def configure(self, level: str, fmt: str) -> None:
+        self.level, self.fmt = level, fmt
+
+    def enabled(self, level: str) -> bool:
+        return LEVELS[level] >= LEVELS[self.level]
+
+    def event(self, level: str, event: str, **fields: Any) -> None:
+        if not self.enabled(level):
+            return
+        line = (format_line(self.fmt, level, event, fields, time.time()) + "\n").encode("utf-8", "replace")
+        if self._queued + len(line) > QUEUE_BYTES:
+            self.dropped += 1
+            return
+        self._queue.append(line)
+        self._queued += len(line)
+        if self._writer is None:
+            self._writer = gevent.spawn(self._write_loop)
+        self._wake.set()
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self.event("debug", event, **fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.event("info", event, **fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.event("warning", event, **fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self.event("error", event, **fields)
+
+    def _write_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            if self.dropped > self._reported_drops and self._queued < QUEUE_BYTES // 2:
+                count, self._reported_drops = self.dropped - self._reported_drops, self.dropped
+                self.warning("log_dropped", lines=count, next="logging_resumed")
+            while self._queue:
+                self._write_some()
+            self._wake.wait()
+
+    def _write_some(self, wait_timeout: float | None = None) -> None:
+        line = self._queue[0]
+        try:
+            written = os.write(self._fd, line)
+        except BlockingIOError:
+            wait_write(self._fd, timeout=wait_timeout)
+            return
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                return
+            self._queue.clear()  # the log target is gone; nothing can be written any more
+            self._queued = 0
+            return
+        self._queued -= written
+        if written == len(line):
+            self._queue.popleft()
+        else:
+            self._queue[0] = line[written:]
+
+    def flush(self, timeout: float = 1.0) -> None:
+        """Write what is queued, for at most `timeout` seconds (used at exit)."""
+        deadline = time.monotonic() + timeout
+        while self._queue and time.monotonic() < deadline:
+            try:
+                self._write_some(wait_timeout=max(0.0, deadline - time.monotonic()))
+            except OSError:
+                break

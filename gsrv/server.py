@@ -1,0 +1,190 @@
+"""Services to listeners and gates, and the lifecycle: serve, reload, drain, stop.
+
+STARTING -> SERVING -> DRAINING -> STOPPED; one _set_state() logs every change.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import socket as stdsocket
+import time
+from typing import Any
+
+import gevent
+from gevent import socket as gsocket
+from gevent.event import Event
+
+from gsrv.config import Config, ServiceConfig, load
+from gsrv.errors import ConfigError, GsrvError
+from gsrv.gate import Gate, Listener
+from gsrv.logs import Log
+from gsrv.session import Session
+from gsrv.watchdog import Watchdog
+
+DRAIN_POLL_S = 0.05
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class BindError(GsrvError):
+    """A service's address could not be bound."""
+
+
+class Service:
+    """One configured service: its listener, its gate, its live sessions."""
+
+    def __init__(self, server: Server, cfg: ServiceConfig) -> None:
+        self.server = server
+        self.cfg = cfg
+        self.gate = Gate(cfg.name, cfg.max_sessions, server.log)
+        self.sessions: set[Session] = set()
+        self.listener: Listener | None = None
+
+    def bind(self) -> None:
+        address = self.cfg.listen
+        family = stdsocket.AF_INET6 if address.is_v6 else stdsocket.AF_INET
+        sock = gsocket.socket(family, stdsocket.SOCK_STREAM)
+        try:
+            sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_REUSEADDR, 1)
+            sock.bind((address.host, address.port))
+            sock.listen(self.cfg.backlog)
+        except OSError as e:
+            sock.close()
+            raise BindError(f"service {self.cfg.name}: cannot listen on {address}: {e.strerror}") from None
+        self.listener = Listener(sock, self.handle, self.gate)
+        self.gate.attach(self.listener)
+
+    @property
+    def address(self) -> str:
+        assert self.listener is not None
+        host, port = self.listener.socket.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def handle(self, sock: Any, _address: Any) -> None:
+        server = self.server
+        session = Session(self.cfg, server.config.server, sock, server.next_session_id(), server.log, server.watchdog)
+        self.sessions.add(session)
+        try:
+            session.run()
+        finally:
+            self.sessions.discard(session)
+
+
+class Server:
+    def __init__(self, config: Config, log: Log) -> None:
+        self.config = config
+        self.log = log
+        self.state = State.STARTING
+        self.services = [Service(self, cfg) for cfg in config.services]
+        self.watchdog = Watchdog()
+        self.stopped = Event()
+        self._ids = itertools.count(1)
+        self._pid = os.getpid()
+        self._drainer: gevent.Greenlet | None = None
+
+    def next_session_id(self) -> str:
+        return f"{self._pid}-{next(self._ids)}"
+
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        self.log.info("state", state=state.value)
+        if state is State.STOPPED:
+            self.stopped.set()
+
+    def bind(self) -> None:
+        """Bind every listener, or none: raises BindError naming the service and address."""
+        try:
+            for service in self.services:
+                service.bind()
+        except BindError:
+            for service in self.services:
+                if service.listener is not None:
+                    service.listener.close()
+            raise
+
+    def start(self) -> None:
+        self.watchdog.start()
+        for service in self.services:
+            assert service.listener is not None
+            service.listener.start()
+            self.log.info("listening", service=service.cfg.name, address=service.address)
+        self._set_state(State.SERVING)
+
+    @property
+    def active_sessions(self) -> int:
+        return sum(len(s.sessions) for s in self.services)
+
+    # -- reload --------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the config file; swap only a valid one. Running sessions keep theirs."""
+        try:
+            new = load(self.config.path)
+        except ConfigError as e:
+            self.log.error("reload_failed", error=str(e), next="keeping the running config")
+            return False
+        by_name = {s.cfg.name: s for s in self.services}
+        for cfg in new.services:
+            service = by_name.pop(cfg.name, None)
+            if service is None:
+                self.log.warning("reload_skipped", service=cfg.name, why="new service", next="restart gsrv to add it")
+            elif cfg.listen != service.cfg.listen:
+                self.log.warning("reload_skipped", service=cfg.name, why="listen changed", next="restart gsrv to rebind")
+            else:
+                service.cfg = cfg
+                service.gate.set_limit(cfg.max_sessions)
+        for name in by_name:
+            self.log.warning("reload_skipped", service=name, why="service removed", next="restart gsrv to remove it")
+        self.config = Config(new.path, new.server, tuple(s.cfg for s in self.services))
+        self.log.configure(new.server.log_level, new.server.log_format)
+        self.log.info("reloaded", path=new.path, services=len(self.services))
+        return True
+
+    # -- drain and stop ------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Stop taking sessions, let running ones finish up to drain_timeout, then end them."""
+        if self.state is not State.SERVING:
+            return
+        self._set_state(State.DRAINING)
+        for service in self.services:
+            service.gate.pause("draining")
+            if service.listener is not None:
+                service.listener.close()  # queued clients are refused now, not timed out later
+        self._drainer = gevent.spawn(self._drain)
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.config.server.drain_timeout
+        self.log.info("draining", sessions=self.active_sessions, drain_timeout_s=self.config.server.drain_timeout)
+        while self.active_sessions and time.monotonic() < deadline:
+            gevent.sleep(DRAIN_POLL_S)
+        self._end_sessions()
+
+    def force_stop(self) -> None:
+        """A second signal: end every session now."""
+        if self.state is State.SERVING:
+            self.drain()
+        if self._drainer is not None:
+            self._drainer.kill()
+        gevent.spawn(self._end_sessions)
+
+    def _end_sessions(self) -> None:
+        if self.state is State.STOPPED:
+            return
+        for service in self.services:
+            for session in list(service.sessions):
+                session.abort("shutdown")
+        # Each session now runs its stop ladder; bounded by kill_grace plus the reap timeout.
+        deadline = time.monotonic() + self.config.server.kill_grace + 10
+        while self.active_sessions and time.monotonic() < deadline:
+            gevent.sleep(DRAIN_POLL_S)
+        self.watchdog.stop()
+        if self.state is not State.STOPPED:
+            self._set_state(State.STOPPED)

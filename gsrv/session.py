@@ -1,0 +1,312 @@
+"""One connection: its child, the pumps both ways, half-close, timeouts, the reason it ended.
+
+The only writer of the session_end log line; exactly one per session, after the reap.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket as stdsocket
+import struct
+import termios
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+from gevent.event import Event
+from gevent.socket import socket, wait_read
+
+from gsrv import pump
+from gsrv.child import Child, build_env
+from gsrv.config import ServerConfig, ServiceConfig
+from gsrv.errors import SpawnError
+from gsrv.logs import Log
+from gsrv.stderr import StderrLines
+
+if TYPE_CHECKING:
+    from gsrv.watchdog import Watchdog
+
+LINGER_S = 2.0  # how long a closing session waits for the client's EOF once the reply is acked
+GRACE_POLL_S = 0.1
+TCP_CLOSE = 7
+
+
+def _reset(sock: socket) -> None:
+    """Close with an RST: the client must not take a truncated reply for a complete one."""
+    try:
+        sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def _unsent(sock: socket) -> int:
+    """Bytes in the socket's send queue the client has not acknowledged yet."""
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", buf)[0])
+
+
+def _pipe_pending(fd: int) -> int:
+    try:
+        buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", buf)[0])
+
+
+def set_keepalive(sock: socket, idle: float) -> None:
+    if idle <= 0:
+        return
+    sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_KEEPALIVE, 1)
+    sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_KEEPIDLE, max(1, int(idle)))
+    sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_KEEPINTVL, max(1, min(int(idle), 10)))
+    sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_KEEPCNT, 3)
+
+
+class Session:
+    """Relay one client through one child; `run()` never raises."""
+
+    def __init__(
+        self, svc: ServiceConfig, server: ServerConfig, sock: socket, sid: str, log: Log, watchdog: Watchdog
+    ) -> None:
+        self.svc, self.server, self.sock, self.sid, self.log = svc, server, sock, sid, log
+        self.watchdog = watchdog
+        self.peer = sock.getpeername()
+        self.inbound, self.outbound, self.discarded = pump.Meter(), pump.Meter(), pump.Meter()
+        self.input_done = False  # the client's EOF reached the child's stdin
+        self.client_eof = False
+        self.stdout_eof = False
+        self.abort_reason: str | None = None
+        self.child: Child | None = None
+        self.stderr = StderrLines()
+        self._wake = Event()
+        self._started = time.monotonic()
+
+    def abort(self, reason: str) -> None:
+        """End the session abnormally (the client sees a reset); the first reason wins."""
+        if self.abort_reason is None:
+            self.abort_reason = reason
+            self._wake.set()
+
+    def peer_is_dead(self) -> bool:
+        """The watchdog's check: the kernel closed the connection (RST) but no pump noticed."""
+        try:
+            state = self.sock.getsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_INFO, 8)[0]
+            error = self.sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_ERROR)
+        except OSError:
+            return True
+        return state == TCP_CLOSE or error != 0
+
+    def run(self) -> None:
+        fields: dict[str, object] = {}
+        try:
+            fields = self._run()
+        except Exception as e:  # a bug must end only this session, and say so
+            self.abort_reason = self.abort_reason or "internal_error"
+            fields = {"error": f"{type(e).__name__}: {e}"}
+            _reset(self.sock)
+        self._log_end(fields)
+
+    def _run(self) -> dict[str, object]:
+        try:
+            self.sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+            set_keepalive(self.sock, self.svc.keepalive)
+            self.child = Child.spawn(self.svc.command, self._env(), self.svc.cwd, self.svc.stderr)
+        except (SpawnError, OSError) as e:
+            self.abort_reason = "spawn_failed"
+            _reset(self.sock)
+            return {"error": str(e)}
+        child = self.child
+        child.exited.rawlink(lambda _: self._wake.set())
+        greenlets = [gevent.spawn(self._up), gevent.spawn(self._down)]
+        if child.stderr >= 0:
+            greenlets.append(gevent.spawn(self._err))
+        self.watchdog.add(self)
+        try:
+            reason, graceful = self._wait_for_end()
+            self.abort_reason = reason
+            if child.exited.is_set() and child.stderr >= 0:
+                greenlets[-1].join(timeout=GRACE_POLL_S)  # let the last stderr lines in
+            gevent.killall(greenlets)
+            if graceful:
+                self._close_gracefully()
+            else:
+                _reset(self.sock)
+            child.stop(self.server.kill_grace, self._escalated)
+        finally:
+            self.watchdog.discard(self)
+            gevent.killall(greenlets)
+            child.close_pipes()
+        for line in self.stderr.finish(time.monotonic()):
+            self._stderr_line(line)
+        return {}
+
+    def _env(self) -> dict[str, str]:
+        local = self.sock.getsockname()
+        ucspi = {
+            "PROTO": "TCP",
+            "TCPREMOTEIP": str(self.peer[0]),
+            "TCPREMOTEPORT": str(self.peer[1]),
+            "TCPLOCALIP": str(local[0]),
+            "TCPLOCALPORT": str(local[1]),
+            "GSRV_SERVICE": self.svc.name,
+            "GSRV_SESSION": self.sid,
+        }
+        return build_env(os.environ, self.svc.pass_env, self.svc.env, ucspi)
+
+    # -- the pumps -----------------------------------------------------------------------
+
+    def _up(self) -> None:
+        assert self.child is not None
+        end = pump.socket_to_fd(self.sock, self.child.stdin, self.svc.chunk_size, self.inbound)
+        if end is pump.End.SOURCE_EOF:
+            self.child.close_stdin()
+            self.input_done = self.client_eof = True
+        elif end is pump.End.SINK_CLOSED:
+            # The child stopped reading; what the client still sends has nowhere to go.
+            self.child.close_stdin()
+            end = pump.discard(self.sock, self.svc.chunk_size, self.discarded)
+            self.client_eof = end is pump.End.SOURCE_EOF
+        if end is pump.End.SOURCE_ERROR:
+            self.abort("client_reset")
+        self._wake.set()
+
+    def _down(self) -> None:
+        assert self.child is not None
+        end = pump.fd_to_socket(self.child.stdout, self.sock, self.svc.chunk_size, self.outbound)
+        if end is pump.End.SINK_CLOSED:
+            self.abort("client_reset")
+        elif end is pump.End.SOURCE_ERROR:
+            self.abort("child_exit")
+        else:
+            self.stdout_eof = True
+        self._wake.set()
+
+    def _err(self) -> None:
+        assert self.child is not None
+        while True:
+            try:
+                data = pump.read_fd(self.child.stderr, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            for line in self.stderr.feed(data, time.monotonic()):
+                self._stderr_line(line)
+
+    def _stderr_line(self, line: str) -> None:
+        self.log.info("child_stderr", service=self.svc.name, session=self.sid, line=line)
+
+    # -- deciding the end ----------------------------------------------------------------
+
+    def _wait_for_end(self) -> tuple[str, bool]:
+        """Wait until the session must end; returns (reason, whether the client gets a FIN)."""
+        assert self.child is not None
+        child, svc, grace = self.child, self.svc, self.server.eof_grace
+        eof_at: float | None = None
+        quiet_since: float | None = None
+        while True:
+            self._wake.clear()
+            now = time.monotonic()
+            waits = []
+            if self.abort_reason:
+                return self.abort_reason, False
+            if self.stdout_eof:
+                eof_at = eof_at or now
+                if child.exited.is_set():
+                    return ("eof" if self.input_done else "child_exit"), self._ended_well()
+                if now - eof_at >= grace:  # stdout closed, but the child runs on
+                    return ("eof" if self.input_done else "child_exit"), False
+                waits.append(eof_at + grace - now)
+            elif child.exited.is_set():
+                # A grandchild may hold stdout open; count the grace only while nothing flows.
+                if self.outbound.holding or _pipe_pending(child.stdout):
+                    quiet_since = None
+                else:
+                    quiet_since = quiet_since or now
+                    if now - quiet_since >= grace:
+                        return "child_exit", self._ended_well()
+                waits.append(GRACE_POLL_S)
+            if svc.idle_timeout:
+                idle_until = max(self.inbound.last, self.outbound.last, self.discarded.last) + svc.idle_timeout
+                if now >= idle_until:
+                    return "idle_timeout", False
+                waits.append(idle_until - now)
+            if svc.session_timeout:
+                if now - self._started >= svc.session_timeout:
+                    return "session_timeout", False
+                waits.append(self._started + svc.session_timeout - now)
+            self._wake.wait(min(waits) if waits else None)
+
+    def _ended_well(self) -> bool:
+        assert self.child is not None
+        if self.child.signal is not None:
+            return False
+        return self.child.exit_code == 0 or self.svc.nonzero_exit == "close"
+
+    def _close_gracefully(self) -> None:
+        """FIN after all output; then drain the client's input so close() sends no RST.
+
+        Input left unread at close() makes the kernel reset the connection and discard
+        reply bytes still queued for the client. Drain until the client's EOF, or until
+        LINGER_S after the client last acknowledged reply bytes.
+        """
+        sock = self.sock
+        try:
+            sock.shutdown(stdsocket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        deadline = time.monotonic() + LINGER_S
+        unsent = _unsent(sock)
+        while not self.client_eof:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                wait_read(sock.fileno(), timeout=min(left, GRACE_POLL_S))
+                data = sock.recv(65536)
+            except TimeoutError:
+                data = b"."
+            except OSError:
+                break
+            if not data:
+                break
+            now_unsent = _unsent(sock)
+            if now_unsent < unsent:
+                deadline = time.monotonic() + LINGER_S
+            unsent = now_unsent
+        sock.close()
+
+    def _escalated(self, after: float) -> None:
+        assert self.child is not None
+        self.log.warning(
+            "kill_escalated", service=self.svc.name, session=self.sid, pid=self.child.pid,
+            ignored="TERM", after_s=after, next="KILL",
+        )  # fmt: skip
+
+    def _log_end(self, extra: dict[str, object]) -> None:
+        child = self.child
+        signame = None
+        if child is not None and child.signal is not None:
+            signame = signal.Signals(child.signal).name.removeprefix("SIG")
+        self.log.info(
+            "session_end",
+            service=self.svc.name,
+            session=self.sid,
+            peer=f"{self.peer[0]}:{self.peer[1]}",
+            bytes_in=self.inbound.total,
+            bytes_out=self.outbound.total,
+            discarded=self.discarded.total or None,
+            duration_ms=round((time.monotonic() - self._started) * 1000, 1),
+            exit=child.exit_code if child else None,
+            signal=signame,
+            stderr_dropped=self.stderr.dropped or None,
+            reason=self.abort_reason,
+            **extra,
+        )

@@ -1,0 +1,46 @@
+"""One greenlet for all sessions: finds clients the kernel knows are gone though no pump noticed.
+
+A pump parked in a write to a child that never reads cannot see the client's RST.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import gevent
+
+INTERVAL_S = 1.0
+
+
+class Watched(Protocol):
+    def peer_is_dead(self) -> bool: ...
+    def abort(self, reason: str) -> None: ...
+
+
+class Watchdog:
+    def __init__(self, interval: float = INTERVAL_S) -> None:
+        self.interval = interval
+        self._sessions: set[Watched] = set()
+        self._greenlet: gevent.Greenlet | None = None
+
+    def add(self, session: Watched) -> None:
+        self._sessions.add(session)
+
+    def discard(self, session: Watched) -> None:
+        self._sessions.discard(session)
+
+    def start(self) -> None:
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._loop)
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill()
+            self._greenlet = None
+
+    def _loop(self) -> None:
+        while True:
+            gevent.sleep(self.interval)
+            for session in list(self._sessions):
+                if session.peer_is_dead():
+                    session.abort("client_reset")
