@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gsrv.errors import ConfigError
-from gsrv.units import DURATION_HINT, describe, format_size, parse_duration, parse_size
+from gsrv.units import describe, format_size, parse_duration, parse_size
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
@@ -119,7 +119,7 @@ class _Table:
         except ValueError as e:
             raise self.fail(key, str(e)) from None
         if seconds == 0 and zero_means is None:
-            raise self.fail(key, f"must be {DURATION_HINT} greater than 0 (got {describe(value)})")
+            raise self.fail(key, f'must be greater than 0, like "{default}" (got {describe(value)})')
         return seconds
 
     def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
@@ -139,8 +139,12 @@ class _Table:
 
     def string_table(self, key: str) -> tuple[tuple[str, str], ...]:
         value = self.data.get(key, {})
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise self.fail(key, f"must be a table of strings, like {{ NAME = \"value\" }} (got {describe(value)})")
+        expected = 'must be a table of strings, like { NAME = "value" }'
+        if not isinstance(value, dict):
+            raise self.fail(key, f"{expected} (got {describe(value)})")
+        for name, item in value.items():
+            if not isinstance(item, str):
+                raise self.fail(key, f"{expected} (got {name} = {describe(item)})")
         return tuple(value.items())
 
 
@@ -171,10 +175,10 @@ def _resolve_command(table: _Table, command: tuple[str, ...], env: dict[str, str
     if "/" in program:
         path = os.path.join(cwd or os.getcwd(), program)
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            raise table.fail("command", f'[0] "{program}" is not an executable file')
+            raise table.fail("command[0]", f'"{program}" is not an executable file')
         return
     if shutil.which(program, path=env.get("PATH", os.defpath)) is None:
-        raise table.fail("command", f'[0] "{program}" was not found on PATH ({env.get("PATH", os.defpath)})')
+        raise table.fail("command[0]", f'"{program}" was not found on PATH ({env.get("PATH", os.defpath)})')
 
 
 def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> ServiceConfig:

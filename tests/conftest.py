@@ -1,0 +1,206 @@
+"""Test helpers: a real gsrv process on 127.0.0.1, its log, and plain blocking clients."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(
+    check: Callable[[], object], timeout: float, what: str | Callable[[], str], interval: float = 0.02
+) -> object:
+    """Poll check() until it returns something true; fail naming `what` after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what if isinstance(what, str) else what()}")
+        time.sleep(interval)
+
+
+def service_toml(name: str, command: list[str], **keys: object) -> str:
+    lines = [f"[services.{name}]", 'listen = "127.0.0.1:0"', f"command = {toml_list(command)}"]
+    for key, value in keys.items():
+        lines.append(f"{key} = {toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(toml_value(i) for i in items) + "]"
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return toml_list(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def py_child(code: str) -> list[str]:
+    """A child command running Python code (argv list, no shell)."""
+    return [PY, "-c", textwrap.dedent(code)]
+
+
+class Gsrv:
+    """A real `gsrv serve` process; its stderr log is read by a thread into `lines`."""
+
+    def __init__(self, config: Path, read_log: bool = True) -> None:
+        self.config = config
+        self.proc = subprocess.Popen(
+            [PY, "-m", "gsrv", "serve", "-c", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        self.ps = psutil.Process(self.proc.pid)
+        self.lines: list[str] = []
+        self._new: queue.Queue[str] = queue.Queue()
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        if read_log:
+            self._reader.start()
+            for _ in self.config_services():
+                line = self.wait_log(r"event=listening", start=len(self.addresses))
+                m = re.search(r"service=(\S+) address=(\S+):(\d+)", line)
+                assert m, line
+                self.addresses[m.group(1)] = (m.group(2), int(m.group(3)))
+
+    def config_services(self) -> list[str]:
+        return re.findall(r"^\[services\.([\w-]+)\]", self.config.read_text(), re.M)
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+
+    def wait_log(self, pattern: str, timeout: float = 10.0, start: int = 0) -> str:
+        """The first log line from index `start` on that matches pattern."""
+        rx = re.compile(pattern)
+        found: list[str] = []
+
+        def check() -> bool:
+            matching = [line for line in self.lines[start:] if rx.search(line)]
+            found[:] = matching[:1]
+            if not matching and self.proc.poll() is not None:
+                time.sleep(0.2)  # let the reader take the last lines
+                raise AssertionError(f"gsrv exited ({self.proc.returncode}); log:\n" + "\n".join(self.lines[-20:]))
+            return bool(matching)
+
+        wait_until(check, timeout, lambda: f"a log line matching {pattern!r}; log:\n" + "\n".join(self.lines[-20:]))
+        return found[0]
+
+    def count_log(self, pattern: str) -> int:
+        rx = re.compile(pattern)
+        return sum(1 for line in self.lines if rx.search(line))
+
+    def address(self, name: str) -> tuple[str, int]:
+        return self.addresses[name]
+
+    def connect(self, name: str, timeout: float = 30.0) -> socket.socket:
+        return socket.create_connection(self.address(name), timeout=timeout)
+
+    def rss(self) -> int:
+        return int(self.ps.memory_info().rss)
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return self.ps.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.close()
+
+    def close(self) -> None:
+        if self._reader.is_alive():
+            self._reader.join(timeout=5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def gsrv(tmp_path: Path) -> Iterator[Callable[..., Gsrv]]:
+    """Start gsrv with the given config text (prepended with a [server] table if none)."""
+    started: list[Gsrv] = []
+
+    def start(text: str, read_log: bool = True) -> Gsrv:
+        if "[server]" not in text:
+            text = '[server]\nkill_grace = "1s"\n' + text
+        path = tmp_path / f"gsrv{len(started)}.toml"
+        path.write_text(text)
+        server = Gsrv(path, read_log=read_log)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def exchange(sock: socket.socket, data: bytes) -> bytes:
+    """Send data, half-close, and read the whole reply (raises on a reset)."""
+    sender = threading.Thread(target=lambda: (sock.sendall(data), sock.shutdown(socket.SHUT_WR)), daemon=True)
+    sender.start()
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    sender.join(timeout=10)
+    return b"".join(chunks)
+
+
+def random_stream(total: int, seed: int = 1, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Deterministic pseudo-random bytes (cheap: SHAKE-256 of a counter)."""
+    block = hashlib.shake_256(seed.to_bytes(8, "big")).digest(chunk)
+    sent = 0
+    n = 0
+    while sent < total:
+        piece = block if n % 2 == 0 else block[::-1]
+        piece = piece[: total - sent]
+        # vary each MiB so a reordering would change the digest
+        piece = n.to_bytes(8, "big") + piece[8:] if len(piece) > 8 else piece
+        yield piece
+        sent += len(piece)
+        n += 1
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))

@@ -1,0 +1,134 @@
+"""Bad config files: `gsrv check` names the file, table and key, expected and got, and exits 2."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import PY, ROOT
+
+SVC = '[services.up]\nlisten = "127.0.0.1:0"\ncommand = ["cat"]\n'
+
+CASES = {
+    "unknown_key": (
+        SVC + "max_sesions = 3\n",
+        '[services.up] has unknown key "max_sesions" (did you mean "max_sessions"?)',
+    ),
+    "unknown_table": ("[sever]\n" + SVC, "[sever] is not a known table (did you mean [server]?)"),
+    "wrong_type": (
+        SVC + 'max_sessions = "100"\n',
+        '[services.up] max_sessions must be an integer >= 1 (got "100", a string)',
+    ),
+    "bad_size": (
+        SVC + 'chunk_size = "64 kilobytes"\n',
+        '[services.up] chunk_size must be a size: bytes as an integer or a string like "64KiB" '
+        '(units B, KiB, MiB, GiB, KB, MB, GB) (got "64 kilobytes", a string)',
+    ),
+    "size_out_of_range": (
+        SVC + 'chunk_size = "2MiB"\n',
+        '[services.up] chunk_size must be between 4KiB and 1MiB (got "2MiB", a string)',
+    ),
+    "bad_duration": (
+        "[server]\ndrain_timeout = 30\n" + SVC,
+        '[server] drain_timeout must be a duration: a string like "30s" (units ms, s, m, h) (got 30, an integer)',
+    ),
+    "zero_duration": (
+        '[server]\nkill_grace = "0s"\n' + SVC,
+        '[server] kill_grace must be greater than 0, like "2s" (got "0s", a string)',
+    ),
+    "empty_command": (
+        '[services.up]\nlisten = "127.0.0.1:0"\ncommand = []\n',
+        "[services.up] command must be a non-empty array of non-empty strings (got [], an array)",
+    ),
+    "shell_string_command": (
+        '[services.up]\nlisten = "127.0.0.1:0"\ncommand = "cat -n"\n',
+        '[services.up] command must be a non-empty array of non-empty strings (got "cat -n", a string)',
+    ),
+    "not_on_path": (
+        '[services.up]\nlisten = "127.0.0.1:0"\ncommand = ["no-such-program-gsrv"]\n',
+        '[services.up] command[0] "no-such-program-gsrv" was not found on PATH (/usr/bin:/bin)',
+    ),
+    "duplicate_address": (
+        '[services.a]\nlisten = "127.0.0.1:7001"\ncommand = ["cat"]\n'
+        '[services.b]\nlisten = "0.0.0.0:7001"\ncommand = ["cat"]\n',
+        "[services.b] listen 0.0.0.0:7001 collides with 127.0.0.1:7001 of [services.a]",
+    ),
+    "bad_address": (
+        '[services.up]\nlisten = "localhost:70001"\ncommand = ["cat"]\n',
+        '[services.up] listen must be "host:port" or "[v6]:port" with an IP address and a port 0-65535 '
+        '(got "localhost:70001", a string)',
+    ),
+    "bad_toml": (
+        '[services.up]\nlisten = "127.0.0.1:0\ncommand = ["cat"]\n',
+        "is not valid TOML: Illegal character '\\n' (at line 2, column 22)",
+    ),
+    "bad_choice": (
+        SVC + 'stderr = "file"\n',
+        '[services.up] stderr must be one of "log", "discard", "stdout" (got "file", a string)',
+    ),
+    "missing_listen": (
+        '[services.up]\ncommand = ["cat"]\n',
+        '[services.up] listen is required (for example listen = "127.0.0.1:7001")',
+    ),
+    "no_services": ('[server]\nlog_level = "info"\n', "[services] must define at least one service, like [services.echo]"),
+    "env_not_strings": (
+        SVC + "env = { A = 1 }\n",
+        '[services.up] env must be a table of strings, like { NAME = "value" } (got A = 1, an integer)',
+    ),
+    "missing_cwd": (
+        SVC + 'cwd = "/no/such/dir"\n',
+        '[services.up] cwd must be an existing directory (got "/no/such/dir", a string)',
+    ),
+    "bad_log_level": (
+        '[server]\nlog_level = "loud"\n' + SVC,
+        '[server] log_level must be one of "debug", "info", "warning", "error" (got "loud", a string)',
+    ),
+}
+
+
+def _check(path: Path, command: str = "check") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "gsrv", command, "-c", str(path)],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_config_is_named_precisely(tmp_path: Path, name: str) -> None:
+    text, message = CASES[name]
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    result = _check(path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"Error: {path}: {message}\n"
+
+
+@pytest.mark.timeout(60)
+def test_serve_refuses_a_bad_config_the_same_way(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(CASES["unknown_key"][0])
+    result = _check(path, "serve")
+    assert result.returncode == 2
+    assert result.stderr == f"Error: {path}: {CASES['unknown_key'][1]}\n"
+
+
+@pytest.mark.timeout(60)
+def test_unreadable_file_and_bad_usage_exit_2(tmp_path: Path) -> None:
+    missing = _check(tmp_path / "absent.toml")
+    assert missing.returncode == 2
+    assert missing.stderr == f"Error: {tmp_path / 'absent.toml'}: cannot be read: No such file or directory\n"
+    usage = subprocess.run([PY, "-m", "gsrv", "bogus"], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 2
+    assert usage.stderr.endswith("For help, use gsrv -h\n")
+
+
+@pytest.mark.timeout(60)
+def test_shipped_config_passes_check() -> None:
+    result = subprocess.run(
+        [PY, "-m", "gsrv", "check", "-c", "conf/gsrv.toml"], capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "conf/gsrv.toml: ok, 3 service(s)"

@@ -1,0 +1,128 @@
+"""Pure parts, without sockets or children: units, config, stderr lines, the gate's decision, log lines."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import ROOT
+from gsrv.config import SERVER_KEYS, SERVICE_KEYS, Address, parse, parse_address
+from gsrv.errors import ConfigError
+from gsrv.gate import may_accept
+from gsrv.logs import format_line
+from gsrv.stderr import StderrLines
+from gsrv.units import format_size, parse_duration, parse_size
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [(0, 0), (4096, 4096), ("64KiB", 65536), ("1MiB", 1 << 20), ("1.5GiB", 3 << 29), ("2KB", 2000), ("7B", 7)],
+)
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["64", "64kib", "-1KiB", "KiB", True, 1.5, -3, "1 TiB", [64]])
+def test_bad_sizes(bad: object) -> None:
+    with pytest.raises(ValueError, match="must be a size"):
+        parse_size(bad)
+
+
+@given(st.integers(min_value=0, max_value=10**6), st.sampled_from(["ms", "s", "m", "h"]))
+def test_durations_scale_by_unit(n: int, unit: str) -> None:
+    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    assert parse_duration(f"{n}{unit}") == pytest.approx(n * factor)
+
+
+@pytest.mark.parametrize("bad", [30, "30", "30 sec", "-1s", "1d", ""])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError, match="must be a duration"):
+        parse_duration(bad)
+
+
+def test_format_size() -> None:
+    assert [format_size(n) for n in (17, 65536, 1.25 * 2**30)] == ["17B", "64KiB", "1.2GiB"]
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [("127.0.0.1:7001", Address("127.0.0.1", 7001)), ("[::1]:0", Address("::1", 0)), ("0.0.0.0:1", Address("0.0.0.0", 1))],
+)
+def test_addresses(text: str, address: Address) -> None:
+    assert parse_address(text) == address
+    assert str(address) == text
+
+
+@pytest.mark.parametrize("bad", ["127.0.0.1", ":80", "::1:80", "[127.0.0.1]:80", "host:80", "1.2.3.4:65536", 80])
+def test_bad_addresses(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_address(bad)
+
+
+def _services(*listens: str) -> str:
+    return "".join(f'[services.s{i}]\nlisten = "{a}"\ncommand = ["cat"]\n' for i, a in enumerate(listens))
+
+
+@pytest.mark.parametrize(
+    "listens",
+    [("127.0.0.1:80", "127.0.0.1:80"), ("0.0.0.0:80", "127.0.0.2:80"), ("[::]:80", "127.0.0.1:80"), ("[::1]:9", "[::]:9")],
+)
+def test_colliding_addresses(listens: tuple[str, str]) -> None:
+    with pytest.raises(ConfigError, match="collides with"):
+        parse("t.toml", _services(*listens))
+
+
+@pytest.mark.parametrize("listens", [("127.0.0.1:0", "127.0.0.1:0"), ("127.0.0.1:80", "127.0.0.2:80"), ("0.0.0.0:80", "[::1]:80")])
+def test_addresses_that_do_not_collide(listens: tuple[str, str]) -> None:
+    assert len(parse("t.toml", _services(*listens)).services) == 2
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    config = parse("t.toml", _services("127.0.0.1:0"))
+    svc, server = config.services[0], config.server
+    assert (server.log_level, server.log_format, server.drain_timeout, server.kill_grace, server.eof_grace) == (
+        "info", "text", 30.0, 2.0, 1.0,
+    )  # fmt: skip
+    assert (svc.max_sessions, svc.chunk_size, svc.backlog, svc.idle_timeout, svc.session_timeout) == (
+        256, 65536, 1024, 0.0, 0.0,
+    )  # fmt: skip
+    assert (svc.pass_env, svc.stderr, svc.nonzero_exit, svc.keepalive) == (
+        ("PATH", "LANG", "LC_ALL", "TZ"), "log", "close", 60.0,
+    )  # fmt: skip
+
+
+def test_shipped_config_documents_every_key() -> None:
+    text = (ROOT / "conf" / "gsrv.toml").read_text()
+    for key in SERVER_KEYS + SERVICE_KEYS:
+        assert re.search(rf"^#?\s*{key} = ", text, re.M), f"conf/gsrv.toml does not document {key}"
+    parse("conf/gsrv.toml", text)
+
+
+def test_stderr_lines_split_cap_and_rate() -> None:
+    lines = StderrLines(cap=10, rate=3)
+    assert lines.feed(b"one\ntw", now=0.0) == ["one"]
+    assert lines.feed(b"o\n" + b"x" * 25 + b"\nthree\n", now=0.0) == ["two", "x" * 10 + " [cut]"]
+    assert lines.dropped == 1  # "three": the budget of 3 per second is spent
+    assert lines.feed(b"four\nfive", now=1.0) == ["four"]
+    assert lines.finish(now=1.0) == ["five"]
+
+
+def test_gate_decision() -> None:
+    assert may_accept(0, 1, set())
+    assert not may_accept(1, 1, set())
+    assert not may_accept(0, 5, {"draining"})
+
+
+def test_log_line_formats() -> None:
+    fields = {"service": "up", "line": 'say "hi" = x', "exit": 0, "signal": None}
+    text = format_line("text", "info", "child_stderr", fields, 0.5)
+    assert text == 'ts=1970-01-01T00:00:00.500Z level=info event=child_stderr service=up line="say \\"hi\\" = x" exit=0'
+    record = json.loads(format_line("json", "info", "child_stderr", fields, 0.5))
+    assert record == {"ts": "1970-01-01T00:00:00.500Z", "level": "info", "event": "child_stderr", "service": "up",
+                      "line": 'say "hi" = x', "exit": 0}  # fmt: skip
