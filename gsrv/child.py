@@ -68,7 +68,7 @@ class Child:
             )  # fmt: skip
         except OSError as e:
             name = e.filename if e.filename is not None else argv[0]
-            raise SpawnError(f"{e.strerror or e}: {name}") from None
+            raise SpawnError(f"{e.strerror or e}: {name}", e.errno) from None
         except (ValueError, subprocess.SubprocessError) as e:
             raise SpawnError(str(e)) from None
         child = cls(proc)

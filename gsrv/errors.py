@@ -5,6 +5,11 @@ ConfigError carries the file and key so every message can name both.
 
 from __future__ import annotations
 
+import errno
+
+# Errors that mean "out of fds or memory right now": worth waiting for, not the client's fault.
+RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN)
+
 
 class GsrvError(Exception):
     """Base class for errors gsrv reports to a person."""
@@ -22,4 +27,8 @@ class ConfigError(GsrvError):
 
 
 class SpawnError(GsrvError):
-    """The command of a session could not be started."""
+    """The command of a session could not be started; errno says whether resources ran out."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno

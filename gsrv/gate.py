@@ -1,4 +1,4 @@
-"""Admission for one listener: max_sessions, pauses (draining, accept errors, later memory).
+"""Admission for one listener: max_sessions, pauses (draining, resources; later memory).
 
 The only caller of start_accepting/stop_accepting, gevent's own paths back to them included:
 spawn never raises and accept errors pause accepting instead of arming gevent's retry timer.
@@ -6,17 +6,26 @@ spawn never raises and accept errors pause accepting instead of arming gevent's 
 
 from __future__ import annotations
 
-import errno
+import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import gevent
 from gevent.server import StreamServer
 
+from gsrv.errors import RESOURCE_ERRORS
 from gsrv.logs import Log
 
-RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-ACCEPT_RETRY_S = 1.0
+RETRY_S = 1.0
+RETRY_MAX_S = 30.0
+
+
+class Startable(Protocol):
+    def start(self) -> int | None: ...
+    def fail(self, reason: str, error: str | None = None) -> None: ...
+
+
+S = TypeVar("S", bound=Startable)
 
 
 def may_accept(active: int, limit: int, paused: set[str] | frozenset[str]) -> bool:
@@ -27,8 +36,8 @@ def may_accept(active: int, limit: int, paused: set[str] | frozenset[str]) -> bo
 class Listener(StreamServer):  # type: ignore[misc]
     """A StreamServer whose accept loop answers to a Gate."""
 
-    def __init__(self, sock: Any, handle: Callable[..., None], gate: Gate) -> None:
-        super().__init__(sock, handle)
+    def __init__(self, sock: Any, gate: Gate) -> None:
+        super().__init__(sock, gate.admit)
         self.gate = gate
         self.full = gate.full  # gevent consults this before each accept()
 
@@ -39,27 +48,45 @@ class Listener(StreamServer):  # type: ignore[misc]
             self.gate.accept_failed(e)
             return None
 
-    def do_handle(self, *args: Any) -> None:
-        self.gate.spawn(self._handle, *args)
+    def do_handle(self, sock: Any, address: Any) -> None:
+        self.gate.admit(sock, address)
 
 
 class Gate:
-    """Counts sessions and opens or closes its listener's accept loop."""
+    """Counts sessions and opens or closes its listener's accept loop.
 
-    def __init__(self, name: str, max_sessions: int, log: Log) -> None:
+    Each session's command is started inside the accept loop, so a spawn that runs out
+    of fds or memory (EMFILE and the like) stops accepting before the next accept().
+    That client is held (parked) and the others wait in the backlog; when a session
+    ends, or on a backed-off timer, the parked one is tried again, and once its command
+    runs the others follow. Nobody is refused for want of fds.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        max_sessions: int,
+        log: Log,
+        open_session: Callable[[Any, Any], S],
+        run_session: Callable[[S], None],
+    ) -> None:
         self.name = name
         self.max_sessions = max_sessions
         self.log = log
+        self.open_session = open_session
+        self.run_session = run_session
         self.active = 0
         self.paused: set[str] = set()
         self.listener: Listener | None = None
+        self.short = False  # out of fds or memory
+        self._parked: S | None = None  # the accepted client whose command could not start yet
         self._retry: gevent.Greenlet | None = None
 
     def attach(self, listener: Listener) -> None:
         self.listener = listener
 
     def full(self) -> bool:
-        return not may_accept(self.active, self.max_sessions, self.paused)
+        return self.short or not may_accept(self.active, self.max_sessions, self.paused)
 
     def set_limit(self, max_sessions: int) -> None:
         self.max_sessions = max_sessions
@@ -82,36 +109,79 @@ class Gate:
         else:
             listener.start_accepting()
 
-    def spawn(self, handle: Callable[..., None], sock: Any, address: Any) -> None:
-        """Run one session in its own greenlet; never raises (gevent would re-arm accept)."""
-        self.active += 1
+    def admit(self, sock: Any, address: Any) -> None:
+        """Start one session's command now, then relay in its own greenlet. Never raises:
+        an exception here would make gevent re-arm accept behind the gate's back."""
         try:
-            gevent.spawn(self._run, handle, sock, address)
+            session = self.open_session(sock, address)
         except Exception as e:
-            self.active -= 1
-            self.log.error("spawn_failed", service=self.name, error=str(e))
+            self.log.error("session_refused", service=self.name, error=f"{type(e).__name__}: {e}")
             sock.close()
+            return
+        self._start(session)
 
-    def _run(self, handle: Callable[..., None], sock: Any, address: Any) -> None:
+    def _start(self, session: S) -> None:
         try:
-            handle(sock, address)
+            error = session.start()
+        except Exception as e:
+            session.fail("spawn_failed", f"{type(e).__name__}: {e}")
+            return
+        if error in RESOURCE_ERRORS:
+            self._parked = session
+            self._resources_short(error)
+            return
+        if error is not None:
+            return
+        if self.short:
+            self.short = False
+            self.log.info("accept_resumed", service=self.name, reason="resources")
+        self.active += 1
+        gevent.spawn(self._run, session)
+        self.update()
+
+    def _run(self, session: S) -> None:
+        try:
+            self.run_session(session)
         finally:
-            sock.close()
             self.active -= 1
-            if "accept_error" in self.paused:
-                self.paused.discard("accept_error")  # a session ended: an fd is free again
+            self._try_again()  # a session ended: its fds are free again
             self.update()
 
+    def _try_again(self) -> None:
+        if self.short and self._parked is not None:
+            session, self._parked = self._parked, None
+            self._start(session)
+        elif self.short:
+            self.short = False  # accept() itself failed: let it try
+
+    def drop_parked(self, reason: str) -> None:
+        """End the parked client's session (draining or stopping)."""
+        if self._parked is not None:
+            session, self._parked = self._parked, None
+            session.fail(reason)
+
     def accept_failed(self, error: OSError) -> None:
-        if error.errno not in RESOURCE_ERRORS:
+        if error.errno in RESOURCE_ERRORS:
+            self._resources_short(error.errno)
+        else:
             self.log.debug("accept_error", service=self.name, error=str(error))
-            return
-        if "accept_error" in self.paused:
-            return
-        self.log.warning(
-            "accept_paused", service=self.name, reason="accept_error", error=error.strerror,
-            next="retry when a session ends or in 1s",
-        )  # fmt: skip
-        self.pause("accept_error")
+
+    def _resources_short(self, error: int) -> None:
+        if not self.short:
+            self.log.warning(
+                "accept_paused", service=self.name, reason="resources", error=os.strerror(error),
+                next=f"try again when a session ends, or after {RETRY_S:g}s doubling to {RETRY_MAX_S:g}s",
+            )  # fmt: skip
+        self.short = True
         if self._retry is None or self._retry.dead:
-            self._retry = gevent.spawn_later(ACCEPT_RETRY_S, self.resume, "accept_error")
+            self._retry = gevent.spawn(self._retry_loop)
+        self.update()
+
+    def _retry_loop(self) -> None:
+        """For fds held elsewhere: try again after RETRY_S, then twice as long, up to RETRY_MAX_S."""
+        delay = RETRY_S
+        while self.short:
+            gevent.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+            self._try_again()
+            self.update()

@@ -7,13 +7,17 @@ releases its buffer at once and the greenlet waits for readability holding nothi
 from __future__ import annotations
 
 import enum
+import fcntl
 import os
+import struct
+import termios
 import time
 
 import gevent
 from gevent.socket import socket, wait_read, wait_write
 
 YIELD_EVERY = 1024 * 1024
+PIPE_BUF = 4096
 
 
 class End(enum.Enum):
@@ -59,12 +63,33 @@ def read_fd(fd: int, size: int) -> bytes:
             wait_read(fd)
 
 
+def pipe_room(fd: int, capacity: int) -> int:
+    """Bytes a pipe can take now: its capacity less what the reader has not read yet."""
+    try:
+        pending = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return capacity
+    return int(capacity - pending)
+
+
 def socket_to_fd(sock: socket, fd: int, chunk: int, meter: Meter) -> End:
-    """Client -> child stdin until the client's EOF, a client error, or the child stops reading."""
+    """Client -> child stdin until the client's EOF, a client error, or the child stops reading.
+
+    It reads from the client only what the pipe has room for, so a child that stops
+    reading leaves this pump waiting on the pipe with no chunk in hand.
+    """
     since_yield = 0
+    try:
+        capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    except OSError:
+        capacity = chunk  # not a pipe: read whole chunks
     while True:
+        room = pipe_room(fd, capacity)
+        if room < PIPE_BUF:
+            wait_write(fd)
+            room = max(PIPE_BUF, pipe_room(fd, capacity))
         try:
-            data = sock.recv(chunk)
+            data = sock.recv(min(chunk, room))
         except OSError:
             return End.SOURCE_ERROR
         if not data:
@@ -74,8 +99,10 @@ def socket_to_fd(sock: socket, fd: int, chunk: int, meter: Meter) -> End:
             write_fd(fd, data)
         except OSError:
             return End.SINK_CLOSED
-        meter.moved(len(data))
-        since_yield += len(data)
+        n = len(data)
+        del data  # hold nothing while waiting for the next read
+        meter.moved(n)
+        since_yield += n
         if since_yield >= YIELD_EVERY:
             since_yield = 0
             gevent.sleep(0)
@@ -96,8 +123,10 @@ def fd_to_socket(fd: int, sock: socket, chunk: int, meter: Meter) -> End:
             sock.sendall(data)
         except OSError:
             return End.SINK_CLOSED
-        meter.moved(len(data))
-        since_yield += len(data)
+        n = len(data)
+        del data  # hold nothing while waiting for the next read
+        meter.moved(n)
+        since_yield += n
         if since_yield >= YIELD_EVERY:
             since_yield = 0
             gevent.sleep(0)
@@ -113,3 +142,4 @@ def discard(sock: socket, chunk: int, meter: Meter) -> End:
         if not data:
             return End.SOURCE_EOF
         meter.moved(len(data))
+        del data

@@ -43,7 +43,7 @@ class Service:
     def __init__(self, server: Server, cfg: ServiceConfig) -> None:
         self.server = server
         self.cfg = cfg
-        self.gate = Gate(cfg.name, cfg.max_sessions, server.log)
+        self.gate = Gate(cfg.name, cfg.max_sessions, server.log, self.open_session, self.run_session)
         self.sessions: set[Session] = set()
         self.listener: Listener | None = None
 
@@ -58,7 +58,7 @@ class Service:
         except OSError as e:
             sock.close()
             raise BindError(f"service {self.cfg.name}: cannot listen on {address}: {e.strerror}") from None
-        self.listener = Listener(sock, self.handle, self.gate)
+        self.listener = Listener(sock, self.gate)
         self.gate.attach(self.listener)
 
     @property
@@ -67,9 +67,11 @@ class Service:
         host, port = self.listener.socket.getsockname()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def handle(self, sock: Any, _address: Any) -> None:
+    def open_session(self, sock: Any, _address: Any) -> Session:
         server = self.server
-        session = Session(self.cfg, server.config.server, sock, server.next_session_id(), server.log, server.watchdog)
+        return Session(self.cfg, server.config.server, sock, server.next_session_id(), server.log, server.watchdog)
+
+    def run_session(self, session: Session) -> None:
         self.sessions.add(session)
         try:
             session.run()
@@ -156,6 +158,7 @@ class Server:
         self._set_state(State.DRAINING)
         for service in self.services:
             service.gate.pause("draining")
+            service.gate.drop_parked("shutdown")
             if service.listener is not None:
                 service.listener.close()  # queued clients are refused now, not timed out later
         self._drainer = gevent.spawn(self._drain)

@@ -12,6 +12,7 @@ import socket as stdsocket
 import struct
 import termios
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import gevent
@@ -21,7 +22,7 @@ from gevent.socket import socket, wait_read
 from gsrv import pump
 from gsrv.child import Child, build_env
 from gsrv.config import ServerConfig, ServiceConfig
-from gsrv.errors import SpawnError
+from gsrv.errors import RESOURCE_ERRORS, SpawnError
 from gsrv.logs import Log
 from gsrv.stderr import StderrLines
 
@@ -72,7 +73,13 @@ class Session:
     """Relay one client through one child; `run()` never raises."""
 
     def __init__(
-        self, svc: ServiceConfig, server: ServerConfig, sock: socket, sid: str, log: Log, watchdog: Watchdog
+        self,
+        svc: ServiceConfig,
+        server: ServerConfig,
+        sock: socket,
+        sid: str,
+        log: Log,
+        watchdog: Watchdog,
     ) -> None:
         self.svc, self.server, self.sock, self.sid, self.log = svc, server, sock, sid, log
         self.watchdog = watchdog
@@ -83,6 +90,7 @@ class Session:
         self.stdout_eof = False
         self.abort_reason: str | None = None
         self.child: Child | None = None
+        self.spawn_error: str | None = None
         self.stderr = StderrLines()
         self._wake = Event()
         self._started = time.monotonic()
@@ -102,30 +110,49 @@ class Session:
             return True
         return state == TCP_CLOSE or error != 0
 
-    def run(self) -> None:
-        fields: dict[str, object] = {}
-        try:
-            fields = self._run()
-        except Exception as e:  # a bug must end only this session, and say so
-            self.abort_reason = self.abort_reason or "internal_error"
-            fields = {"error": f"{type(e).__name__}: {e}"}
-            _reset(self.sock)
-        self._log_end(fields)
+    def start(self) -> int | None:
+        """Spawn the child, without yielding; None when it runs, else the errno.
 
-    def _run(self) -> dict[str, object]:
+        Runs inside the accept loop, so the gate knows before the next accept() whether
+        fds or memory ran out. On such an error (RESOURCE_ERRORS) the client is kept for
+        the gate to try again; on any other the session has ended: client reset, line written.
+        """
         try:
             self.sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
             set_keepalive(self.sock, self.svc.keepalive)
             self.child = Child.spawn(self.svc.command, self._env(), self.svc.cwd, self.svc.stderr)
         except (SpawnError, OSError) as e:
-            self.abort_reason = "spawn_failed"
+            if e.errno in RESOURCE_ERRORS:
+                self.spawn_error = str(e)
+                return e.errno
+            self.fail("spawn_failed", str(e))
+            return e.errno or 0
+        return None
+
+    def fail(self, reason: str, error: str | None = None) -> None:
+        """End a session that never ran: reset the client, write its line."""
+        self.abort_reason = reason
+        _reset(self.sock)
+        self._log_end({"error": error or self.spawn_error})
+
+    def run(self) -> None:
+        """Relay until the session ends, tear down, write the log line. Never raises."""
+        fields: dict[str, object] = {}
+        try:
+            self._relay()
+        except Exception as e:  # a bug must end only this session, and say so
+            self.abort_reason = "internal_error"
+            fields = {"error": f"{type(e).__name__}: {e}"}
             _reset(self.sock)
-            return {"error": str(e)}
+        self._log_end(fields)
+
+    def _relay(self) -> None:
+        assert self.child is not None
         child = self.child
         child.exited.rawlink(lambda _: self._wake.set())
-        greenlets = [gevent.spawn(self._up), gevent.spawn(self._down)]
+        greenlets = [gevent.spawn(self._guarded, self._up), gevent.spawn(self._guarded, self._down)]
         if child.stderr >= 0:
-            greenlets.append(gevent.spawn(self._err))
+            greenlets.append(gevent.spawn(self._guarded, self._err))
         self.watchdog.add(self)
         try:
             reason, graceful = self._wait_for_end()
@@ -144,7 +171,6 @@ class Session:
             child.close_pipes()
         for line in self.stderr.finish(time.monotonic()):
             self._stderr_line(line)
-        return {}
 
     def _env(self) -> dict[str, str]:
         local = self.sock.getsockname()
@@ -160,6 +186,14 @@ class Session:
         return build_env(os.environ, self.svc.pass_env, self.svc.env, ucspi)
 
     # -- the pumps -----------------------------------------------------------------------
+
+    def _guarded(self, work: Callable[[], None]) -> None:
+        """A bug in a pump ends its own session with a reset and a log line, never hangs it."""
+        try:
+            work()
+        except Exception as e:
+            self.log.error("session_error", service=self.svc.name, session=self.sid, error=f"{type(e).__name__}: {e}")
+            self.abort("internal_error")
 
     def _up(self) -> None:
         assert self.child is not None

@@ -67,7 +67,7 @@ def py_child(code: str) -> list[str]:
 class Gsrv:
     """A real `gsrv serve` process; its stderr log is read by a thread into `lines`."""
 
-    def __init__(self, config: Path, read_log: bool = True) -> None:
+    def __init__(self, config: Path, read_log: bool = True, preexec: Callable[[], None] | None = None) -> None:
         self.config = config
         self.proc = subprocess.Popen(
             [PY, "-m", "gsrv", "serve", "-c", str(config)],
@@ -75,6 +75,7 @@ class Gsrv:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             cwd=ROOT,
+            preexec_fn=preexec,
         )
         self.ps = psutil.Process(self.proc.pid)
         self.lines: list[str] = []

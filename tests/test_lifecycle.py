@@ -17,9 +17,10 @@ from conftest import PY, ROOT, Gsrv, exchange, open_fds, py_child, random_stream
 MiB = 1024 * 1024
 
 
-def _established(server: Gsrv, port: int) -> int:
+def _accepted(server: Gsrv, port: int) -> int:
+    """Connections gsrv holds an fd for (accepted ones; those in the backlog have none)."""
     conns = server.ps.net_connections(kind="tcp")
-    return sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+    return sum(1 for c in conns if c.status != psutil.CONN_LISTEN and c.laddr.port == port)
 
 
 @pytest.mark.timeout(60)
@@ -39,7 +40,7 @@ def test_max_sessions_holds_exactly_and_surplus_waits_in_backlog(gsrv) -> None:
         while not done.is_set():
             direct = [p for p in server.ps.children() if p.status() != psutil.STATUS_ZOMBIE]
             peaks["children"] = max(peaks["children"], len(direct))
-            peaks["accepted"] = max(peaks["accepted"], _established(server, port))
+            peaks["accepted"] = max(peaks["accepted"], _accepted(server, port))
             time.sleep(0.005)
 
     results: dict[int, bytes | Exception] = {}
@@ -197,3 +198,39 @@ def test_port_in_use_exits_1_naming_the_address(tmp_path) -> None:
     assert result.stderr.decode() == (
         f"Error: service busy: cannot listen on 127.0.0.1:{port}: Address already in use\n"
     )
+
+
+@pytest.mark.timeout(90)
+def test_out_of_fds_clients_wait_in_the_backlog(tmp_path) -> None:
+    import resource
+
+    config = tmp_path / "fds.toml"
+    config.write_text('[server]\nkill_grace = "1s"\n' + service_toml("cat", ["cat"]))
+    limit = 40  # gsrv needs ~15 fds itself; each session holds 4 and needs 8 more to spawn
+    server = Gsrv(config, preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+    try:
+        clients = []
+        for _ in range(20):
+            sock = server.connect("cat", timeout=0.3)
+            sock.sendall(b"hi")
+            clients.append(sock)
+        server.wait_log(r"event=accept_paused service=cat reason=resources")
+        served = resets = 0
+        for sock in clients:  # the backlog is FIFO: ending each served session frees fds for the next
+            sock.settimeout(20)
+            try:
+                assert sock.recv(10) == b"hi"
+                sock.shutdown(socket.SHUT_WR)
+                assert sock.recv(10) == b""
+                served += 1
+            except ConnectionResetError:
+                resets += 1
+            sock.close()
+        assert served + resets == 20
+        assert resets == 0, f"{resets} clients were reset; they should have waited"
+        assert server.count_log(r"reason=spawn_failed") == resets
+        server.wait_log(r"event=accept_resumed service=cat")
+        assert not any("Traceback" in line for line in server.lines)
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
