@@ -7,6 +7,7 @@ started are ended, by their PID. Usage: python bench/bench.py [--runs 3] [--size
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import resource
@@ -55,9 +56,9 @@ def start_gsrv(command: list[str], tmp: str) -> tuple[subprocess.Popen[bytes], t
         f.write('[server]\nkill_grace = "1s"\ndrain_timeout = "1s"\n')
         f.write(f'[services.bench]\nlisten = "127.0.0.1:0"\ncommand = {command!r}\n'.replace("'", '"'))
         f.write("max_sessions = 1100\nbacklog = 2048\n" + os.environ.get("EXTRA", ""))
-    log = open(os.path.join(tmp, "gsrv.log"), "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "gsrv", "serve", "-c", config], stderr=log, stdin=subprocess.DEVNULL)
-    log.close()
+    with open(os.path.join(tmp, "gsrv.log"), "ab") as log:
+        argv = [sys.executable, "-m", "gsrv", "serve", "-c", config]
+        proc = subprocess.Popen(argv, stderr=log, stdin=subprocess.DEVNULL)
     return proc, wait_listening(proc.pid)
 
 
@@ -87,10 +88,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
         proc.wait(timeout=5)
     for p in family:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(family, timeout=5)
 
 
@@ -212,6 +211,12 @@ def stalled(addr: tuple[str, int], pid: int, count: int = 1000) -> float:
     return (after - before) / count / 1000
 
 
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1] for line in f if line.startswith("model name")]
+    return re.sub(r"\s+", " ", names[0]) if names else "?"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
@@ -244,7 +249,7 @@ def main() -> int:
                     stop(proc)
                 results.setdefault((title, name), []).append(value)
                 print(f"  {title} | {name} run {run + 1}: {value:,.1f}", file=sys.stderr, flush=True)
-    cpu = re.sub(r"\s+", " ", next((line.split(":", 1)[1] for line in open("/proc/cpuinfo") if "model name" in line), "?"))
+    cpu = cpu_model()
     print(f"\n{os.cpu_count()} CPUs ({cpu.strip()}), Linux {os.uname().release}, Python {sys.version.split()[0]}, "
           f"{time.strftime('%Y-%m-%d')}; medians of {args.runs}\n")  # fmt: skip
     print("| measure | unit | gsrv | socat -b 65536 | gsrv / socat |")

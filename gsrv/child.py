@@ -91,7 +91,8 @@ class Child:
         return os.WEXITSTATUS(self.status)
 
     @property
-    def signal(self) -> int | None:
+    def killed_by(self) -> int | None:
+        """The signal that ended the child, if one did."""
         if self.status is None or not os.WIFSIGNALED(self.status):
             return None
         return os.WTERMSIG(self.status)
@@ -146,4 +147,3 @@ class Child:
             self._signal_group(signal.SIGKILL)
             self._wait_group_gone(REAP_TIMEOUT_S)
         self.close_pipes()
-

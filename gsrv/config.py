@@ -149,7 +149,7 @@ class _Table:
 
 
 def parse_address(text: object) -> Address:
-    """"host:port" or "[v6]:port" with an IP literal; ValueError if it is neither."""
+    """ "host:port" or "[v6]:port" with an IP literal; ValueError if it is neither."""
     if isinstance(text, str):
         host, sep, port = text.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
@@ -164,10 +164,7 @@ def parse_address(text: object) -> Address:
             ip, number = None, -1
         if sep and ip is not None and (ip.version == 6) == want_v6 and port.isdigit() and 0 <= number <= 65535:
             return Address(str(ip), number)
-    raise ValueError(
-        'must be "host:port" or "[v6]:port" with an IP address and a port 0-65535 '
-        f"(got {describe(text)})"
-    )
+    raise ValueError(f'must be "host:port" or "[v6]:port" with an IP address and a port 0-65535 (got {describe(text)})')
 
 
 def _resolve_command(table: _Table, command: tuple[str, ...], env: dict[str, str], cwd: str | None) -> None:

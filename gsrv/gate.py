@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import gevent
 from gevent.server import StreamServer
@@ -36,7 +36,7 @@ def may_accept(active: int, limit: int, paused: set[str] | frozenset[str]) -> bo
 class Listener(StreamServer):  # type: ignore[misc]
     """A StreamServer whose accept loop answers to a Gate."""
 
-    def __init__(self, sock: Any, gate: Gate) -> None:
+    def __init__(self, sock: Any, gate: Gate[Any]) -> None:
         super().__init__(sock, gate.admit)
         self.gate = gate
         self.full = gate.full  # gevent consults this before each accept()
@@ -52,7 +52,7 @@ class Listener(StreamServer):  # type: ignore[misc]
         self.gate.admit(sock, address)
 
 
-class Gate:
+class Gate(Generic[S]):
     """Counts sessions and opens or closes its listener's accept loop.
 
     Each session's command is started inside the accept loop, so a spawn that runs out

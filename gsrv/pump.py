@@ -14,7 +14,8 @@ import termios
 import time
 
 import gevent
-from gevent.socket import socket, wait_read, wait_write
+from gevent import get_hub
+from gevent.socket import socket
 
 YIELD_EVERY = 1024 * 1024
 PIPE_BUF = 4096
@@ -44,23 +45,37 @@ class Meter:
         self.holding = False
 
 
-def write_fd(fd: int, data: bytes) -> None:
-    """Write all of data to a non-blocking fd, waiting cooperatively; raises OSError."""
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            wait_write(fd)
+class Pipe:
+    """A non-blocking pipe end with one io watcher kept for the pump's life (cheaper than a
+    new watcher per wait, as gevent.socket.wait_read/wait_write make)."""
 
+    def __init__(self, fd: int, writing: bool) -> None:
+        self.fd = fd
+        self._hub = get_hub()
+        self._watcher = self._hub.loop.io(fd, 2 if writing else 1)
 
-def read_fd(fd: int, size: int) -> bytes:
-    """Read up to size bytes from a non-blocking fd once it is readable; b"" at EOF."""
-    while True:
-        try:
-            return os.read(fd, size)
-        except BlockingIOError:
-            wait_read(fd)
+    def wait(self) -> None:
+        self._hub.wait(self._watcher)
+
+    def close(self) -> None:
+        self._watcher.close()
+
+    def write_all(self, data: bytes) -> None:
+        """Write all of data, waiting cooperatively; raises OSError (EPIPE: the reader is gone)."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:
+                self.wait()
+
+    def read(self, size: int) -> bytes:
+        """Up to size bytes once readable; b"" at EOF. Takes no buffer while it waits."""
+        while True:
+            try:
+                return os.read(self.fd, size)
+            except BlockingIOError:
+                self.wait()
 
 
 def pipe_room(fd: int, capacity: int) -> int:
@@ -78,16 +93,24 @@ def socket_to_fd(sock: socket, fd: int, chunk: int, meter: Meter) -> End:
     It reads from the client only what the pipe has room for, so a child that stops
     reading leaves this pump waiting on the pipe with no chunk in hand.
     """
+    pipe = Pipe(fd, writing=True)
+    try:
+        return _socket_to_pipe(sock, pipe, chunk, meter)
+    finally:
+        pipe.close()
+
+
+def _socket_to_pipe(sock: socket, pipe: Pipe, chunk: int, meter: Meter) -> End:
     since_yield = 0
     try:
-        capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        capacity = fcntl.fcntl(pipe.fd, fcntl.F_GETPIPE_SZ)
     except OSError:
         capacity = chunk  # not a pipe: read whole chunks
     while True:
-        room = pipe_room(fd, capacity)
+        room = pipe_room(pipe.fd, capacity)
         if room < PIPE_BUF:
-            wait_write(fd)
-            room = max(PIPE_BUF, pipe_room(fd, capacity))
+            pipe.wait()
+            room = max(PIPE_BUF, pipe_room(pipe.fd, capacity))
         try:
             data = sock.recv(min(chunk, room))
         except OSError:
@@ -96,7 +119,7 @@ def socket_to_fd(sock: socket, fd: int, chunk: int, meter: Meter) -> End:
             return End.SOURCE_EOF
         meter.holding = True
         try:
-            write_fd(fd, data)
+            pipe.write_all(data)
         except OSError:
             return End.SINK_CLOSED
         n = len(data)
@@ -110,10 +133,18 @@ def socket_to_fd(sock: socket, fd: int, chunk: int, meter: Meter) -> End:
 
 def fd_to_socket(fd: int, sock: socket, chunk: int, meter: Meter) -> End:
     """Child stdout -> client until the child's EOF, a read error, or a client error."""
+    pipe = Pipe(fd, writing=False)
+    try:
+        return _pipe_to_socket(pipe, sock, chunk, meter)
+    finally:
+        pipe.close()
+
+
+def _pipe_to_socket(pipe: Pipe, sock: socket, chunk: int, meter: Meter) -> End:
     since_yield = 0
     while True:
         try:
-            data = read_fd(fd, chunk)
+            data = pipe.read(chunk)
         except OSError:
             return End.SOURCE_ERROR
         if not data:

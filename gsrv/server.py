@@ -43,7 +43,7 @@ class Service:
     def __init__(self, server: Server, cfg: ServiceConfig) -> None:
         self.server = server
         self.cfg = cfg
-        self.gate = Gate(cfg.name, cfg.max_sessions, server.log, self.open_session, self.run_session)
+        self.gate: Gate[Session] = Gate(cfg.name, cfg.max_sessions, server.log, self.open_session, self.run_session)
         self.sessions: set[Session] = set()
         self.listener: Listener | None = None
 
@@ -136,18 +136,21 @@ class Server:
         for cfg in new.services:
             service = by_name.pop(cfg.name, None)
             if service is None:
-                self.log.warning("reload_skipped", service=cfg.name, why="new service", next="restart gsrv to add it")
+                self._skipped(cfg.name, "new service", "restart gsrv to add it")
             elif cfg.listen != service.cfg.listen:
-                self.log.warning("reload_skipped", service=cfg.name, why="listen changed", next="restart gsrv to rebind")
+                self._skipped(cfg.name, "listen changed", "restart gsrv to rebind")
             else:
                 service.cfg = cfg
                 service.gate.set_limit(cfg.max_sessions)
         for name in by_name:
-            self.log.warning("reload_skipped", service=name, why="service removed", next="restart gsrv to remove it")
+            self._skipped(name, "service removed", "restart gsrv to remove it")
         self.config = Config(new.path, new.server, tuple(s.cfg for s in self.services))
         self.log.configure(new.server.log_level, new.server.log_format)
         self.log.info("reloaded", path=new.path, services=len(self.services))
         return True
+
+    def _skipped(self, name: str, why: str, next_step: str) -> None:
+        self.log.warning("reload_skipped", service=name, why=why, next=next_step)
 
     # -- drain and stop ------------------------------------------------------------------
 
@@ -179,7 +182,7 @@ class Server:
         gevent.spawn(self._end_sessions)
 
     def _end_sessions(self) -> None:
-        if self.state is State.STOPPED:
+        if self.stopped.is_set():
             return
         for service in self.services:
             for session in list(service.sessions):
@@ -189,5 +192,5 @@ class Server:
         while self.active_sessions and time.monotonic() < deadline:
             gevent.sleep(DRAIN_POLL_S)
         self.watchdog.stop()
-        if self.state is not State.STOPPED:
+        if not self.stopped.is_set():  # the drainer and a forced stop may both get here
             self._set_state(State.STOPPED)

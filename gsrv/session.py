@@ -5,6 +5,7 @@ The only writer of the session_end log line; exactly one per session, after the 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -36,10 +37,8 @@ TCP_CLOSE = 7
 
 def _reset(sock: socket) -> None:
     """Close with an RST: the client must not take a truncated reply for a complete one."""
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
     sock.close()
 
 
@@ -108,7 +107,7 @@ class Session:
             error = self.sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_ERROR)
         except OSError:
             return True
-        return state == TCP_CLOSE or error != 0
+        return bool(state == TCP_CLOSE or error != 0)
 
     def start(self) -> int | None:
         """Spawn the child, without yielding; None when it runs, else the errno.
@@ -223,15 +222,15 @@ class Session:
 
     def _err(self) -> None:
         assert self.child is not None
-        while True:
-            try:
-                data = pump.read_fd(self.child.stderr, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            for line in self.stderr.feed(data, time.monotonic()):
-                self._stderr_line(line)
+        pipe = pump.Pipe(self.child.stderr, writing=False)
+        try:
+            while data := pipe.read(4096):
+                for line in self.stderr.feed(data, time.monotonic()):
+                    self._stderr_line(line)
+        except OSError:
+            pass
+        finally:
+            pipe.close()
 
     def _stderr_line(self, line: str) -> None:
         self.log.info("child_stderr", service=self.svc.name, session=self.sid, line=line)
@@ -279,7 +278,7 @@ class Session:
 
     def _ended_well(self) -> bool:
         assert self.child is not None
-        if self.child.signal is not None:
+        if self.child.killed_by is not None:
             return False
         return self.child.exit_code == 0 or self.svc.nonzero_exit == "close"
 
@@ -327,8 +326,8 @@ class Session:
     def _log_end(self, extra: dict[str, object]) -> None:
         child = self.child
         signame = None
-        if child is not None and child.signal is not None:
-            signame = signal.Signals(child.signal).name.removeprefix("SIG")
+        if child is not None and child.killed_by is not None:
+            signame = signal.Signals(child.killed_by).name.removeprefix("SIG")
         self.log.info(
             "session_end",
             service=self.svc.name,

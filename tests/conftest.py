@@ -85,10 +85,10 @@ class Gsrv:
         if read_log:
             self._reader.start()
             for _ in self.config_services():
-                line = self.wait_log(r"event=listening", start=len(self.addresses))
-                m = re.search(r"service=(\S+) address=(\S+):(\d+)", line)
-                assert m, line
-                self.addresses[m.group(1)] = (m.group(2), int(m.group(3)))
+                line = self.wait_log(r'event=listening|"event": "listening"', start=len(self.addresses))
+                fields = json.loads(line) if line.startswith("{") else dict(re.findall(r"(\w+)=(\S+)", line))
+                host, _, port = fields["address"].rpartition(":")
+                self.addresses[fields["service"]] = (host.strip("[]"), int(port))
 
     def config_services(self) -> list[str]:
         return re.findall(r"^\[services\.([\w-]+)\]", self.config.read_text(), re.M)

@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import PY, ROOT
 
 SVC = '[services.up]\nlisten = "127.0.0.1:0"\ncommand = ["cat"]\n'
@@ -72,7 +71,10 @@ CASES = {
         '[services.up]\ncommand = ["cat"]\n',
         '[services.up] listen is required (for example listen = "127.0.0.1:7001")',
     ),
-    "no_services": ('[server]\nlog_level = "info"\n', "[services] must define at least one service, like [services.echo]"),
+    "no_services": (
+        '[server]\nlog_level = "info"\n',
+        "[services] must define at least one service, like [services.echo]",
+    ),
     "env_not_strings": (
         SVC + "env = { A = 1 }\n",
         '[services.up] env must be a table of strings, like { NAME = "value" } (got A = 1, an integer)',

@@ -11,7 +11,6 @@ import time
 
 import psutil
 import pytest
-
 from conftest import PY, ROOT, Gsrv, exchange, open_fds, py_child, random_stream, service_toml, wait_until
 
 MiB = 1024 * 1024

@@ -6,10 +6,10 @@ import json
 import re
 
 import pytest
+from conftest import ROOT
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import ROOT
 from gsrv.config import SERVER_KEYS, SERVICE_KEYS, Address, parse, parse_address
 from gsrv.errors import ConfigError
 from gsrv.gate import may_accept
@@ -52,7 +52,11 @@ def test_format_size() -> None:
 
 @pytest.mark.parametrize(
     ("text", "address"),
-    [("127.0.0.1:7001", Address("127.0.0.1", 7001)), ("[::1]:0", Address("::1", 0)), ("0.0.0.0:1", Address("0.0.0.0", 1))],
+    [
+        ("127.0.0.1:7001", Address("127.0.0.1", 7001)),
+        ("[::1]:0", Address("::1", 0)),
+        ("0.0.0.0:1", Address("0.0.0.0", 1)),
+    ],
 )
 def test_addresses(text: str, address: Address) -> None:
     assert parse_address(text) == address
@@ -71,14 +75,21 @@ def _services(*listens: str) -> str:
 
 @pytest.mark.parametrize(
     "listens",
-    [("127.0.0.1:80", "127.0.0.1:80"), ("0.0.0.0:80", "127.0.0.2:80"), ("[::]:80", "127.0.0.1:80"), ("[::1]:9", "[::]:9")],
+    [
+        ("127.0.0.1:80", "127.0.0.1:80"),
+        ("0.0.0.0:80", "127.0.0.2:80"),
+        ("[::]:80", "127.0.0.1:80"),
+        ("[::1]:9", "[::]:9"),
+    ],
 )
 def test_colliding_addresses(listens: tuple[str, str]) -> None:
     with pytest.raises(ConfigError, match="collides with"):
         parse("t.toml", _services(*listens))
 
 
-@pytest.mark.parametrize("listens", [("127.0.0.1:0", "127.0.0.1:0"), ("127.0.0.1:80", "127.0.0.2:80"), ("0.0.0.0:80", "[::1]:80")])
+@pytest.mark.parametrize(
+    "listens", [("127.0.0.1:0", "127.0.0.1:0"), ("127.0.0.1:80", "127.0.0.2:80"), ("0.0.0.0:80", "[::1]:80")]
+)
 def test_addresses_that_do_not_collide(listens: tuple[str, str]) -> None:
     assert len(parse("t.toml", _services(*listens)).services) == 2
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 
 import psutil
 import pytest
-
 from conftest import PY, exchange, py_child, random_stream, service_toml, wait_until
+
+from gsrv import __version__ as gsrv_version
 
 MiB = 1024 * 1024
 
@@ -290,3 +291,23 @@ def test_child_sees_ucspi_environment(gsrv) -> None:
     assert fields[4].split("-")[0] == str(server.proc.pid)
     assert fields[5:] == ["hi"]  # HOME is not on the default pass_env list
 
+
+@pytest.mark.timeout(60)
+def test_stderr_merged_or_discarded_and_json_log(gsrv) -> None:
+    script = ["sh", "-c", "echo to-stdout; echo to-stderr >&2"]
+    text = '[server]\nlog_format = "json"\n'
+    text += service_toml("merged", script, stderr="stdout") + service_toml("quiet", script, stderr="discard")
+    server = gsrv(text)
+    merged = _send(server, "merged", b"").stdout
+    assert sorted(merged.splitlines()) == [b"to-stderr", b"to-stdout"]
+    assert _send(server, "quiet", b"").stdout == b"to-stdout\n"
+    line = server.wait_log(r'"event": "session_end", "service": "quiet"')
+    record = json.loads(line)
+    assert (record["level"], record["reason"], record["exit"], record["bytes_out"]) == ("info", "eof", 0, 10)
+    assert server.count_log("to-stderr") == 0  # neither service logged the child's stderr
+
+
+@pytest.mark.timeout(30)
+def test_version() -> None:
+    result = subprocess.run([PY, "-m", "gsrv", "--version"], capture_output=True, text=True, timeout=20)
+    assert (result.returncode, result.stdout) == (0, f"gsrv {gsrv_version}\n")
