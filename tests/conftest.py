@@ -84,11 +84,19 @@ class Gsrv:
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         if read_log:
             self._reader.start()
-            for _ in self.config_services():
-                line = self.wait_log(r'event=listening|"event": "listening"', start=len(self.addresses))
-                fields = json.loads(line) if line.startswith("{") else dict(re.findall(r"(\w+)=(\S+)", line))
-                host, _, port = fields["address"].rpartition(":")
-                self.addresses[fields["service"]] = (host.strip("[]"), int(port))
+            try:
+                self._wait_listening()
+            except BaseException:
+                self.stop()
+                raise
+
+    def _wait_listening(self) -> None:
+        """Learn each service's bound address from its event=listening line (text or JSON)."""
+        for _ in self.config_services():
+            line = self.wait_log(r'event=listening|"event": "listening"', start=len(self.addresses))
+            fields = json.loads(line) if line.startswith("{") else dict(re.findall(r"(\w+)=(\S+)", line))
+            host, _, port = fields["address"].rpartition(":")
+            self.addresses[fields["service"]] = (host.strip("[]"), int(port))
 
     def config_services(self) -> list[str]:
         return re.findall(r"^\[services\.([\w-]+)\]", self.config.read_text(), re.M)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import re
 import socket
 import struct
 import subprocess
@@ -12,7 +14,7 @@ import time
 
 import psutil
 import pytest
-from conftest import PY, exchange, py_child, random_stream, service_toml, wait_until
+from conftest import PY, ROOT, exchange, py_child, random_stream, service_toml, wait_until
 
 from gsrv import __version__ as gsrv_version
 
@@ -311,3 +313,17 @@ def test_stderr_merged_or_discarded_and_json_log(gsrv) -> None:
 def test_version() -> None:
     result = subprocess.run([PY, "-m", "gsrv", "--version"], capture_output=True, text=True, timeout=20)
     assert (result.returncode, result.stdout) == (0, f"gsrv {gsrv_version}\n")
+
+
+@pytest.mark.timeout(60)
+def test_shipped_demo_services_answer_as_the_readme_says(gsrv) -> None:
+    text = (ROOT / "conf" / "gsrv.toml").read_text()
+    server = gsrv(re.sub(r'listen = "127\.0\.0\.1:\d+"', 'listen = "127.0.0.1:0"', text))
+    readme = (ROOT / "README.md").read_bytes()
+    digest = _send(server, "sha256", readme).stdout.split()[0].decode()
+    assert digest == hashlib.sha256(readme).hexdigest()
+    assert gzip.decompress(_send(server, "gzip", readme).stdout) == readme
+    with server.connect("upper", timeout=10) as sock:  # interactive: each line comes back at once
+        sock.sendall(b"hello, gsrv\n")
+        assert sock.recv(100) == b"HELLO, GSRV\n"
+        assert exchange(sock, b"bye\n") == b"BYE\n"
