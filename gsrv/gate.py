@@ -1,7 +1,7 @@
 """Admission for one listener: max_sessions, pauses (draining, resources; later memory).
 
 The only caller of start_accepting/stop_accepting, gevent's own paths back to them included:
-spawn never raises and accept errors pause accepting instead of arming gevent's retry timer.
+admit() never raises and accept errors pause accepting instead of arming gevent's retry timer.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Listener(StreamServer):  # type: ignore[misc]
     """A StreamServer whose accept loop answers to a Gate."""
 
     def __init__(self, sock: Any, gate: Gate[Any]) -> None:
-        super().__init__(sock, gate.admit)
+        super().__init__(sock, gate.admit)  # do_handle below calls the gate directly
         self.gate = gate
         self.full = gate.full  # gevent consults this before each accept()
 

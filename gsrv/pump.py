@@ -78,13 +78,17 @@ class Pipe:
                 self.wait()
 
 
+def queued(fd: int, request: int = termios.FIONREAD) -> int:
+    """Bytes waiting in a pipe (FIONREAD) or a socket's send queue (TIOCOUTQ); 0 if unknown."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
+
+
 def pipe_room(fd: int, capacity: int) -> int:
     """Bytes a pipe can take now: its capacity less what the reader has not read yet."""
-    try:
-        pending = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-    except OSError:
-        return capacity
-    return int(capacity - pending)
+    return capacity - queued(fd)
 
 
 def socket_to_fd(sock: socket, fd: int, chunk: int, meter: Meter) -> End:

@@ -67,9 +67,10 @@ class Service:
         host, port = self.listener.socket.getsockname()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def open_session(self, sock: Any, _address: Any) -> Session:
+    def open_session(self, sock: Any, address: Any) -> Session:
         server = self.server
-        return Session(self.cfg, server.config.server, sock, server.next_session_id(), server.log, server.watchdog)
+        sid = server.next_session_id()
+        return Session(self.cfg, server.config.server, sock, address[:2], sid, server.log, server.watchdog)
 
     def run_session(self, session: Session) -> None:
         self.sessions.add(session)

@@ -6,7 +6,6 @@ The only writer of the session_end log line; exactly one per session, after the 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import signal
 import socket as stdsocket
@@ -44,19 +43,11 @@ def _reset(sock: socket) -> None:
 
 def _unsent(sock: socket) -> int:
     """Bytes in the socket's send queue the client has not acknowledged yet."""
-    try:
-        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except OSError:
-        return 0
-    return int(struct.unpack("i", buf)[0])
+    return pump.queued(sock.fileno(), termios.TIOCOUTQ)
 
 
-def _pipe_pending(fd: int) -> int:
-    try:
-        buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
-    except OSError:
-        return 0
-    return int(struct.unpack("i", buf)[0])
+def _address(addr: tuple[str, int]) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 def set_keepalive(sock: socket, idle: float) -> None:
@@ -76,13 +67,14 @@ class Session:
         svc: ServiceConfig,
         server: ServerConfig,
         sock: socket,
+        peer: tuple[str, int],
         sid: str,
         log: Log,
         watchdog: Watchdog,
     ) -> None:
         self.svc, self.server, self.sock, self.sid, self.log = svc, server, sock, sid, log
         self.watchdog = watchdog
-        self.peer = sock.getpeername()
+        self.peer = peer  # as accept() reported it: a client that reset since has no peer name
         self.inbound, self.outbound, self.discarded = pump.Meter(), pump.Meter(), pump.Meter()
         self.input_done = False  # the client's EOF reached the child's stdin
         self.client_eof = False
@@ -258,7 +250,7 @@ class Session:
                 waits.append(eof_at + grace - now)
             elif child.exited.is_set():
                 # A grandchild may hold stdout open; count the grace only while nothing flows.
-                if self.outbound.holding or _pipe_pending(child.stdout):
+                if self.outbound.holding or pump.queued(child.stdout, termios.FIONREAD):
                     quiet_since = None
                 else:
                     quiet_since = quiet_since or now
@@ -332,7 +324,7 @@ class Session:
             "session_end",
             service=self.svc.name,
             session=self.sid,
-            peer=f"{self.peer[0]}:{self.peer[1]}",
+            peer=_address(self.peer),
             bytes_in=self.inbound.total,
             bytes_out=self.outbound.total,
             discarded=self.discarded.total or None,
