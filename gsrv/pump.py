@@ -1,7 +1,9 @@
-"""The copy primitive: one direction of one session, at most one chunk held, yielding every ~1 MiB.
+"""The copy primitive: one direction of one session, fd to fd, at most one chunk held.
 
-A pump takes no buffer while its source has nothing to read: a read that would block
-releases its buffer at once and the greenlet waits for readability holding nothing.
+Both directions are the same loop over non-blocking fds (a socket fd reads and writes
+like a pipe end). A pump takes a buffer from a shared pool only for the moment it moves
+bytes: a pump waiting for its source holds none, and reused buffers cost no page faults.
+It yields every ~1 MiB so a hot session cannot starve the others.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import time
 
 import gevent
 from gevent import get_hub
-from gevent.socket import socket
 
 YIELD_EVERY = 1024 * 1024
 PIPE_BUF = 4096
+POOL_KEEP = 32  # free buffers kept per chunk size; more are left to the allocator
+READ, WRITE = 1, 2
 
 
 class End(enum.Enum):
@@ -45,14 +48,14 @@ class Meter:
         self.holding = False
 
 
-class Pipe:
-    """A non-blocking pipe end with one io watcher kept for the pump's life (cheaper than a
-    new watcher per wait, as gevent.socket.wait_read/wait_write make)."""
+class Fd:
+    """A non-blocking fd with one io watcher kept for the pump's life (cheaper than the new
+    watcher per wait that gevent.socket.wait_read/wait_write make). close() before the fd."""
 
-    def __init__(self, fd: int, writing: bool) -> None:
+    def __init__(self, fd: int, events: int) -> None:
         self.fd = fd
         self._hub = get_hub()
-        self._watcher = self._hub.loop.io(fd, 2 if writing else 1)
+        self._watcher = self._hub.loop.io(fd, events)
 
     def wait(self) -> None:
         self._hub.wait(self._watcher)
@@ -60,7 +63,7 @@ class Pipe:
     def close(self) -> None:
         self._watcher.close()
 
-    def write_all(self, data: bytes) -> None:
+    def write_all(self, data: memoryview | bytes) -> None:
         """Write all of data, waiting cooperatively; raises OSError (EPIPE: the reader is gone)."""
         view = memoryview(data)
         while view:
@@ -78,6 +81,31 @@ class Pipe:
                 self.wait()
 
 
+class BufferPool:
+    """Reused chunk buffers shared by all pumps with one chunk size."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[bytearray] = []
+
+    def take(self) -> bytearray:
+        return self._free.pop() if self._free else bytearray(self.size)
+
+    def give(self, buf: bytearray) -> None:
+        if len(self._free) < POOL_KEEP:
+            self._free.append(buf)
+
+
+_pools: dict[int, BufferPool] = {}
+
+
+def pool(size: int) -> BufferPool:
+    found = _pools.get(size)
+    if found is None:
+        found = _pools[size] = BufferPool(size)
+    return found
+
+
 def queued(fd: int, request: int = termios.FIONREAD) -> int:
     """Bytes waiting in a pipe (FIONREAD) or a socket's send queue (TIOCOUTQ); 0 if unknown."""
     try:
@@ -86,48 +114,59 @@ def queued(fd: int, request: int = termios.FIONREAD) -> int:
         return 0
 
 
-def pipe_room(fd: int, capacity: int) -> int:
-    """Bytes a pipe can take now: its capacity less what the reader has not read yet."""
-    return capacity - queued(fd)
+class _PipeRoom:
+    """Sizes reads by the room left in the sink pipe, so a pump whose child stops reading
+    waits on the pipe with no chunk in hand."""
 
-
-def socket_to_fd(sock: socket, fd: int, chunk: int, meter: Meter) -> End:
-    """Client -> child stdin until the client's EOF, a client error, or the child stops reading.
-
-    It reads from the client only what the pipe has room for, so a child that stops
-    reading leaves this pump waiting on the pipe with no chunk in hand.
-    """
-    pipe = Pipe(fd, writing=True)
-    try:
-        return _socket_to_pipe(sock, pipe, chunk, meter)
-    finally:
-        pipe.close()
-
-
-def _socket_to_pipe(sock: socket, pipe: Pipe, chunk: int, meter: Meter) -> End:
-    since_yield = 0
-    try:
-        capacity = fcntl.fcntl(pipe.fd, fcntl.F_GETPIPE_SZ)
-    except OSError:
-        capacity = chunk  # not a pipe: read whole chunks
-    while True:
-        room = pipe_room(pipe.fd, capacity)
-        if room < PIPE_BUF:
-            pipe.wait()
-            room = max(PIPE_BUF, pipe_room(pipe.fd, capacity))
+    def __init__(self, fd: int, chunk: int) -> None:
+        self.fd = fd
         try:
-            data = sock.recv(min(chunk, room))
+            self.capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        except OSError:
+            self.capacity = chunk  # not a pipe: whole chunks
+
+    def room(self) -> int:
+        return self.capacity - queued(self.fd)
+
+
+def copy(src: int, dst: int, chunk: int, meter: Meter, sink_is_pipe: bool = False) -> End:
+    """Move bytes src -> dst until src's EOF (or error) or dst closes; returns why it stopped."""
+    source, sink = Fd(src, READ), Fd(dst, WRITE)
+    try:
+        return _copy(source, sink, chunk, meter, _PipeRoom(dst, chunk) if sink_is_pipe else None)
+    finally:
+        source.close()
+        sink.close()
+
+
+def _copy(source: Fd, sink: Fd, chunk: int, meter: Meter, pipe: _PipeRoom | None) -> End:
+    buffers = pool(chunk)
+    since_yield = 0
+    while True:
+        size = chunk
+        if pipe is not None:
+            size = min(chunk, pipe.room())
+            if size < PIPE_BUF:
+                sink.wait()
+                size = min(chunk, max(PIPE_BUF, pipe.room()))
+        buf = buffers.take()
+        try:
+            n = os.readv(source.fd, [memoryview(buf)[:size]])
+        except BlockingIOError:
+            buffers.give(buf)
+            source.wait()
+            continue
         except OSError:
             return End.SOURCE_ERROR
-        if not data:
+        if n == 0:
+            buffers.give(buf)
             return End.SOURCE_EOF
         meter.holding = True
         try:
-            pipe.write_all(data)
+            sink.write_all(memoryview(buf)[:n])
         except OSError:
             return End.SINK_CLOSED
-        n = len(data)
-        del data  # hold nothing while waiting for the next read
+        buffers.give(buf)
         meter.moved(n)
         since_yield += n
         if since_yield >= YIELD_EVERY:
@@ -135,46 +174,23 @@ def _socket_to_pipe(sock: socket, pipe: Pipe, chunk: int, meter: Meter) -> End:
             gevent.sleep(0)
 
 
-def fd_to_socket(fd: int, sock: socket, chunk: int, meter: Meter) -> End:
-    """Child stdout -> client until the child's EOF, a read error, or a client error."""
-    pipe = Pipe(fd, writing=False)
+def discard(src: int, chunk: int, meter: Meter) -> End:
+    """Read and drop input (the child no longer reads) until EOF or an error."""
+    source = Fd(src, READ)
+    buffers = pool(chunk)
+    buf = buffers.take()
     try:
-        return _pipe_to_socket(pipe, sock, chunk, meter)
+        while True:
+            try:
+                n = os.readv(src, [buf])
+            except BlockingIOError:
+                source.wait()
+                continue
+            except OSError:
+                return End.SOURCE_ERROR
+            if n == 0:
+                return End.SOURCE_EOF
+            meter.moved(n)
     finally:
-        pipe.close()
-
-
-def _pipe_to_socket(pipe: Pipe, sock: socket, chunk: int, meter: Meter) -> End:
-    since_yield = 0
-    while True:
-        try:
-            data = pipe.read(chunk)
-        except OSError:
-            return End.SOURCE_ERROR
-        if not data:
-            return End.SOURCE_EOF
-        meter.holding = True
-        try:
-            sock.sendall(data)
-        except OSError:
-            return End.SINK_CLOSED
-        n = len(data)
-        del data  # hold nothing while waiting for the next read
-        meter.moved(n)
-        since_yield += n
-        if since_yield >= YIELD_EVERY:
-            since_yield = 0
-            gevent.sleep(0)
-
-
-def discard(sock: socket, chunk: int, meter: Meter) -> End:
-    """Read and drop client input (the child no longer reads) until EOF or an error."""
-    while True:
-        try:
-            data = sock.recv(chunk)
-        except OSError:
-            return End.SOURCE_ERROR
-        if not data:
-            return End.SOURCE_EOF
-        meter.moved(len(data))
-        del data
+        buffers.give(buf)
+        source.close()

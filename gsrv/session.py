@@ -188,14 +188,14 @@ class Session:
 
     def _up(self) -> None:
         assert self.child is not None
-        end = pump.socket_to_fd(self.sock, self.child.stdin, self.svc.chunk_size, self.inbound)
+        end = pump.copy(self.sock.fileno(), self.child.stdin, self.svc.chunk_size, self.inbound, sink_is_pipe=True)
         if end is pump.End.SOURCE_EOF:
             self.child.close_stdin()
             self.input_done = self.client_eof = True
         elif end is pump.End.SINK_CLOSED:
             # The child stopped reading; what the client still sends has nowhere to go.
             self.child.close_stdin()
-            end = pump.discard(self.sock, self.svc.chunk_size, self.discarded)
+            end = pump.discard(self.sock.fileno(), self.svc.chunk_size, self.discarded)
             self.client_eof = end is pump.End.SOURCE_EOF
         if end is pump.End.SOURCE_ERROR:
             self.abort("client_reset")
@@ -203,7 +203,7 @@ class Session:
 
     def _down(self) -> None:
         assert self.child is not None
-        end = pump.fd_to_socket(self.child.stdout, self.sock, self.svc.chunk_size, self.outbound)
+        end = pump.copy(self.child.stdout, self.sock.fileno(), self.svc.chunk_size, self.outbound)
         if end is pump.End.SINK_CLOSED:
             self.abort("client_reset")
         elif end is pump.End.SOURCE_ERROR:
@@ -214,7 +214,7 @@ class Session:
 
     def _err(self) -> None:
         assert self.child is not None
-        pipe = pump.Pipe(self.child.stderr, writing=False)
+        pipe = pump.Fd(self.child.stderr, pump.READ)
         try:
             while data := pipe.read(4096):
                 for line in self.stderr.feed(data, time.monotonic()):
