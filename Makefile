@@ -33,6 +33,7 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-bench
+	$(BIN)/python bench/guard_cost.py
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 clean:

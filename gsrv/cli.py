@@ -12,6 +12,7 @@ from gevent.queue import Queue
 from gsrv import __version__
 from gsrv.config import Config, load
 from gsrv.errors import ConfigError
+from gsrv.guard import Guard, Sampler
 from gsrv.logs import Log
 from gsrv.send import send
 from gsrv.server import BindError, Server
@@ -67,26 +68,32 @@ def serve(path: str) -> int:
     except BindError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
+    guard = Guard(config.guard, Sampler(), server.pause_accept, server.resume_accept, log)
+    guard.check()  # before any listener accepts: a gsrv started under pressure starts paused
     signals: Queue[int] = Queue()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         gevent.signal_handler(signum, signals.put, signum)  # handlers only record
-    worker = gevent.spawn(_handle_signals, server, signals)
+    worker = gevent.spawn(_handle_signals, server, guard, signals)
     server.start()
+    guard.start()
     server.stopped.wait()
+    guard.stop()
     worker.kill()
     log.info("stopped")
     log.flush()
     return 0
 
 
-def _handle_signals(server: Server, signals: Queue[int]) -> None:
+def _handle_signals(server: Server, guard: Guard, signals: Queue[int]) -> None:
     stops = 0
     while True:
         signum = signals.get()
         name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
             server.log.info("signal", signal=name, next="reload")
-            server.reload()
+            new = server.reload()
+            if new is not None:
+                guard.configure(new.guard)
             continue
         stops += 1
         if stops == 1:

@@ -13,12 +13,14 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 from gsrv.errors import ConfigError
-from gsrv.units import describe, format_size, parse_duration, parse_size
+from gsrv.units import Amount, describe, format_size, parse_amount, parse_duration, parse_size
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
-TOP_TABLES = ("server", "services")
+TOP_TABLES = ("server", "guard", "services")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,19 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    """Memory guard thresholds: pressure starts at either limit, ends after resume_samples
+    consecutive samples below both resume values."""
+
+    interval: float = 1.0
+    max_rss: int = 1024**3
+    min_available: Amount = Amount(percent=5.0)
+    resume_rss: int = int(0.9 * 1024**3)
+    resume_available: Amount = Amount(percent=7.5)
+    resume_samples: int = 3
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     name: str
     listen: Address
@@ -72,12 +87,14 @@ class Config:
     path: str
     server: ServerConfig
     services: tuple[ServiceConfig, ...]
+    guard: GuardConfig = GuardConfig()
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
 
 
 SERVER_KEYS = tuple(ServerConfig.__dataclass_fields__)
+GUARD_KEYS = tuple(GuardConfig.__dataclass_fields__)
 SERVICE_KEYS = tuple(k for k in ServiceConfig.__dataclass_fields__ if k != "name")
 
 
@@ -121,6 +138,14 @@ class _Table:
         if seconds == 0 and zero_means is None:
             raise self.fail(key, f'must be greater than 0, like "{default}" (got {describe(value)})')
         return seconds
+
+    def amount(self, key: str, default: Amount) -> Amount:
+        if key not in self.data:
+            return default
+        try:
+            return parse_amount(self.data[key])
+        except ValueError as e:
+            raise self.fail(key, str(e)) from None
 
     def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
         value = self.data.get(key, default)
@@ -215,6 +240,34 @@ def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> 
     )
 
 
+def _guard(file: str, data: object) -> GuardConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(file, "[guard]", f"must be a table (got {describe(data)})")
+    t = _Table(file, "guard", data, GUARD_KEYS)
+    interval = t.duration("interval", "1s")
+    if not 0.05 <= interval <= 60:
+        raise t.fail("interval", f"must be between 50ms and 60s (got {describe(data['interval'])})")
+    max_rss = t.size("max_rss", 1024**3, 1024**2, 2**50)
+    min_available = t.amount("min_available", Amount(percent=5.0))
+    resume_rss = t.size("resume_rss", int(max_rss * 0.9), 0, 2**50)
+    if resume_rss > max_rss:
+        got = describe(data["resume_rss"])
+        raise t.fail("resume_rss", f"must not be above max_rss {format_size(max_rss)} (got {got})")
+    resume_available = t.amount("resume_available", min_available.scaled(1.5))
+    total = int(psutil.virtual_memory().total)  # compares a size with a percentage
+    if resume_available.of(total) < min_available.of(total):
+        got = describe(data["resume_available"])
+        raise t.fail("resume_available", f"must not be below min_available {min_available} (got {got})")
+    return GuardConfig(
+        interval=interval,
+        max_rss=max_rss,
+        min_available=min_available,
+        resume_rss=resume_rss,
+        resume_available=resume_available,
+        resume_samples=t.integer("resume_samples", 3, 1),
+    )
+
+
 def _check_addresses(file: str, services: list[ServiceConfig]) -> None:
     """Two services on one port collide when their hosts are equal or one is a wildcard."""
     for i, svc in enumerate(services):
@@ -238,7 +291,7 @@ def parse(file: str, text: str, environ: dict[str, str] | None = None) -> Config
     for table in data:
         if table not in TOP_TABLES:
             close = difflib.get_close_matches(table, TOP_TABLES, n=1)
-            hint = f"did you mean [{close[0]}]?" if close else "known tables: [server], [services.NAME]"
+            hint = f"did you mean [{close[0]}]?" if close else "known tables: [server], [guard], [services.NAME]"
             raise ConfigError(file, f"[{table}]", f"is not a known table ({hint})")
     raw_server = data.get("server", {})
     if not isinstance(raw_server, dict):
@@ -251,6 +304,7 @@ def parse(file: str, text: str, environ: dict[str, str] | None = None) -> Config
         kill_grace=t.duration("kill_grace", "2s"),
         eof_grace=t.duration("eof_grace", "1s"),
     )
+    guard = _guard(file, data.get("guard", {}))
     raw_services = data.get("services", {})
     if not isinstance(raw_services, dict) or not raw_services:
         raise ConfigError(file, "[services]", "must define at least one service, like [services.echo]")
@@ -261,7 +315,7 @@ def parse(file: str, text: str, environ: dict[str, str] | None = None) -> Config
             raise ConfigError(file, f"[services.{name}]", "name must use only letters, digits, - and _")
         services.append(_service(file, name, body, server_env))
     _check_addresses(file, services)
-    return Config(path=file, server=server, services=tuple(services))
+    return Config(path=file, server=server, services=tuple(services), guard=guard)
 
 
 def load(path: str) -> Config:

@@ -1,4 +1,4 @@
-"""Admission for one listener: max_sessions, pauses (draining, resources; later memory).
+"""Admission for one listener: max_sessions, pauses (draining, memory pressure, resources).
 
 The only caller of start_accepting/stop_accepting, gevent's own paths back to them included:
 admit() never raises and accept errors pause accepting instead of arming gevent's retry timer.
@@ -40,6 +40,11 @@ class Listener(StreamServer):  # type: ignore[misc]
         super().__init__(sock, gate.admit)  # do_handle below calls the gate directly
         self.gate = gate
         self.full = gate.full  # gevent consults this before each accept()
+
+    def start_accepting(self) -> None:
+        """gevent calls this itself too (start(), its retry timer): the gate has the last word."""
+        if not self.gate.full():
+            super().start_accepting()
 
     def do_read(self) -> Any:
         try:

@@ -1,6 +1,6 @@
 """Services to listeners and gates, and the lifecycle: serve, reload, drain, stop.
 
-STARTING -> SERVING -> DRAINING -> STOPPED; one _set_state() logs every change.
+STARTING -> SERVING <-> PAUSED -> DRAINING -> STOPPED; one _set_state() logs every change.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ DRAIN_POLL_S = 0.05
 class State(enum.Enum):
     STARTING = "starting"
     SERVING = "serving"
+    PAUSED = "paused"  # the memory guard holds accept on every listener
     DRAINING = "draining"
     STOPPED = "stopped"
 
@@ -46,6 +47,8 @@ class Service:
         self.gate: Gate[Session] = Gate(cfg.name, cfg.max_sessions, server.log, self.open_session, self.run_session)
         self.sessions: set[Session] = set()
         self.listener: Listener | None = None
+        if server.memory_paused:  # a service added under pressure starts paused
+            self.gate.pause("memory")
 
     def bind(self) -> None:
         address = self.cfg.listen
@@ -85,6 +88,7 @@ class Server:
         self.config = config
         self.log = log
         self.state = State.STARTING
+        self.memory_paused = False
         self.services = [Service(self, cfg) for cfg in config.services]
         self.watchdog = Watchdog()
         self.stopped = Event()
@@ -116,9 +120,25 @@ class Server:
         self.watchdog.start()
         for service in self.services:
             assert service.listener is not None
-            service.listener.start()
+            service.listener.start()  # accepts only if its gate agrees (a pause may predate it)
             self.log.info("listening", service=service.cfg.name, address=service.address)
-        self._set_state(State.SERVING)
+        self._set_state(State.PAUSED if self.memory_paused else State.SERVING)
+
+    # -- memory pressure (wired to the guard by the composer) ------------------------------
+
+    def pause_accept(self, reason: str, *_sample: object) -> None:
+        self.memory_paused = True
+        for service in self.services:
+            service.gate.pause("memory")
+        if self.state is State.SERVING:
+            self._set_state(State.PAUSED)
+
+    def resume_accept(self, *_sample: object) -> None:
+        self.memory_paused = False
+        for service in self.services:
+            service.gate.resume("memory")
+        if self.state is State.PAUSED:
+            self._set_state(State.SERVING)
 
     @property
     def active_sessions(self) -> int:
@@ -126,13 +146,13 @@ class Server:
 
     # -- reload --------------------------------------------------------------------------
 
-    def reload(self) -> bool:
-        """Re-read the config file; swap only a valid one. Running sessions keep theirs."""
+    def reload(self) -> Config | None:
+        """Re-read the config file; swap only a valid one (returned). Running sessions keep theirs."""
         try:
             new = load(self.config.path)
         except ConfigError as e:
             self.log.error("reload_failed", error=str(e), next="keeping the running config")
-            return False
+            return None
         by_name = {s.cfg.name: s for s in self.services}
         for cfg in new.services:
             service = by_name.pop(cfg.name, None)
@@ -145,10 +165,10 @@ class Server:
                 service.gate.set_limit(cfg.max_sessions)
         for name in by_name:
             self._skipped(name, "service removed", "restart gsrv to remove it")
-        self.config = Config(new.path, new.server, tuple(s.cfg for s in self.services))
+        self.config = Config(new.path, new.server, tuple(s.cfg for s in self.services), new.guard)
         self.log.configure(new.server.log_level, new.server.log_format)
         self.log.info("reloaded", path=new.path, services=len(self.services))
-        return True
+        return self.config
 
     def _skipped(self, name: str, why: str, next_step: str) -> None:
         self.log.warning("reload_skipped", service=name, why=why, next=next_step)
@@ -157,7 +177,7 @@ class Server:
 
     def drain(self) -> None:
         """Stop taking sessions, let running ones finish up to drain_timeout, then end them."""
-        if self.state is not State.SERVING:
+        if self.state not in (State.SERVING, State.PAUSED):
             return
         self._set_state(State.DRAINING)
         for service in self.services:
@@ -176,8 +196,7 @@ class Server:
 
     def force_stop(self) -> None:
         """A second signal: end every session now."""
-        if self.state is State.SERVING:
-            self.drain()
+        self.drain()
         if self._drainer is not None:
             self._drainer.kill()
         gevent.spawn(self._end_sessions)

@@ -6,6 +6,7 @@ Pure functions: each returns the value or raises ValueError with a message a per
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 _SIZE_UNITS = {
     "B": 1,
@@ -70,3 +71,35 @@ def format_size(n: float) -> str:
         if n >= factor:
             return f"{n / factor:.1f}".rstrip("0").rstrip(".") + unit
     return f"{int(n)}B"
+
+
+@dataclass(frozen=True)
+class Amount:
+    """A size in bytes, or a percentage of a total known only later (memory, say)."""
+
+    size: int | None = None
+    percent: float | None = None
+
+    def of(self, total: int) -> int:
+        return self.size if self.size is not None else int(total * (self.percent or 0.0) / 100)
+
+    def scaled(self, factor: float) -> Amount:
+        if self.size is not None:
+            return Amount(size=int(self.size * factor))
+        return Amount(percent=(self.percent or 0.0) * factor)
+
+    def __str__(self) -> str:
+        return format_size(self.size) if self.size is not None else f"{self.percent:g}%"
+
+
+def parse_amount(value: object) -> Amount:
+    """A size, or "<number>%" (0 < n < 100)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", value)
+        if match and 0 < float(match.group(1)) < 100:
+            return Amount(percent=float(match.group(1)))
+        raise ValueError(f'must be a percentage between 0 and 100, like "5%" (got {describe(value)})')
+    try:
+        return Amount(size=parse_size(value))
+    except ValueError:
+        raise ValueError(f'must be a size like "512MiB" or a percentage like "5%" (got {describe(value)})') from None

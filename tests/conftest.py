@@ -92,11 +92,17 @@ class Gsrv:
 
     def _wait_listening(self) -> None:
         """Learn each service's bound address from its event=listening line (text or JSON)."""
-        for _ in self.config_services():
-            line = self.wait_log(r'event=listening|"event": "listening"', start=len(self.addresses))
+        pattern = r'event=listening|"event": "listening"'
+        count = len(self.config_services())
+        wait_until(lambda: self.count_log(pattern) >= count or self._exited(), 10, "gsrv to listen")
+        self.wait_log(pattern)  # fails with the log if gsrv exited
+        for line in [line for line in self.lines if re.search(pattern, line)]:
             fields = json.loads(line) if line.startswith("{") else dict(re.findall(r"(\w+)=(\S+)", line))
             host, _, port = fields["address"].rpartition(":")
             self.addresses[fields["service"]] = (host.strip("[]"), int(port))
+
+    def _exited(self) -> bool:
+        return self.proc.poll() is not None
 
     def config_services(self) -> list[str]:
         return re.findall(r"^\[services\.([\w-]+)\]", self.config.read_text(), re.M)

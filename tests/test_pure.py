@@ -10,7 +10,7 @@ from conftest import ROOT
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gsrv.config import SERVER_KEYS, SERVICE_KEYS, Address, parse, parse_address
+from gsrv.config import GUARD_KEYS, SERVER_KEYS, SERVICE_KEYS, Address, parse, parse_address
 from gsrv.errors import ConfigError
 from gsrv.gate import may_accept
 from gsrv.logs import format_line
@@ -110,7 +110,7 @@ def test_defaults_are_the_documented_ones() -> None:
 
 def test_shipped_config_documents_every_key() -> None:
     text = (ROOT / "conf" / "gsrv.toml").read_text()
-    for key in SERVER_KEYS + SERVICE_KEYS:
+    for key in SERVER_KEYS + GUARD_KEYS + SERVICE_KEYS:
         assert re.search(rf"^#?\s*{key} = ", text, re.M), f"conf/gsrv.toml does not document {key}"
     parse("conf/gsrv.toml", text)
 

@@ -1,0 +1,232 @@
+"""The memory guard: hysteresis (pure), cgroup arithmetic (fake trees), and a real gsrv
+whose thresholds hold accept until a reload relieves them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import exchange, service_toml, wait_until
+
+from gsrv.cgroup import Level, discover, read_level
+from gsrv.config import GuardConfig, parse
+from gsrv.errors import ConfigError
+from gsrv.guard import Guard, Pressure, Sample
+from gsrv.logs import Log
+from gsrv.units import Amount
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+def _cfg(**keys: object) -> GuardConfig:
+    base = {"max_rss": 100 * MiB, "min_available": Amount(size=GiB), "resume_rss": 90 * MiB,
+            "resume_available": Amount(size=2 * GiB), "resume_samples": 3}  # fmt: skip
+    base.update(keys)
+    return GuardConfig(**base)  # type: ignore[arg-type]
+
+
+def _s(rss_mib: float, available_gib: float = 8.0) -> Sample:
+    return Sample(int(rss_mib * MiB), int(available_gib * GiB), 16 * GiB, 0.0)
+
+
+@pytest.mark.timeout(10)
+def test_flapping_around_a_threshold_does_not_flap_accept() -> None:
+    p = Pressure(_cfg())
+    actions = [p.update(_s(rss)) for rss in (99, 100, 99, 101, 95, 99.9, 100, 89, 89, 95, 89, 89, 89)]
+    assert actions.count("pause") == 1 and actions[1] == "pause"
+    assert actions.count("resume") == 1 and actions[-1] == "resume"  # three calm samples in a row
+    assert p.update(_s(99)) is None and p.update(_s(100)) == "pause"
+
+
+@pytest.mark.timeout(10)
+def test_available_memory_pressure_and_percent_thresholds() -> None:
+    p = Pressure(_cfg(min_available=Amount(percent=10), resume_available=Amount(percent=15)))
+    assert p.update(_s(10, available_gib=1.61)) is None  # 10% of 16 GiB is 1.6 GiB
+    assert p.update(_s(10, available_gib=1.5)) == "pause" and p.reason == "available"
+    assert [p.update(_s(10, available_gib=2.0)) for _ in range(3)] == [None, None, None]  # below 15%
+    assert [p.update(_s(10, available_gib=2.5)) for _ in range(3)] == [None, None, "resume"]
+
+
+class FakeSampler:
+    def __init__(self, samples: list[Sample]) -> None:
+        self.samples = samples
+
+    def sample(self) -> Sample:
+        return self.samples.pop(0)
+
+
+@pytest.mark.timeout(10)
+def test_guard_calls_back_once_per_transition_and_counts_pauses(tmp_path: Path) -> None:
+    events: list[str] = []
+    samples = [_s(50), _s(120), _s(130), _s(50), _s(50), _s(50), _s(50)]
+    log_fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT)
+    guard = Guard(_cfg(), FakeSampler(samples), lambda r, s: events.append(f"pause:{r}"),  # type: ignore[arg-type]
+                  lambda s: events.append("resume"), Log(log_fd))  # fmt: skip
+    for _ in range(7):
+        guard.check()
+    assert events == ["pause:rss", "resume"]
+    assert guard.status()["pauses"] == 1 and not guard.paused
+    os.close(log_fd)
+
+
+def _write(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+@pytest.mark.timeout(10)
+def test_cgroup_v2_limit_on_a_parent_and_page_cache(tmp_path: Path) -> None:
+    cg = tmp_path / "cg2"
+    _write(cg, {
+        "memory.current": "999999", "memory.stat": "anon 1\n",  # the root has no memory.max
+        "app/memory.max": str(1 * GiB), "app/memory.current": str(900 * MiB),
+        "app/memory.stat": f"anon {300 * MiB}\ninactive_file {700 * MiB}\n",
+        "app/web/memory.max": "max", "app/web/memory.current": str(800 * MiB),
+        "app/web/memory.stat": f"inactive_file {600 * MiB}\n",
+    })  # fmt: skip
+    proc = tmp_path / "proc"
+    _write(proc, {
+        "cgroup": "0::/app/web\n",
+        "mountinfo": f"30 20 0:26 / {cg} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n",
+    })  # fmt: skip
+    found = discover(str(proc))
+    assert found is not None and found.version == 2
+    assert found.dirs == (str(cg / "app/web"), str(cg / "app"), str(cg))
+    # app: 1 GiB limit, 900 MiB used of which 700 MiB is reclaimable cache: 824 MiB left
+    assert found.headroom() == (1 * GiB - 200 * MiB, 1 * GiB)
+
+
+@pytest.mark.timeout(10)
+def test_cgroup_v1_no_limit_is_not_a_limit(tmp_path: Path) -> None:
+    mem = tmp_path / "memory"
+    _write(mem, {
+        "memory.limit_in_bytes": "9223372036854771712", "memory.usage_in_bytes": str(5 * GiB),
+        "memory.stat": "total_inactive_file 0\n",
+        "box/memory.limit_in_bytes": str(2 * GiB), "box/memory.usage_in_bytes": str(GiB + 512 * MiB),
+        "box/memory.stat": f"cache {600 * MiB}\ntotal_inactive_file {512 * MiB}\n",
+    })  # fmt: skip
+    proc = tmp_path / "proc"
+    _write(proc, {
+        "cgroup": "5:memory:/box\n4:cpu:/\n0::/\n",
+        "mountinfo": f"40 20 0:30 / {mem} rw - cgroup cgroup rw,memory\n"
+        f"41 20 0:31 / {tmp_path}/unified rw - cgroup2 cgroup2 rw\n",
+    })  # fmt: skip
+    found = discover(str(proc))
+    assert found is not None and found.version == 1
+    assert read_level(1, str(mem)) == Level(None, 0)  # LONG_MAX: no limit, usage not needed
+    assert found.headroom() == (GiB, 2 * GiB)
+    _write(mem, {"box/memory.limit_in_bytes": "9223372036854771712"})
+    assert found.headroom() == (None, None)
+
+
+@pytest.mark.timeout(10)
+def test_guard_config_errors() -> None:
+    svc = '[services.a]\nlisten = "127.0.0.1:0"\ncommand = ["cat"]\n'
+    cases = {
+        '[guard]\nresume_rss = "2GiB"\n': '[guard] resume_rss must not be above max_rss 1GiB (got "2GiB", a string)',
+        '[guard]\nmin_available = "10%"\nresume_available = "5%"\n':
+            '[guard] resume_available must not be below min_available 10% (got "5%", a string)',
+        '[guard]\nmin_available = "150%"\n':
+            '[guard] min_available must be a percentage between 0 and 100, like "5%" (got "150%", a string)',
+        '[guard]\ninterval = "10ms"\n': '[guard] interval must be between 50ms and 60s (got "10ms", a string)',
+    }  # fmt: skip
+    for text, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            parse("g.toml", text + svc)
+        assert str(err.value) == f"g.toml: {message}"
+    assert parse("g.toml", svc).guard == GuardConfig()
+
+
+# -- a real gsrv -------------------------------------------------------------------------------
+
+GUARD_FAST = '[guard]\ninterval = "100ms"\nresume_samples = 2\n'
+
+
+def _reload(server, text: str) -> None:  # type: ignore[no-untyped-def]
+    before = server.count_log(r"event=reloaded")
+    server.config.write_text(text)
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: server.count_log(r"event=reloaded") > before, 10, "the reload")
+
+
+@pytest.mark.timeout(60)
+def test_rss_over_max_rss_holds_clients_in_the_backlog_until_reload(gsrv) -> None:
+    text = GUARD_FAST + 'max_rss = "1MiB"\n' + service_toml("echo", ["cat"])
+    server = gsrv(text)
+    server.wait_log(r"event=accept_paused reason=rss rss=\S+ max_rss=1MiB")
+    server.wait_log(r"event=state state=paused")
+    clients = [server.connect("echo", timeout=20) for _ in range(5)]  # the handshake succeeds
+    end = time.monotonic() + 3
+    while time.monotonic() < end:
+        assert not server.children(), "a child started while accept was paused"
+        time.sleep(0.05)
+    _reload(server, text.replace('max_rss = "1MiB"', 'max_rss = "4GiB"'))
+    server.wait_log(r"event=accept_resumed paused_s=")
+    replies = {}
+    threads = [threading.Thread(target=lambda i=i, c=c: replies.update({i: exchange(c, b"payload %d" % i)}))
+               for i, c in enumerate(clients)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert replies == {i: b"payload %d" % i for i in range(5)}
+    for c in clients:
+        c.close()
+
+
+@pytest.mark.timeout(60)
+def test_min_available_above_real_available_memory_pauses(gsrv) -> None:
+    text = GUARD_FAST + 'min_available = "100000GiB"\n' + service_toml("echo", ["cat"])
+    server = gsrv(text)
+    server.wait_log(r"event=accept_paused reason=available available=\S+ min_available=100000GiB")
+    with server.connect("echo", timeout=20) as sock:
+        time.sleep(0.5)
+        assert not server.children()
+        _reload(server, text.replace("100000GiB", "1MiB"))
+        assert exchange(sock, b"through") == b"through"
+    server.wait_log(r"event=accept_resumed")
+
+
+@pytest.mark.timeout(60)
+def test_pressure_mid_transfer_then_ended_sessions_do_not_reopen_accept(gsrv) -> None:
+    text = GUARD_FAST + service_toml("echo", ["cat"])
+    server = gsrv(text)
+    running = server.connect("echo")
+    running.sendall(b"first half ")
+    assert running.recv(100) == b"first half "
+    _reload(server, text.replace("resume_samples = 2\n", 'resume_samples = 2\nmax_rss = "1MiB"\n'))
+    server.wait_log(r"event=accept_paused reason=rss")
+    waiting = server.connect("echo", timeout=20)  # sits in the backlog
+    assert exchange(running, b"second half") == b"second half"  # the running session completes
+    running.close()
+    server.wait_log(r"event=session_end service=echo .*reason=eof")
+    wait_until(lambda: not server.children(), 5, "the first child to be reaped")
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:  # a session ended while paused: accept stays closed
+        assert not server.children(), "a session ending while paused reopened accept"
+        time.sleep(0.05)
+    _reload(server, text)
+    assert exchange(waiting, b"late") == b"late"
+    waiting.close()
+
+
+@pytest.mark.timeout(60)
+def test_paused_and_idle_gsrv_keeps_running_and_stops_at_once(gsrv) -> None:
+    server = gsrv(GUARD_FAST + 'max_rss = "1MiB"\n' + service_toml("echo", ["cat"]))
+    server.wait_log(r"event=accept_paused")
+    time.sleep(2)
+    assert server.proc.poll() is None, "gsrv exited while paused with nothing to do"
+    started = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.wait(timeout=5) == 0
+    assert time.monotonic() - started < 2
+    server.close()
+    with pytest.raises(OSError):
+        socket.create_connection(server.address("echo"), timeout=2).close()
