@@ -13,9 +13,10 @@ from gsrv import __version__
 from gsrv.config import Config, load
 from gsrv.errors import ConfigError
 from gsrv.guard import Guard, Sampler
+from gsrv.listeners import BindError
 from gsrv.logs import Log
 from gsrv.send import send
-from gsrv.server import BindError, Server
+from gsrv.server import Server
 
 DEFAULT_CONFIG = "conf/gsrv.toml"
 

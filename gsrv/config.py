@@ -6,7 +6,6 @@ Each error names the file, the table and key, what was expected and what was fou
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import shutil
 import tomllib
@@ -15,31 +14,13 @@ from typing import Any
 
 import psutil
 
+from gsrv.address import Address, collide, parse_address
 from gsrv.errors import ConfigError
 from gsrv.units import Amount, describe, format_size, parse_amount, parse_duration, parse_size
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 TOP_TABLES = ("server", "guard", "services")
-
-
-@dataclass(frozen=True)
-class Address:
-    """A TCP address to bind; port 0 lets the kernel pick."""
-
-    host: str
-    port: int
-
-    @property
-    def is_v6(self) -> bool:
-        return ":" in self.host
-
-    @property
-    def is_wildcard(self) -> bool:
-        return self.host in ("0.0.0.0", "::")
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if self.is_v6 else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -80,6 +61,7 @@ class ServiceConfig:
     stderr: str = "log"
     nonzero_exit: str = "close"
     keepalive: float = 60.0
+    mode: int = 0o660
 
 
 @dataclass(frozen=True)
@@ -173,25 +155,6 @@ class _Table:
         return tuple(value.items())
 
 
-def parse_address(text: object) -> Address:
-    """ "host:port" or "[v6]:port" with an IP literal; ValueError if it is neither."""
-    if isinstance(text, str):
-        host, sep, port = text.rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-            want_v6 = True
-        else:
-            want_v6 = False
-        try:
-            ip = ipaddress.ip_address(host)
-            number = int(port)
-        except ValueError:
-            ip, number = None, -1
-        if sep and ip is not None and (ip.version == 6) == want_v6 and port.isdigit() and 0 <= number <= 65535:
-            return Address(str(ip), number)
-    raise ValueError(f'must be "host:port" or "[v6]:port" with an IP address and a port 0-65535 (got {describe(text)})')
-
-
 def _resolve_command(table: _Table, command: tuple[str, ...], env: dict[str, str], cwd: str | None) -> None:
     program = command[0]
     if "/" in program:
@@ -237,7 +200,22 @@ def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> 
         stderr=t.choice("stderr", "log", ("log", "discard", "stdout")),
         nonzero_exit=t.choice("nonzero_exit", "close", ("close", "reset")),
         keepalive=t.duration("keepalive", "60s", zero_means="off"),
+        mode=_mode(t, data, listen),
     )
+
+
+def _mode(t: _Table, data: dict[str, Any], listen: Address) -> int:
+    """A unix socket file's permissions: "0660" or 0o660."""
+    if "mode" not in data:
+        return 0o660
+    value = data["mode"]
+    if listen.kind != "unix":
+        raise t.fail("mode", f'applies only to listen = "unix:/path" (this service listens on {listen})')
+    if isinstance(value, str) and value.isdigit() and all(c in "01234567" for c in value) and int(value, 8) <= 0o777:
+        return int(value, 8)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    raise t.fail("mode", f'must be permission bits like "0660" (got {describe(value)})')
 
 
 def _guard(file: str, data: object) -> GuardConfig:
@@ -269,17 +247,11 @@ def _guard(file: str, data: object) -> GuardConfig:
 
 
 def _check_addresses(file: str, services: list[ServiceConfig]) -> None:
-    """Two services on one port collide when their hosts are equal or one is a wildcard."""
     for i, svc in enumerate(services):
         for other in services[:i]:
-            a, b = svc.listen, other.listen
-            if a.port == 0 or a.port != b.port:
-                continue
-            same_family = a.is_v6 == b.is_v6
-            if a.host == b.host or "::" in (a.host, b.host) or (same_family and (a.is_wildcard or b.is_wildcard)):
-                raise ConfigError(
-                    file, f"[services.{svc.name}] listen", f"{a} collides with {b} of [services.{other.name}]"
-                )
+            if collide(svc.listen, other.listen):
+                where = f"[services.{svc.name}] listen"
+                raise ConfigError(file, where, f"{svc.listen} collides with {other.listen} of [services.{other.name}]")
 
 
 def parse(file: str, text: str, environ: dict[str, str] | None = None) -> Config:

@@ -13,12 +13,12 @@ import time
 from typing import Any
 
 import gevent
-from gevent import socket as gsocket
 from gevent.event import Event
 
 from gsrv.config import Config, ServiceConfig, load
-from gsrv.errors import ConfigError, GsrvError
+from gsrv.errors import ConfigError
 from gsrv.gate import Gate, Listener
+from gsrv.listeners import BindError, close_listener, open_listener
 from gsrv.logs import Log
 from gsrv.session import Session
 from gsrv.watchdog import Watchdog
@@ -34,10 +34,6 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
-class BindError(GsrvError):
-    """A service's address could not be bound."""
-
-
 class Service:
     """One configured service: its listener, its gate, its live sessions."""
 
@@ -51,29 +47,37 @@ class Service:
             self.gate.pause("memory")
 
     def bind(self) -> None:
-        address = self.cfg.listen
-        family = stdsocket.AF_INET6 if address.is_v6 else stdsocket.AF_INET
-        sock = gsocket.socket(family, stdsocket.SOCK_STREAM)
-        try:
-            sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_REUSEADDR, 1)
-            sock.bind((address.host, address.port))
-            sock.listen(self.cfg.backlog)
-        except OSError as e:
-            sock.close()
-            raise BindError(f"service {self.cfg.name}: cannot listen on {address}: {e.strerror}") from None
+        sock = open_listener(self.cfg.name, self.cfg.listen, self.cfg.backlog, self.cfg.mode, os.environ)
         self.listener = Listener(sock, self.gate)
         self.gate.attach(self.listener)
+
+    def close(self, why: str) -> None:
+        """Stop taking sessions: a socket gsrv bound is closed (queued clients are refused at
+        once, not left to time out); an inherited one only stops accepting here."""
+        self.gate.pause(why)
+        self.gate.drop_parked("shutdown")
+        if self.listener is not None and not self.listener.closed:
+            if self.cfg.listen.inherited:
+                self.listener.socket.detach()  # the fd stays open for whoever else serves it
+            else:
+                sock = self.listener.socket
+                self.listener.close()
+                close_listener(sock, self.cfg.listen)
 
     @property
     def address(self) -> str:
         assert self.listener is not None
-        host, port = self.listener.socket.getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        name = self.listener.socket.getsockname()
+        if self.listener.socket.family == stdsocket.AF_UNIX:
+            return f"unix:{name}" if not self.cfg.listen.inherited else f"unix:{name} via={self.cfg.listen}"
+        host, port = name[:2]
+        text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return text if not self.cfg.listen.inherited else f"{text} via={self.cfg.listen}"
 
     def open_session(self, sock: Any, address: Any) -> Session:
         server = self.server
         sid = server.next_session_id()
-        return Session(self.cfg, server.config.server, sock, address[:2], sid, server.log, server.watchdog)
+        return Session(self.cfg, server.config.server, sock, address, sid, server.log, server.watchdog)
 
     def run_session(self, session: Session) -> None:
         self.sessions.add(session)
@@ -90,6 +94,7 @@ class Server:
         self.state = State.STARTING
         self.memory_paused = False
         self.services = [Service(self, cfg) for cfg in config.services]
+        self.retired: set[Service] = set()  # removed by a reload, their sessions draining
         self.watchdog = Watchdog()
         self.stopped = Event()
         self._ids = itertools.count(1)
@@ -112,17 +117,20 @@ class Server:
                 service.bind()
         except BindError:
             for service in self.services:
-                if service.listener is not None:
-                    service.listener.close()
+                service.close("stopping")
             raise
 
     def start(self) -> None:
         self.watchdog.start()
         for service in self.services:
             assert service.listener is not None
-            service.listener.start()  # accepts only if its gate agrees (a pause may predate it)
-            self.log.info("listening", service=service.cfg.name, address=service.address)
+            self._listen(service)
         self._set_state(State.PAUSED if self.memory_paused else State.SERVING)
+
+    def _listen(self, service: Service) -> None:
+        assert service.listener is not None
+        service.listener.start()  # accepts only if its gate agrees (a pause may predate it)
+        self.log.info("listening", service=service.cfg.name, address=service.address)
 
     # -- memory pressure (wired to the guard by the composer) ------------------------------
 
@@ -142,7 +150,11 @@ class Server:
 
     @property
     def active_sessions(self) -> int:
-        return sum(len(s.sessions) for s in self.services)
+        self.retired = {s for s in self.retired if s.sessions}
+        return sum(len(s.sessions) for s in self.services) + sum(len(s.sessions) for s in self.retired)
+
+    def all_sessions(self) -> list[Session]:
+        return [session for s in [*self.services, *self.retired] for session in s.sessions]
 
     # -- reload --------------------------------------------------------------------------
 
@@ -153,25 +165,56 @@ class Server:
         except ConfigError as e:
             self.log.error("reload_failed", error=str(e), next="keeping the running config")
             return None
-        by_name = {s.cfg.name: s for s in self.services}
-        for cfg in new.services:
-            service = by_name.pop(cfg.name, None)
-            if service is None:
-                self._skipped(cfg.name, "new service", "restart gsrv to add it")
-            elif cfg.listen != service.cfg.listen:
-                self._skipped(cfg.name, "listen changed", "restart gsrv to rebind")
-            else:
-                service.cfg = cfg
-                service.gate.set_limit(cfg.max_sessions)
-        for name in by_name:
-            self._skipped(name, "service removed", "restart gsrv to remove it")
+        changes = self._apply(new)
         self.config = Config(new.path, new.server, tuple(s.cfg for s in self.services), new.guard)
         self.log.configure(new.server.log_level, new.server.log_format)
-        self.log.info("reloaded", path=new.path, services=len(self.services))
+        self.log.info("reloaded", path=new.path, **{k: ",".join(v) for k, v in changes.items() if v})
         return self.config
 
-    def _skipped(self, name: str, why: str, next_step: str) -> None:
-        self.log.warning("reload_skipped", service=name, why=why, next=next_step)
+    def _apply(self, new: Config) -> dict[str, list[str]]:
+        """Swap services to the new config: a listener whose address is unchanged keeps its
+        socket (and backlog); new or moved addresses are bound before the old one closes."""
+        changes: dict[str, list[str]] = {"added": [], "removed": [], "rebound": [], "updated": [], "failed": []}
+        old = {s.cfg.name: s for s in self.services}
+        kept: list[Service] = []
+        for cfg in new.services:
+            current = old.pop(cfg.name, None)
+            if current is not None and cfg.listen == current.cfg.listen:
+                current.cfg = cfg
+                current.gate.set_limit(cfg.max_sessions)
+                kept.append(current)
+                changes["updated"].append(cfg.name)
+                continue
+            fresh = Service(self, cfg)
+            try:
+                fresh.bind()
+            except BindError as e:
+                self.log.error("reload_bind_failed", service=cfg.name, error=str(e), next="fix and reload again")
+                changes["failed"].append(cfg.name)
+                if current is not None:
+                    kept.append(current)  # keep serving on the old address
+                continue
+            if self.state is State.DRAINING:
+                fresh.close("draining")
+            else:
+                self._listen(fresh)
+            kept.append(fresh)
+            if current is not None:
+                self._retire(current)
+                changes["rebound"].append(cfg.name)
+            else:
+                changes["added"].append(cfg.name)
+        for name, gone in old.items():
+            self._retire(gone)
+            changes["removed"].append(name)
+        self.services = kept
+        return changes
+
+    def _retire(self, service: Service) -> None:
+        """A service the reload removed or moved: no new sessions; running ones go on."""
+        service.close("removed")
+        if service.sessions:
+            self.retired.add(service)
 
     # -- drain and stop ------------------------------------------------------------------
 
@@ -181,10 +224,7 @@ class Server:
             return
         self._set_state(State.DRAINING)
         for service in self.services:
-            service.gate.pause("draining")
-            service.gate.drop_parked("shutdown")
-            if service.listener is not None:
-                service.listener.close()  # queued clients are refused now, not timed out later
+            service.close("draining")
         self._drainer = gevent.spawn(self._drain)
 
     def _drain(self) -> None:
@@ -204,9 +244,8 @@ class Server:
     def _end_sessions(self) -> None:
         if self.stopped.is_set():
             return
-        for service in self.services:
-            for session in list(service.sessions):
-                session.abort("shutdown")
+        for session in self.all_sessions():
+            session.abort("shutdown")
         # Each session now runs its stop ladder; bounded by kill_grace plus the reap timeout.
         deadline = time.monotonic() + self.config.server.kill_grace + 10
         while self.active_sessions and time.monotonic() < deadline:

@@ -13,7 +13,7 @@ import struct
 import termios
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent.event import Event
@@ -50,6 +50,21 @@ def _address(addr: tuple[str, int]) -> str:
     return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
+def _peer_credentials(sock: socket) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of a unix-socket client (SO_PEERCRED)."""
+    try:
+        raw = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def _unix_peer(sock: socket) -> str:
+    creds = _peer_credentials(sock)
+    return f"unix:pid={creds[0]},uid={creds[1]}" if creds else "unix"
+
+
 def set_keepalive(sock: socket, idle: float) -> None:
     if idle <= 0:
         return
@@ -67,14 +82,16 @@ class Session:
         svc: ServiceConfig,
         server: ServerConfig,
         sock: socket,
-        peer: tuple[str, int],
+        peer: Any,
         sid: str,
         log: Log,
         watchdog: Watchdog,
     ) -> None:
         self.svc, self.server, self.sock, self.sid, self.log = svc, server, sock, sid, log
         self.watchdog = watchdog
+        self.tcp = sock.family in (stdsocket.AF_INET, stdsocket.AF_INET6)
         self.peer = peer  # as accept() reported it: a client that reset since has no peer name
+        self.peer_text = _address(peer) if self.tcp else _unix_peer(sock)
         self.inbound, self.outbound, self.discarded = pump.Meter(), pump.Meter(), pump.Meter()
         self.input_done = False  # the client's EOF reached the child's stdin
         self.client_eof = False
@@ -95,7 +112,7 @@ class Session:
     def peer_is_dead(self) -> bool:
         """The watchdog's check: the kernel closed the connection (RST) but no pump noticed."""
         try:
-            state = self.sock.getsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_INFO, 8)[0]
+            state = self.sock.getsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_INFO, 8)[0] if self.tcp else 0
             error = self.sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_ERROR)
         except OSError:
             return True
@@ -109,8 +126,9 @@ class Session:
         the gate to try again; on any other the session has ended: client reset, line written.
         """
         try:
-            self.sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
-            set_keepalive(self.sock, self.svc.keepalive)
+            if self.tcp:
+                self.sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+                set_keepalive(self.sock, self.svc.keepalive)
             self.child = Child.spawn(self.svc.command, self._env(), self.svc.cwd, self.svc.stderr)
         except (SpawnError, OSError) as e:
             if e.errno in RESOURCE_ERRORS:
@@ -165,15 +183,16 @@ class Session:
 
     def _env(self) -> dict[str, str]:
         local = self.sock.getsockname()
-        ucspi = {
-            "PROTO": "TCP",
-            "TCPREMOTEIP": str(self.peer[0]),
-            "TCPREMOTEPORT": str(self.peer[1]),
-            "TCPLOCALIP": str(local[0]),
-            "TCPLOCALPORT": str(local[1]),
-            "GSRV_SERVICE": self.svc.name,
-            "GSRV_SESSION": self.sid,
-        }
+        ucspi = {"GSRV_SERVICE": self.svc.name, "GSRV_SESSION": self.sid}
+        if self.tcp:
+            ucspi |= {"PROTO": "TCP", "TCPREMOTEIP": str(self.peer[0]), "TCPREMOTEPORT": str(self.peer[1]),
+                      "TCPLOCALIP": str(local[0]), "TCPLOCALPORT": str(local[1])}  # fmt: skip
+        else:  # as ucspi-unix's unixserver sets them
+            ucspi |= {"PROTO": "UNIX", "UNIXLOCALPATH": str(local)}
+            creds = _peer_credentials(self.sock)
+            if creds:
+                ucspi |= {"UNIXREMOTEPID": str(creds[0]), "UNIXREMOTEEUID": str(creds[1]),
+                          "UNIXREMOTEEGID": str(creds[2])}  # fmt: skip
         return build_env(os.environ, self.svc.pass_env, self.svc.env, ucspi)
 
     # -- the pumps -----------------------------------------------------------------------
@@ -324,7 +343,7 @@ class Session:
             "session_end",
             service=self.svc.name,
             session=self.sid,
-            peer=_address(self.peer),
+            peer=self.peer_text,
             bytes_in=self.inbound.total,
             bytes_out=self.outbound.total,
             discarded=self.discarded.total or None,

@@ -56,8 +56,8 @@ CASES = {
     ),
     "bad_address": (
         '[services.up]\nlisten = "localhost:70001"\ncommand = ["cat"]\n',
-        '[services.up] listen must be "host:port" or "[v6]:port" with an IP address and a port 0-65535 '
-        '(got "localhost:70001", a string)',
+        '[services.up] listen must be "host:port" or "[v6]:port" with an IP address and a port 0-65535, '
+        '"unix:/path", "fd:N" (an inherited listening socket) or "systemd:NAME" (got "localhost:70001", a string)',
     ),
     "bad_toml": (
         '[services.up]\nlisten = "127.0.0.1:0\ncommand = ["cat"]\n',

@@ -10,7 +10,8 @@ from conftest import ROOT
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gsrv.config import GUARD_KEYS, SERVER_KEYS, SERVICE_KEYS, Address, parse, parse_address
+from gsrv.address import Address, parse_address
+from gsrv.config import GUARD_KEYS, SERVER_KEYS, SERVICE_KEYS, parse
 from gsrv.errors import ConfigError
 from gsrv.gate import may_accept
 from gsrv.logs import format_line
@@ -56,6 +57,9 @@ def test_format_size() -> None:
         ("127.0.0.1:7001", Address("127.0.0.1", 7001)),
         ("[::1]:0", Address("::1", 0)),
         ("0.0.0.0:1", Address("0.0.0.0", 1)),
+        ("unix:/run/gsrv/echo.sock", Address(kind="unix", path="/run/gsrv/echo.sock")),
+        ("fd:0", Address(kind="fd", fd=0)),
+        ("systemd:echo", Address(kind="systemd", path="echo")),
     ],
 )
 def test_addresses(text: str, address: Address) -> None:
@@ -63,7 +67,10 @@ def test_addresses(text: str, address: Address) -> None:
     assert str(address) == text
 
 
-@pytest.mark.parametrize("bad", ["127.0.0.1", ":80", "::1:80", "[127.0.0.1]:80", "host:80", "1.2.3.4:65536", 80])
+@pytest.mark.parametrize(
+    "bad",
+    ["127.0.0.1", ":80", "::1:80", "[127.0.0.1]:80", "host:80", "1.2.3.4:65536", 80, "unix:rel", "fd:x", "systemd:"],
+)
 def test_bad_addresses(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_address(bad)
@@ -88,7 +95,8 @@ def test_colliding_addresses(listens: tuple[str, str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "listens", [("127.0.0.1:0", "127.0.0.1:0"), ("127.0.0.1:80", "127.0.0.2:80"), ("0.0.0.0:80", "[::1]:80")]
+    "listens",
+    [("127.0.0.1:0", "127.0.0.1:0"), ("127.0.0.1:80", "127.0.0.2:80"), ("0.0.0.0:80", "[::1]:80"), ("fd:0", "fd:3")],
 )
 def test_addresses_that_do_not_collide(listens: tuple[str, str]) -> None:
     assert len(parse("t.toml", _services(*listens)).services) == 2
