@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 import gevent
 from gevent import get_hub
@@ -22,6 +23,20 @@ GROUP_POLL_S = 0.02
 REAP_TIMEOUT_S = 5.0
 
 _hub_ready: set[int] = set()
+
+
+class GroupTracker(Protocol):
+    def track(self, pgid: int) -> None: ...
+    def untrack(self, pgid: int) -> None: ...
+
+
+_tracker: GroupTracker | None = None
+
+
+def track_groups(tracker: GroupTracker | None) -> None:
+    """Report every child's process group to tracker (the guardian), from now on."""
+    global _tracker
+    _tracker = tracker
 
 
 def build_env(
@@ -74,6 +89,8 @@ class Child:
         child = cls(proc)
         watcher = hub.loop.child(proc.pid)
         watcher.start(child._on_exit, watcher)
+        if _tracker is not None:
+            _tracker.track(proc.pid)
         return child
 
     def _on_exit(self, watcher: object) -> None:
@@ -138,12 +155,12 @@ class Child:
     def stop(self, kill_grace: float, on_escalate: Callable[[float], None]) -> None:
         """The ladder: close stdin, TERM the group if it lives, KILL after kill_grace, reap."""
         self.close_stdin()
-        if self.exited.is_set() and not self.group_alive():
-            self.close_pipes()
-            return
-        self._signal_group(signal.SIGTERM)
-        if not self._wait_group_gone(kill_grace):
-            on_escalate(kill_grace)
-            self._signal_group(signal.SIGKILL)
-            self._wait_group_gone(REAP_TIMEOUT_S)
+        if not (self.exited.is_set() and not self.group_alive()):
+            self._signal_group(signal.SIGTERM)
+            if not self._wait_group_gone(kill_grace):
+                on_escalate(kill_grace)
+                self._signal_group(signal.SIGKILL)
+                self._wait_group_gone(REAP_TIMEOUT_S)
         self.close_pipes()
+        if _tracker is not None:
+            _tracker.untrack(self.pid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 
@@ -10,13 +11,16 @@ import gevent
 from gevent.queue import Queue
 
 from gsrv import __version__
-from gsrv.config import Config, load
+from gsrv.child import track_groups
+from gsrv.config import Config, ServiceConfig, load
 from gsrv.errors import ConfigError
 from gsrv.guard import Guard, Sampler
+from gsrv.guardian import Guardian
 from gsrv.listeners import BindError
 from gsrv.logs import Log
 from gsrv.send import send
 from gsrv.server import Server
+from gsrv.units import format_size
 
 DEFAULT_CONFIG = "conf/gsrv.toml"
 
@@ -31,35 +35,58 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gsrv", description="Stream each TCP connection through a command, in bounded memory.")
     parser.add_argument("--version", action="version", version=f"gsrv {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    serve = sub.add_parser("serve", help="serve the config's services in the foreground")
-    serve.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
-    check = sub.add_parser("check", help="validate a config file and list its services")
-    check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    for name, text in (("serve", "serve the config's services in the foreground"),
+                       ("check", "validate a config file and list its services")):  # fmt: skip
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+        cmd.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="TABLE.KEY=VALUE",
+            help="override one key of the file, e.g. --set guard.max_rss=512MiB (repeatable)",
+        )
     send = sub.add_parser("send", help="stream stdin to a service and its reply to stdout")
     send.add_argument("target", metavar="HOST:PORT")
     return parser
 
 
-def _load(path: str) -> Config | None:
+def _load(path: str, overrides: list[str]) -> Config | None:
     try:
-        return load(path)
+        return load(path, tuple(overrides))
     except ConfigError as e:
         print(f"Error: {e}", file=sys.stderr)
         return None
 
 
-def check(path: str) -> int:
-    config = _load(path)
+def check(path: str, overrides: list[str]) -> int:
+    config = _load(path, overrides)
     if config is None:
         return 2
     print(f"{path}: ok, {len(config.services)} service(s)")
     for svc in config.services:
-        print(f"  {svc.name:<12} {svc.listen!s:<22} {' '.join(svc.command)}")
+        print(f"  {svc.name:<12} {svc.listen!s:<22} {shlex.join(svc.command)}")
+        print(f"  {'':<12} {_limits(svc)}")
+    guard = config.guard
+    print(f"  guard: max_rss={format_size(guard.max_rss)} min_available={guard.min_available} "
+          f"interval={guard.interval:g}s")  # fmt: skip
     return 0
 
 
-def serve(path: str) -> int:
-    config = _load(path)
+def _limits(svc: ServiceConfig) -> str:
+    def seconds(value: float, zero: str) -> str:
+        return f"{value:g}s" if value else zero
+
+    return (
+        f"max_sessions={svc.max_sessions} backlog={svc.backlog} chunk_size={format_size(svc.chunk_size)} "
+        f"idle_timeout={seconds(svc.idle_timeout, 'none')} session_timeout={seconds(svc.session_timeout, 'none')} "
+        f"keepalive={seconds(svc.keepalive, 'off')} stderr={svc.stderr} nonzero_exit={svc.nonzero_exit}"
+    )
+
+
+def serve(path: str, overrides: list[str]) -> int:
+    config = _load(path, overrides)
     if config is None:
         return 2
     log = Log(2, config.server.log_level, config.server.log_format)
@@ -69,6 +96,8 @@ def serve(path: str) -> int:
     except BindError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
+    guardian = Guardian()  # no child outlives gsrv, even one killed with SIGKILL
+    track_groups(guardian)
     guard = Guard(config.guard, Sampler(), server.pause_accept, server.resume_accept, log)
     guard.check()  # before any listener accepts: a gsrv started under pressure starts paused
     signals: Queue[int] = Queue()
@@ -80,6 +109,7 @@ def serve(path: str) -> int:
     server.stopped.wait()
     guard.stop()
     worker.kill()
+    guardian.close()
     log.info("stopped")
     log.flush()
     return 0
@@ -108,7 +138,7 @@ def _handle_signals(server: Server, guard: Guard, signals: Queue[int]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "check":
-        return check(args.config)
+        return check(args.config, args.overrides)
     if args.cmd == "serve":
-        return serve(args.config)
+        return serve(args.config, args.overrides)
     return send(args.target)

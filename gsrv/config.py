@@ -70,6 +70,7 @@ class Config:
     server: ServerConfig
     services: tuple[ServiceConfig, ...]
     guard: GuardConfig = GuardConfig()
+    overrides: tuple[str, ...] = ()  # --set items, applied again on every reload
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
@@ -254,12 +255,35 @@ def _check_addresses(file: str, services: list[ServiceConfig]) -> None:
                 raise ConfigError(file, where, f"{svc.listen} collides with {other.listen} of [services.{other.name}]")
 
 
-def parse(file: str, text: str, environ: dict[str, str] | None = None) -> Config:
-    """Parse config text; `file` is only used in messages. Raises ConfigError."""
+def apply_overrides(file: str, data: dict[str, Any], overrides: tuple[str, ...]) -> None:
+    """`--set table.key=value` (value in TOML syntax, or a bare string) into the parsed file."""
+    for item in overrides:
+        path, eq, raw = item.partition("=")
+        keys = path.strip().split(".")
+        if not eq or len(keys) < 2 or not all(keys):
+            raise ConfigError(
+                "--set", item, "must be TABLE.KEY=VALUE, like guard.max_rss=1MiB or services.echo.max_sessions=8"
+            )
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare word: a string
+        table = data
+        for key in keys[:-1]:
+            nested = table.setdefault(key, {})
+            if not isinstance(nested, dict):
+                raise ConfigError(file, f"[{'.'.join(keys[:-1])}]", f"is not a table, so --set {item} cannot apply")
+            table = nested
+        table[keys[-1]] = value
+
+
+def parse(file: str, text: str, environ: dict[str, str] | None = None, overrides: tuple[str, ...] = ()) -> Config:
+    """Parse config text, then the --set overrides; `file` names it in messages. Raises ConfigError."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(file, "", f"is not valid TOML: {e}") from None
+    apply_overrides(file, data, overrides)
     for table in data:
         if table not in TOP_TABLES:
             close = difflib.get_close_matches(table, TOP_TABLES, n=1)
@@ -287,10 +311,10 @@ def parse(file: str, text: str, environ: dict[str, str] | None = None) -> Config
             raise ConfigError(file, f"[services.{name}]", "name must use only letters, digits, - and _")
         services.append(_service(file, name, body, server_env))
     _check_addresses(file, services)
-    return Config(path=file, server=server, services=tuple(services), guard=guard)
+    return Config(path=file, server=server, services=tuple(services), guard=guard, overrides=overrides)
 
 
-def load(path: str) -> Config:
+def load(path: str, overrides: tuple[str, ...] = ()) -> Config:
     """Read and parse a config file. Raises ConfigError, also when the file cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -298,4 +322,4 @@ def load(path: str) -> Config:
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise ConfigError(path, "", f"cannot be read: {reason}") from None
-    return parse(path, text)
+    return parse(path, text, overrides=overrides)

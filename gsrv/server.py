@@ -69,10 +69,9 @@ class Service:
         assert self.listener is not None
         name = self.listener.socket.getsockname()
         if self.listener.socket.family == stdsocket.AF_UNIX:
-            return f"unix:{name}" if not self.cfg.listen.inherited else f"unix:{name} via={self.cfg.listen}"
+            return f"unix:{name}"
         host, port = name[:2]
-        text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return text if not self.cfg.listen.inherited else f"{text} via={self.cfg.listen}"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def open_session(self, sock: Any, address: Any) -> Session:
         server = self.server
@@ -130,7 +129,8 @@ class Server:
     def _listen(self, service: Service) -> None:
         assert service.listener is not None
         service.listener.start()  # accepts only if its gate agrees (a pause may predate it)
-        self.log.info("listening", service=service.cfg.name, address=service.address)
+        via = str(service.cfg.listen) if service.cfg.listen.inherited else None
+        self.log.info("listening", service=service.cfg.name, address=service.address, via=via)
 
     # -- memory pressure (wired to the guard by the composer) ------------------------------
 
@@ -161,12 +161,12 @@ class Server:
     def reload(self) -> Config | None:
         """Re-read the config file; swap only a valid one (returned). Running sessions keep theirs."""
         try:
-            new = load(self.config.path)
+            new = load(self.config.path, self.config.overrides)
         except ConfigError as e:
             self.log.error("reload_failed", error=str(e), next="keeping the running config")
             return None
         changes = self._apply(new)
-        self.config = Config(new.path, new.server, tuple(s.cfg for s in self.services), new.guard)
+        self.config = Config(new.path, new.server, tuple(s.cfg for s in self.services), new.guard, new.overrides)
         self.log.configure(new.server.log_level, new.server.log_format)
         self.log.info("reloaded", path=new.path, **{k: ",".join(v) for k, v in changes.items() if v})
         return self.config

@@ -67,10 +67,16 @@ def py_child(code: str) -> list[str]:
 class Gsrv:
     """A real `gsrv serve` process; its stderr log is read by a thread into `lines`."""
 
-    def __init__(self, config: Path, read_log: bool = True, preexec: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        read_log: bool = True,
+        preexec: Callable[[], None] | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.config = config
         self.proc = subprocess.Popen(
-            [PY, "-m", "gsrv", "serve", "-c", str(config)],
+            [PY, "-m", "gsrv", "serve", "-c", str(config), *(extra_args or [])],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -99,7 +105,8 @@ class Gsrv:
         for line in [line for line in self.lines if re.search(pattern, line)]:
             fields = json.loads(line) if line.startswith("{") else dict(re.findall(r"(\w+)=(\S+)", line))
             host, _, port = fields["address"].rpartition(":")
-            self.addresses[fields["service"]] = (host.strip("[]"), int(port))
+            if port.isdigit():  # a unix socket has a path instead
+                self.addresses[fields["service"]] = (host.strip("[]"), int(port))
 
     def _exited(self) -> bool:
         return self.proc.poll() is not None
