@@ -84,6 +84,7 @@ class Gsrv:
             preexec_fn=preexec,
         )
         self.ps = psutil.Process(self.proc.pid)
+        self._guardian: int | None = None
         self.lines: list[str] = []
         self._new: queue.Queue[str] = queue.Queue()
         self.addresses: dict[str, tuple[str, int]] = {}
@@ -150,10 +151,22 @@ class Gsrv:
         return int(self.ps.memory_info().rss)
 
     def children(self) -> list[psutil.Process]:
+        """Processes below gsrv that sessions started (its guardian left out)."""
         try:
-            return self.ps.children(recursive=True)
+            found = self.ps.children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+        return [p for p in found if p.pid != self.guardian_pid()]
+
+    def guardian_pid(self) -> int | None:
+        if self._guardian is None:
+            for p in self.ps.children():
+                try:
+                    if "gsrv.guardian" in " ".join(p.cmdline()):
+                        self._guardian = p.pid
+                except psutil.NoSuchProcess:
+                    pass
+        return self._guardian
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
