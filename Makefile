@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= conf/gsrv.toml
 
-.PHONY: run test bench check clean
+.PHONY: run test bench check clean supervise
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ $(VENV)/.installed-bench: pyproject.toml $(BIN)/python
 
 run: $(VENV)/.installed
 	$(BIN)/gsrv serve -c $(CONFIG)
+
+$(VENV)/.installed-ops: pyproject.toml $(BIN)/python
+	$(BIN)/pip install -q -e '.[ops]'
+	touch $@
+
+supervise: $(VENV)/.installed-ops
+	mkdir -p .run
+	$(BIN)/supervisord -c supervisord.conf
 
 check: $(VENV)/.installed
 	$(BIN)/gsrv check -c $(CONFIG)
