@@ -6,11 +6,13 @@ import argparse
 import shlex
 import signal
 import sys
+import time
 
 import gevent
 from gevent.queue import Queue
 
 from gsrv import __version__
+from gsrv.admin import Admin
 from gsrv.child import track_groups
 from gsrv.config import Config, ServiceConfig, load
 from gsrv.errors import ConfigError
@@ -18,6 +20,7 @@ from gsrv.guard import Guard, Sampler
 from gsrv.guardian import Guardian
 from gsrv.listeners import BindError
 from gsrv.logs import Log
+from gsrv.metrics import State
 from gsrv.send import send
 from gsrv.server import Server
 from gsrv.units import format_size
@@ -93,26 +96,60 @@ def serve(path: str, overrides: list[str]) -> int:
     server = Server(config, log)
     try:
         server.bind()
+        admin = _admin(config, server, log)
     except BindError as e:
+        server.stop_listening()
         print(f"Error: {e}", file=sys.stderr)
         return 1
     guardian = Guardian()  # no child outlives gsrv, even one killed with SIGKILL
     track_groups(guardian)
     guard = Guard(config.guard, Sampler(), server.pause_accept, server.resume_accept, log)
     guard.check()  # before any listener accepts: a gsrv started under pressure starts paused
+    if admin is not None:
+        admin.metrics_state = lambda: _state(server, guard, log)
     signals: Queue[int] = Queue()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         gevent.signal_handler(signum, signals.put, signum)  # handlers only record
     worker = gevent.spawn(_handle_signals, server, guard, signals)
     server.start()
     guard.start()
+    if admin is not None:
+        admin.start(server.flush_metrics)
     server.stopped.wait()
+    if admin is not None:
+        admin.stop()
     guard.stop()
     worker.kill()
     guardian.close()
     log.info("stopped")
     log.flush()
     return 0
+
+
+def _admin(config: Config, server: Server, log: Log) -> Admin | None:
+    """The admin endpoint and the metrics it serves, if [admin] asks for one."""
+    if config.admin is None:
+        return None
+    admin = Admin(config.admin, server.not_ready, log)
+    server.metrics = admin.metrics
+    return admin
+
+
+def _state(server: Server, guard: Guard, log: Log) -> State:
+    """What a scrape reads: the server's services, the guard's figures, the log's drops."""
+    draining = server.drain_started is not None
+    drain_s = time.monotonic() - server.drain_started if server.drain_started is not None else 0.0
+    last = guard.last
+    return State(
+        services=server.service_states(),
+        accept_paused=server.memory_paused or draining,
+        accept_pauses=guard.pauses + int(draining),
+        accept_paused_seconds=guard.paused_seconds() + drain_s,
+        guard_rss=last.rss if last else None,
+        guard_available=last.available if last else None,
+        greenlets=server.greenlets(),
+        log_dropped=log.dropped,
+    )
 
 
 def _handle_signals(server: Server, guard: Guard, signals: Queue[int]) -> None:

@@ -20,7 +20,7 @@ from gsrv.units import Amount, describe, format_size, parse_amount, parse_durati
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
-TOP_TABLES = ("server", "guard", "services")
+TOP_TABLES = ("server", "guard", "admin", "services")
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,10 @@ class Config:
     server: ServerConfig
     services: tuple[ServiceConfig, ...]
     guard: GuardConfig = GuardConfig()
-    overrides: tuple[str, ...] = ()  # --set items, applied again on every reload
+    overrides: tuple[str, ...] = ()
+    admin: Address | None = (
+        None  # /metrics, /healthz, /readyz; None: no admin endpoint  # --set items, applied again on every reload
+    )
 
     def service(self, name: str) -> ServiceConfig | None:
         return next((s for s in self.services if s.name == name), None)
@@ -287,7 +290,9 @@ def parse(file: str, text: str, environ: dict[str, str] | None = None, overrides
     for table in data:
         if table not in TOP_TABLES:
             close = difflib.get_close_matches(table, TOP_TABLES, n=1)
-            hint = f"did you mean [{close[0]}]?" if close else "known tables: [server], [guard], [services.NAME]"
+            hint = (
+                f"did you mean [{close[0]}]?" if close else "known tables: [server], [guard], [admin], [services.NAME]"
+            )
             raise ConfigError(file, f"[{table}]", f"is not a known table ({hint})")
     raw_server = data.get("server", {})
     if not isinstance(raw_server, dict):
@@ -311,7 +316,25 @@ def parse(file: str, text: str, environ: dict[str, str] | None = None, overrides
             raise ConfigError(file, f"[services.{name}]", "name must use only letters, digits, - and _")
         services.append(_service(file, name, body, server_env))
     _check_addresses(file, services)
-    return Config(path=file, server=server, services=tuple(services), guard=guard, overrides=overrides)
+    admin = _admin(file, data.get("admin"))
+    return Config(path=file, server=server, services=tuple(services), guard=guard, overrides=overrides, admin=admin)
+
+
+def _admin(file: str, data: object) -> Address | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ConfigError(file, "[admin]", f"must be a table (got {describe(data)})")
+    t = _Table(file, "admin", data, ("listen",))
+    if "listen" not in data:
+        raise t.fail("listen", 'is required (for example listen = "127.0.0.1:9180")')
+    try:
+        address = parse_address(data["listen"])
+    except ValueError as e:
+        raise t.fail("listen", str(e)) from None
+    if address.kind != "tcp":
+        raise t.fail("listen", f'must be "host:port" (got {describe(data["listen"])})')
+    return address
 
 
 def load(path: str, overrides: tuple[str, ...] = ()) -> Config:

@@ -21,8 +21,9 @@ class BindError(GsrvError):
     """A service's address could not be bound or inherited."""
 
 
-def open_listener(name: str, address: Address, backlog: int, mode: int, environ: Mapping[str, str]) -> gsocket.socket:
-    """A listening, non-blocking gevent socket for the address; raises BindError naming both."""
+def open_listener(what: str, address: Address, backlog: int, mode: int, environ: Mapping[str, str]) -> gsocket.socket:
+    """A listening, non-blocking gevent socket for the address; raises BindError naming `what`
+    ("service echo") and the address."""
     try:
         if address.kind == "tcp":
             return _bind_tcp(address, backlog)
@@ -32,7 +33,7 @@ def open_listener(name: str, address: Address, backlog: int, mode: int, environ:
         return _inherit(fd)
     except (OSError, ValueError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise BindError(f"service {name}: cannot listen on {address}: {reason}") from None
+        raise BindError(f"{what}: cannot listen on {address}: {reason}") from None
 
 
 def _bind_tcp(address: Address, backlog: int) -> gsocket.socket:

@@ -35,12 +35,15 @@ class End(enum.Enum):
 class Meter:
     """What one direction has moved, when it last moved, and whether it holds a chunk now."""
 
-    __slots__ = ("total", "last", "holding")
+    __slots__ = ("total", "last", "holding", "blocked", "reported", "reported_blocked")
 
     def __init__(self) -> None:
         self.total = 0
         self.last = time.monotonic()
         self.holding = False
+        self.blocked = 0.0  # seconds spent waiting for the sink to take bytes
+        self.reported = 0  # what the metrics have been told of (see metrics.flush)
+        self.reported_blocked = 0.0
 
     def moved(self, n: int) -> None:
         self.total += n
@@ -63,14 +66,19 @@ class Fd:
     def close(self) -> None:
         self._watcher.close()
 
-    def write_all(self, data: memoryview | bytes) -> None:
-        """Write all of data, waiting cooperatively; raises OSError (EPIPE: the reader is gone)."""
+    def write_all(self, data: memoryview | bytes) -> float:
+        """Write all of data, waiting cooperatively; returns the seconds it waited.
+        Raises OSError (EPIPE: the reader is gone)."""
         view = memoryview(data)
+        waited = 0.0
         while view:
             try:
                 view = view[os.write(self.fd, view) :]
             except BlockingIOError:
+                started = time.monotonic()
                 self.wait()
+                waited += time.monotonic() - started
+        return waited
 
     def read(self, size: int) -> bytes:
         """Up to size bytes once readable; b"" at EOF. Takes no buffer while it waits."""
@@ -147,7 +155,9 @@ def _copy(source: Fd, sink: Fd, chunk: int, meter: Meter, pipe: _PipeRoom | None
         if pipe is not None:
             size = min(chunk, pipe.room())
             if size < PIPE_BUF:
+                started = time.monotonic()
                 sink.wait()
+                meter.blocked += time.monotonic() - started
                 size = min(chunk, max(PIPE_BUF, pipe.room()))
         buf = buffers.take()
         try:
@@ -163,7 +173,7 @@ def _copy(source: Fd, sink: Fd, chunk: int, meter: Meter, pipe: _PipeRoom | None
             return End.SOURCE_EOF
         meter.holding = True
         try:
-            sink.write_all(memoryview(buf)[:n])
+            meter.blocked += sink.write_all(memoryview(buf)[:n])
         except OSError:
             return End.SINK_CLOSED
         buffers.give(buf)

@@ -9,6 +9,7 @@ import enum
 import itertools
 import os
 import socket as stdsocket
+import struct
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from gsrv.errors import ConfigError
 from gsrv.gate import Gate, Listener
 from gsrv.listeners import BindError, close_listener, open_listener
 from gsrv.logs import Log
+from gsrv.metrics import Metrics, ServiceState
 from gsrv.session import Session
 from gsrv.watchdog import Watchdog
 
@@ -47,7 +49,7 @@ class Service:
             self.gate.pause("memory")
 
     def bind(self) -> None:
-        sock = open_listener(self.cfg.name, self.cfg.listen, self.cfg.backlog, self.cfg.mode, os.environ)
+        sock = open_listener(f"service {self.cfg.name}", self.cfg.listen, self.cfg.backlog, self.cfg.mode, os.environ)
         self.listener = Listener(sock, self.gate)
         self.gate.attach(self.listener)
 
@@ -84,6 +86,19 @@ class Service:
             session.run()
         finally:
             self.sessions.discard(session)
+            if self.server.metrics is not None:
+                self.server.metrics.ended(self.cfg.name, session)
+
+    def listen_queue(self) -> int | None:
+        """Connections waiting in the backlog (TCP_INFO's unacked on a listening socket)."""
+        listener = self.listener
+        if listener is None or listener.closed or listener.socket.family == stdsocket.AF_UNIX:
+            return None
+        try:
+            info = listener.socket.getsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_INFO, 32)
+        except OSError:
+            return None
+        return int(struct.unpack_from("I", info, 24)[0])
 
 
 class Server:
@@ -94,6 +109,8 @@ class Server:
         self.memory_paused = False
         self.services = [Service(self, cfg) for cfg in config.services]
         self.retired: set[Service] = set()  # removed by a reload, their sessions draining
+        self.metrics: Metrics | None = None  # set by the composer when an admin endpoint exists
+        self.drain_started: float | None = None
         self.watchdog = Watchdog()
         self.stopped = Event()
         self._ids = itertools.count(1)
@@ -115,9 +132,13 @@ class Server:
             for service in self.services:
                 service.bind()
         except BindError:
-            for service in self.services:
-                service.close("stopping")
+            self.stop_listening()
             raise
+
+    def stop_listening(self) -> None:
+        """Close every listener (a startup that failed after binding)."""
+        for service in self.services:
+            service.close("stopping")
 
     def start(self) -> None:
         self.watchdog.start()
@@ -155,6 +176,34 @@ class Server:
 
     def all_sessions(self) -> list[Session]:
         return [session for s in [*self.services, *self.retired] for session in s.sessions]
+
+    # -- what monitoring reads ------------------------------------------------------------
+
+    def not_ready(self) -> str | None:
+        """Why a load balancer should not send new clients here now; None when it may."""
+        if self.state in (State.DRAINING, State.STOPPED):
+            return "draining"
+        if self.memory_paused:
+            return "accept paused by the memory guard"
+        return None
+
+    def service_states(self) -> list[ServiceState]:
+        return [
+            ServiceState(s.cfg.name, len(s.sessions), s.gate.active >= s.gate.max_sessions, s.listen_queue())
+            for s in self.services
+        ]
+
+    def greenlets(self) -> int:
+        """The sessions' greenlets (each runs in one, plus its pumps) and gsrv's own few."""
+        return sum(1 + len(session.greenlets) for session in self.all_sessions()) + 6
+
+    def flush_metrics(self) -> None:
+        """Feed byte and backpressure counters from running sessions (about once a second)."""
+        if self.metrics is None:
+            return
+        for service in [*self.services, *self.retired]:
+            for session in service.sessions:
+                self.metrics.flush(service.cfg.name, session.meters())
 
     # -- reload --------------------------------------------------------------------------
 
@@ -223,6 +272,7 @@ class Server:
         if self.state not in (State.SERVING, State.PAUSED):
             return
         self._set_state(State.DRAINING)
+        self.drain_started = time.monotonic()
         for service in self.services:
             service.close("draining")
         self._drainer = gevent.spawn(self._drain)

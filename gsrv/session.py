@@ -98,10 +98,19 @@ class Session:
         self.stdout_eof = False
         self.abort_reason: str | None = None
         self.child: Child | None = None
+        self.spawn_seconds: float | None = None
+        self.greenlets: list[gevent.Greenlet] = []
         self.spawn_error: str | None = None
         self.stderr = StderrLines()
         self._wake = Event()
         self._started = time.monotonic()
+
+    @property
+    def duration(self) -> float:
+        return time.monotonic() - self._started
+
+    def meters(self) -> list[tuple[str, pump.Meter]]:
+        return [("in", self.inbound), ("out", self.outbound)]
 
     def abort(self, reason: str) -> None:
         """End the session abnormally (the client sees a reset); the first reason wins."""
@@ -129,7 +138,9 @@ class Session:
             if self.tcp:
                 self.sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
                 set_keepalive(self.sock, self.svc.keepalive)
+            started = time.perf_counter()
             self.child = Child.spawn(self.svc.command, self._env(), self.svc.cwd, self.svc.stderr)
+            self.spawn_seconds = time.perf_counter() - started
         except (SpawnError, OSError) as e:
             if e.errno in RESOURCE_ERRORS:
                 self.spawn_error = str(e)
@@ -159,7 +170,7 @@ class Session:
         assert self.child is not None
         child = self.child
         child.exited.rawlink(lambda _: self._wake.set())
-        greenlets = [gevent.spawn(self._guarded, self._up), gevent.spawn(self._guarded, self._down)]
+        greenlets = self.greenlets = [gevent.spawn(self._guarded, self._up), gevent.spawn(self._guarded, self._down)]
         if child.stderr >= 0:
             greenlets.append(gevent.spawn(self._guarded, self._err))
         self.watchdog.add(self)
@@ -347,7 +358,7 @@ class Session:
             bytes_in=self.inbound.total,
             bytes_out=self.outbound.total,
             discarded=self.discarded.total or None,
-            duration_ms=round((time.monotonic() - self._started) * 1000, 1),
+            duration_ms=round(self.duration * 1000, 1),
             exit=child.exit_code if child else None,
             signal=signame,
             stderr_dropped=self.stderr.dropped or None,

@@ -39,6 +39,7 @@ class Supervisor:
                 (tmp / f"multi-{n}.toml").write_text(body)
             text = text.replace("%(here)s/conf/gsrv-multi.toml", "%(here)s/multi-%(process_num)d.toml")
             text = text.replace("socket = tcp://127.0.0.1:7101", "socket = unix://%(here)s/.run/multi.sock")
+            text = text.replace("admin.listen=127.0.0.1:919%(process_num)d", "admin.listen=127.0.0.1:0")
         self.conf = tmp / "supervisord.conf"
         self.conf.write_text(text)
         self.proc = subprocess.Popen([str(BIN / "supervisord"), "-c", str(self.conf)], cwd=tmp,

@@ -1,0 +1,90 @@
+"""The admin endpoint on gevent.pywsgi: /metrics (Prometheus), /healthz, /readyz.
+
+/readyz is 503 with the reason while the memory guard or a drain holds accept, so a load
+balancer takes the node out of rotation; a service at max_sessions is not a reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import gevent
+from gevent.pywsgi import WSGIServer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gsrv.address import Address
+from gsrv.listeners import open_listener
+from gsrv.logs import Log
+from gsrv.metrics import Metrics, State
+
+FLUSH_S = 1.0
+_EMPTY = State([], False, 0, 0.0, None, None, 0, 0)
+
+Readiness = Callable[[], str | None]  # None: ready; else why not
+
+
+class _ErrorLog:
+    """pywsgi's error stream, into gsrv's log."""
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            self.log.error("admin_error", error=text.strip()[:2000])
+
+    def flush(self) -> None:
+        pass
+
+
+class Admin:
+    """Binds at once (a taken port is a startup error); serves from start() on, and feeds the
+    byte counters from running sessions every FLUSH_S."""
+
+    def __init__(self, address: Address, not_ready: Readiness, log: Log) -> None:
+        self.not_ready, self.log = not_ready, log
+        self.metrics_state: Callable[[], State] | None = None
+        self.metrics = Metrics(lambda: self.metrics_state() if self.metrics_state else _EMPTY)
+        sock = open_listener("admin endpoint", address, 128, 0o600, {})
+        self.server = WSGIServer(sock, self.app, log=None, error_log=_ErrorLog(log))
+        self._flusher: gevent.Greenlet | None = None
+
+    @property
+    def address(self) -> str:
+        host, port = self.server.socket.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def start(self, flush: Callable[[], None] | None = None) -> None:
+        self.server.start()
+        self.log.info("admin_listening", address=self.address)
+        if flush is not None:
+            self._flusher = gevent.spawn(self._flush_loop, flush)
+
+    def _flush_loop(self, flush: Callable[[], None]) -> None:
+        while True:
+            gevent.sleep(FLUSH_S)
+            flush()
+
+    def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.kill()
+        self.server.stop(timeout=1)
+
+    def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            body, status, kind = generate_latest(self.metrics.registry), "200 OK", CONTENT_TYPE_LATEST
+        elif path == "/healthz":
+            body, status, kind = b"ok\n", "200 OK", "text/plain"
+        elif path == "/readyz":
+            why = self.not_ready()
+            if why is None:
+                body, status = b"ready\n", "200 OK"
+            else:
+                body, status = f"not ready: {why}\n".encode(), "503 Service Unavailable"
+            kind = "text/plain"
+        else:
+            body, status, kind = b"not found: try /metrics, /healthz or /readyz\n", "404 Not Found", "text/plain"
+        start_response(status, [("Content-Type", kind), ("Content-Length", str(len(body)))])
+        return [body]

@@ -1,0 +1,153 @@
+"""The Prometheus registry and gsrv's metrics (prometheus_client does the exposition).
+
+Counters for events are bumped once per session; byte and backpressure counters are fed
+from the sessions' own meters about once a second (no metric call on the per-chunk path);
+state (active sessions, pauses, guard figures, listen queues) is read at scrape time.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+
+class Meter(Protocol):
+    total: int
+    blocked: float
+    reported: int
+    reported_blocked: float
+
+
+class Child(Protocol):
+    @property
+    def exit_code(self) -> int | None: ...
+    @property
+    def killed_by(self) -> int | None: ...
+
+
+class Ended(Protocol):
+    abort_reason: str | None
+    spawn_seconds: float | None
+
+    @property
+    def child(self) -> Child | None: ...
+    @property
+    def duration(self) -> float: ...
+    def meters(self) -> Sequence[tuple[str, Meter]]: ...
+
+
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
+SPAWN_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1)
+
+
+@dataclass
+class ServiceState:
+    """What the scrape reads of one service."""
+
+    name: str
+    active: int
+    full: bool
+    listen_queue: int | None
+
+
+@dataclass
+class State:
+    """What the scrape reads of the whole process (from the server, the guard and the log)."""
+
+    services: list[ServiceState]
+    accept_paused: bool
+    accept_pauses: int
+    accept_paused_seconds: float
+    guard_rss: int | None
+    guard_available: int | None
+    greenlets: int
+    log_dropped: int
+
+
+class Metrics:
+    def __init__(self, state: Callable[[], State]) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        r = self.registry
+        self.sessions = Counter("gsrv_sessions", "Sessions ended, by reason", ["service", "reason"], registry=r)
+        self.bytes = Counter("gsrv_bytes", "Bytes relayed (in: client to child)", ["service", "direction"], registry=r)
+        self.duration = Histogram("gsrv_session_duration_seconds", "Session duration", ["service"],
+                                  buckets=DURATION_BUCKETS, registry=r)  # fmt: skip
+        self.exits = Counter("gsrv_child_exits", "Children's exits by exit code", ["service", "code"], registry=r)
+        self.killed = Counter("gsrv_child_signals", "Children ended by a signal", ["service", "signal"], registry=r)
+        self.spawn = Histogram("gsrv_spawn_seconds", "Time to start a command", ["service"],
+                               buckets=SPAWN_BUCKETS, registry=r)  # fmt: skip
+        slow = "Time pumps waited for a slow side to take bytes (in: the child, out: the client)"
+        self.backpressure = Counter("gsrv_backpressure_seconds", slow, ["service", "direction"], registry=r)
+        self.rejected = Counter("gsrv_rejected", "Connections accepted then closed by a rule", ["service", "reason"],
+                                registry=r)  # fmt: skip
+        self.registry.register(_StateCollector(state))
+
+    def flush(self, service: str, meters: Sequence[tuple[str, Meter]]) -> None:
+        """Add what each meter moved (and waited) since the last flush."""
+        for direction, meter in meters:
+            moved, waited = meter.total - meter.reported, meter.blocked - meter.reported_blocked
+            if moved:
+                self.bytes.labels(service, direction).inc(moved)
+                meter.reported = meter.total
+            if waited:
+                self.backpressure.labels(service, direction).inc(waited)
+                meter.reported_blocked = meter.blocked
+
+    def ended(self, service: str, session: Ended) -> None:
+        """Once per session, after its log line."""
+        reason = session.abort_reason or "unknown"
+        if reason == "spawn_failed":
+            self.rejected.labels(service, reason).inc()
+        self.sessions.labels(service, reason).inc()
+        self.duration.labels(service).observe(session.duration)
+        if session.spawn_seconds is not None:
+            self.spawn.labels(service).observe(session.spawn_seconds)
+        child = session.child
+        if child is not None and child.exit_code is not None:
+            self.exits.labels(service, str(child.exit_code)).inc()
+        elif child is not None and child.killed_by is not None:
+            self.killed.labels(service, signal.Signals(child.killed_by).name.removeprefix("SIG")).inc()
+        self.flush(service, session.meters())
+
+
+class _StateCollector(Collector):
+    def __init__(self, state: Callable[[], State]) -> None:
+        self.state = state
+
+    def collect(self) -> Iterable[Metric]:
+        s = self.state()
+        yield _gauge("gsrv_sessions_active", "Sessions running now", [(x.name, x.active) for x in s.services])
+        yield _gauge(
+            "gsrv_service_full", "1 while a service is at max_sessions", [(x.name, int(x.full)) for x in s.services]
+        )
+        queue = [(x.name, x.listen_queue) for x in s.services if x.listen_queue is not None]
+        yield _gauge("gsrv_listen_queue", "Connections waiting in a listener's backlog", queue)
+        yield GaugeMetricFamily("gsrv_accept_paused", "1 while the memory guard or a drain holds accept",
+                                value=int(s.accept_paused))  # fmt: skip
+        yield CounterMetricFamily(
+            "gsrv_accept_pauses", "Pauses of accept by the guard or a drain", value=s.accept_pauses
+        )
+        yield CounterMetricFamily("gsrv_accept_paused_seconds", "Time accept was paused by the guard or a drain",
+                                  value=s.accept_paused_seconds)  # fmt: skip
+        if s.guard_rss is not None and s.guard_available is not None:
+            yield GaugeMetricFamily("gsrv_guard_rss_bytes", "gsrv's RSS at the guard's last sample", value=s.guard_rss)
+            yield GaugeMetricFamily("gsrv_guard_available_bytes", "Memory available at the guard's last sample",
+                                    value=s.guard_available)  # fmt: skip
+        yield GaugeMetricFamily("gsrv_greenlets", "Greenlets of sessions and of gsrv itself", value=s.greenlets)
+        yield CounterMetricFamily("gsrv_log_dropped", "Log lines dropped because nobody read the log",
+                                  value=s.log_dropped)  # fmt: skip
+
+
+def _gauge(name: str, text: str, samples: Sequence[tuple[str, int | None]]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, text, labels=["service"])
+    for service, value in samples:
+        family.add_metric([service], value or 0)
+    return family

@@ -1,0 +1,150 @@
+"""The admin endpoint of a real gsrv: /metrics parsed with prometheus_client, /readyz."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import exchange, service_toml, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+ADMIN = '[admin]\nlisten = "127.0.0.1:0"\n'
+
+
+def _admin(server) -> str:  # type: ignore[no-untyped-def]
+    line = server.wait_log(r"event=admin_listening address=\S+")
+    return "http://" + line.split("address=")[1].split()[0]
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _samples(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, text = _get(base + "/metrics")
+    assert status == 200
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            found[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return found
+
+
+def _value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.mark.timeout(60)
+def test_metrics_count_exact_bytes_sessions_and_exits(gsrv) -> None:
+    text = ADMIN + service_toml("wc", ["wc", "-c"]) + service_toml("three", ["sh", "-c", "cat >/dev/null; exit 3"])
+    text += service_toml("killed", ["sh", "-c", "kill -KILL $$"])
+    server = gsrv(text)
+    base = _admin(server)
+    replies = b""
+    for size in (1000, 2000, 3000):
+        with server.connect("wc") as sock:
+            replies += exchange(sock, b"x" * size)
+    assert replies.split() == [b"1000", b"2000", b"3000"]
+    with server.connect("three") as sock:
+        exchange(sock, b"y" * 500)
+    with server.connect("killed") as sock, contextlib.suppress(ConnectionResetError):
+        exchange(sock, b"")
+    wait_until(lambda: server.count_log("event=session_end") == 5, 10, "5 session_end lines")
+    m = _samples(base)
+    assert _value(m, "gsrv_bytes_total", service="wc", direction="in") == 6000
+    assert _value(m, "gsrv_bytes_total", service="wc", direction="out") == len(replies)
+    assert _value(m, "gsrv_bytes_total", service="three", direction="in") == 500
+    assert _value(m, "gsrv_sessions_total", service="wc", reason="eof") == 3
+    assert _value(m, "gsrv_sessions_total", service="three", reason="eof") == 1
+    assert _value(m, "gsrv_child_exits_total", service="wc", code="0") == 3
+    assert _value(m, "gsrv_child_exits_total", service="three", code="3") == 1
+    assert _value(m, "gsrv_child_signals_total", service="killed", signal="KILL") == 1
+    assert _value(m, "gsrv_session_duration_seconds_count", service="wc") == 3
+    assert _value(m, "gsrv_spawn_seconds_count", service="wc") == 3
+    assert _value(m, "gsrv_sessions_active", service="wc") == 0
+    assert _value(m, "gsrv_accept_paused") == 0
+    assert _value(m, "process_resident_memory_bytes") > 0
+    assert _get(base + "/healthz") == (200, "ok\n")
+    assert _get(base + "/readyz") == (200, "ready\n")
+
+
+@pytest.mark.timeout(60)
+def test_byte_counter_moves_during_a_long_upload(gsrv) -> None:
+    server = gsrv(ADMIN + service_toml("sink", ["sh", "-c", "cat >/dev/null"]))
+    base = _admin(server)
+    stop = threading.Event()
+
+    def upload(sock: socket.socket) -> None:
+        while not stop.is_set():
+            sock.sendall(b"z" * 65536)
+            time.sleep(0.01)
+        sock.shutdown(socket.SHUT_WR)
+
+    with server.connect("sink") as sock:
+        uploader = threading.Thread(target=upload, args=(sock,))
+        uploader.start()
+        time.sleep(1.5)
+        first = _value(_samples(base), "gsrv_bytes_total", service="sink", direction="in")
+        time.sleep(2.5)
+        second = _value(_samples(base), "gsrv_bytes_total", service="sink", direction="in")
+        assert server.count_log("event=session_end") == 0  # still running
+        stop.set()
+        uploader.join(timeout=10)
+        sock.recv(10)
+    assert 0 < first < second
+
+
+@pytest.mark.timeout(60)
+def test_readyz_follows_the_guard_and_the_drain(gsrv) -> None:
+    fast = '[guard]\ninterval = "100ms"\nresume_samples = 2\n'
+    text = fast + ADMIN + service_toml("echo", ["cat"])
+    server = gsrv(text)
+    base = _admin(server)
+    assert _get(base + "/readyz") == (200, "ready\n")
+    server.config.write_text(text.replace("resume_samples = 2\n", 'resume_samples = 2\nmax_rss = "1MiB"\n'))
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: _get(base + "/readyz")[0] == 503, 10, "/readyz to say 503")
+    assert _get(base + "/readyz") == (503, "not ready: accept paused by the memory guard\n")
+    assert _value(_samples(base), "gsrv_accept_paused") == 1
+    server.config.write_text(text)
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: _get(base + "/readyz")[0] == 200, 10, "/readyz to say 200 again")
+    m = _samples(base)
+    assert _value(m, "gsrv_accept_paused") == 0 and _value(m, "gsrv_accept_pauses_total") == 1
+    with server.connect("echo") as sock:  # a session keeps the drain going
+        sock.sendall(b"hold")
+        assert sock.recv(10) == b"hold"
+        server.signal(signal.SIGTERM)
+        wait_until(lambda: _get(base + "/readyz") == (503, "not ready: draining\n"), 10, "503 while draining")
+        assert exchange(sock, b"") == b""
+
+
+@pytest.mark.timeout(60)
+def test_listen_queue_shows_clients_waiting_behind_a_full_service(gsrv) -> None:
+    server = gsrv(ADMIN + service_toml("one", ["cat"], max_sessions=1))
+    base = _admin(server)
+    holder = server.connect("one")
+    holder.sendall(b"x")
+    assert holder.recv(10) == b"x"
+    waiting = [server.connect("one") for _ in range(50)]
+
+    def queued() -> bool:
+        m = _samples(base)
+        return (
+            _value(m, "gsrv_listen_queue", service="one") == 50 and _value(m, "gsrv_service_full", service="one") == 1
+        )
+
+    wait_until(queued, 10, "gsrv_listen_queue == 50 and gsrv_service_full == 1")
+    assert _get(base + "/readyz")[0] == 200  # a full service is not a reason to leave rotation
+    for sock in [holder, *waiting]:
+        sock.close()
