@@ -31,11 +31,11 @@ MiB = 1024 * 1024
 BLOCK = bytes(range(256)) * 4096  # 1 MiB
 
 
-def wait_listening(pid: int, timeout: float = 10.0) -> tuple[str, int]:
+def wait_listening(pid: int, timeout: float = 10.0, ignore: int | None = None) -> tuple[str, int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for conn in psutil.Process(pid).net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN:
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port != ignore:
                 return conn.laddr.ip, conn.laddr.port
         time.sleep(0.02)
     raise RuntimeError(f"pid {pid} did not listen within {timeout}s")
@@ -50,16 +50,34 @@ class Peer:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
-def start_gsrv(command: list[str], tmp: str) -> tuple[subprocess.Popen[bytes], tuple[str, int]]:
+def start_gsrv(command: list[str], tmp: str, extra: str = "") -> tuple[subprocess.Popen[bytes], tuple[str, int]]:
+    """gsrv serving command on 127.0.0.1:0; `extra` is more TOML (an [admin] table, say)."""
     config = os.path.join(tmp, "bench.toml")
     with open(config, "w") as f:
-        f.write('[server]\nkill_grace = "1s"\ndrain_timeout = "1s"\n')
+        f.write('[server]\nkill_grace = "1s"\ndrain_timeout = "1s"\n' + extra)
         f.write(f'[services.bench]\nlisten = "127.0.0.1:0"\ncommand = {command!r}\n'.replace("'", '"'))
-        f.write("max_sessions = 1100\nbacklog = 2048\n" + os.environ.get("EXTRA", ""))
-    with open(os.path.join(tmp, "gsrv.log"), "ab") as log:
+        f.write("max_sessions = 1100\nbacklog = 2048\n")
+    with open(os.path.join(tmp, "gsrv.log"), "w") as log:
         argv = [sys.executable, "-m", "gsrv", "serve", "-c", config]
         proc = subprocess.Popen(argv, stderr=log, stdin=subprocess.DEVNULL)
-    return proc, wait_listening(proc.pid)
+    address = wait_listening(proc.pid, ignore=admin_port(tmp) if extra else None)
+    return proc, address
+
+
+def admin_port(tmp: str, timeout: float = 10.0) -> int:
+    return int(admin_url(tmp, timeout).rsplit(":", 1)[1])
+
+
+def admin_url(tmp: str, timeout: float = 10.0) -> str:
+    """The admin endpoint of the gsrv whose log is in tmp (it logs the address it bound)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(os.path.join(tmp, "gsrv.log")) as f:
+            found = re.search(r"event=admin_listening address=(\S+)", f.read())
+        if found:
+            return "http://" + found.group(1)
+        time.sleep(0.02)
+    raise RuntimeError("gsrv did not report its admin address")
 
 
 def free_port() -> int:
