@@ -11,7 +11,7 @@ import time
 import gevent
 from gevent.queue import Queue
 
-from gsrv import __version__
+from gsrv import __version__, loadgen
 from gsrv.admin import Admin
 from gsrv.child import track_groups
 from gsrv.config import Config, ServiceConfig, load
@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         )
     send = sub.add_parser("send", help="stream stdin to a service and its reply to stdout")
     send.add_argument("target", metavar="HOST:PORT")
+    load = sub.add_parser("load", help="put load on a service and report throughput, latency, errors")
+    loadgen.add_arguments(load)
     return parser
 
 
@@ -178,4 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         return check(args.config, args.overrides)
     if args.cmd == "serve":
         return serve(args.config, args.overrides)
+    if args.cmd == "load":
+        return loadgen.main(args)
     return send(args.target)

@@ -1,0 +1,65 @@
+"""`gsrv load` against a real gsrv: verified uploads and echoes, and a corrupting service."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from conftest import PY, ROOT, py_child, service_toml
+
+FLIP = """
+    import sys
+    data = sys.stdin.buffer.read()
+    sys.stdout.buffer.write(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+"""
+
+
+def _load(server, name: str, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    host, port = server.address(name)
+    argv = [PY, "-m", "gsrv", "load", f"{host}:{port}", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=ROOT)
+
+
+@pytest.mark.timeout(300)
+def test_load_verify_uploads_and_echoes(gsrv) -> None:
+    server = gsrv(service_toml("sha", ["sha256sum"]) + service_toml("echo", ["cat"]))
+    up = _load(server, "sha", "--sessions", "500", "--concurrency", "20", "--bytes", "1MiB", "--verify", "--json",
+               "--server-pid", str(server.proc.pid))  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    report = json.loads(up.stdout)
+    assert (report["sessions"], report["failed"], report["bytes_sent"]) == (500, 0, 500 * 2**20)
+    assert report["server_peak_rss"] > 0 and report["latency_ms"]["p99"] is not None
+    echo = _load(server, "echo", "--mode", "echo", "--sessions", "200", "--concurrency", "20", "--bytes", "1MiB",
+                 "--verify", "--json")  # fmt: skip
+    assert echo.returncode == 0, echo.stderr
+    report = json.loads(echo.stdout)
+    assert (report["sessions"], report["failed"], report["bytes_received"]) == (200, 0, 200 * 2**20)
+
+
+@pytest.mark.timeout(120)
+def test_load_verify_catches_a_corrupting_service(gsrv) -> None:
+    server = gsrv(service_toml("flip", py_child(FLIP)))
+    result = _load(server, "flip", "--mode", "echo", "--sessions", "5", "--bytes", "64KiB", "--verify")
+    assert result.returncode == 1
+    assert "FAILED: 5 sessions" in result.stderr
+    assert "verify: 5 (for example session " in result.stderr
+    assert "the echo (65536 bytes) differs from what was sent (65536 bytes)" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_load_reports_refused_connections_and_bad_arguments() -> None:
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    port = holder.getsockname()[1]
+    try:
+        result = subprocess.run([PY, "-m", "gsrv", "load", f"127.0.0.1:{port}", "--sessions", "3"],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    finally:
+        holder.close()
+    assert result.returncode == 1 and "refused: 3" in result.stderr
+    bad = subprocess.run([PY, "-m", "gsrv", "load", "127.0.0.1:1", "--bytes", "lots"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert bad.returncode == 2 and 'expected a size like 1MiB or 4096 (got "lots")' in bad.stderr
