@@ -15,18 +15,21 @@ import urllib.request
 import psutil
 
 sys.path.insert(0, os.path.dirname(__file__))
-import bench  # noqa: E402  (the sibling script: its servers and clients)
+import measures  # noqa: E402  (the sibling modules: clients and servers)
+import servers  # noqa: E402
 
 GiB = 1024**3
 
 
 def one_run(admin: bool, tmp: str, size: int) -> float:
     extra = '[admin]\nlisten = "127.0.0.1:0"\n' if admin else ""
-    proc, addr = bench.start_gsrv(["wc", "-c"], tmp, extra)
+    proc = servers.gsrv(extra)(["wc", "-c"], tmp)
+    admin_port = int(servers.admin_url(tmp).rsplit(":", 1)[1]) if admin else None
+    addr = servers.wait_listening(proc.pid, ignore=admin_port)
     stop = threading.Event()
     scraper = None
     if admin:
-        url = bench.admin_url(tmp)
+        url = servers.admin_url(tmp)
 
         def scrape() -> None:
             while not stop.wait(1.0):
@@ -38,13 +41,13 @@ def one_run(admin: bool, tmp: str, size: int) -> float:
     try:
         me = psutil.Process(proc.pid)
         before = me.cpu_times()
-        bench.into_wc(addr, size)
+        measures.into_wc(addr, proc.pid, size)
         after = me.cpu_times()
     finally:
         stop.set()
         if scraper is not None:
             scraper.join(timeout=10)
-        bench.stop(proc)
+        servers.stop(proc)
     cpu = (after.user - before.user) + (after.system - before.system)
     return cpu / (size / GiB)
 

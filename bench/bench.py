@@ -1,283 +1,241 @@
-"""gsrv against socat, side by side in one run, interleaved; prints a Markdown table of medians.
+"""gsrv beside its peers in ONE interleaved run: socat (-b 8192 and -b 65536), tcpserver,
+a naive and a producer/consumer Twisted relay. Writes bench/results/latest.md and two plots.
 
-Every server listens on 127.0.0.1 only; every loop is bounded; only processes this script
-started are ended, by their PID. Usage: python bench/bench.py [--runs 3] [--size-mib 1024]
+Usage: python bench/bench.py [--runs 3] [--smoke] ; `make bench` runs it. Every server
+listens on 127.0.0.1 on a port it picks; every loop is bounded; only processes this
+script started are ended, by PID.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import resource
 import shutil
-import socket as stdsocket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
 
-import gevent
-import psutil
-from gevent import socket
-from gevent.pool import Pool
+import measures
+import servers
 
-MiB = 1024 * 1024
-BLOCK = bytes(range(256)) * 4096  # 1 MiB
-
-
-def wait_listening(pid: int, timeout: float = 10.0, ignore: int | None = None) -> tuple[str, int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for conn in psutil.Process(pid).net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr.port != ignore:
-                return conn.laddr.ip, conn.laddr.port
-        time.sleep(0.02)
-    raise RuntimeError(f"pid {pid} did not listen within {timeout}s")
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Script files, not "sh -c" strings: socat's EXEC splits its command at spaces.
+SLOW_READER = ["python3", os.path.join(HERE, "peers", "slow_reader.py")]
+HALF_CLOSE = [os.path.join(HERE, "peers", "late_answer.sh")]
+RSS_CAP = 2 * 1024**3  # the slow-child run stops a server that passes this (unbounded)
 
 
-@dataclass
-class Peer:
-    """One server under test serving one command."""
-
-    name: str
-    start: Callable[[list[str]], tuple[subprocess.Popen[bytes], tuple[str, int]]]
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-
-def start_gsrv(command: list[str], tmp: str, extra: str = "") -> tuple[subprocess.Popen[bytes], tuple[str, int]]:
-    """gsrv serving command on 127.0.0.1:0; `extra` is more TOML (an [admin] table, say)."""
-    config = os.path.join(tmp, "bench.toml")
-    with open(config, "w") as f:
-        f.write('[server]\nkill_grace = "1s"\ndrain_timeout = "1s"\n' + extra)
-        f.write(f'[services.bench]\nlisten = "127.0.0.1:0"\ncommand = {command!r}\n'.replace("'", '"'))
-        f.write("max_sessions = 1100\nbacklog = 2048\n")
-    with open(os.path.join(tmp, "gsrv.log"), "w") as log:
-        argv = [sys.executable, "-m", "gsrv", "serve", "-c", config]
-        proc = subprocess.Popen(argv, stderr=log, stdin=subprocess.DEVNULL)
-    address = wait_listening(proc.pid, ignore=admin_port(tmp) if extra else None)
-    return proc, address
+def install_peers() -> None:
+    """socat and tcpserver from Debian when missing and we may (root); else they are skipped."""
+    missing = [pkg for tool, pkg in (("socat", "socat"), ("tcpserver", "ucspi-tcp")) if not shutil.which(tool)]
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"installing {' '.join(missing)} with apt-get", file=sys.stderr)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], env=env, capture_output=True, timeout=600)
 
 
-def admin_port(tmp: str, timeout: float = 10.0) -> int:
-    return int(admin_url(tmp, timeout).rsplit(":", 1)[1])
+def plan(args: argparse.Namespace) -> list[tuple[str, list[str], Callable[..., dict[str, Any]], set[str]]]:
+    size = args.size_mib * 1024 * 1024
+    return [
+        (f"client→child, {args.size_mib} MiB into wc -c", ["wc", "-c"],
+         lambda a, p: measures.into_wc(a, p, size), set()),
+        (f"echo through cat, {args.size_mib} MiB", ["cat"], lambda a, p: measures.echo(a, p, size), set()),
+        (f"slow child (~6 MB/s), client pushing {args.slow_seconds:g} s: server RSS growth", SLOW_READER,
+         lambda a, p: measures.slow_child(a, p, args.slow_seconds, RSS_CAP), set()),
+        (f"{args.stalled} stalled sessions (sleep): memory per session", ["sleep", "120"],
+         lambda a, p: measures.stalled(a, p, args.stalled, 8 * 1024 * 1024), {"Twisted naive"}),
+        (f"sessions/s, {args.sessions} × 10 B into wc -c, 20 at a time", ["wc", "-c"],
+         lambda a, p: measures.sessions_per_s(a, p, args.sessions), set()),
+        ("half-close: answer 1 s after EOF", HALF_CLOSE, lambda a, p: measures.half_close(a, p), set()),
+    ]  # fmt: skip
 
 
-def admin_url(tmp: str, timeout: float = 10.0) -> str:
-    """The admin endpoint of the gsrv whose log is in tmp (it logs the address it bound)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(os.path.join(tmp, "gsrv.log")) as f:
-            found = re.search(r"event=admin_listening address=(\S+)", f.read())
-        if found:
-            return "http://" + found.group(1)
-        time.sleep(0.02)
-    raise RuntimeError("gsrv did not report its admin address")
+def run(args: argparse.Namespace) -> tuple[dict[tuple[str, str], list[dict[str, Any]]], list[servers.Peer]]:
+    peers = [p for p in servers.PEERS if not args.peers or p.name in args.peers]
+    usable = []
+    for peer in peers:
+        if peer.available():
+            usable.append(peer)
+        else:
+            print(f"skipping {peer.name}: {peer.needs} is not installed", file=sys.stderr)
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="gsrv-bench-") as tmp:
+        for title, command, measure, skip in plan(args):
+            for n in range(args.runs):
+                for peer in usable:  # interleaved: each peer once per round
+                    if peer.name in skip:
+                        continue
+                    proc = peer.start(command, tmp)
+                    try:
+                        address = servers.wait_listening(proc.pid)
+                        servers.COMMAND[:] = command
+                        value = measure(address, proc.pid)
+                    except Exception as e:  # a peer that fails a measure is reported, not fatal
+                        value = {"error": f"{type(e).__name__}: {e}"}
+                    finally:
+                        servers.stop(proc)
+                    results.setdefault((title, peer.name), []).append(value)
+                    shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in value.items() if k != "series"}
+                    print(f"  {title} | {peer.name} run {n + 1}: {shown}", file=sys.stderr, flush=True)
+    return results, usable
 
 
-def free_port() -> int:
-    with stdsocket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _figures(runs: list[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] for r in runs if key in r and isinstance(r[key], (int, float))]
 
 
-def start_socat(command: list[str]) -> tuple[subprocess.Popen[bytes], tuple[str, int]]:
-    port = free_port()
-    listen = f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024"
-    proc = subprocess.Popen(["socat", "-b", "65536", listen, "EXEC:" + " ".join(command)], stdin=subprocess.DEVNULL)
-    return proc, wait_listening(proc.pid)
+def _cell(values: list[float], key: str) -> str:
+    if not values:
+        return "—"
+    if key == "delivered":
+        return "delivered" if min(values) == 1 else ("lost" if max(values) == 0 else "sometimes lost")
+    med = statistics.median(values)
+    return f"{med:,.1f}" if len(values) == 1 else f"{med:,.1f} ({min(values):,.0f}–{max(values):,.0f})"
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """End a server we started and every process below it (by PID, collected first)."""
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-    for p in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(family, timeout=5)
+BETTER_LOW = {"CPU s/GiB", "peak MiB", "server KB", "machine KB"}
 
 
-# -- the measures; each returns one number -----------------------------------------------
+def report(
+    args: argparse.Namespace, results: dict[tuple[str, str], list[dict[str, Any]]], peers: list[servers.Peer]
+) -> str:
+    names = [p.name for p in peers]
+    lines = [
+        "# gsrv beside its peers",
+        "",
+        f"{os.cpu_count()} CPUs ({_cpu()}), Linux {os.uname().release}, Python {sys.version.split()[0]}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Client, servers and children share the cores. "
+        f"Medians of {args.runs} interleaved runs (min–max); ratios are gsrv / peer "
+        "(above 1 is better for gsrv on rates, below 1 on costs).",
+        "",
+        "| measure | figure | " + " | ".join(names) + " |",
+        "|---|---|" + "---:|" * len(names),
+    ]
+    ratio_rows = []
+    for title, _command, _measure, _skip in plan(args):
+        keys = sorted(
+            {k for n in names for r in results.get((title, n), []) for k in r if k not in ("series", "capped", "error")}
+        )
+        for key in keys:
+            cells = [_cell(_figures(results.get((title, n), []), key), key) for n in names]
+            lines.append(f"| {title} | {key} | " + " | ".join(cells) + " |")
+            ours = _figures(results.get((title, "gsrv"), []), key)
+            if ours and key != "delivered":
+                ratios = []
+                for n in names[1:]:
+                    theirs = _figures(results.get((title, n), []), key)
+                    ratios.append(
+                        f"{statistics.median(ours) / statistics.median(theirs):.2f}"
+                        if theirs and statistics.median(theirs)
+                        else "—"
+                    )
+                ratio_rows.append(f"| {title} | {key} | " + " | ".join(ratios) + " |")
+        for n in names:
+            errors = [r["error"] for r in results.get((title, n), []) if "error" in r]
+            capped = [r for r in results.get((title, n), []) if r.get("capped")]
+            if errors:
+                lines.append(f"| {title} | failed | {n}: {errors[0]} |" + " |" * (len(names) - 1))
+            if capped:
+                lines.append(
+                    f"| {title} | stopped | {n} passed {RSS_CAP // 2**30} GiB of RSS: unbounded |"
+                    + " |" * (len(names) - 1)
+                )
+    if len(names) > 1:
+        lines += ["", "gsrv / peer:", "", "| measure | figure | " + " | ".join(names[1:]) + " |",
+                  "|---|---|" + "---:|" * (len(names) - 1), *ratio_rows]  # fmt: skip
+    lines += ["", "Commands:", ""] + [f"- {p.name}: `{p.how}`" for p in peers]
+    lines += ["", "![server RSS while a client pushes at a slow child](rss_slow_child.png)",
+              "", "![gsrv / peer](ratios.png)", ""]  # fmt: skip
+    return "\n".join(lines)
 
 
-def into_wc(addr: tuple[str, int], size: int) -> float:
-    """MB/s of `size` bytes client -> child (`wc -c`), count checked."""
-    sock = socket.create_connection(addr)
-    view = memoryview(BLOCK)
-    t0 = time.perf_counter()
-    left = size
-    while left:
-        n = min(left, len(view))
-        sock.sendall(view[:n])
-        left -= n
-    sock.shutdown(stdsocket.SHUT_WR)
-    reply = b""
-    while chunk := sock.recv(100):
-        reply += chunk
-    elapsed = time.perf_counter() - t0
-    sock.close()
-    if int(reply.split()[0]) != size:
-        raise RuntimeError(f"wc -c counted {reply!r}, sent {size}")
-    return size / elapsed / 1e6
+def plots(
+    args: argparse.Namespace, results: dict[tuple[str, str], list[dict[str, Any]]], peers: list[servers.Peer], out: str
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = [t for t, *_ in plan(args)]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for p in peers:
+        runs = [r for r in results.get((titles[2], p.name), []) if "series" in r]
+        if runs:
+            xs, ys = zip(*runs[0]["series"], strict=True)
+            ax.plot(xs, ys, label=p.name)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("server RSS growth, MiB")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_title("A client pushes as fast as it can at a child reading ~6 MB/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "rss_slow_child.png"), dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    others = [p.name for p in peers if p.name != "gsrv"]
+    bars = [(titles[0], "MB/s", "client→child"), (titles[1], "MB/s", "echo"), (titles[4], "sessions/s", "sessions/s")]
+    width = 0.8 / max(1, len(bars))
+    for i, (title, key, label) in enumerate(bars):
+        ours = _figures(results.get((title, "gsrv"), []), key)
+        values = []
+        for n in others:
+            theirs = _figures(results.get((title, n), []), key)
+            values.append(statistics.median(ours) / statistics.median(theirs) if ours and theirs else 0)
+        ax.bar([x + i * width for x in range(len(others))], values, width, label=label)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks([x + width for x in range(len(others))], others)
+    ax.set_ylabel("gsrv / peer (above 1: gsrv ahead)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "ratios.png"), dpi=100)
+    plt.close(fig)
 
 
-def echo(addr: tuple[str, int], size: int) -> float:
-    """MB/s of `size` bytes through `cat` and back, CRC checked."""
-    sock = socket.create_connection(addr)
-    sums = {"sent": 0, "got": 0}
-
-    def push() -> None:
-        left = size
-        while left:
-            n = min(left, len(BLOCK))
-            sums["sent"] = zlib.crc32(BLOCK[:n], sums["sent"])
-            sock.sendall(BLOCK[:n])
-            left -= n
-        sock.shutdown(stdsocket.SHUT_WR)
-
-    t0 = time.perf_counter()
-    sender = gevent.spawn(push)
-    got = 0
-    while chunk := sock.recv(256 * 1024):
-        sums["got"] = zlib.crc32(chunk, sums["got"])
-        got += len(chunk)
-    sender.get()
-    elapsed = time.perf_counter() - t0
-    sock.close()
-    if got != size or sums["got"] != sums["sent"]:
-        raise RuntimeError(f"echo returned {got} bytes, crc {sums['got']:x} vs {sums['sent']:x}")
-    return size / elapsed / 1e6
-
-
-def sessions_per_s(addr: tuple[str, int], count: int = 2000, concurrency: int = 20) -> float:
-    """Sessions/s of 10 bytes into `wc -c`, `concurrency` at a time, every reply checked."""
-
-    def one(_: int) -> None:
-        sock = socket.create_connection(addr)
-        sock.sendall(b"0123456789")
-        sock.shutdown(stdsocket.SHUT_WR)
-        reply = b""
-        while chunk := sock.recv(100):
-            reply += chunk
-        sock.close()
-        if reply.split()[0] != b"10":
-            raise RuntimeError(f"wc -c answered {reply!r}")
-
-    pool = Pool(concurrency)
-    t0 = time.perf_counter()
-    for _ in pool.imap_unordered(one, range(count)):
-        pass
-    return count / (time.perf_counter() - t0)
-
-
-def server_memory(pid: int) -> int:
-    """PSS of the server's own processes (not the commands they run), in bytes."""
-    root = psutil.Process(pid)
-    total = 0
-    for p in [root] + root.children(recursive=True):
-        try:
-            if p.name() in ("sleep", "wc", "cat"):
-                continue
-            total += p.memory_full_info().pss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def stalled(addr: tuple[str, int], pid: int, count: int = 1000) -> float:
-    """KB of server memory per stalled session: child `sleep 60`, clients pushing until blocked."""
-    before = server_memory(pid)
-    socks = []
-    try:
-        for _ in range(count):
-            socks.append(socket.create_connection(addr))
-        for s in socks:
-            s.setblocking(False)
-        deadline = time.monotonic() + 120
-        pushing = list(socks)
-        while pushing and time.monotonic() < deadline:  # push until every connection is blocked
-            still = []
-            for s in pushing:
-                try:
-                    for _ in range(64):
-                        s.send(BLOCK[:65536])
-                    still.append(s)
-                except BlockingIOError:
-                    pass
-            pushing = still
-            gevent.sleep(0.05)
-        gevent.sleep(2)  # let the server settle: every session read what it will
-        after = server_memory(pid)
-    finally:
-        for s in socks:
-            s.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-            s.close()
-    return (after - before) / count / 1000
-
-
-def cpu_model() -> str:
+def _cpu() -> str:
     with open("/proc/cpuinfo") as f:
         names = [line.split(":", 1)[1] for line in f if line.startswith("model name")]
-    return re.sub(r"\s+", " ", names[0]) if names else "?"
+    return re.sub(r"\s+", " ", names[0]).strip() if names else "?"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--size-mib", type=int, default=1024, help="bytes per throughput run (MiB)")
+    parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--stalled", type=int, default=1000)
+    parser.add_argument("--sessions", type=int, default=2000)
+    parser.add_argument("--slow-seconds", type=float, default=10)
+    parser.add_argument("--peers", nargs="*", help="only these (names as in the table)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, one run, gsrv only (CI: keeps it from rotting)"
+    )
     args = parser.parse_args()
-    if not shutil.which("socat"):
-        print("Error: socat is not installed (apt-get install socat)", file=sys.stderr)
-        return 2
+    if args.smoke:
+        args.runs, args.size_mib, args.stalled, args.sessions, args.slow_seconds = 1, 8, 20, 40, 1.5
+        args.peers = args.peers or ["gsrv"]
+    else:
+        install_peers()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 16384), hard))
-    size = args.size_mib * MiB
-    tmp = tempfile.mkdtemp(prefix="gsrv-bench-")
-    peers = {"gsrv": lambda cmd: start_gsrv(cmd, tmp), "socat": start_socat}
-    measures: list[tuple[str, str, list[str], Callable[[tuple[str, int], int], float]]] = [
-        (f"client→child, {args.size_mib} MiB into wc -c", "MB/s", ["wc", "-c"], lambda a, p: into_wc(a, size)),
-        (f"echo through cat, {args.size_mib} MiB", "MB/s", ["cat"], lambda a, p: echo(a, size)),
-        ("sessions/s, 2,000 × 10 B into wc -c, 20 at a time", "1/s", ["wc", "-c"], lambda a, p: sessions_per_s(a)),
-        (f"server memory per stalled session ({args.stalled}, sleep 60)", "KB", ["sleep", "60"],
-         lambda a, p: stalled(a, p, args.stalled)),
-    ]  # fmt: skip
-    results: dict[tuple[str, str], list[float]] = {}
-    for title, _unit, command, measure in measures:
-        for run in range(args.runs):
-            for name, start in peers.items():  # interleaved: gsrv, socat, gsrv, socat, ...
-                proc, addr = start(command)
-                try:
-                    value = measure(addr, proc.pid)
-                finally:
-                    stop(proc)
-                results.setdefault((title, name), []).append(value)
-                print(f"  {title} | {name} run {run + 1}: {value:,.1f}", file=sys.stderr, flush=True)
-    cpu = cpu_model()
-    print(f"\n{os.cpu_count()} CPUs ({cpu.strip()}), Linux {os.uname().release}, Python {sys.version.split()[0]}, "
-          f"{time.strftime('%Y-%m-%d')}; medians of {args.runs}\n")  # fmt: skip
-    print("| measure | unit | gsrv | socat -b 65536 | gsrv / socat |")
-    print("|---|---|---:|---:|---:|")
-    for title, unit, _command, _measure in measures:
-        ours = statistics.median(results[(title, "gsrv")])
-        theirs = statistics.median(results[(title, "socat")])
-        print(f"| {title} | {unit} | {ours:,.1f} | {theirs:,.1f} | {ours / theirs:.2f} |")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    results, peers = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    text = report(args, results, peers)
+    with open(os.path.join(args.out, "latest.md"), "w") as f:
+        f.write(text)
+    try:
+        plots(args, results, peers, args.out)
+    except ImportError:
+        print("no plots: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
+    print(text)
+    failed = [k for k, runs in results.items() if k[1] == "gsrv" and any("error" in r for r in runs)]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

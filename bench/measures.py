@@ -1,0 +1,184 @@
+"""The benchmark's measures: each takes the server's address and pid and returns its figures.
+Every loop is bounded in count and time; traffic goes to 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Any
+
+import gevent
+import psutil
+from gevent import socket
+from gevent.pool import Pool
+from servers import CpuMeter, server_memory
+
+MiB = 1024 * 1024
+BLOCK = bytes(range(256)) * 4096  # 1 MiB
+SHUT_WR = 1
+
+
+def _watch_cpu(pid: int) -> tuple[CpuMeter, gevent.Greenlet]:
+    meter = CpuMeter(pid)
+
+    def loop() -> None:
+        while True:
+            gevent.sleep(0.02)
+            meter.sample()
+
+    return meter, gevent.spawn(loop)
+
+
+def into_wc(addr: tuple[str, int], pid: int, size: int) -> dict[str, float]:
+    """MB/s of `size` bytes client -> child (`wc -c`), count checked; server CPU s/GiB."""
+    meter, watcher = _watch_cpu(pid)
+    sock = socket.create_connection(addr, timeout=120)
+    view = memoryview(BLOCK)
+    t0 = time.perf_counter()
+    left = size
+    while left:
+        n = min(left, len(view))
+        sock.sendall(view[:n])
+        left -= n
+    sock.shutdown(SHUT_WR)
+    reply = sock.recv(100)
+    meter.sample()  # while the server is still there (a fork may exit right after)
+    while chunk := sock.recv(100):
+        reply += chunk
+    elapsed = time.perf_counter() - t0
+    watcher.kill()
+    sock.close()
+    if int(reply.split()[0]) != size:
+        raise RuntimeError(f"wc -c counted {reply!r}, sent {size}")
+    return {"MB/s": size / elapsed / 1e6, "CPU s/GiB": meter.seconds() / (size / 2**30)}
+
+
+def echo(addr: tuple[str, int], pid: int, size: int) -> dict[str, float]:
+    """MB/s of `size` bytes through `cat` and back, CRC-32 checked; server CPU s/GiB."""
+    meter, watcher = _watch_cpu(pid)
+    sock = socket.create_connection(addr, timeout=120)
+    sums = {"sent": 0, "got": 0}
+
+    def push() -> None:
+        left = size
+        while left:
+            n = min(left, len(BLOCK))
+            sums["sent"] = zlib.crc32(BLOCK[:n], sums["sent"])
+            sock.sendall(BLOCK[:n])
+            left -= n
+        sock.shutdown(SHUT_WR)
+
+    t0 = time.perf_counter()
+    sender = gevent.spawn(push)
+    got = 0
+    while chunk := sock.recv(256 * 1024):
+        sums["got"] = zlib.crc32(chunk, sums["got"])
+        got += len(chunk)
+        if got >= size:
+            meter.sample()  # the last bytes are in: sample before the server ends
+    sender.get()
+    elapsed = time.perf_counter() - t0
+    watcher.kill()
+    sock.close()
+    if got != size or sums["got"] != sums["sent"]:
+        raise RuntimeError(f"echo returned {got} bytes, crc {sums['got']:x} vs {sums['sent']:x}")
+    return {"MB/s": size / elapsed / 1e6, "CPU s/GiB": meter.seconds() / (size / 2**30)}
+
+
+def slow_child(addr: tuple[str, int], pid: int, seconds: float, rss_cap: int) -> dict[str, Any]:
+    """The client pushes as fast as it can at a child reading ~6 MB/s, for `seconds`: the
+    server's RSS over time. Stops early (and says so) past rss_cap: an unbounded server."""
+    base = server_memory(pid, "rss")
+    sock = socket.create_connection(addr, timeout=30)
+    series: list[tuple[float, float]] = []
+    capped = {"hit": False}
+    t0 = time.monotonic()
+
+    def push() -> None:
+        try:
+            while time.monotonic() - t0 < seconds and not capped["hit"]:
+                sock.sendall(BLOCK[:65536])
+        except OSError:
+            pass  # the server gave up on the session: its RSS figures say what it held
+
+    pusher = gevent.spawn(push)
+    while time.monotonic() - t0 < seconds and not capped["hit"]:
+        grown = server_memory(pid, "rss") - base
+        series.append((time.monotonic() - t0, grown / MiB))
+        capped["hit"] = grown > rss_cap
+        gevent.sleep(0.25)
+    pusher.kill()
+    sock.close()
+    return {"peak MiB": max(v for _, v in series), "series": series, "capped": capped["hit"]}
+
+
+def stalled(addr: tuple[str, int], pid: int, count: int, per_conn_cap: int) -> dict[str, float]:
+    """Server memory (PSS) and whole-machine memory (MemAvailable) per stalled session: the
+    child (`sleep`) never reads, each client pushes until blocked (at most per_conn_cap)."""
+    before, machine_before = server_memory(pid), psutil.virtual_memory().available
+    socks = []
+    try:
+        for _ in range(count):
+            socks.append(socket.create_connection(addr, timeout=30))
+        for s in socks:
+            s.setblocking(False)
+        pushed = dict.fromkeys(range(count), 0)
+        pushing = list(range(count))
+        deadline = time.monotonic() + 120
+        while pushing and time.monotonic() < deadline:
+            still = []
+            for i in pushing:
+                try:
+                    for _ in range(16):
+                        pushed[i] += socks[i].send(BLOCK[:65536])
+                        if pushed[i] >= per_conn_cap:
+                            break
+                    if pushed[i] < per_conn_cap:
+                        still.append(i)
+                except BlockingIOError:
+                    pass
+            pushing = still
+            gevent.sleep(0.05)
+        gevent.sleep(2)  # let the server settle: every session read what it will
+        after, machine_after = server_memory(pid), psutil.virtual_memory().available
+    finally:
+        for s in socks:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            s.close()
+    return {"server KB": (after - before) / count / 1000, "machine KB": (machine_before - machine_after) / count / 1000}
+
+
+def sessions_per_s(addr: tuple[str, int], pid: int, count: int, concurrency: int = 20) -> dict[str, float]:
+    """Sessions/s of 10 bytes into `wc -c`, `concurrency` at a time, every reply checked."""
+
+    def one(_: int) -> None:
+        sock = socket.create_connection(addr, timeout=30)
+        sock.sendall(b"0123456789")
+        sock.shutdown(SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(100):
+            reply += chunk
+        sock.close()
+        if reply.split()[0] != b"10":
+            raise RuntimeError(f"wc -c answered {reply!r}")
+
+    pool = Pool(concurrency)
+    t0 = time.perf_counter()
+    for _ in pool.imap_unordered(one, range(count)):
+        pass
+    return {"sessions/s": count / (time.perf_counter() - t0)}
+
+
+def half_close(addr: tuple[str, int], pid: int) -> dict[str, float]:
+    """The child answers 1 s after stdin EOF: is the answer delivered to a half-closed client?"""
+    sock = socket.create_connection(addr, timeout=10)
+    sock.sendall(b"question\n")
+    sock.shutdown(SHUT_WR)
+    reply = b""
+    try:
+        while chunk := sock.recv(100):
+            reply += chunk
+    except OSError:
+        pass
+    sock.close()
+    return {"delivered": 1.0 if reply == b"answer\n" else 0.0}
