@@ -9,6 +9,7 @@ script started are ended, by PID.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -96,7 +97,7 @@ def _cell(values: list[float], key: str) -> str:
     if key == "delivered":
         return "delivered" if min(values) == 1 else ("lost" if max(values) == 0 else "sometimes lost")
     med = statistics.median(values)
-    return f"{med:,.1f}" if len(values) == 1 else f"{med:,.1f} ({min(values):,.0f}–{max(values):,.0f})"
+    return f"{med:,.1f}" if len(values) == 1 else f"{med:,.1f} ({min(values):,.1f}–{max(values):,.1f})"
 
 
 BETTER_LOW = {"CPU s/GiB", "peak MiB", "server KB", "machine KB"}
@@ -130,11 +131,8 @@ def report(
                 ratios = []
                 for n in names[1:]:
                     theirs = _figures(results.get((title, n), []), key)
-                    ratios.append(
-                        f"{statistics.median(ours) / statistics.median(theirs):.2f}"
-                        if theirs and statistics.median(theirs)
-                        else "—"
-                    )
+                    small = not theirs or abs(statistics.median(theirs)) < 0.05  # ~0: no meaningful ratio
+                    ratios.append("—" if small else f"{statistics.median(ours) / statistics.median(theirs):.2f}")
                 ratio_rows.append(f"| {title} | {key} | " + " | ".join(ratios) + " |")
         for n in names:
             errors = [r["error"] for r in results.get((title, n), []) if "error" in r]
@@ -213,6 +211,7 @@ def main() -> int:
     parser.add_argument("--slow-seconds", type=float, default=10)
     parser.add_argument("--peers", nargs="*", help="only these (names as in the table)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--report-only", action="store_true", help="write the report again from latest.json")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes, one run, gsrv only (CI: keeps it from rotting)"
     )
@@ -224,8 +223,19 @@ def main() -> int:
         install_peers()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 16384), hard))
-    results, peers = run(args)
     os.makedirs(args.out, exist_ok=True)
+    raw = os.path.join(args.out, "latest.json")
+    if args.report_only:
+        with open(raw) as f:
+            saved = json.load(f)
+        results = {(k["measure"], k["peer"]): k["runs"] for k in saved["results"]}
+        peers = [p for p in servers.PEERS if p.name in saved["peers"]]
+        args.runs = saved["runs"]
+    else:
+        results, peers = run(args)
+        with open(raw, "w") as f:
+            rows = [{"measure": t, "peer": n, "runs": r} for (t, n), r in results.items()]
+            json.dump({"runs": args.runs, "peers": [p.name for p in peers], "results": rows}, f)
     text = report(args, results, peers)
     with open(os.path.join(args.out, "latest.md"), "w") as f:
         f.write(text)

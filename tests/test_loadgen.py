@@ -63,3 +63,20 @@ def test_load_reports_refused_connections_and_bad_arguments() -> None:
     bad = subprocess.run([PY, "-m", "gsrv", "load", "127.0.0.1:1", "--bytes", "lots"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
     assert bad.returncode == 2 and 'expected a size like 1MiB or 4096 (got "lots")' in bad.stderr
+
+
+@pytest.mark.timeout(120)
+def test_load_download_slow_reader_and_stall_with_rate_and_duration(gsrv) -> None:
+    server = gsrv(
+        service_toml("source", ["head", "-c", "1048576", "/dev/zero"]) + service_toml("sink", ["sleep", "60"])
+    )
+    down = _load(server, "source", "--mode", "download", "--sessions", "4", "--concurrency", "2",
+                 "--read-rate", "4MiB", "--json")  # fmt: skip
+    report = json.loads(down.stdout)
+    assert (down.returncode, report["failed"], report["bytes_received"]) == (0, 0, 4 * 2**20)
+    assert report["seconds"] >= 0.4  # 4 MiB at 4 MiB/s over 2 connections cannot be instant
+    stall = _load(server, "sink", "--mode", "stall", "--sessions", "50", "--concurrency", "10", "--rate", "20",
+                  "--duration", "1s", "--json")  # fmt: skip
+    report = json.loads(stall.stdout)
+    assert stall.returncode == 0 and report["failed"] == 0
+    assert 10 <= report["sessions"] < 50 and report["bytes_sent"] > 0  # --duration stopped new sessions
