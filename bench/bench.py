@@ -131,7 +131,8 @@ def report(
                 ratios = []
                 for n in names[1:]:
                     theirs = _figures(results.get((title, n), []), key)
-                    small = not theirs or abs(statistics.median(theirs)) < 0.05  # ~0: no meaningful ratio
+                    # a peer at ~0 (tcpserver touches no byte) has no meaningful ratio
+                    small = not theirs or abs(statistics.median(theirs)) < max(0.05, abs(statistics.median(ours)) / 50)
                     ratios.append("—" if small else f"{statistics.median(ours) / statistics.median(theirs):.2f}")
                 ratio_rows.append(f"| {title} | {key} | " + " | ".join(ratios) + " |")
         for n in names:
