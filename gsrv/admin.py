@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import gevent
 from gevent.pywsgi import WSGIServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -17,6 +16,7 @@ from gsrv.address import Address
 from gsrv.listeners import open_listener
 from gsrv.logs import Log
 from gsrv.metrics import Metrics, State
+from gsrv.periodic import Periodic
 
 FLUSH_S = 1.0
 _EMPTY = State([], False, 0, 0.0, None, None, 0, 0)
@@ -48,7 +48,7 @@ class Admin:
         self.metrics = Metrics(lambda: self.metrics_state() if self.metrics_state else _EMPTY)
         sock = open_listener("admin endpoint", address, 128, 0o600, {})
         self.server = WSGIServer(sock, self.app, log=None, error_log=_ErrorLog(log))
-        self._flusher: gevent.Greenlet | None = None
+        self._flusher: Periodic | None = None
 
     @property
     def address(self) -> str:
@@ -59,16 +59,12 @@ class Admin:
         self.server.start()
         self.log.info("admin_listening", address=self.address)
         if flush is not None:
-            self._flusher = gevent.spawn(self._flush_loop, flush)
-
-    def _flush_loop(self, flush: Callable[[], None]) -> None:
-        while True:
-            gevent.sleep(FLUSH_S)
-            flush()
+            self._flusher = Periodic(flush, lambda: FLUSH_S)
+            self._flusher.start()
 
     def stop(self) -> None:
         if self._flusher is not None:
-            self._flusher.kill()
+            self._flusher.stop()
         self.server.stop(timeout=1)
 
     def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

@@ -75,9 +75,6 @@ class Config:
         None  # /metrics, /healthz, /readyz; None: no admin endpoint  # --set items, applied again on every reload
     )
 
-    def service(self, name: str) -> ServiceConfig | None:
-        return next((s for s in self.services if s.name == name), None)
-
 
 SERVER_KEYS = tuple(ServerConfig.__dataclass_fields__)
 GUARD_KEYS = tuple(GuardConfig.__dataclass_fields__)

@@ -10,12 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import gevent
 import psutil
 
 from gsrv.cgroup import Cgroup, discover
 from gsrv.config import GuardConfig
 from gsrv.logs import Log
+from gsrv.periodic import Periodic
 from gsrv.units import format_size
 
 REMIND_S = 30.0
@@ -98,7 +98,7 @@ class Guard:
         self._paused_since: float | None = None
         self._paused_before = 0.0
         self._reminded = 0.0
-        self._greenlet: gevent.Greenlet | None = None
+        self._ticker = Periodic(self._tick, lambda: self.cfg.interval)
 
     @property
     def paused(self) -> bool:
@@ -150,18 +150,13 @@ class Guard:
                              **self.pressure.figures(s))  # fmt: skip
 
     def start(self) -> None:
-        if self._greenlet is None:
-            self._greenlet = gevent.spawn(self._loop)
+        self._ticker.start()
 
     def stop(self) -> None:
-        if self._greenlet is not None:
-            self._greenlet.kill()
-            self._greenlet = None
+        self._ticker.stop()
 
-    def _loop(self) -> None:
-        while True:
-            gevent.sleep(self.cfg.interval)
-            try:
-                self.check()
-            except Exception as e:  # a failed reading must not end the guard
-                self.log.error("guard_sample_failed", error=f"{type(e).__name__}: {e}", next="retry next interval")
+    def _tick(self) -> None:
+        try:
+            self.check()
+        except Exception as e:  # a failed reading must not end the guard
+            self.log.error("guard_sample_failed", error=f"{type(e).__name__}: {e}", next="retry next interval")

@@ -26,6 +26,7 @@ from gsrv.session import Session
 from gsrv.watchdog import Watchdog
 
 DRAIN_POLL_S = 0.05
+OWN_GREENLETS = 6  # main, signal worker, watchdog, guard, log writer, metrics flusher
 
 
 class State(enum.Enum):
@@ -194,8 +195,8 @@ class Server:
         ]
 
     def greenlets(self) -> int:
-        """The sessions' greenlets (each runs in one, plus its pumps) and gsrv's own few."""
-        return sum(1 + len(session.greenlets) for session in self.all_sessions()) + 6
+        """The sessions' greenlets (each runs in one, plus its pumps) and gsrv's own."""
+        return sum(1 + len(session.greenlets) for session in self.all_sessions()) + OWN_GREENLETS
 
     def flush_metrics(self) -> None:
         """Feed byte and backpressure counters from running sessions (about once a second)."""

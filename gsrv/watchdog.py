@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import gevent
+from gsrv.periodic import Periodic
 
 INTERVAL_S = 1.0
 
@@ -21,7 +21,7 @@ class Watchdog:
     def __init__(self, interval: float = INTERVAL_S) -> None:
         self.interval = interval
         self._sessions: set[Watched] = set()
-        self._greenlet: gevent.Greenlet | None = None
+        self._ticker = Periodic(self._sweep, lambda: self.interval)
 
     def add(self, session: Watched) -> None:
         self._sessions.add(session)
@@ -30,17 +30,12 @@ class Watchdog:
         self._sessions.discard(session)
 
     def start(self) -> None:
-        if self._greenlet is None:
-            self._greenlet = gevent.spawn(self._loop)
+        self._ticker.start()
 
     def stop(self) -> None:
-        if self._greenlet is not None:
-            self._greenlet.kill()
-            self._greenlet = None
+        self._ticker.stop()
 
-    def _loop(self) -> None:
-        while True:
-            gevent.sleep(self.interval)
-            for session in list(self._sessions):
-                if session.peer_is_dead():
-                    session.abort("client_reset")
+    def _sweep(self) -> None:
+        for session in list(self._sessions):
+            if session.peer_is_dead():
+                session.abort("client_reset")
