@@ -185,22 +185,26 @@ def _copy(source: Fd, sink: Fd, chunk: int, meter: Meter, pipe: _PipeRoom | None
 
 
 def discard(src: int, chunk: int, meter: Meter) -> End:
-    """Read and drop input (the child no longer reads) until EOF or an error."""
+    """Read and drop input (the child no longer reads) until EOF or an error; like _copy, it
+    holds a buffer only while reading, none while it waits."""
     source = Fd(src, READ)
     buffers = pool(chunk)
-    buf = buffers.take()
     try:
         while True:
+            buf = buffers.take()
             try:
                 n = os.readv(src, [buf])
             except BlockingIOError:
-                source.wait()
-                continue
+                n = -1
             except OSError:
                 return End.SOURCE_ERROR
+            finally:
+                buffers.give(buf)
             if n == 0:
                 return End.SOURCE_EOF
-            meter.moved(n)
+            if n < 0:
+                source.wait()
+            else:
+                meter.moved(n)
     finally:
-        buffers.give(buf)
         source.close()
