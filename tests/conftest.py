@@ -213,7 +213,14 @@ def gsrv(tmp_path: Path) -> Iterator[Callable[..., Gsrv]]:
 
 def exchange(sock: socket.socket, data: bytes) -> bytes:
     """Send data, half-close, and read the whole reply (raises on a reset)."""
-    sender = threading.Thread(target=lambda: (sock.sendall(data), sock.shutdown(socket.SHUT_WR)), daemon=True)
+    def send() -> None:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # a reset shows on the reading side below, which raises it
+
+    sender = threading.Thread(target=send, daemon=True)
     sender.start()
     chunks = []
     while chunk := sock.recv(65536):
