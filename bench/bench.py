@@ -54,6 +54,12 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str], Callable[..., d
         (f"sessions/s, {args.sessions} × 10 B into wc -c, 20 at a time", ["wc", "-c"],
          lambda a, p: measures.sessions_per_s(a, p, args.sessions), set()),
         ("half-close: answer 1 s after EOF", HALF_CLOSE, lambda a, p: measures.half_close(a, p), set()),
+        (f"sessions/s as above, beside {args.held} held sessions", ["wc", "-c"],
+         lambda a, p: measures.sessions_beside_held(a, p, args.sessions, args.held), set()),
+        (f"{args.latency_count} × 10 B through cat, one at a time: latency", ["cat"],
+         lambda a, p: measures.latency(a, p, args.latency_count, beside_stream=False), set()),
+        ("the same beside a client streaming flat out through cat", ["cat"],
+         lambda a, p: measures.latency(a, p, args.latency_count, beside_stream=True), set()),
     ]  # fmt: skip
 
 
@@ -148,10 +154,53 @@ def report(
     if len(names) > 1:
         lines += ["", "gsrv / peer:", "", "| measure | figure | " + " | ".join(names[1:]) + " |",
                   "|---|---|" + "---:|" * (len(names) - 1), *ratio_rows]  # fmt: skip
+    lines += targets(args, results)
     lines += ["", "Commands:", ""] + [f"- {p.name}: `{p.how}`" for p in peers]
     lines += ["", "![server RSS while a client pushes at a slow child](rss_slow_child.png)",
               "", "![gsrv / peer](ratios.png)", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def targets(args: argparse.Namespace, results: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
+    """Issue 7's targets, each as measured in this run (medians)."""
+    titles = [t for t, *_ in plan(args)]
+
+    def med(measure: int, peer: str, key: str) -> float | None:
+        values = _figures(results.get((titles[measure], peer), []), key)
+        return statistics.median(values) if values else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    s64, tcp = "socat -b 65536", "tcpserver"
+    rows: list[tuple[str, float | None, str, Callable[[float], bool] | None]] = [
+        ("client→child ≥ 2.0× socat -b 65536", ratio(med(0, "gsrv", "MB/s"), med(0, s64, "MB/s")), "×",
+         lambda r: r >= 2.0),
+        ("client→child ≥ 0.8× tcpserver", ratio(med(0, "gsrv", "MB/s"), med(0, tcp, "MB/s")), "×", lambda r: r >= 0.8),
+        ("echo ≥ 1.2× socat -b 65536", ratio(med(1, "gsrv", "MB/s"), med(1, s64, "MB/s")), "×", lambda r: r >= 1.2),
+        ("sessions/s ≥ 1.2× socat -b 65536", ratio(med(4, "gsrv", "sessions/s"), med(4, s64, "sessions/s")), "×",
+         lambda r: r >= 1.2),
+        ("sessions/s ≥ 0.7× tcpserver", ratio(med(4, "gsrv", "sessions/s"), med(4, tcp, "sessions/s")), "×",
+         lambda r: r >= 0.7),
+        (f"sessions/s beside {args.held} held ≥ 0.8× without",
+         ratio(med(6, "gsrv", "sessions/s"), med(4, "gsrv", "sessions/s")), "×", lambda r: r >= 0.8),
+        ("server memory per stalled session ≤ 64 KB", med(3, "gsrv", "server KB"), "KB", lambda r: r <= 64),
+        ("machine memory per stalled session ≤ socat -b 65536's",
+         ratio(med(3, "gsrv", "machine KB"), med(3, s64, "machine KB")), "×", lambda r: r <= 1.0),
+        ("server CPU per GiB into wc -c, splice / copy",
+         ratio(med(0, "gsrv", "CPU s/GiB"), med(0, "gsrv copy", "CPU s/GiB")), "×", None),
+        ("server CPU per GiB echo, splice / copy",
+         ratio(med(1, "gsrv", "CPU s/GiB"), med(1, "gsrv copy", "CPU s/GiB")), "×", None),
+        ("10-byte p99 beside a stream ≤ 3× alone", ratio(med(8, "gsrv", "p99 ms"), med(7, "gsrv", "p99 ms")), "×",
+         lambda r: r <= 3.0),
+    ]  # fmt: skip
+    lines = ["", "Issue 7's targets (gsrv with relay = \"auto\", medians of this run):", "",
+             "| target | measured | met |", "|---|---:|---|"]  # fmt: skip
+    for name, value, unit, check in rows:
+        shown = "—" if value is None else f"{value:,.2f} {unit}"
+        verdict = "reported" if check is None else "—" if value is None else ("yes" if check(value) else "no")
+        lines.append(f"| {name} | {shown} | {verdict} |")
+    return lines
 
 
 def plots(
@@ -210,6 +259,8 @@ def main() -> int:
     parser.add_argument("--stalled", type=int, default=1000)
     parser.add_argument("--sessions", type=int, default=2000)
     parser.add_argument("--slow-seconds", type=float, default=10)
+    parser.add_argument("--held", type=int, default=1000, help="sessions held open beside the sessions/s run")
+    parser.add_argument("--latency-count", type=int, default=300, help="10-byte sessions per latency measure")
     parser.add_argument("--peers", nargs="*", help="only these (names as in the table)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--report-only", action="store_true", help="write the report again from latest.json")
@@ -219,6 +270,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.runs, args.size_mib, args.stalled, args.sessions, args.slow_seconds = 1, 8, 20, 40, 1.5
+        args.held, args.latency_count = 20, 20
         args.peers = args.peers or ["gsrv"]
     else:
         install_peers()

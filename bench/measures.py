@@ -3,6 +3,10 @@ Every loop is bounded in count and time; traffic goes to 127.0.0.1 only."""
 
 from __future__ import annotations
 
+import os
+import statistics
+import subprocess
+import sys
 import time
 import zlib
 from typing import Any
@@ -13,6 +17,7 @@ from gevent import socket
 from gevent.pool import Pool
 from servers import CpuMeter, server_memory
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1024 * 1024
 BLOCK = bytes(range(256)) * 4096  # 1 MiB
 SHUT_WR = 1
@@ -167,6 +172,69 @@ def sessions_per_s(addr: tuple[str, int], pid: int, count: int, concurrency: int
     for _ in pool.imap_unordered(one, range(count)):
         pass
     return {"sessions/s": count / (time.perf_counter() - t0)}
+
+
+def _descendants(pid: int) -> int:
+    try:
+        return len(psutil.Process(pid).children(recursive=True))
+    except psutil.NoSuchProcess:
+        return 0
+
+
+def sessions_beside_held(addr: tuple[str, int], pid: int, count: int, held: int) -> dict[str, float]:
+    """Sessions/s as in sessions_per_s while `held` other sessions stay open (their clients
+    send nothing; their children wait on stdin)."""
+    socks = []
+    try:
+        for _ in range(held):
+            socks.append(socket.create_connection(addr, timeout=30))
+        deadline = time.monotonic() + 60
+        while _descendants(pid) < held and time.monotonic() < deadline:
+            gevent.sleep(0.1)  # every held session has its child
+        if _descendants(pid) < held:
+            raise RuntimeError(f"only {_descendants(pid)} of {held} held sessions started within 60 s")
+        return sessions_per_s(addr, pid, count)
+    finally:
+        for s in socks:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            s.close()
+
+
+def latency(addr: tuple[str, int], pid: int, count: int, beside_stream: bool) -> dict[str, float]:
+    """p50/p99 ms of one 10-byte session through `cat` (connect to last byte back), `count`
+    in a row; with beside_stream, while another client streams flat out through the same
+    service (bench/peers/stream_client.py, a separate process)."""
+    streamer = None
+    if beside_stream:
+        script = os.path.join(HERE, "peers", "stream_client.py")
+        streamer = subprocess.Popen([sys.executable, script, addr[0], str(addr[1]), "300"],
+                                    stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
+    try:
+        if streamer is not None:
+            assert streamer.stdout is not None
+            if streamer.stdout.readline() != b"streaming\n":
+                raise RuntimeError("the streaming client did not start")
+            gevent.sleep(0.5)
+        times = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            sock = socket.create_connection(addr, timeout=30)
+            sock.sendall(b"0123456789")
+            sock.shutdown(SHUT_WR)
+            reply = b""
+            while chunk := sock.recv(100):
+                reply += chunk
+            sock.close()
+            times.append((time.perf_counter() - t0) * 1000)
+            if reply != b"0123456789":
+                raise RuntimeError(f"cat answered {reply!r}")
+        if streamer is not None and streamer.poll() is not None:
+            raise RuntimeError("the streaming client stopped before the measure ended")
+    finally:
+        if streamer is not None:
+            streamer.kill()
+            streamer.wait(timeout=10)
+    return {"p50 ms": statistics.median(times), "p99 ms": statistics.quantiles(times, n=100)[98]}
 
 
 def half_close(addr: tuple[str, int], pid: int) -> dict[str, float]:

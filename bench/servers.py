@@ -52,13 +52,15 @@ def wait_listening(pid: int, timeout: float = 15.0, ignore: int | None = None) -
     raise RuntimeError(f"pid {pid} did not listen within {timeout}s")
 
 
-def gsrv(extra: str = "") -> Callable[[list[str], str], subprocess.Popen[bytes]]:
+def gsrv(extra: str = "", service: str = "") -> Callable[[list[str], str], subprocess.Popen[bytes]]:
+    """extra: lines for [server]; service: lines for the service's table."""
+
     def start(command: list[str], tmp: str) -> subprocess.Popen[bytes]:
         config = os.path.join(tmp, "bench.toml")
         with open(config, "w") as f:
             f.write('[server]\nkill_grace = "1s"\ndrain_timeout = "1s"\n' + extra)
             f.write(f'[services.bench]\nlisten = "127.0.0.1:0"\ncommand = {command!r}\n'.replace("'", '"'))
-            f.write("max_sessions = 1100\nbacklog = 2048\n")
+            f.write("max_sessions = 1100\nbacklog = 2048\n" + service)
         with open(os.path.join(tmp, "gsrv.log"), "w") as log:
             return subprocess.Popen([sys.executable, "-m", "gsrv", "serve", "-c", config], stderr=log,
                                     stdin=subprocess.DEVNULL)  # fmt: skip
@@ -101,7 +103,8 @@ def twisted(script: str) -> Callable[[list[str], str], subprocess.Popen[bytes]]:
 
 
 PEERS = [
-    Peer("gsrv", gsrv(), "module:gsrv", "gsrv serve (copy path), max_sessions 1100, backlog 2048"),
+    Peer("gsrv", gsrv(), "module:gsrv", 'gsrv serve, relay = "auto" (splice), max_sessions 1100, backlog 2048'),
+    Peer("gsrv copy", gsrv(service='relay = "copy"\n'), "module:gsrv", 'the same with relay = "copy"'),
     Peer("socat -b 8192", socat(8192), "socat",
          "socat -b 8192 TCP-LISTEN:PORT,bind=127.0.0.1,reuseaddr,fork,backlog=1024 EXEC:CMD"),
     Peer("socat -b 65536", socat(65536), "socat",

@@ -6,6 +6,7 @@ so the ladder's killpg reaches grandchildren such as the parts of a shell pipeli
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -58,6 +59,7 @@ class Child:
         self.exited = Event()
         self.status: int | None = None
         self.signals_sent: list[str] = []
+        self.pipe_size_error: OSError | None = None
         self.stdin = proc.stdin.fileno() if proc.stdin else -1
         self.stdout = proc.stdout.fileno() if proc.stdout else -1
         self.stderr = proc.stderr.fileno() if proc.stderr else -1
@@ -66,8 +68,14 @@ class Child:
                 os.set_blocking(fd, False)
 
     @classmethod
-    def spawn(cls, argv: tuple[str, ...], env: dict[str, str], cwd: str | None, stderr: str) -> Child:
-        """Start argv (no shell) in a new session. Raises SpawnError with a readable reason."""
+    def spawn(
+        cls, argv: tuple[str, ...], env: dict[str, str], cwd: str | None, stderr: str, pipe_size: int = 0
+    ) -> Child:
+        """Start argv (no shell) in a new session. Raises SpawnError with a readable reason.
+
+        pipe_size (if not 0) sets the stdin and stdout pipes' capacity; when the kernel
+        refuses (EPERM: the user's pipe budget is spent), they keep the default and
+        `pipe_size_error` says why."""
         hub = get_hub()
         if id(hub.loop) not in _hub_ready:
             hub.loop.install_sigchld()
@@ -91,7 +99,17 @@ class Child:
         watcher.start(child._on_exit, watcher)
         if _tracker is not None:
             _tracker.track(proc.pid)
+        if pipe_size:
+            child._set_pipe_size(pipe_size)
         return child
+
+    def _set_pipe_size(self, size: int) -> None:
+        for fd in (self.stdin, self.stdout):
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+            except OSError as e:
+                self.pipe_size_error = e
+                return
 
     def _on_exit(self, watcher: object) -> None:
         self.status = watcher.rstatus  # type: ignore[attr-defined]

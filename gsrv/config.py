@@ -62,6 +62,8 @@ class ServiceConfig:
     nonzero_exit: str = "close"
     keepalive: float = 60.0
     mode: int = 0o660
+    relay: str = "auto"  # "splice" (Linux: no userland copy), "copy", or "auto": splice where there is one
+    pipe_size: int = 0  # the child's stdin/stdout pipe capacity; 0: the kernel's default (64 KiB)
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,8 @@ class Config:
     server: ServerConfig
     services: tuple[ServiceConfig, ...]
     guard: GuardConfig = GuardConfig()
-    overrides: tuple[str, ...] = ()
-    admin: Address | None = (
-        None  # /metrics, /healthz, /readyz; None: no admin endpoint  # --set items, applied again on every reload
-    )
+    overrides: tuple[str, ...] = ()  # --set items, applied again on every reload
+    admin: Address | None = None  # /metrics, /healthz, /readyz; None: no admin endpoint
 
 
 SERVER_KEYS = tuple(ServerConfig.__dataclass_fields__)
@@ -202,7 +202,28 @@ def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> 
         nonzero_exit=t.choice("nonzero_exit", "close", ("close", "reset")),
         keepalive=t.duration("keepalive", "60s", zero_means="off"),
         mode=_mode(t, data, listen),
+        relay=_relay(t),
+        pipe_size=_pipe_size(t),
     )
+
+
+def _relay(t: _Table) -> str:
+    relay = t.choice("relay", "auto", ("auto", "splice", "copy"))
+    if relay == "splice" and not hasattr(os, "splice"):
+        raise t.fail("relay", 'is "splice" but this platform has no splice(2): use "auto" or "copy"')
+    return relay
+
+
+def _pipe_size(t: _Table) -> int:
+    """0 (the kernel's default) or a capacity up to the kernel's pipe-max-size."""
+    if t.data.get("pipe_size", 0) in (0, "0"):
+        return 0
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = 1024 * 1024
+    return t.size("pipe_size", 0, 4096, ceiling)
 
 
 def _mode(t: _Table, data: dict[str, Any], listen: Address) -> int:

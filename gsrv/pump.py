@@ -1,14 +1,18 @@
-"""The copy primitive: one direction of one session, fd to fd, at most one chunk held.
+"""The relay primitive: one direction of one session, fd to fd, in bounded memory.
 
-Both directions are the same loop over non-blocking fds (a socket fd reads and writes
-like a pipe end). A pump takes a buffer from a shared pool only for the moment it moves
-bytes: a pump waiting for its source holds none, and reused buffers cost no page faults.
-It yields every ~1 MiB so a hot session cannot starve the others.
+Two paths behind one shape, `copy` and `splice`, each returning why it stopped (End).
+- splice: splice(2) between the socket and the child's pipe; the bytes never enter
+  userland, so a session holds no buffer at all. Linux only.
+- copy: one loop over non-blocking fds (a socket fd reads and writes like a pipe end).
+  It takes a buffer from a shared pool only for the moment it moves bytes: a pump
+  waiting for its source holds none, and reused buffers cost no page faults.
+Both yield every ~1 MiB so a hot session cannot starve the others.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import fcntl
 import os
 import struct
@@ -19,6 +23,8 @@ import gevent
 from gevent import get_hub
 
 YIELD_EVERY = 1024 * 1024
+SPLICE_MAX = 1024 * 1024  # per call; a pipe's capacity caps it anyway
+HAS_SPLICE = hasattr(os, "splice")
 PIPE_BUF = 4096
 POOL_KEEP = 32  # free buffers kept per chunk size; more are left to the allocator
 READ, WRITE = 1, 2
@@ -182,6 +188,43 @@ def _copy(source: Fd, sink: Fd, chunk: int, meter: Meter, pipe: _PipeRoom | None
         if since_yield >= YIELD_EVERY:
             since_yield = 0
             gevent.sleep(0)
+
+
+def splice(src: int, dst: int, meter: Meter, source_is_socket: bool) -> End:
+    """Move bytes src -> dst with splice(2), one side being a pipe, until src's EOF (or
+    error) or dst closes. Nothing is held in userland: while one side waits, the bytes sit
+    in the kernel's socket and pipe buffers, as they would with the copy path."""
+    source, sink = Fd(src, READ), Fd(dst, WRITE)
+    flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+    since_yield = 0
+    try:
+        while True:
+            try:
+                n = os.splice(src, dst, SPLICE_MAX, flags=flags)
+            except BlockingIOError:
+                # Either side may be the one that is not ready: bytes waiting at the source
+                # mean the sink is full.
+                if queued(src):
+                    started = time.monotonic()
+                    sink.wait()
+                    meter.blocked += time.monotonic() - started
+                else:
+                    source.wait()
+                continue
+            except OSError as e:
+                if not source_is_socket or e.errno == errno.EPIPE:
+                    return End.SINK_CLOSED  # the pipe's reader is gone, or the client
+                return End.SOURCE_ERROR
+            if n == 0:
+                return End.SOURCE_EOF
+            meter.moved(n)
+            since_yield += n
+            if since_yield >= YIELD_EVERY:
+                since_yield = 0
+                gevent.sleep(0)
+    finally:
+        source.close()
+        sink.close()
 
 
 def discard(src: int, chunk: int, meter: Meter) -> End:

@@ -6,6 +6,7 @@ The only writer of the session_end log line; exactly one per session, after the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket as stdsocket
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 LINGER_S = 2.0  # how long a closing session waits for the client's EOF once the reply is acked
 GRACE_POLL_S = 0.1
 TCP_CLOSE = 7
+WARN_EVERY_S = 60.0
+
+_pipe_size_warned: dict[str, float] = {}  # service -> when its refused pipe_size was last logged
 
 
 def _reset(sock: socket) -> None:
@@ -102,6 +106,7 @@ class Session:
         self.greenlets: list[gevent.Greenlet] = []
         self.spawn_error: str | None = None
         self.stderr = StderrLines()
+        self.splice = svc.relay != "copy" and pump.HAS_SPLICE
         self._wake = Event()
         self._started = time.monotonic()
 
@@ -139,8 +144,10 @@ class Session:
                 self.sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
                 set_keepalive(self.sock, self.svc.keepalive)
             started = time.perf_counter()
-            self.child = Child.spawn(self.svc.command, self._env(), self.svc.cwd, self.svc.stderr)
+            self.child = Child.spawn(self.svc.command, self._env(), self.svc.cwd, self.svc.stderr, self.svc.pipe_size)
             self.spawn_seconds = time.perf_counter() - started
+            if self.child.pipe_size_error:
+                self._pipe_size_refused(self.child.pipe_size_error)
         except (SpawnError, OSError) as e:
             if e.errno in RESOURCE_ERRORS:
                 self.spawn_error = str(e)
@@ -148,6 +155,16 @@ class Session:
             self.fail("spawn_failed", str(e))
             return e.errno or 0
         return None
+
+    def _pipe_size_refused(self, error: OSError) -> None:
+        now = time.monotonic()
+        if now - _pipe_size_warned.get(self.svc.name, -WARN_EVERY_S) >= WARN_EVERY_S:
+            _pipe_size_warned[self.svc.name] = now
+            hint = "the user's pipe budget is spent (fs.pipe-user-pages-soft)" if error.errno == errno.EPERM else ""
+            self.log.warning(
+                "pipe_size_refused", service=self.svc.name, session=self.sid, pipe_size=self.svc.pipe_size,
+                error=error.strerror, hint=hint or None, using="the kernel's default",
+            )  # fmt: skip
 
     def fail(self, reason: str, error: str | None = None) -> None:
         """End a session that never ran: reset the client, write its line."""
@@ -218,7 +235,11 @@ class Session:
 
     def _up(self) -> None:
         assert self.child is not None
-        end = pump.copy(self.sock.fileno(), self.child.stdin, self.svc.chunk_size, self.inbound, sink_is_pipe=True)
+        sock, stdin = self.sock.fileno(), self.child.stdin
+        if self.splice:
+            end = pump.splice(sock, stdin, self.inbound, source_is_socket=True)
+        else:
+            end = pump.copy(sock, stdin, self.svc.chunk_size, self.inbound, sink_is_pipe=True)
         if end is pump.End.SOURCE_EOF:
             self.child.close_stdin()
             self.input_done = self.client_eof = True
@@ -233,7 +254,11 @@ class Session:
 
     def _down(self) -> None:
         assert self.child is not None
-        end = pump.copy(self.child.stdout, self.sock.fileno(), self.svc.chunk_size, self.outbound)
+        stdout, sock = self.child.stdout, self.sock.fileno()
+        if self.splice:
+            end = pump.splice(stdout, sock, self.outbound, source_is_socket=False)
+        else:
+            end = pump.copy(stdout, sock, self.svc.chunk_size, self.outbound)
         if end is pump.End.SINK_CLOSED:
             self.abort("client_reset")
         elif end is pump.End.SOURCE_ERROR:
@@ -359,6 +384,7 @@ class Session:
             bytes_out=self.outbound.total,
             discarded=self.discarded.total or None,
             duration_ms=round(self.duration * 1000, 1),
+            relay="splice" if self.splice else "copy",
             exit=child.exit_code if child else None,
             signal=signame,
             stderr_dropped=self.stderr.dropped or None,

@@ -213,6 +213,7 @@ def gsrv(tmp_path: Path) -> Iterator[Callable[..., Gsrv]]:
 
 def exchange(sock: socket.socket, data: bytes) -> bytes:
     """Send data, half-close, and read the whole reply (raises on a reset)."""
+
     def send() -> None:
         try:
             sock.sendall(data)

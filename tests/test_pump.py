@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import socket
+import struct
 
 import gevent
 import pytest
@@ -84,3 +87,115 @@ def test_copy_reports_a_closed_sink() -> None:
         assert pump.copy(src_r, dst_w, 65536, pump.Meter(), sink_is_pipe=True) is pump.End.SINK_CLOSED
     for fd in (src_r, src_w, dst_w):
         os.close(fd)
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of real TCP sockets on 127.0.0.1, both non-blocking."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    for s in (client, accepted):
+        s.setblocking(False)
+    return client, accepted
+
+
+def _feed(sock_or_fd: socket.socket | int, data: bytes) -> None:
+    fd = sock_or_fd if isinstance(sock_or_fd, int) else sock_or_fd.fileno()
+    pump.Fd(fd, pump.WRITE).write_all(data)
+    if isinstance(sock_or_fd, int):
+        os.close(fd)
+    else:
+        sock_or_fd.shutdown(socket.SHUT_WR)
+
+
+def _drain(fd: int) -> bytes:
+    out, reader = [], pump.Fd(fd, pump.READ)
+    while chunk := reader.read(7000):
+        out.append(chunk)
+    reader.close()
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("direction", ["socket to pipe", "pipe to socket"])
+def test_splice_is_exact_both_ways_and_ends_at_source_eof(direction: str) -> None:
+    data = hashlib.shake_256(b"splice").digest(5 * 1024 * 1024 + 3)
+    client, server = _tcp_pair()
+    pipe_r, pipe_w = _pipe()
+    meter = pump.Meter()
+    with gevent.Timeout(30, "the splice did not finish in 30s"):
+        if direction == "socket to pipe":
+            feeder, drainer = gevent.spawn(_feed, client, data), gevent.spawn(_drain, pipe_r)
+            end = pump.splice(server.fileno(), pipe_w, meter, source_is_socket=True)
+            os.close(pipe_w)
+        else:
+            feeder, drainer = gevent.spawn(_feed, pipe_w, data), gevent.spawn(_drain, client.fileno())
+            end = pump.splice(pipe_r, server.fileno(), meter, source_is_socket=False)
+            server.shutdown(socket.SHUT_WR)
+        received = drainer.get()
+        feeder.get()
+    assert end is pump.End.SOURCE_EOF
+    assert received == data and meter.total == len(data)
+    for fd in (pipe_r, pipe_w) if direction == "socket to pipe" else (pipe_r,):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    client.close()
+    server.close()
+
+
+def test_splice_into_a_stalled_pipe_waits_and_loses_nothing() -> None:
+    client, server = _tcp_pair()
+    pipe_r, pipe_w = _pipe()
+    meter = pump.Meter()
+    splicer = gevent.spawn(pump.splice, server.fileno(), pipe_w, meter, True)
+    sent = bytearray()
+    block = hashlib.shake_256(b"stall").digest(65536)
+    for _ in range(400):  # nobody reads the pipe: the pipe fills, then the socket's buffers
+        try:
+            sent += block[: client.send(block)]
+        except BlockingIOError:
+            break
+        gevent.sleep(0.005)
+    else:
+        raise AssertionError("the client's send buffer never filled up")
+    gevent.sleep(0.2)
+    assert not splicer.dead  # waiting on the full pipe, with bytes left in the socket
+    assert pump.queued(pipe_r) == meter.total and pump.queued(server.fileno()) > 0
+    gevent.spawn(_feed, client, b"")  # client EOF once everything is through
+    with gevent.Timeout(30, "the stalled splice did not resume"):
+        received = _drain_until(pipe_r, len(sent))
+        assert splicer.get() is pump.End.SOURCE_EOF
+    assert received == bytes(sent) and meter.blocked > 0
+    for fd in (pipe_r, pipe_w):
+        os.close(fd)
+    client.close()
+    server.close()
+
+
+def _drain_until(fd: int, size: int) -> bytes:
+    out, reader = bytearray(), pump.Fd(fd, pump.READ)
+    while len(out) < size:
+        out += reader.read(65536)
+    reader.close()
+    return bytes(out)
+
+
+def test_splice_reports_which_side_failed() -> None:
+    # the child closed its stdin: the sink is gone
+    client, server = _tcp_pair()
+    pipe_r, pipe_w = _pipe()
+    os.close(pipe_r)
+    client.send(b"hello")
+    with gevent.Timeout(10, "splice did not notice the closed pipe"):
+        assert pump.splice(server.fileno(), pipe_w, pump.Meter(), True) is pump.End.SINK_CLOSED
+    os.close(pipe_w)
+    # the client reset: as the source it is an error, as the sink it is closed
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    pipe_r, pipe_w = _pipe()
+    with gevent.Timeout(10, "splice did not notice the reset"):
+        assert pump.splice(server.fileno(), pipe_w, pump.Meter(), True) is pump.End.SOURCE_ERROR
+        os.write(pipe_w, b"reply")
+        assert pump.splice(pipe_r, server.fileno(), pump.Meter(), False) is pump.End.SINK_CLOSED
+    for fd in (pipe_r, pipe_w):
+        os.close(fd)
+    server.close()

@@ -21,6 +21,26 @@ from gsrv import __version__ as gsrv_version
 MiB = 1024 * 1024
 
 
+@pytest.fixture(params=["splice", "copy"])
+def gsrv(request, gsrv):
+    """The conftest fixture, with every service on one relay path: both paths are held to
+    the same exactness, half-close and cleanup guarantees."""
+
+    relay = request.param
+    started = []
+
+    def start(text: str, read_log: bool = True):
+        if "\nrelay =" not in text:
+            text = re.sub(r"^(\[services\.[\w-]+\])$", rf'\1\nrelay = "{relay}"', text, flags=re.M)
+        started.append(gsrv(text, read_log=read_log))
+        return started[-1]
+
+    yield start
+    for server in started:  # every session ran on the path under test
+        ends = [line for line in server.lines if re.search(r'event"?[=:] ?"?session_end', line)]
+        assert all(re.search(rf'relay"?[=:] ?"?{relay}\b', line) for line in ends), ends
+
+
 @pytest.mark.timeout(180)
 def test_sha256_of_256_mib_matches_local_digest(gsrv) -> None:
     server = gsrv(service_toml("sha", ["sha256sum"]))
