@@ -69,13 +69,19 @@ class Child:
 
     @classmethod
     def spawn(
-        cls, argv: tuple[str, ...], env: dict[str, str], cwd: str | None, stderr: str, pipe_size: int = 0
+        cls,
+        argv: tuple[str, ...],
+        env: dict[str, str],
+        cwd: str | None,
+        stderr: str,
+        pipe_size: int = 0,
+        executable: str | None = None,
     ) -> Child:
         """Start argv (no shell) in a new session. Raises SpawnError with a readable reason.
 
         pipe_size (if not 0) sets the stdin and stdout pipes' capacity; when the kernel
         refuses (EPERM: the user's pipe budget is spent), they keep the default and
-        `pipe_size_error` says why."""
+        `pipe_size_error` says why. executable: argv[0] already found (no PATH search)."""
         hub = get_hub()
         if id(hub.loop) not in _hub_ready:
             hub.loop.install_sigchld()
@@ -86,7 +92,7 @@ class Child:
             # Popen forks in Python and blocks the loop for milliseconds. The exit status must
             # come from gevent's child watcher, registered before anything can yield.
             proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                argv, executable=executable, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                 bufsize=0, close_fds=True, start_new_session=True, env=env, cwd=cwd,
             )  # fmt: skip
         except OSError as e:

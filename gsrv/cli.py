@@ -21,6 +21,7 @@ from gsrv.guardian import Guardian
 from gsrv.listeners import BindError
 from gsrv.logs import Log
 from gsrv.metrics import State
+from gsrv.pump import HAS_SPLICE
 from gsrv.send import send
 from gsrv.server import Server
 from gsrv.units import format_size
@@ -86,7 +87,9 @@ def _limits(svc: ServiceConfig) -> str:
     return (
         f"max_sessions={svc.max_sessions} backlog={svc.backlog} chunk_size={format_size(svc.chunk_size)} "
         f"idle_timeout={seconds(svc.idle_timeout, 'none')} session_timeout={seconds(svc.session_timeout, 'none')} "
-        f"keepalive={seconds(svc.keepalive, 'off')} stderr={svc.stderr} nonzero_exit={svc.nonzero_exit}"
+        f"keepalive={seconds(svc.keepalive, 'off')} stderr={svc.stderr} nonzero_exit={svc.nonzero_exit} "
+        f"relay={svc.relay}{'' if svc.relay != 'auto' else ' (splice)' if HAS_SPLICE else ' (copy)'} "
+        f"pipe_size={format_size(svc.pipe_size) if svc.pipe_size else 'default'}"
     )
 
 

@@ -64,6 +64,7 @@ class ServiceConfig:
     mode: int = 0o660
     relay: str = "auto"  # "splice" (Linux: no userland copy), "copy", or "auto": splice where there is one
     pipe_size: int = 0  # the child's stdin/stdout pipe capacity; 0: the kernel's default (64 KiB)
+    executable: str = ""  # derived, not a key: command[0] found on the child's PATH at load time
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class Config:
 
 SERVER_KEYS = tuple(ServerConfig.__dataclass_fields__)
 GUARD_KEYS = tuple(GuardConfig.__dataclass_fields__)
-SERVICE_KEYS = tuple(k for k in ServiceConfig.__dataclass_fields__ if k != "name")
+SERVICE_KEYS = tuple(k for k in ServiceConfig.__dataclass_fields__ if k not in ("name", "executable"))
 
 
 class _Table:
@@ -156,15 +157,18 @@ class _Table:
         return tuple(value.items())
 
 
-def _resolve_command(table: _Table, command: tuple[str, ...], env: dict[str, str], cwd: str | None) -> None:
+def _resolve_command(table: _Table, command: tuple[str, ...], env: dict[str, str], cwd: str | None) -> str:
+    """The program's absolute path (found once here, so no spawn searches PATH again)."""
     program = command[0]
     if "/" in program:
         path = os.path.join(cwd or os.getcwd(), program)
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             raise table.fail("command[0]", f'"{program}" is not an executable file')
-        return
-    if shutil.which(program, path=env.get("PATH", os.defpath)) is None:
+        return os.path.abspath(path)
+    found = shutil.which(program, path=env.get("PATH", os.defpath))
+    if found is None:
         raise table.fail("command[0]", f'"{program}" was not found on PATH ({env.get("PATH", os.defpath)})')
+    return os.path.abspath(os.path.join(cwd or os.getcwd(), found))
 
 
 def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> ServiceConfig:
@@ -185,7 +189,7 @@ def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> 
     if cwd is not None and not (isinstance(cwd, str) and os.path.isdir(cwd)):
         raise t.fail("cwd", f"must be an existing directory (got {describe(cwd)})")
     child_env = {k: server_env[k] for k in pass_env if k in server_env} | dict(env)
-    _resolve_command(t, command, child_env, cwd)
+    executable = _resolve_command(t, command, child_env, cwd)
     return ServiceConfig(
         name=name,
         listen=listen,
@@ -204,6 +208,7 @@ def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> 
         mode=_mode(t, data, listen),
         relay=_relay(t),
         pipe_size=_pipe_size(t),
+        executable=executable,
     )
 
 

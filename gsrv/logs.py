@@ -10,6 +10,7 @@ import collections
 import errno
 import json
 import os
+import re
 import stat
 import time
 from typing import Any
@@ -27,9 +28,14 @@ def timestamp(now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{millis:03d}Z"
 
 
+_QUOTE = re.compile(r'[ "=\\]')  # and anything not printable
+
+
 def _logfmt_value(value: object) -> str:
+    if type(value) is int:
+        return str(value)
     text = str(value)
-    if text and not any(c in text for c in ' "=\\\n\t') and text.isprintable():
+    if text and text.isprintable() and not _QUOTE.search(text):
         return text
     return json.dumps(text, ensure_ascii=False)
 

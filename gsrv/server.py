@@ -19,7 +19,7 @@ from gevent.event import Event
 from gsrv.config import Config, ServiceConfig, load
 from gsrv.errors import ConfigError
 from gsrv.gate import Gate, Listener
-from gsrv.listeners import BindError, close_listener, open_listener
+from gsrv.listeners import BindError, close_listener, open_listener, tune
 from gsrv.logs import Log
 from gsrv.metrics import Metrics, ServiceState
 from gsrv.session import Session
@@ -51,6 +51,7 @@ class Service:
 
     def bind(self) -> None:
         sock = open_listener(f"service {self.cfg.name}", self.cfg.listen, self.cfg.backlog, self.cfg.mode, os.environ)
+        tune(sock, self.cfg.keepalive)
         self.listener = Listener(sock, self.gate)
         self.gate.attach(self.listener)
 
@@ -232,6 +233,8 @@ class Server:
             if current is not None and cfg.listen == current.cfg.listen:
                 current.cfg = cfg
                 current.gate.set_limit(cfg.max_sessions)
+                if current.listener is not None:
+                    tune(current.listener.socket, cfg.keepalive)
                 kept.append(current)
                 changes["updated"].append(cfg.name)
                 continue

@@ -69,15 +69,6 @@ def _unix_peer(sock: socket) -> str:
     return f"unix:pid={creds[0]},uid={creds[1]}" if creds else "unix"
 
 
-def set_keepalive(sock: socket, idle: float) -> None:
-    if idle <= 0:
-        return
-    sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_KEEPALIVE, 1)
-    sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_KEEPIDLE, max(1, int(idle)))
-    sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_KEEPINTVL, max(1, min(int(idle), 10)))
-    sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_KEEPCNT, 3)
-
-
 class Session:
     """Relay one client through one child; `run()` never raises."""
 
@@ -140,11 +131,10 @@ class Session:
         the gate to try again; on any other the session has ended: client reset, line written.
         """
         try:
-            if self.tcp:
-                self.sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
-                set_keepalive(self.sock, self.svc.keepalive)
             started = time.perf_counter()
-            self.child = Child.spawn(self.svc.command, self._env(), self.svc.cwd, self.svc.stderr, self.svc.pipe_size)
+            svc = self.svc
+            env = self._env()
+            self.child = Child.spawn(svc.command, env, svc.cwd, svc.stderr, svc.pipe_size, svc.executable or None)
             self.spawn_seconds = time.perf_counter() - started
             if self.child.pipe_size_error:
                 self._pipe_size_refused(self.child.pipe_size_error)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -239,3 +241,34 @@ def test_out_of_fds_clients_wait_in_the_backlog(tmp_path) -> None:
         assert server.proc.poll() is None
     finally:
         server.stop()
+
+
+def _keepalive_timer(port: int) -> str:
+    """The keepalive timer ss(8) shows on gsrv's side of the connection to `port`."""
+    out = subprocess.run(["ss", "-tnoH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, timeout=10, check=True).stdout  # fmt: skip
+    assert out.strip(), f"ss shows no established connection on port {port}"
+    found = re.search(r"timer:\(keepalive,([^,]+),", out)
+    return found.group(1) if found else "none"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2), which .ci/run installs")
+def test_keepalive_reaches_accepted_sockets_and_follows_reload(gsrv) -> None:
+    # Set once on the listener, inherited by every accepted socket; a reload re-applies it.
+    text = service_toml("cat", ["cat"], keepalive="7s")
+    server = gsrv(text)
+    port = server.address("cat")[1]
+    with server.connect("cat", timeout=10) as sock:
+        sock.sendall(b"x")
+        assert sock.recv(10) == b"x"
+        timer = _keepalive_timer(port)  # "6.99..." (ss shows 60 s as "59sec", 5 min as "4min59sec")
+        assert "min" not in timer and float(re.match(r"[\d.]+", timer)[0]) <= 7, timer
+    server.config.write_text(text.replace('keepalive = "7s"', 'keepalive = "0s"'))
+    lines = len(server.lines)
+    server.signal(signal.SIGHUP)
+    server.wait_log("event=reloaded", start=lines)
+    with server.connect("cat", timeout=10) as sock:
+        sock.sendall(b"y")
+        assert sock.recv(10) == b"y"
+        assert _keepalive_timer(port) == "none"

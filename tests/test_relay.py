@@ -30,8 +30,8 @@ def gsrv(request, gsrv):
     started = []
 
     def start(text: str, read_log: bool = True):
-        if "\nrelay =" not in text:
-            text = re.sub(r"^(\[services\.[\w-]+\])$", rf'\1\nrelay = "{relay}"', text, flags=re.M)
+        text = re.sub(r"^relay = .*$", "", text, flags=re.M)  # a shipped config may set it
+        text = re.sub(r"^(\[services\.[\w-]+\])$", rf'\1\nrelay = "{relay}"', text, flags=re.M)
         started.append(gsrv(text, read_log=read_log))
         return started[-1]
 
