@@ -43,6 +43,7 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/guard_cost.py
 	$(BIN)/python bench/admin_cost.py
+	$(BIN)/python bench/spawn_cost.py
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 clean:

@@ -1,0 +1,106 @@
+"""What one spawn blocks gsrv's loop for: gsrv's own Child.spawn (the stdlib Popen
+constructor, vfork in C), beside the cases that lose vfork (a preexec_fn; user/group as
+root) and gevent's Popen (fork in Python), each with few and with 4,000 open fds (about
+1,000 live sessions). Each child is `true`, reaped before the next spawn. Prints a
+Markdown table of median and p99 milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import gevent
+import gevent.subprocess
+
+from gsrv.child import Child
+
+COUNT = 300
+TRUE = shutil.which("true") or "/bin/true"
+ENV = {"PATH": os.defpath}
+
+
+Spawn = Callable[[], Callable[[], None]]  # starts a child; returns what reaps it
+
+
+def _gsrv() -> Spawn:
+    def spawn() -> Callable[[], None]:
+        child = Child.spawn(("true",), ENV, None, "discard", 0, TRUE)
+
+        def reap() -> None:
+            child.close_pipes()
+            child.exited.wait(5)
+
+        return reap
+
+    return spawn
+
+
+def _popen(popen: Callable[..., subprocess.Popen[bytes]], **extra: object) -> Spawn:
+    def spawn() -> Callable[[], None]:
+        proc = popen([TRUE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                     close_fds=True, start_new_session=True, env=ENV, **extra)  # fmt: skip
+
+        def reap() -> None:
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+            proc.wait()
+
+        return reap
+
+    return spawn
+
+
+def _time(spawn: Spawn) -> tuple[float, float]:
+    """Median and p99 ms of the start alone (the time the loop is blocked); reaped untimed."""
+    times = []
+    for _ in range(COUNT):
+        t0 = time.perf_counter()
+        reap = spawn()
+        times.append((time.perf_counter() - t0) * 1000)
+        reap()
+    times.sort()
+    return statistics.median(times), times[int(len(times) * 0.99)]
+
+
+def main() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 16384), hard))
+    cases: list[tuple[str, Spawn]] = [
+        ("gsrv Child.spawn (stdlib Popen, vfork)", _gsrv()),
+        ("stdlib Popen with preexec_fn (fork)", _popen(subprocess.Popen, preexec_fn=lambda: None)),
+        ("gevent.subprocess.Popen (fork in Python)", _popen(gevent.subprocess.Popen)),
+    ]
+    if os.geteuid() == 0:
+        cases.insert(
+            2, ("stdlib Popen with user/group (fork, as root)", _popen(subprocess.Popen, user=65534, group=65534))
+        )
+    rows = {name: [] for name, _ in cases}  # type: dict[str, list[str]]
+    held: list[int] = []
+    for fds in (0, 4000):
+        while len(held) < fds:
+            held.extend(os.pipe())
+        for name, spawn in cases:
+            spawn()()  # warm up
+            median, p99 = _time(spawn)
+            rows[name].append(f"{median:.2f} / {p99:.2f}")
+    for fd in held:
+        os.close(fd)
+    print(f"\nspawn cost, {COUNT} spawns of `true` each, Python {sys.version.split()[0]}: "
+          "ms the caller is blocked (the start, to the child's exec), median / p99\n")  # fmt: skip
+    print("| spawn | few fds | 4,000 open fds |")
+    print("|---|---:|---:|")
+    for name, cells in rows.items():
+        print(f"| {name} | {' | '.join(cells)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
