@@ -27,7 +27,8 @@ import servers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Script files, not "sh -c" strings: socat's EXEC splits its command at spaces.
-SLOW_READER = ["python3", os.path.join(HERE, "peers", "slow_reader.py")]
+# sys.executable, not "python3": a pyenv shim's helper processes would count as the server's.
+SLOW_READER = [sys.executable, os.path.join(HERE, "peers", "slow_reader.py")]
 HALF_CLOSE = [os.path.join(HERE, "peers", "late_answer.sh")]
 RSS_CAP = 2 * 1024**3  # the slow-child run stops a server that passes this (unbounded)
 

@@ -9,8 +9,6 @@ Run as `python -m gsrv.guardian`; it ignores SIGINT, SIGTERM and SIGHUP: only EO
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import signal
 import subprocess
@@ -19,7 +17,7 @@ import time
 
 GRACE_S = 2.0
 POLL_S = 0.1
-PIPE_SIZE = 1024 * 1024  # about a minute of reports at 1,000 sessions/s, should the guardian lag
+PENDING_MAX = 1024 * 1024  # reports kept while the pipe is full (64 KiB: ~4 s at 1,000 sessions/s)
 
 
 class Guardian:
@@ -40,8 +38,6 @@ class Guardian:
         assert self.proc.stdin is not None
         self._fd = self.proc.stdin.fileno()
         os.set_blocking(self._fd, False)
-        with contextlib.suppress(OSError):  # EPERM past the user's pipe budget: 64 KiB will do
-            fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         self._pending = bytearray()
         self._loop = get_hub().loop
         self._flush_due = False
@@ -61,7 +57,7 @@ class Guardian:
         except OSError:  # the guardian is gone: nothing left to tell
             written = len(self._pending)
         del self._pending[:written]
-        del self._pending[:-65536]  # bounded; the guardian reads as fast as we spawn
+        del self._pending[:-PENDING_MAX]  # bounded, should the guardian ever fall this far behind
 
     def track(self, pgid: int) -> None:
         self._send(b"+%d\n" % pgid)

@@ -15,6 +15,7 @@ import enum
 import errno
 import fcntl
 import os
+import socket as stdsocket
 import struct
 import termios
 import time
@@ -143,17 +144,19 @@ class _PipeRoom:
         return self.capacity - queued(self.fd)
 
 
-def copy(src: int, dst: int, chunk: int, meter: Meter, sink_is_pipe: bool = False) -> End:
+def copy(
+    src: int, dst: int, chunk: int, meter: Meter, sink_is_pipe: bool = False, yield_every: int = YIELD_EVERY
+) -> End:
     """Move bytes src -> dst until src's EOF (or error) or dst closes; returns why it stopped."""
     source, sink = Fd(src, READ), Fd(dst, WRITE)
     try:
-        return _copy(source, sink, chunk, meter, _PipeRoom(dst, chunk) if sink_is_pipe else None)
+        return _copy(source, sink, chunk, meter, _PipeRoom(dst, chunk) if sink_is_pipe else None, yield_every)
     finally:
         source.close()
         sink.close()
 
 
-def _copy(source: Fd, sink: Fd, chunk: int, meter: Meter, pipe: _PipeRoom | None) -> End:
+def _copy(source: Fd, sink: Fd, chunk: int, meter: Meter, pipe: _PipeRoom | None, yield_every: int) -> End:
     buffers = pool(chunk)
     since_yield = 0
     while True:
@@ -185,46 +188,67 @@ def _copy(source: Fd, sink: Fd, chunk: int, meter: Meter, pipe: _PipeRoom | None
         buffers.give(buf)
         meter.moved(n)
         since_yield += n
-        if since_yield >= YIELD_EVERY:
+        if since_yield >= yield_every:
             since_yield = 0
             gevent.sleep(0)
 
 
-def splice(src: int, dst: int, meter: Meter, source_is_socket: bool) -> End:
+def splice(src: int, dst: int, meter: Meter, source_is_socket: bool, yield_every: int = YIELD_EVERY) -> End:
     """Move bytes src -> dst with splice(2), one side being a pipe, until src's EOF (or
     error) or dst closes. Nothing is held in userland: while one side waits, the bytes sit
     in the kernel's socket and pipe buffers, as they would with the copy path."""
     source, sink = Fd(src, READ), Fd(dst, WRITE)
     flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+    count = min(SPLICE_MAX, yield_every)
     since_yield = 0
+    source_ended = False
     try:
         while True:
             try:
-                n = os.splice(src, dst, SPLICE_MAX, flags=flags)
+                n = os.splice(src, dst, count, flags=flags)
             except BlockingIOError:
                 # Either side may be the one that is not ready: bytes waiting at the source
-                # mean the sink is full.
-                if queued(src):
+                # mean the sink is full. A source readable with nothing queued is at its end
+                # (or holds an error), which splice reports only once the sink has room: if
+                # it still says EAGAIN then, wait for the sink, or the loop would spin.
+                if source_ended or queued(src):
                     started = time.monotonic()
                     sink.wait()
                     meter.blocked += time.monotonic() - started
+                    source_ended = False
                 else:
                     source.wait()
+                    source_ended = not queued(src)
                 continue
             except OSError as e:
-                if not source_is_socket or e.errno == errno.EPIPE:
-                    return End.SINK_CLOSED  # the pipe's reader is gone, or the client
-                return End.SOURCE_ERROR
+                if not source_is_socket:
+                    return End.SINK_CLOSED  # the client is gone
+                if e.errno != errno.EPIPE:
+                    return End.SOURCE_ERROR
+                # The child closed its stdin. If the client had sent all it will, say so, as
+                # the copy path (which reads before it writes) does.
+                return End.SOURCE_EOF if _socket_at_eof(src) else End.SINK_CLOSED
             if n == 0:
                 return End.SOURCE_EOF
             meter.moved(n)
             since_yield += n
-            if since_yield >= YIELD_EVERY:
+            if since_yield >= yield_every:
                 since_yield = 0
                 gevent.sleep(0)
     finally:
         source.close()
         sink.close()
+
+
+def _socket_at_eof(fd: int) -> bool:
+    """Whether the socket's peer has finished sending and nothing is left to read."""
+    sock = stdsocket.socket(fileno=fd)
+    try:
+        return sock.recv(1, stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT) == b""
+    except OSError:
+        return False
+    finally:
+        sock.detach()
 
 
 def discard(src: int, chunk: int, meter: Meter) -> End:

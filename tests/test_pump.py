@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import socket
 import struct
+import time
 
 import gevent
 import pytest
@@ -188,6 +190,16 @@ def test_splice_reports_which_side_failed() -> None:
     with gevent.Timeout(10, "splice did not notice the closed pipe"):
         assert pump.splice(server.fileno(), pipe_w, pump.Meter(), True) is pump.End.SINK_CLOSED
     os.close(pipe_w)
+    # ... unless the client had sent all it will: then its input ended (as the copy path says)
+    quiet, server2 = _tcp_pair()
+    quiet.shutdown(socket.SHUT_WR)
+    pipe_r, pipe_w = _pipe()
+    os.close(pipe_r)
+    with gevent.Timeout(10, "splice did not notice the closed pipe"):
+        assert pump.splice(server2.fileno(), pipe_w, pump.Meter(), True) is pump.End.SOURCE_EOF
+    for s in (quiet, server2):
+        s.close()
+    os.close(pipe_w)
     # the client reset: as the source it is an error, as the sink it is closed
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()
@@ -199,3 +211,58 @@ def test_splice_reports_which_side_failed() -> None:
     for fd in (pipe_r, pipe_w):
         os.close(fd)
     server.close()
+
+
+@pytest.mark.parametrize("path", ["splice", "copy"])
+def test_a_pump_whose_data_is_always_ready_still_yields(path: str) -> None:
+    # Source and sink pipes of 1 MiB, the source holding 960 KiB and the sink empty: the pump
+    # never waits, so only its own yields (every yield_every bytes) let another greenlet run.
+    size, every = 1024 * 1024 - 64 * 1024, 64 * 1024
+    src_r, src_w = _pipe()
+    dst_r, dst_w = _pipe()
+    for fd in (src_w, dst_w):
+        assert fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1024 * 1024) >= size
+    data = hashlib.shake_256(b"fair").digest(size)
+    assert pump.Fd(src_w, pump.WRITE).write_all(data) == 0.0  # it all fits: no wait
+    os.close(src_w)
+    ticks = []
+    ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0)) for _ in range(1000)])
+    meter = pump.Meter()
+    with gevent.Timeout(10, "the pump did not finish"):
+        if path == "splice":
+            end = pump.splice(src_r, dst_w, meter, source_is_socket=False, yield_every=every)
+        else:
+            end = pump.copy(src_r, dst_w, 16384, meter, sink_is_pipe=True, yield_every=every)
+    ran_meanwhile = len(ticks)
+    ticker.kill()
+    assert end is pump.End.SOURCE_EOF and meter.total == size
+    assert ran_meanwhile >= size // every - 2, f"another greenlet ran {ran_meanwhile} times while {size} B moved"
+    assert os.read(dst_r, size + 1) == data
+    for fd in (src_r, dst_r, dst_w):
+        os.close(fd)
+
+
+def test_splice_at_source_eof_into_a_full_sink_waits_without_spinning() -> None:
+    # splice(2) reports the source's end only once the sink has room; until then the pump
+    # must sleep on the sink, not spin between a readable (ended) source and EAGAIN.
+    src_r, src_w = _pipe()
+    dst_r, dst_w = _pipe()
+    os.write(src_w, b"last")
+    os.close(src_w)  # the source ends after 4 bytes
+    while True:  # fill the sink
+        try:
+            os.write(dst_w, b"x" * 65536)
+        except BlockingIOError:
+            break
+    meter = pump.Meter()
+    splicer = gevent.spawn(pump.splice, src_r, dst_w, meter, False)
+    cpu = time.process_time()
+    gevent.sleep(0.5)
+    used = time.process_time() - cpu
+    assert not splicer.dead and used < 0.25, f"the waiting pump used {used:.2f} s of CPU in 0.5 s"
+    with gevent.Timeout(10, "the pump did not see the end once the sink had room"):
+        pump.Fd(dst_r, pump.READ).read(1 << 20)  # make room
+        assert splicer.get() is pump.End.SOURCE_EOF
+    assert meter.total == 4
+    for fd in (src_r, dst_r, dst_w):
+        os.close(fd)
