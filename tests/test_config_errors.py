@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import PY, ROOT
 
+from gsrv.units import format_size
+
+PIPE_MAX = format_size(int(Path("/proc/sys/fs/pipe-max-size").read_text()))
 SVC = '[services.up]\nlisten = "127.0.0.1:0"\ncommand = ["cat"]\n'
 
 CASES = {
@@ -28,6 +31,14 @@ CASES = {
     "size_out_of_range": (
         SVC + 'chunk_size = "2MiB"\n',
         '[services.up] chunk_size must be between 4KiB and 1MiB (got "2MiB", a string)',
+    ),
+    "bad_relay": (
+        SVC + 'relay = "fast"\n',
+        '[services.up] relay must be one of "auto", "splice", "copy" (got "fast", a string)',
+    ),
+    "pipe_size_past_the_kernel_ceiling": (  # the ceiling is fs.pipe-max-size (1MiB by default)
+        SVC + 'pipe_size = "2GiB"\n',
+        f'[services.up] pipe_size must be between 4KiB and {PIPE_MAX} (got "2GiB", a string)',
     ),
     "bad_duration": (
         "[server]\ndrain_timeout = 30\n" + SVC,
