@@ -11,6 +11,7 @@ import struct
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -347,3 +348,34 @@ def test_shipped_demo_services_answer_as_the_readme_says(gsrv) -> None:
         sock.sendall(b"hello, gsrv\n")
         assert sock.recv(100) == b"HELLO, GSRV\n"
         assert exchange(sock, b"bye\n") == b"BYE\n"
+
+
+def _short_session(address: tuple[str, int]) -> bytes | None:
+    """Connect, send nothing, half-close, read to the end: the reply, or None on a reset."""
+    with socket.create_connection(address, timeout=30) as sock:
+        sock.shutdown(socket.SHUT_WR)
+        try:
+            return exchange(sock, b"")
+        except ConnectionResetError:
+            return None
+
+
+@pytest.mark.timeout(120)
+def test_exit_statuses_stay_exact_under_load(gsrv) -> None:
+    # 300 children that exit 3 and 100 that kill themselves, 20 sessions at a time: each
+    # status comes from gevent's child watcher, never from a waitpid that could miss it.
+    text = service_toml("three", ["sh", "-c", "echo bye; exit 3"])
+    text += service_toml("killed", ["sh", "-c", "kill -KILL $$"])
+    server = gsrv(text)
+    with ThreadPoolExecutor(20) as pool:
+        threes = list(pool.map(_short_session, [server.address("three")] * 300))
+        killed = list(pool.map(_short_session, [server.address("killed")] * 100))
+    assert threes == [b"bye\n"] * 300  # nonzero_exit = "close": the reply, then a FIN
+    assert killed == [None] * 100  # killed by a signal: a reset
+    ends = "event=session_end service=three "
+    wait_until(lambda: server.count_log(ends) == 300, 20, "300 session_end lines for three")
+    assert server.count_log(ends + r".* exit=3 reason=(eof|child_exit)$") == 300
+    ends = "event=session_end service=killed "
+    wait_until(lambda: server.count_log(ends) == 100, 20, "100 session_end lines for killed")
+    assert server.count_log(ends + r".* signal=KILL reason=(eof|child_exit)$") == 100
+    wait_until(lambda: not server.children(), 10, "no child left")
