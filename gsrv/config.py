@@ -221,14 +221,18 @@ def _relay(t: _Table) -> str:
 
 def _pipe_size(t: _Table) -> int:
     """0 (the kernel's default) or a capacity up to the kernel's pipe-max-size."""
-    if t.data.get("pipe_size", 0) in (0, "0"):
+    size = t.size("pipe_size", 0, 0, 2**62)
+    if size == 0:
         return 0
     try:
         with open("/proc/sys/fs/pipe-max-size") as f:
             ceiling = int(f.read())
     except (OSError, ValueError):
         ceiling = 1024 * 1024
-    return t.size("pipe_size", 0, 4096, ceiling)
+    if not 4096 <= size <= ceiling:
+        span = f"between 4KiB and {format_size(ceiling)} (fs.pipe-max-size)"
+        raise t.fail("pipe_size", f"must be 0 (the kernel's default) or {span} (got {describe(t.data['pipe_size'])})")
+    return size
 
 
 def _mode(t: _Table, data: dict[str, Any], listen: Address) -> int:

@@ -41,6 +41,7 @@ class Guardian:
         self._pending = bytearray()
         self._loop = get_hub().loop
         self._flush_due = False
+        self._closed = False
 
     def _send(self, line: bytes) -> None:
         self._pending += line
@@ -50,6 +51,8 @@ class Guardian:
 
     def _flush(self) -> None:
         self._flush_due = False
+        if self._closed:
+            return
         try:
             written = os.write(self._fd, self._pending)
         except BlockingIOError:
@@ -69,6 +72,7 @@ class Guardian:
         """A clean stop: every group was reaped; EOF lets the guardian exit at once."""
         assert self.proc.stdin is not None
         self._flush()
+        self._closed = True  # a flush still scheduled must not write to a reused fd number
         self.proc.stdin.close()
 
 

@@ -38,7 +38,8 @@ CASES = {
     ),
     "pipe_size_past_the_kernel_ceiling": (  # the ceiling is fs.pipe-max-size (1MiB by default)
         SVC + 'pipe_size = "2GiB"\n',
-        f'[services.up] pipe_size must be between 4KiB and {PIPE_MAX} (got "2GiB", a string)',
+        f"[services.up] pipe_size must be 0 (the kernel's default) or between 4KiB and {PIPE_MAX} "
+        '(fs.pipe-max-size) (got "2GiB", a string)',
     ),
     "bad_duration": (
         "[server]\ndrain_timeout = 30\n" + SVC,

@@ -379,3 +379,15 @@ def test_exit_statuses_stay_exact_under_load(gsrv) -> None:
     wait_until(lambda: server.count_log(ends) == 100, 20, "100 session_end lines for killed")
     assert server.count_log(ends + r".* signal=KILL reason=(eof|child_exit)$") == 100
     wait_until(lambda: not server.children(), 10, "no child left")
+
+
+@pytest.mark.timeout(60)
+def test_pipe_size_sets_the_childs_stdin_and_stdout_pipes(gsrv) -> None:
+    probe = py_child("""
+        import fcntl, sys
+        sizes = [fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) for fd in (0, 1)]
+        print(*sizes, len(sys.stdin.buffer.read()))
+    """)
+    server = gsrv(service_toml("big", probe, pipe_size="256KiB") + service_toml("plain", probe))
+    assert _send(server, "big", b"x" * 300000).stdout.split() == [b"262144", b"262144", b"300000"]
+    assert _send(server, "plain", b"").stdout.split() == [b"65536", b"65536", b"0"]
