@@ -242,7 +242,10 @@ def splice(src: int, dst: int, meter: Meter, source_is_socket: bool, yield_every
 
 def _socket_at_eof(fd: int) -> bool:
     """Whether the socket's peer has finished sending and nothing is left to read."""
-    sock = stdsocket.socket(fileno=fd)
+    try:
+        sock = stdsocket.socket(fileno=fd)
+    except OSError:
+        return False
     try:
         return sock.recv(1, stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT) == b""
     except OSError:
