@@ -210,8 +210,9 @@ def sessions_beside_held(addr: tuple[str, int], pid: int, count: int, held: int)
 
 def latency(addr: tuple[str, int], pid: int, count: int, beside_stream: bool) -> dict[str, float]:
     """p50/p99 ms of one 10-byte session through `cat` (connect to last byte back), `count`
-    in a row after WARM_UP unmeasured ones; with beside_stream, while another client streams flat out through the same
-    service (bench/peers/stream_client.py, a separate process)."""
+    in a row after WARM_UP unmeasured ones; with beside_stream, while another client
+    streams flat out through the same service (bench/peers/stream_client.py, a separate
+    process that gives up after 300 s)."""
     streamer = None
     if beside_stream:
         script = os.path.join(HERE, "peers", "stream_client.py")
