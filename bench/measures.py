@@ -161,17 +161,23 @@ def stalled(addr: tuple[str, int], pid: int, count: int, per_conn_cap: int) -> d
     return {"server KB": (after - before) / count / 1000, "machine KB": (machine_before - machine_after) / count / 1000}
 
 
+def _ten_bytes(addr: tuple[str, int]) -> bytes:
+    """One short session: connect, send 10 bytes, half-close, read the whole reply."""
+    sock = socket.create_connection(addr, timeout=30)
+    sock.sendall(b"0123456789")
+    sock.shutdown(SHUT_WR)
+    reply = b""
+    while chunk := sock.recv(100):
+        reply += chunk
+    sock.close()
+    return reply
+
+
 def sessions_per_s(addr: tuple[str, int], pid: int, count: int, concurrency: int = 20) -> dict[str, float]:
     """Sessions/s of 10 bytes into `wc -c`, `concurrency` at a time, every reply checked."""
 
     def one(_: int) -> None:
-        sock = socket.create_connection(addr, timeout=30)
-        sock.sendall(b"0123456789")
-        sock.shutdown(SHUT_WR)
-        reply = b""
-        while chunk := sock.recv(100):
-            reply += chunk
-        sock.close()
+        reply = _ten_bytes(addr)
         if reply.split()[0] != b"10":
             raise RuntimeError(f"wc -c answered {reply!r}")
 
@@ -227,13 +233,7 @@ def latency(addr: tuple[str, int], pid: int, count: int, beside_stream: bool) ->
         times = []
         for i in range(count + WARM_UP):
             t0 = time.perf_counter()
-            sock = socket.create_connection(addr, timeout=30)
-            sock.sendall(b"0123456789")
-            sock.shutdown(SHUT_WR)
-            reply = b""
-            while chunk := sock.recv(100):
-                reply += chunk
-            sock.close()
+            reply = _ten_bytes(addr)
             if i >= WARM_UP:
                 times.append((time.perf_counter() - t0) * 1000)
             if reply != b"0123456789":
