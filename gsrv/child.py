@@ -76,24 +76,30 @@ class Child:
         stderr: str,
         pipe_size: int = 0,
         executable: str | None = None,
+        launcher: tuple[str, ...] = (),
+        umask: int = -1,
     ) -> Child:
         """Start argv (no shell) in a new session. Raises SpawnError with a readable reason.
 
         pipe_size (if not 0) sets the stdin and stdout pipes' capacity; when the kernel
         refuses (EPERM: the user's pipe budget is spent), they keep the default and
-        `pipe_size_error` says why. executable: argv[0] already found (no PATH search)."""
+        `pipe_size_error` says why. executable: argv[0] already found (no PATH search).
+        launcher: an argv prefix that applies rlimits and drops privileges, then execs the
+        command (prlimit, setpriv); umask: the child's, or -1 for gsrv's own."""
         hub = get_hub()
         if id(hub.loop) not in _hub_ready:
             hub.loop.install_sigchld()
             _hub_ready.add(id(hub.loop))
         err = {"log": subprocess.PIPE, "discard": subprocess.DEVNULL, "stdout": subprocess.STDOUT}[stderr]
+        if launcher:
+            argv, executable = (*launcher, executable or argv[0], *argv[1:]), launcher[0]
         try:
             # The stdlib constructor forks with vfork in C (well under a millisecond); gevent's
             # Popen forks in Python and blocks the loop for milliseconds. The exit status must
             # come from gevent's child watcher, registered before anything can yield.
             proc = subprocess.Popen(
                 argv, executable=executable, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                bufsize=0, close_fds=True, start_new_session=True, env=env, cwd=cwd,
+                bufsize=0, close_fds=True, start_new_session=True, env=env, cwd=cwd, umask=umask,
             )  # fmt: skip
         except OSError as e:
             name = e.filename if e.filename is not None else argv[0]

@@ -16,7 +16,9 @@ import psutil
 
 from gsrv.address import Address, collide, parse_address
 from gsrv.errors import ConfigError
-from gsrv.units import Amount, describe, format_size, parse_amount, parse_duration, parse_size
+from gsrv.policy import KEYS, Policy, parse_policy
+from gsrv.table import Table
+from gsrv.units import Amount, describe, format_size
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
@@ -65,6 +67,7 @@ class ServiceConfig:
     relay: str = "auto"  # "splice" (Linux: no userland copy), "copy", or "auto": splice where there is one
     pipe_size: int = 0  # the child's stdin/stdout pipe capacity; 0: the kernel's default (64 KiB)
     executable: str = ""  # derived, not a key: command[0] found on the child's PATH at load time
+    policy: Policy = Policy()  # TLS, PROXY protocol, access, per-IP limits, the child's privileges
 
 
 @dataclass(frozen=True)
@@ -79,85 +82,10 @@ class Config:
 
 SERVER_KEYS = tuple(ServerConfig.__dataclass_fields__)
 GUARD_KEYS = tuple(GuardConfig.__dataclass_fields__)
-SERVICE_KEYS = tuple(k for k in ServiceConfig.__dataclass_fields__ if k not in ("name", "executable"))
+SERVICE_KEYS = tuple(k for k in ServiceConfig.__dataclass_fields__ if k not in ("name", "executable", "policy")) + KEYS
 
 
-class _Table:
-    """One TOML table being read: typed getters that raise ConfigError naming file and key."""
-
-    def __init__(self, file: str, name: str, data: dict[str, Any], known: tuple[str, ...]) -> None:
-        self.file, self.name, self.data = file, name, data
-        for key in data:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f'did you mean "{close[0]}"?' if close else "known keys: " + ", ".join(known)
-                raise ConfigError(file, f"[{name}]", f'has unknown key "{key}" ({hint})')
-
-    def fail(self, key: str, message: str) -> ConfigError:
-        return ConfigError(self.file, f"[{self.name}] {key}", message)
-
-    def integer(self, key: str, default: int, low: int) -> int:
-        value = self.data.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise self.fail(key, f"must be an integer >= {low} (got {describe(value)})")
-        return value
-
-    def size(self, key: str, default: int, low: int, high: int) -> int:
-        value = self.data.get(key, default)
-        try:
-            size = parse_size(value)
-        except ValueError as e:
-            raise self.fail(key, str(e)) from None
-        if not low <= size <= high:
-            span = f"between {format_size(low)} and {format_size(high)}"
-            raise self.fail(key, f"must be {span} (got {describe(value)})")
-        return size
-
-    def duration(self, key: str, default: str, zero_means: str | None = None) -> float:
-        value = self.data.get(key, default)
-        try:
-            seconds = parse_duration(value)
-        except ValueError as e:
-            raise self.fail(key, str(e)) from None
-        if seconds == 0 and zero_means is None:
-            raise self.fail(key, f'must be greater than 0, like "{default}" (got {describe(value)})')
-        return seconds
-
-    def amount(self, key: str, default: Amount) -> Amount:
-        if key not in self.data:
-            return default
-        try:
-            return parse_amount(self.data[key])
-        except ValueError as e:
-            raise self.fail(key, str(e)) from None
-
-    def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
-        value = self.data.get(key, default)
-        if value not in options:
-            listed = ", ".join(f'"{o}"' for o in options)
-            raise self.fail(key, f"must be one of {listed} (got {describe(value)})")
-        return str(value)
-
-    def strings(self, key: str, default: tuple[str, ...], non_empty: bool = False) -> tuple[str, ...]:
-        value = self.data.get(key, list(default))
-        ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
-        if not ok or (non_empty and not value):
-            what = "a non-empty array of non-empty strings" if non_empty else "an array of strings"
-            raise self.fail(key, f"must be {what} (got {describe(value)})")
-        return tuple(value)
-
-    def string_table(self, key: str) -> tuple[tuple[str, str], ...]:
-        value = self.data.get(key, {})
-        expected = 'must be a table of strings, like { NAME = "value" }'
-        if not isinstance(value, dict):
-            raise self.fail(key, f"{expected} (got {describe(value)})")
-        for name, item in value.items():
-            if not isinstance(item, str):
-                raise self.fail(key, f"{expected} (got {name} = {describe(item)})")
-        return tuple(value.items())
-
-
-def _resolve_command(table: _Table, command: tuple[str, ...], env: dict[str, str], cwd: str | None) -> str:
+def _resolve_command(table: Table, command: tuple[str, ...], env: dict[str, str], cwd: str | None) -> str:
     """The program's absolute path (found once here, so no spawn searches PATH again)."""
     program = command[0]
     if "/" in program:
@@ -174,7 +102,7 @@ def _resolve_command(table: _Table, command: tuple[str, ...], env: dict[str, str
 def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> ServiceConfig:
     if not isinstance(data, dict):
         raise ConfigError(file, f"[services.{name}]", f"must be a table (got {describe(data)})")
-    t = _Table(file, f"services.{name}", data, SERVICE_KEYS)
+    t = Table(file, f"services.{name}", data, SERVICE_KEYS)
     for required, example in (("listen", '"127.0.0.1:7001"'), ("command", '["sha256sum"]')):
         if required not in data:
             raise t.fail(required, f"is required (for example {required} = {example})")
@@ -209,17 +137,18 @@ def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> 
         relay=_relay(t),
         pipe_size=_pipe_size(t),
         executable=executable,
+        policy=parse_policy(t, data, server_env),
     )
 
 
-def _relay(t: _Table) -> str:
+def _relay(t: Table) -> str:
     relay = t.choice("relay", "auto", ("auto", "splice", "copy"))
     if relay == "splice" and not hasattr(os, "splice"):
         raise t.fail("relay", 'is "splice" but this platform has no splice(2): use "auto" or "copy"')
     return relay
 
 
-def _pipe_size(t: _Table) -> int:
+def _pipe_size(t: Table) -> int:
     """0 (the kernel's default) or a capacity up to the kernel's pipe-max-size."""
     size = t.size("pipe_size", 0, 0, 2**62)
     if size == 0:
@@ -235,7 +164,7 @@ def _pipe_size(t: _Table) -> int:
     return size
 
 
-def _mode(t: _Table, data: dict[str, Any], listen: Address) -> int:
+def _mode(t: Table, data: dict[str, Any], listen: Address) -> int:
     """A unix socket file's permissions: "0660" or 0o660."""
     if "mode" not in data:
         return 0o660
@@ -252,7 +181,7 @@ def _mode(t: _Table, data: dict[str, Any], listen: Address) -> int:
 def _guard(file: str, data: object) -> GuardConfig:
     if not isinstance(data, dict):
         raise ConfigError(file, "[guard]", f"must be a table (got {describe(data)})")
-    t = _Table(file, "guard", data, GUARD_KEYS)
+    t = Table(file, "guard", data, GUARD_KEYS)
     interval = t.duration("interval", "1s")
     if not 0.05 <= interval <= 60:
         raise t.fail("interval", f"must be between 50ms and 60s (got {describe(data['interval'])})")
@@ -324,7 +253,7 @@ def parse(file: str, text: str, environ: dict[str, str] | None = None, overrides
     raw_server = data.get("server", {})
     if not isinstance(raw_server, dict):
         raise ConfigError(file, "[server]", f"must be a table (got {describe(raw_server)})")
-    t = _Table(file, "server", raw_server, SERVER_KEYS)
+    t = Table(file, "server", raw_server, SERVER_KEYS)
     server = ServerConfig(
         log_level=t.choice("log_level", "info", LOG_LEVELS),
         log_format=t.choice("log_format", "text", ("text", "json")),
@@ -352,7 +281,7 @@ def _admin(file: str, data: object) -> Address | None:
         return None
     if not isinstance(data, dict):
         raise ConfigError(file, "[admin]", f"must be a table (got {describe(data)})")
-    t = _Table(file, "admin", data, ("listen",))
+    t = Table(file, "admin", data, ("listen",))
     if "listen" not in data:
         raise t.fail("listen", 'is required (for example listen = "127.0.0.1:9180")')
     try:

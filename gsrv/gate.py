@@ -1,4 +1,5 @@
-"""Admission for one listener: max_sessions, pauses (draining, memory pressure, resources).
+"""Admission for one listener: max_sessions, max_pending, pauses (draining, memory pressure,
+resources).
 
 The only caller of start_accepting/stop_accepting, gevent's own paths back to them included:
 admit() never raises and accept errors pause accepting instead of arming gevent's retry timer.
@@ -7,6 +8,7 @@ admit() never raises and accept errors pause accepting instead of arming gevent'
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -28,9 +30,12 @@ class Startable(Protocol):
 S = TypeVar("S", bound=Startable)
 
 
-def may_accept(active: int, limit: int, paused: set[str] | frozenset[str]) -> bool:
-    """The gate's decision, as a pure function."""
-    return not paused and active < limit
+def may_accept(
+    active: int, limit: int, paused: set[str] | frozenset[str], pending: int = 0, max_pending: int = 1
+) -> bool:
+    """The gate's decision, as a pure function: pending counts the connections still in their
+    PROXY header or TLS handshake, and those done but waiting for a session slot."""
+    return not paused and active < limit and pending < max_pending
 
 
 class Listener(StreamServer):  # type: ignore[misc]
@@ -65,6 +70,10 @@ class Gate(Generic[S]):
     That client is held (parked) and the others wait in the backlog; when a session
     ends, or on a backed-off timer, the parked one is tried again, and once its command
     runs the others follow. Nobody is refused for want of fds.
+
+    With a prelude (a PROXY header to read, a TLS handshake), a connection first runs it
+    in its own greenlet without a max_sessions slot, counted as pending (at most
+    max_pending, then accept waits); done, it queues for a slot like a parked one.
     """
 
     def __init__(
@@ -72,11 +81,17 @@ class Gate(Generic[S]):
         name: str,
         max_sessions: int,
         log: Log,
-        open_session: Callable[[Any, Any], S],
+        open_session: Callable[[Any, Any], S | None],
         run_session: Callable[[S], None],
     ) -> None:
         self.name = name
         self.max_sessions = max_sessions
+        self.max_pending = 1
+        self.prelude: Callable[[S], bool] | None = None  # None: sessions start at accept
+        self.pending = 0  # in their prelude
+        self.ready: deque[S] = deque()  # prelude done, waiting for a slot
+        self._preludes: set[gevent.Greenlet] = set()
+        self.closed = False
         self.log = log
         self.open_session = open_session
         self.run_session = run_session
@@ -91,10 +106,12 @@ class Gate(Generic[S]):
         self.listener = listener
 
     def full(self) -> bool:
-        return self.short or not may_accept(self.active, self.max_sessions, self.paused)
+        waiting = self.pending + len(self.ready)
+        return self.short or not may_accept(self.active, self.max_sessions, self.paused, waiting, self.max_pending)
 
-    def set_limit(self, max_sessions: int) -> None:
-        self.max_sessions = max_sessions
+    def set_limits(self, max_sessions: int, max_pending: int, prelude: Callable[[S], bool] | None) -> None:
+        self.max_sessions, self.max_pending, self.prelude = max_sessions, max_pending, prelude
+        self._start_ready()
         self.update()
 
     def pause(self, reason: str) -> None:
@@ -123,7 +140,32 @@ class Gate(Generic[S]):
             self.log.error("session_refused", service=self.name, error=f"{type(e).__name__}: {e}")
             sock.close()
             return
-        self._start(session)
+        if session is None:  # a rule refused it
+            return
+        if self.prelude is None:
+            self._start(session)
+            return
+        self.pending += 1
+        greenlet = gevent.spawn(self._prelude, self.prelude, session)
+        self._preludes.add(greenlet)
+        self.update()
+
+    def _prelude(self, prelude: Callable[[S], bool], session: S) -> None:
+        try:
+            ok = prelude(session)
+        finally:
+            self.pending -= 1
+            self._preludes.discard(gevent.getcurrent())
+        if ok and self.closed:
+            session.fail("shutdown")
+        elif ok:
+            self.ready.append(session)
+            self._start_ready()
+        self.update()
+
+    def _start_ready(self) -> None:
+        while self.ready and self.active < self.max_sessions and not self.short:
+            self._start(self.ready.popleft())
 
     def _start(self, session: S) -> None:
         try:
@@ -150,6 +192,7 @@ class Gate(Generic[S]):
         finally:
             self.active -= 1
             self._try_again()  # a session ended: its fds are free again
+            self._start_ready()
             self.update()
 
     def _try_again(self) -> None:
@@ -160,10 +203,14 @@ class Gate(Generic[S]):
             self.short = False  # accept() itself failed: let it try
 
     def drop_parked(self, reason: str) -> None:
-        """End the parked client's session (draining or stopping)."""
+        """End the sessions not started yet: parked, in their prelude, queued (draining)."""
+        self.closed = True
         if self._parked is not None:
             session, self._parked = self._parked, None
             session.fail(reason)
+        while self.ready:
+            self.ready.popleft().fail(reason)
+        gevent.killall(list(self._preludes), block=False)  # each ends its own (reason shutdown)
 
     def accept_failed(self, error: OSError) -> None:
         if error.errno in RESOURCE_ERRORS:
@@ -189,4 +236,5 @@ class Gate(Generic[S]):
             gevent.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
             self._try_again()
+            self._start_ready()
             self.update()

@@ -43,6 +43,7 @@ class Ended(Protocol):
     def meters(self) -> Sequence[tuple[str, Meter]]: ...
 
 
+REFUSALS = ("spawn_failed", "denied", "per_ip_limit", "rate_limited", "proxy_failed", "tls_failed")
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
 SPAWN_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1)
 
@@ -104,7 +105,7 @@ class Metrics:
     def ended(self, service: str, session: Ended) -> None:
         """Once per session, after its log line."""
         reason = session.abort_reason or "unknown"
-        if reason == "spawn_failed":
+        if reason in REFUSALS:
             self.rejected.labels(service, reason).inc()
         self.sessions.labels(service, reason).inc()
         self.duration.labels(service).observe(session.duration)

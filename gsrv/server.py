@@ -16,7 +16,9 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
+from gsrv.arrival import Arrival
 from gsrv.config import Config, ServiceConfig, load
+from gsrv.door import Door
 from gsrv.errors import ConfigError
 from gsrv.gate import Gate, Listener
 from gsrv.listeners import BindError, close_listener, open_listener, tune
@@ -44,10 +46,21 @@ class Service:
         self.server = server
         self.cfg = cfg
         self.gate: Gate[Session] = Gate(cfg.name, cfg.max_sessions, server.log, self.open_session, self.run_session)
+        self.door = Door(cfg.policy)
         self.sessions: set[Session] = set()
         self.listener: Listener | None = None
+        self.configure(cfg)
         if server.memory_paused:  # a service added under pressure starts paused
             self.gate.pause("memory")
+
+    def configure(self, cfg: ServiceConfig) -> None:
+        """Take a (reloaded) config: limits, rules and certificates apply to new connections."""
+        self.cfg = cfg
+        self.door.update(cfg.policy)
+        prelude = self.door.prelude if self.door.has_prelude else None
+        self.gate.set_limits(cfg.max_sessions, cfg.policy.max_pending, prelude)
+        if self.listener is not None:
+            tune(self.listener.socket, cfg.keepalive)
 
     def bind(self) -> None:
         sock = open_listener(f"service {self.cfg.name}", self.cfg.listen, self.cfg.backlog, self.cfg.mode, os.environ)
@@ -77,10 +90,17 @@ class Service:
         host, port = name[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def open_session(self, sock: Any, address: Any) -> Session:
+    def open_session(self, sock: Any, address: Any) -> Session | None:
+        """The session for an accepted connection, or None when a rule refused it."""
         server = self.server
         sid = server.next_session_id()
-        return Session(self.cfg, server.config.server, sock, address, sid, server.log, server.watchdog)
+        session = Session(self.cfg, server.config.server, Arrival(sock, address), sid, server.log, server.watchdog)
+        session.at_end(lambda: self._ended(session))
+        return session if self.door.screen(session) else None
+
+    def _ended(self, session: Session) -> None:
+        if self.server.metrics is not None:
+            self.server.metrics.ended(self.cfg.name, session)
 
     def run_session(self, session: Session) -> None:
         self.sessions.add(session)
@@ -88,8 +108,6 @@ class Service:
             session.run()
         finally:
             self.sessions.discard(session)
-            if self.server.metrics is not None:
-                self.server.metrics.ended(self.cfg.name, session)
 
     def listen_queue(self) -> int | None:
         """Connections waiting in the backlog (TCP_INFO's unacked on a listening socket)."""
@@ -231,10 +249,7 @@ class Server:
         for cfg in new.services:
             current = old.pop(cfg.name, None)
             if current is not None and cfg.listen == current.cfg.listen:
-                current.cfg = cfg
-                current.gate.set_limit(cfg.max_sessions)
-                if current.listener is not None:
-                    tune(current.listener.socket, cfg.keepalive)
+                current.configure(cfg)
                 kept.append(current)
                 changes["updated"].append(cfg.name)
                 continue

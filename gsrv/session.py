@@ -14,14 +14,15 @@ import struct
 import termios
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import Event
 from gevent.socket import socket, wait_read
 
-from gsrv import pump
-from gsrv.child import Child, build_env
+from gsrv import pump, tls
+from gsrv.arrival import Arrival
+from gsrv.child import Child
 from gsrv.config import ServerConfig, ServiceConfig
 from gsrv.errors import RESOURCE_ERRORS, SpawnError
 from gsrv.logs import Log
@@ -50,25 +51,6 @@ def _unsent(sock: socket) -> int:
     return pump.queued(sock.fileno(), termios.TIOCOUTQ)
 
 
-def _address(addr: tuple[str, int]) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
-
-
-def _peer_credentials(sock: socket) -> tuple[int, int, int] | None:
-    """(pid, uid, gid) of a unix-socket client (SO_PEERCRED)."""
-    try:
-        raw = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return None
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
-
-
-def _unix_peer(sock: socket) -> str:
-    creds = _peer_credentials(sock)
-    return f"unix:pid={creds[0]},uid={creds[1]}" if creds else "unix"
-
-
 class Session:
     """Relay one client through one child; `run()` never raises."""
 
@@ -76,17 +58,14 @@ class Session:
         self,
         svc: ServiceConfig,
         server: ServerConfig,
-        sock: socket,
-        peer: Any,
+        arrival: Arrival,
         sid: str,
         log: Log,
         watchdog: Watchdog,
     ) -> None:
-        self.svc, self.server, self.sock, self.sid, self.log = svc, server, sock, sid, log
+        self.svc, self.server, self.sid, self.log = svc, server, sid, log
+        self.arrival, self.sock, self.tcp = arrival, arrival.sock, arrival.tcp
         self.watchdog = watchdog
-        self.tcp = sock.family in (stdsocket.AF_INET, stdsocket.AF_INET6)
-        self.peer = peer  # as accept() reported it: a client that reset since has no peer name
-        self.peer_text = _address(peer) if self.tcp else _unix_peer(sock)
         self.inbound, self.outbound, self.discarded = pump.Meter(), pump.Meter(), pump.Meter()
         self.input_done = False  # the client's EOF reached the child's stdin
         self.client_eof = False
@@ -97,7 +76,9 @@ class Session:
         self.greenlets: list[gevent.Greenlet] = []
         self.spawn_error: str | None = None
         self.stderr = StderrLines()
-        self.splice = svc.relay != "copy" and pump.HAS_SPLICE
+        self.splice = False  # decided at start(): TLS needs the bytes in userland
+        self.relay: str | None = None  # "splice" or "copy" once start() has chosen
+        self._at_end: list[Callable[[], None]] = []
         self._wake = Event()
         self._started = time.monotonic()
 
@@ -133,8 +114,11 @@ class Session:
         try:
             started = time.perf_counter()
             svc = self.svc
-            env = self._env()
-            self.child = Child.spawn(svc.command, env, svc.cwd, svc.stderr, svc.pipe_size, svc.executable or None)
+            self.splice = svc.relay != "copy" and pump.HAS_SPLICE and self.arrival.tls is None
+            self.relay = "splice" if self.splice else "copy"
+            env = self.arrival.env(svc, self.sid)
+            self.child = Child.spawn(svc.command, env, svc.cwd, svc.stderr, svc.pipe_size, svc.executable or None,
+                                     svc.policy.launcher, svc.policy.umask)  # fmt: skip
             self.spawn_seconds = time.perf_counter() - started
             if self.child.pipe_size_error:
                 self._pipe_size_refused(self.child.pipe_size_error)
@@ -155,6 +139,21 @@ class Session:
                 "pipe_size_refused", service=self.svc.name, session=self.sid, pipe_size=self.svc.pipe_size,
                 error=error.strerror, hint=hint or None, using="the kernel's default",
             )  # fmt: skip
+
+    def at_end(self, hook: Callable[[], None]) -> None:
+        """Call hook once the session has ended (after its log line), however it ends."""
+        self._at_end.append(hook)
+
+    def refuse(self, reason: str, banner: bytes = b"", error: str | None = None) -> None:
+        """End a connection a rule refused before it got a child: the banner, then close."""
+        self.abort_reason = reason
+        if banner:
+            with contextlib.suppress(OSError):  # a fresh socket's buffer takes a short banner at once
+                os.write(self.sock.fileno(), banner)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(stdsocket.SHUT_WR)
+        self.sock.close()
+        self._log_end({"error": error})
 
     def fail(self, reason: str, error: str | None = None) -> None:
         """End a session that never ran: reset the client, write its line."""
@@ -199,20 +198,6 @@ class Session:
         for line in self.stderr.finish(time.monotonic()):
             self._stderr_line(line)
 
-    def _env(self) -> dict[str, str]:
-        local = self.sock.getsockname()
-        ucspi = {"GSRV_SERVICE": self.svc.name, "GSRV_SESSION": self.sid}
-        if self.tcp:
-            ucspi |= {"PROTO": "TCP", "TCPREMOTEIP": str(self.peer[0]), "TCPREMOTEPORT": str(self.peer[1]),
-                      "TCPLOCALIP": str(local[0]), "TCPLOCALPORT": str(local[1])}  # fmt: skip
-        else:  # as ucspi-unix's unixserver sets them
-            ucspi |= {"PROTO": "UNIX", "UNIXLOCALPATH": str(local)}
-            creds = _peer_credentials(self.sock)
-            if creds:
-                ucspi |= {"UNIXREMOTEPID": str(creds[0]), "UNIXREMOTEEUID": str(creds[1]),
-                          "UNIXREMOTEEGID": str(creds[2])}  # fmt: skip
-        return build_env(os.environ, self.svc.pass_env, self.svc.env, ucspi)
-
     # -- the pumps -----------------------------------------------------------------------
 
     def _guarded(self, work: Callable[[], None]) -> None:
@@ -226,7 +211,9 @@ class Session:
     def _up(self) -> None:
         assert self.child is not None
         sock, stdin = self.sock.fileno(), self.child.stdin
-        if self.splice:
+        if self.arrival.tls is not None:
+            end = tls.pump_in(self.arrival.tls, stdin, self.svc.chunk_size, self.inbound)
+        elif self.splice:
             end = pump.splice(sock, stdin, self.inbound, source_is_socket=True)
         else:
             end = pump.copy(sock, stdin, self.svc.chunk_size, self.inbound, sink_is_pipe=True)
@@ -245,7 +232,9 @@ class Session:
     def _down(self) -> None:
         assert self.child is not None
         stdout, sock = self.child.stdout, self.sock.fileno()
-        if self.splice:
+        if self.arrival.tls is not None:
+            end = tls.pump_out(stdout, self.arrival.tls, self.svc.chunk_size, self.outbound)
+        elif self.splice:
             end = pump.splice(stdout, sock, self.outbound, source_is_socket=False)
         else:
             end = pump.copy(stdout, sock, self.svc.chunk_size, self.outbound)
@@ -327,6 +316,8 @@ class Session:
         LINGER_S after the client last acknowledged reply bytes.
         """
         sock = self.sock
+        if self.arrival.tls is not None:
+            self.arrival.tls.close_notify()
         try:
             sock.shutdown(stdsocket.SHUT_WR)
         except OSError:
@@ -369,15 +360,17 @@ class Session:
             "session_end",
             service=self.svc.name,
             session=self.sid,
-            peer=self.peer_text,
+            **self.arrival.log_fields(),
             bytes_in=self.inbound.total,
             bytes_out=self.outbound.total,
             discarded=self.discarded.total or None,
             duration_ms=round(self.duration * 1000, 1),
-            relay="splice" if self.splice else "copy",
+            relay=self.relay,
             exit=child.exit_code if child else None,
             signal=signame,
             stderr_dropped=self.stderr.dropped or None,
             reason=self.abort_reason,
             **extra,
         )
+        for hook in self._at_end:
+            hook()

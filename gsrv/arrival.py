@@ -1,0 +1,89 @@
+"""One accepted connection as its session sees it: the socket, who is at the other end (the
+TCP peer, or the client a trusted PROXY header names), TLS if any, and the child's
+environment built from all that.
+"""
+
+from __future__ import annotations
+
+import os
+import socket as stdsocket
+import struct
+from typing import Any
+
+from gevent.socket import socket
+
+from gsrv.child import build_env
+from gsrv.config import ServiceConfig
+from gsrv.proxy import ProxyHeader
+from gsrv.tls import TlsStream
+
+
+def address_text(addr: tuple[str, int]) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+def peer_credentials(sock: socket) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of a unix-socket client (SO_PEERCRED)."""
+    try:
+        raw = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class Arrival:
+    def __init__(self, sock: socket, peer: Any) -> None:
+        self.sock = sock
+        self.tcp = sock.family in (stdsocket.AF_INET, stdsocket.AF_INET6)
+        self.peer = peer  # as accept() reported it: a client that reset since has no peer name
+        if self.tcp:
+            self.peer_text = address_text(peer)
+        else:
+            creds = peer_credentials(sock)
+            self.peer_text = f"unix:pid={creds[0]},uid={creds[1]}" if creds else "unix"
+        self.client: tuple[str, int] | None = peer if self.tcp else None  # PROXY may replace it
+        self.header: ProxyHeader | None = None
+        self.tls: TlsStream | None = None
+
+    @property
+    def peer_ip(self) -> str | None:
+        return str(self.peer[0]) if self.tcp else None
+
+    @property
+    def client_ip(self) -> str | None:
+        return str(self.client[0]) if self.client else None
+
+    def proxied(self, header: ProxyHeader) -> None:
+        """A trusted proxy's header: the client it names (a LOCAL or UNKNOWN one names none)."""
+        self.header = header
+        if not header.local and isinstance(header.source, tuple):
+            self.client = header.source
+
+    def log_fields(self) -> dict[str, object]:
+        fields: dict[str, object] = {"peer": self.peer_text}
+        if self.header is not None and self.client is not None and self.client != self.peer:
+            fields = {"peer": address_text(self.client), "proxy": self.peer_text}
+        if self.tls is not None:
+            fields["tls"] = self.tls.version
+        return fields
+
+    def env(self, svc: ServiceConfig, sid: str) -> dict[str, str]:
+        """The child's environment: the allowlist, the service's env, then UCSPI and TLS."""
+        local = self.sock.getsockname()
+        extra = {"GSRV_SERVICE": svc.name, "GSRV_SESSION": sid}
+        if self.tcp:
+            client = self.client or self.peer
+            extra |= {"PROTO": "TCP", "TCPREMOTEIP": str(client[0]), "TCPREMOTEPORT": str(client[1]),
+                      "TCPLOCALIP": str(local[0]), "TCPLOCALPORT": str(local[1])}  # fmt: skip
+        else:  # as ucspi-unix's unixserver sets them
+            extra |= {"PROTO": "UNIX", "UNIXLOCALPATH": str(local)}
+            creds = peer_credentials(self.sock)
+            if creds:
+                extra |= {"UNIXREMOTEPID": str(creds[0]), "UNIXREMOTEEUID": str(creds[1]),
+                          "UNIXREMOTEEGID": str(creds[2])}  # fmt: skip
+            if self.client is not None:
+                extra |= {"TCPREMOTEIP": str(self.client[0]), "TCPREMOTEPORT": str(self.client[1])}
+        if self.tls is not None:
+            extra |= self.tls.env()
+        return build_env(os.environ, svc.pass_env, svc.env, extra)

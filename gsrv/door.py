@@ -1,0 +1,124 @@
+"""Between accept() and a session's start: the PROXY header, access rules and per-IP limits,
+the TLS handshake. A refusal ends only its own connection, with its reason and log line.
+
+`screen` runs in the accept loop and never yields; `prelude` runs in its own greenlet under
+the service's proxy_timeout and handshake_timeout, while the gate counts it as pending.
+"""
+
+from __future__ import annotations
+
+import socket as stdsocket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import gevent
+from gevent.socket import socket
+
+from gsrv import proxy
+from gsrv.access import Admission, allowed
+from gsrv.arrival import Arrival
+from gsrv.errors import GsrvError
+from gsrv.policy import Policy
+from gsrv.proxy import ProxyError, ProxyHeader
+from gsrv.tls import TlsStream
+
+
+class TooSlow(GsrvError):
+    """A client did not finish its PROXY header or TLS handshake in time."""
+
+
+class Refusable(Protocol):
+    arrival: Arrival
+
+    def refuse(self, reason: str, banner: bytes = b"", error: str | None = None) -> None: ...
+    def at_end(self, hook: Callable[[], None]) -> None: ...
+
+
+class Door:
+    """One service's door; the policy follows reloads, the per-address counts stay."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.admission = Admission(policy)
+
+    @property
+    def policy(self) -> Policy:
+        return self.admission.policy
+
+    def update(self, policy: Policy) -> None:
+        self.admission.policy = policy
+
+    @property
+    def has_prelude(self) -> bool:
+        return self.policy.tls is not None or self.policy.proxy_protocol != "off"
+
+    def screen(self, session: Refusable) -> bool:
+        """At accept, without yielding; False when the connection was refused."""
+        p, arrival = self.policy, session.arrival
+        if p.proxy_protocol != "off":
+            if not allowed(arrival.peer_ip, p.proxy_trusted, ()):
+                session.refuse("proxy_failed", error=f"{arrival.peer_text} is not in proxy_trusted")
+                return False
+            return True  # the rules and limits judge the client the header names
+        return self._admit(session, arrival.peer_ip, arrival.peer_ip)
+
+    def prelude(self, session: Refusable) -> bool:
+        """The header, its client's rules and limits, the handshake. Never raises; False
+        when the connection was refused or the server is stopping."""
+        p, arrival = self.policy, session.arrival
+        reason = "proxy_failed"
+        try:
+            if p.proxy_protocol != "off":
+                with gevent.Timeout(p.proxy_timeout, TooSlow(f"no complete PROXY header within {p.proxy_timeout:g}s")):
+                    arrival.proxied(read_header(arrival.sock, p.proxy_protocol))
+                rule_ip = arrival.client_ip if p.access_on == "proxy" else arrival.peer_ip
+                if not self._admit(session, rule_ip, arrival.client_ip):
+                    return False
+            if p.tls is not None:
+                reason = "tls_failed"
+                stream = TlsStream(arrival.sock, p.tls.context)
+                timeout = p.tls.handshake_timeout
+                with gevent.Timeout(timeout, TooSlow(f"no complete TLS handshake within {timeout:g}s")):
+                    stream.handshake()
+                arrival.tls = stream
+            return True
+        except gevent.GreenletExit:
+            session.refuse("shutdown")
+        except ssl.SSLError as e:
+            session.refuse(reason, error=f"{e.reason or e}")
+        except (ProxyError, TooSlow) as e:
+            session.refuse(reason, error=str(e))
+        except OSError as e:
+            session.refuse(reason, error=e.strerror or str(e))
+        return False
+
+    def _admit(self, session: Refusable, rule_ip: str | None, ip: str | None) -> bool:
+        refused = self.admission.check(rule_ip, ip, time.monotonic())
+        if refused is not None:
+            banner = self.policy.reject_banner if refused != "denied" else ""
+            session.refuse(refused, banner.encode())
+            return False
+        admission = self.admission
+        session.at_end(lambda: admission.release(ip))
+        return True
+
+
+def read_header(sock: socket, version: str) -> ProxyHeader:
+    """Read exactly the PROXY header (never a byte of what follows). Raises ProxyError."""
+    data = b""
+    while True:
+        if version == "v2":
+            chunk = sock.recv(proxy.safe_read(data, version))
+        else:  # v1 has no length: peek, and take up to the CRLF only
+            peeked = sock.recv(proxy.V1_MAX - len(data), stdsocket.MSG_PEEK)
+            end = (data + peeked).find(b"\r\n")
+            if peeked and end < 0:
+                proxy.parse(data + peeked, version)  # raises now if it cannot become a header
+            chunk = sock.recv(end + 2 - len(data) if end >= 0 else len(peeked)) if peeked else b""
+        if not chunk:
+            raise ProxyError(f"the connection closed {'inside' if data else 'before'} the PROXY header")
+        data += chunk
+        header = proxy.parse(data, version)
+        if header is not None:
+            return header
