@@ -21,6 +21,7 @@ from gsrv.guardian import Guardian
 from gsrv.listeners import BindError
 from gsrv.logs import Log
 from gsrv.metrics import State
+from gsrv.policy import Network, Policy
 from gsrv.pump import HAS_SPLICE
 from gsrv.send import send
 from gsrv.server import Server
@@ -74,6 +75,8 @@ def check(path: str, overrides: list[str]) -> int:
     for svc in config.services:
         print(f"  {svc.name:<12} {svc.listen!s:<22} {shlex.join(svc.command)}")
         print(f"  {'':<12} {_limits(svc)}")
+        if svc.policy != Policy(launcher=svc.policy.launcher):
+            print(f"  {'':<12} {_policy(svc.policy)}")
     guard = config.guard
     print(f"  guard: max_rss={format_size(guard.max_rss)} min_available={guard.min_available} "
           f"interval={guard.interval:g}s")  # fmt: skip
@@ -88,9 +91,37 @@ def _limits(svc: ServiceConfig) -> str:
         f"max_sessions={svc.max_sessions} backlog={svc.backlog} chunk_size={format_size(svc.chunk_size)} "
         f"idle_timeout={seconds(svc.idle_timeout, 'none')} session_timeout={seconds(svc.session_timeout, 'none')} "
         f"keepalive={seconds(svc.keepalive, 'off')} stderr={svc.stderr} nonzero_exit={svc.nonzero_exit} "
-        f"relay={svc.relay}{'' if svc.relay != 'auto' else ' (splice)' if HAS_SPLICE else ' (copy)'} "
+        f"relay={'copy (TLS)' if svc.policy.tls else svc.relay}"
+        f"{'' if svc.relay != 'auto' or svc.policy.tls else ' (splice)' if HAS_SPLICE else ' (copy)'} "
         f"pipe_size={format_size(svc.pipe_size) if svc.pipe_size else 'default'}"
     )
+
+
+def _nets(networks: tuple[Network, ...]) -> str:
+    return ",".join(map(str, networks))
+
+
+def _policy(p: Policy) -> str:
+    """The edge and privilege keys that differ from their defaults."""
+    parts = []
+    if p.tls:
+        parts.append(f"tls={p.tls.cert}{' client_ca=' + p.tls.client_ca if p.tls.client_ca else ''} "
+                     f"handshake_timeout={p.tls.handshake_timeout:g}s")  # fmt: skip
+    if p.proxy_protocol != "off":
+        parts.append(f"proxy_protocol={p.proxy_protocol} proxy_trusted={_nets(p.proxy_trusted)} "
+                     f"proxy_timeout={p.proxy_timeout:g}s access_on={p.access_on}")  # fmt: skip
+    if p.tls or p.proxy_protocol != "off":
+        parts.append(f"max_pending={p.max_pending}")
+    parts += [f"allow={_nets(p.allow)}"] if p.allow else []
+    parts += [f"deny={_nets(p.deny)}"] if p.deny else []
+    parts += [f"max_sessions_per_ip={p.max_sessions_per_ip}"] if p.max_sessions_per_ip else []
+    parts += [f"rate_per_ip={p.rate_per_ip:g}/s burst={p.rate_burst}"] if p.rate_per_ip else []
+    parts += [f"user={p.user}"] if p.user else []
+    parts += [f"group={p.group}"] if p.group else []
+    parts += [f"umask={p.umask:04o}"] if p.umask >= 0 else []
+    parts += [f"rlimits={','.join(f'{k}={v}' for k, v in p.rlimits)}"] if p.rlimits else []
+    parts += [f"via={shlex.join(p.launcher)}"] if p.launcher else []
+    return " ".join(parts)
 
 
 def serve(path: str, overrides: list[str]) -> int:

@@ -41,6 +41,50 @@ CASES = {
         f"[services.up] pipe_size must be 0 (the kernel's default) or between 4KiB and {PIPE_MAX} "
         '(fs.pipe-max-size) (got "2GiB", a string)',
     ),
+    "bad_cidr": (
+        SVC + 'deny = ["10.0.0.0/33"]\n',
+        '[services.up] deny must list addresses or CIDR blocks like "10.0.0.0/8" (got "10.0.0.0/33")',
+    ),
+    "proxy_without_trusted": (
+        SVC + 'proxy_protocol = "v2"\n',
+        "[services.up] proxy_trusted is required with proxy_protocol: the proxies' addresses, like [\"10.0.0.5/32\"]",
+    ),
+    "access_on_proxy_without_proxy": (
+        SVC + 'access_on = "proxy"\n',
+        '[services.up] access_on is "proxy" but proxy_protocol is "off": there is no PROXY header to read',
+    ),
+    "tls_cert_missing": (
+        SVC + 'tls = { cert = "/nonexistent/server.pem", key = "/nonexistent/server.key" }\n',
+        '[services.up.tls] cert "/nonexistent/server.pem" cannot be read: No such file or directory',
+    ),
+    "tls_unknown_key": (
+        SVC + 'tls = { cert = "a.pem", key = "a.key", ca = "ca.pem" }\n',
+        '[services.up.tls] has unknown key "ca" (known keys: cert, key, client_ca, handshake_timeout)',
+    ),
+    "banner_with_tls": (
+        SVC + 'reject_banner = "busy"\ntls = { cert = "a.pem", key = "a.key" }\n',
+        "[services.up] reject_banner cannot be sent on a TLS service: it would reach the client before the handshake",
+    ),
+    "unknown_user": (
+        SVC + 'user = "no-such-user-here"\n',
+        '[services.up] user "no-such-user-here" does not exist on this machine',
+    ),
+    "rlimit_unknown": (
+        SVC + "rlimits = { files = 10 }\n",
+        '[services.up.rlimits] has unknown key "files" (did you mean "nofile"?)',
+    ),
+    "rlimit_cpu_fraction": (
+        SVC + 'rlimits = { cpu = "1.5s" }\n',
+        '[services.up.rlimits] cpu must be whole seconds, at least "1s" (got "1.5s", a string)',
+    ),
+    "bad_umask": (
+        SVC + 'umask = "0999"\n',
+        '[services.up] umask must be permission bits like "0027" (got "0999", a string)',
+    ),
+    "bad_rate": (
+        SVC + 'rate_per_ip = "5/s"\n',
+        '[services.up] rate_per_ip must be sessions per second as a number >= 0, like 5 or 0.5 (got "5/s", a string)',
+    ),
     "bad_duration": (
         "[server]\ndrain_timeout = 30\n" + SVC,
         '[server] drain_timeout must be a duration: a string like "30s" (units ms, s, m, h) (got 30, an integer)',
