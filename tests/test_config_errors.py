@@ -47,7 +47,7 @@ CASES = {
     ),
     "proxy_without_trusted": (
         SVC + 'proxy_protocol = "v2"\n',
-        "[services.up] proxy_trusted is required with proxy_protocol: the proxies' addresses, like [\"10.0.0.5/32\"]",
+        '[services.up] proxy_trusted is required with proxy_protocol: the proxies\' addresses, like ["10.0.0.5/32"]',
     ),
     "access_on_proxy_without_proxy": (
         SVC + 'access_on = "proxy"\n',
