@@ -146,21 +146,22 @@ class Gate(Generic[S]):
             self._start(session)
             return
         self.pending += 1
-        greenlet = gevent.spawn(self._prelude, self.prelude, session)
+        greenlet = gevent.spawn(self.prelude, session)
+        greenlet.link(lambda done: self._prelude_done(session, done))  # also when killed before it ran
         self._preludes.add(greenlet)
         self.update()
 
-    def _prelude(self, prelude: Callable[[S], bool], session: S) -> None:
-        try:
-            ok = prelude(session)
-        finally:
-            self.pending -= 1
-            self._preludes.discard(gevent.getcurrent())
-        if ok and self.closed:
-            session.fail("shutdown")
-        elif ok:
+    def _prelude_done(self, session: S, greenlet: gevent.Greenlet) -> None:
+        """True: queue for a slot. False: the prelude ended the session itself. Anything
+        else: it was killed before it ran (a drain), or raised (a bug): end it here."""
+        self.pending -= 1
+        self._preludes.discard(greenlet)
+        if greenlet.value is True and not self.closed:
             self.ready.append(session)
             self._start_ready()
+        elif greenlet.value is not False:
+            error = None if greenlet.exception is None else f"{type(greenlet.exception).__name__}: {greenlet.exception}"
+            session.fail("shutdown" if self.closed else "internal_error", error)
         self.update()
 
     def _start_ready(self) -> None:

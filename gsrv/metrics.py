@@ -56,6 +56,7 @@ class ServiceState:
     active: int
     full: bool
     listen_queue: int | None
+    pending: int = 0  # in their TLS handshake or PROXY header, or waiting for a slot after it
 
 
 @dataclass
@@ -129,6 +130,8 @@ class _StateCollector(Collector):
         yield _gauge(
             "gsrv_service_full", "1 while a service is at max_sessions", [(x.name, int(x.full)) for x in s.services]
         )
+        yield _gauge("gsrv_pending", "Connections in their TLS handshake or PROXY header, or waiting for a slot",
+                     [(x.name, x.pending) for x in s.services])  # fmt: skip
         queue = [(x.name, x.listen_queue) for x in s.services if x.listen_queue is not None]
         yield _gauge("gsrv_listen_queue", "Connections waiting in a listener's backlog", queue)
         yield GaugeMetricFamily("gsrv_accept_paused", "1 while the memory guard or a drain holds accept",

@@ -209,13 +209,21 @@ class Server:
 
     def service_states(self) -> list[ServiceState]:
         return [
-            ServiceState(s.cfg.name, len(s.sessions), s.gate.active >= s.gate.max_sessions, s.listen_queue())
+            ServiceState(
+                s.cfg.name,
+                len(s.sessions),
+                s.gate.active >= s.gate.max_sessions,
+                s.listen_queue(),
+                s.gate.pending + len(s.gate.ready),
+            )  # fmt: skip
             for s in self.services
         ]
 
     def greenlets(self) -> int:
-        """The sessions' greenlets (each runs in one, plus its pumps) and gsrv's own."""
-        return sum(1 + len(session.greenlets) for session in self.all_sessions()) + OWN_GREENLETS
+        """The sessions' greenlets (each runs in one, plus its pumps), the preludes (TLS
+        handshakes, PROXY headers) and gsrv's own."""
+        preludes = sum(s.gate.pending for s in [*self.services, *self.retired])
+        return sum(1 + len(session.greenlets) for session in self.all_sessions()) + preludes + OWN_GREENLETS
 
     def flush_metrics(self) -> None:
         """Feed byte and backpressure counters from running sessions (about once a second)."""

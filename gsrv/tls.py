@@ -19,7 +19,7 @@ from gevent.socket import socket
 
 from gsrv import pump
 
-RECORD = 16 * 1024 + 256  # one TLS record and its overhead
+FILL = 64 * 1024  # encrypted bytes read from the socket at a time (about four records)
 
 
 class TlsStream:
@@ -67,7 +67,18 @@ class TlsStream:
             self.peer_closed = True
             if self.version != "TLSv1.3":  # RFC 5246 7.2.1: answer it, and stop writing
                 self.close_notify()
-        return data
+            return data
+        parts, got = [data], len(data)
+        while got < size and self._in.pending:  # records already read: take them too (fewer writes)
+            try:
+                more = self.obj.read(size - got)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                break  # a partial record, or the close_notify: the next call sees it
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return data if len(parts) == 1 else b"".join(parts)
 
     def send(self, data: memoryview | bytes) -> float:
         """Encrypt and send all of data; the seconds spent waiting for the client."""
@@ -94,7 +105,7 @@ class TlsStream:
         return env
 
     def _fill(self) -> None:
-        data = self.sock.recv(RECORD)
+        data = self.sock.recv(FILL)
         if data:
             self._in.write(data)
         else:

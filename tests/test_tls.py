@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import trustme
 from conftest import Gsrv, random_stream, service_toml, wait_until
+from test_metrics import ADMIN, _admin, _samples, _value
 
 MiB = 1024 * 1024
 
@@ -81,7 +82,7 @@ def test_bad_tls_clients_are_cut_within_the_timeout_and_a_good_one_is_not_delaye
     gsrv: Callable[..., Gsrv], ca: trustme.CA, tmp_path: Path
 ) -> None:
     tls = server_files(ca, tmp_path) | {"handshake_timeout": "3s"}
-    server = gsrv(service_toml("echo", ["cat"], tls=tls, max_sessions=2))
+    server = gsrv(ADMIN + service_toml("echo", ["cat"], tls=tls, max_sessions=2))
     hello = _client_hello()
     assert len(hello) > 100
     plain, silent, halfway = (server.connect("echo", timeout=15) for _ in range(3))
@@ -107,12 +108,14 @@ def test_bad_tls_clients_are_cut_within_the_timeout_and_a_good_one_is_not_delaye
         good.sendall(b"hello over tls\n")
         assert good.recv(100) == b"hello over tls\n"
     good_took = time.monotonic() - good_started
+    pending = _value(_samples(_admin(server)), "gsrv_pending", service="echo")
     for w in watchers:
         w.join(timeout=10)
     for sock in (plain, silent, halfway):
         sock.close()
     # The good session ran while two handshakes were stalled: no slot or loop time was theirs.
     assert good_took < 2.0, good_took
+    assert pending == 2  # the two stalled handshakes, neither holding one of the 2 session slots
     assert ended["plain"] < 2.0, ended  # not TLS at all: refused at its first bytes
     for name in ("silent", "halfway"):
         assert 2.5 < ended[name] < 6.0, ended  # handshake_timeout is 3s
@@ -121,6 +124,7 @@ def test_bad_tls_clients_are_cut_within_the_timeout_and_a_good_one_is_not_delaye
     wait_until(lambda: server.count_log(r"reason=tls_failed") == 3, 5, "three tls_failed lines")
     assert server.count_log(r"reason=tls_failed error=.*within 3s") == 2
     assert not server.children()
+    assert _value(_samples(_admin(server)), "gsrv_pending", service="echo") == 0
 
 
 def test_a_verified_client_certificate_reaches_the_child_and_a_missing_one_is_refused(
@@ -263,3 +267,50 @@ def test_certificates_reload_on_sighup(gsrv: Callable[..., Gsrv], tmp_path: Path
     with tls_connect(server, "echo", client_context(new_ca)) as sock:
         sock.sendall(b"four")
         assert sock.recv(10) == b"four"
+
+
+def test_max_pending_makes_accept_wait_and_per_ip_limits_count_handshakes(
+    gsrv: Callable[..., Gsrv], ca: trustme.CA, tmp_path: Path
+) -> None:
+    tls = server_files(ca, tmp_path) | {"handshake_timeout": "20s"}
+    server = gsrv(ADMIN + service_toml("echo", ["cat"], tls=tls, max_pending=2, max_sessions_per_ip=1))
+    admin = _admin(server)
+    addr = server.address("echo")
+    silent = [socket.create_connection(addr, timeout=20, source_address=(f"127.0.0.{n}", 0)) for n in (2, 3)]
+    pending = lambda: _value(_samples(admin), "gsrv_pending", service="echo")  # noqa: E731
+    wait_until(lambda: pending() == 2, 10, "two handshakes pending")  # the gate is now full
+    done: list[bytes] = []
+
+    def good() -> None:
+        raw = socket.create_connection(addr, timeout=20, source_address=("127.0.0.4", 0))
+        with client_context(ca).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(b"in the end")
+            done.append(sock.recv(100))
+
+    waiting = threading.Thread(target=good)
+    waiting.start()
+    waiting.join(timeout=1.5)
+    assert not done and waiting.is_alive(), "the third connection was accepted past max_pending"
+    silent[0].close()  # one handshake gives up: its place is free
+    waiting.join(timeout=10)
+    assert done == [b"in the end"]
+    # 127.0.0.3 still has a handshake pending: a second connection from it is over its limit
+    with socket.create_connection(addr, timeout=10, source_address=("127.0.0.3", 0)) as again:
+        assert again.recv(100) == b""
+    server.wait_log(r"peer=127\.0\.0\.3:\d+ .*reason=per_ip_limit")
+    silent[1].close()
+
+
+def test_a_drain_ends_pending_handshakes_with_reason_shutdown(
+    gsrv: Callable[..., Gsrv], ca: trustme.CA, tmp_path: Path
+) -> None:
+    tls = server_files(ca, tmp_path) | {"handshake_timeout": "60s"}
+    server = gsrv(ADMIN + service_toml("echo", ["cat"], tls=tls))
+    admin = _admin(server)
+    silent = server.connect("echo")
+    wait_until(lambda: _value(_samples(admin), "gsrv_pending", service="echo") == 1, 10, "a pending handshake")
+    server.signal(signal.SIGTERM)
+    assert server.wait(timeout=20) == 0
+    server.close()
+    assert server.count_log(r"event=session_end service=echo .*reason=shutdown") == 1
+    silent.close()
