@@ -2,8 +2,9 @@
 
 Pure bookkeeping, no I/O: `Admission.check(rule_ip, ip, now)` returns the refusal reason or None
 and, when None, counts the address's session until `release(ip)`. The tables hold only
-addresses with a live session or a bucket still refilling, so a flood from many addresses
-leaves nothing behind once it stops.
+addresses with a live session or a bucket still refilling (full buckets are swept once per
+refill time, or per SWEEP_EVERY new addresses), so a flood from many addresses leaves
+nothing behind once it stops.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ SWEEP_EVERY = 1024  # buckets added between sweeps of the full ones
 
 def allowed(ip: str | None, allow: tuple[Network, ...], deny: tuple[Network, ...]) -> bool:
     """Deny wins; an empty allow list allows everyone not denied. No address (a unix
-    socket's client): allowed only when no rule names addresses at all."""
+    socket's client): no deny names it, and an allow list does not either."""
     if ip is None:
-        return not allow and not deny
+        return not allow
     try:
         address = ipaddress.ip_address(ip.partition("%")[0])
     except ValueError:
@@ -46,6 +47,7 @@ class Admission:
         self.live: dict[str, int] = {}  # address -> sessions counted (pending or running)
         self.buckets: dict[str, Bucket] = {}
         self._added = 0
+        self._swept = 0.0
 
     def check(self, rule_ip: str | None, ip: str | None, now: float) -> str | None:
         """The reason to refuse a session now, or None (and it is counted against ip until
@@ -71,12 +73,12 @@ class Admission:
 
     def _take(self, key: str, now: float) -> bool:
         rate, burst = self.policy.rate_per_ip, self.policy.rate_burst
+        if self._added >= SWEEP_EVERY or now - self._swept >= burst / rate:
+            self._sweep(now)
         bucket = self.buckets.get(key)
         if bucket is None:
             bucket = self.buckets[key] = Bucket(float(burst), now)
             self._added += 1
-            if self._added >= SWEEP_EVERY:
-                self._sweep(now)
         bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.at) * rate)
         bucket.at = now
         if bucket.tokens < 1.0:
@@ -88,4 +90,4 @@ class Admission:
         """Forget buckets that have refilled: a fresh one would be the same."""
         rate, burst = self.policy.rate_per_ip, self.policy.rate_burst
         self.buckets = {k: b for k, b in self.buckets.items() if b.tokens + (now - b.at) * rate < burst}
-        self._added = 0
+        self._added, self._swept = 0, now

@@ -137,8 +137,15 @@ def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> 
         relay=_relay(t),
         pipe_size=_pipe_size(t),
         executable=executable,
-        policy=parse_policy(t, data, server_env),
+        policy=_policy(t, data, server_env, listen),
     )
+
+
+def _policy(t: Table, data: dict[str, Any], server_env: dict[str, str], listen: Address) -> Policy:
+    policy = parse_policy(t, data, server_env)
+    if listen.kind == "unix" and policy.proxy_protocol != "off":
+        raise t.fail("proxy_protocol", "needs a TCP listener: a unix socket's peer has no address to trust")
+    return policy
 
 
 def _relay(t: Table) -> str:

@@ -147,11 +147,15 @@ class Session:
     def refuse(self, reason: str, banner: bytes = b"", error: str | None = None) -> None:
         """End a connection a rule refused before it got a child: the banner, then close."""
         self.abort_reason = reason
-        if banner:
-            with contextlib.suppress(OSError):  # a fresh socket's buffer takes a short banner at once
-                os.write(self.sock.fileno(), banner)
-        with contextlib.suppress(OSError):
+        fd = self.sock.fileno()
+        with contextlib.suppress(OSError):  # BlockingIOError included: nothing more to read
+            if banner:
+                os.write(fd, banner)  # a fresh socket's buffer takes a short banner at once
             self.sock.shutdown(stdsocket.SHUT_WR)
+            if banner:  # input already here would turn close() into a reset that may lose the banner
+                for _ in range(4):
+                    if not os.read(fd, 65536):
+                        break
         self.sock.close()
         self._log_end({"error": error})
 

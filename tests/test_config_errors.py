@@ -49,6 +49,11 @@ CASES = {
         SVC + 'proxy_protocol = "v2"\n',
         '[services.up] proxy_trusted is required with proxy_protocol: the proxies\' addresses, like ["10.0.0.5/32"]',
     ),
+    "proxy_on_a_unix_socket": (
+        '[services.up]\nlisten = "unix:/tmp/gsrv-test-proxy.sock"\ncommand = ["cat"]\n'
+        'proxy_protocol = "v1"\nproxy_trusted = ["127.0.0.1"]\n',
+        "[services.up] proxy_protocol needs a TCP listener: a unix socket's peer has no address to trust",
+    ),
     "access_on_proxy_without_proxy": (
         SVC + 'access_on = "proxy"\n',
         '[services.up] access_on is "proxy" but proxy_protocol is "off": there is no PROXY header to read',
