@@ -9,12 +9,14 @@ import sys
 import time
 
 import gevent
+import psutil
 from gevent.queue import Queue
 
 from gsrv import __version__, loadgen
 from gsrv.admin import Admin
 from gsrv.child import track_groups
 from gsrv.config import Config, ServiceConfig, load
+from gsrv.dump import dump
 from gsrv.errors import ConfigError
 from gsrv.guard import Guard, Sampler
 from gsrv.guardian import Guardian
@@ -144,7 +146,7 @@ def serve(path: str, overrides: list[str]) -> int:
     if admin is not None:
         admin.metrics_state = lambda: _state(server, guard, log)
     signals: Queue[int] = Queue()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         gevent.signal_handler(signum, signals.put, signum)  # handlers only record
     worker = gevent.spawn(_handle_signals, server, guard, signals)
     server.start()
@@ -193,6 +195,11 @@ def _handle_signals(server: Server, guard: Guard, signals: Queue[int]) -> None:
     while True:
         signum = signals.get()
         name = signal.Signals(signum).name
+        if signum == signal.SIGUSR1:
+            pending = sum(s.gate.pending + len(s.gate.ready) for s in server.services)
+            children = len(psutil.Process().children())  # the guardian is one of them
+            dump(server.log, server.active_sessions, pending, children)
+            continue
         if signum == signal.SIGHUP:
             server.log.info("signal", signal=name, next="reload")
             new = server.reload()
