@@ -8,6 +8,7 @@ admit() never raises and accept errors pause accepting instead of arming gevent'
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
@@ -20,6 +21,7 @@ from gsrv.logs import Log
 
 RETRY_S = 1.0
 RETRY_MAX_S = 30.0
+BURST_QUIET_S = 2.0  # a shortage burst ends after this long without one: one line each way per burst
 
 
 class Startable(Protocol):
@@ -101,6 +103,7 @@ class Gate(Generic[S]):
         self.short = False  # out of fds or memory
         self._parked: S | None = None  # the accepted client whose command could not start yet
         self._retry: gevent.Greenlet | None = None
+        self._burst: list[float] = []  # [started, last shortage, pauses] while a burst lasts
 
     def attach(self, listener: Listener) -> None:
         self.listener = listener
@@ -181,8 +184,7 @@ class Gate(Generic[S]):
         if error is not None:
             return
         if self.short:
-            self.short = False
-            self.log.info("accept_resumed", service=self.name, reason="resources")
+            self.short = False  # accept_resumed is logged when the whole burst is over
         self.active += 1
         gevent.spawn(self._run, session)
         self.update()
@@ -220,15 +222,34 @@ class Gate(Generic[S]):
             self.log.debug("accept_error", service=self.name, error=str(error))
 
     def _resources_short(self, error: int) -> None:
-        if not self.short:
+        """Pause accept; log it once per burst (pauses come and go as sessions end and free fds)."""
+        now = time.monotonic()
+        if not self._burst:
+            self._burst = [now, now, 0]
             self.log.warning(
                 "accept_paused", service=self.name, reason="resources", error=os.strerror(error),
                 next=f"try again when a session ends, or after {RETRY_S:g}s doubling to {RETRY_MAX_S:g}s",
             )  # fmt: skip
+            gevent.spawn(self._burst_end)
+        if not self.short:
+            self._burst[2] += 1
+        self._burst[1] = now
         self.short = True
         if self._retry is None or self._retry.dead:
             self._retry = gevent.spawn(self._retry_loop)
         self.update()
+
+    def _burst_end(self) -> None:
+        """Log accept_resumed once accept has run BURST_QUIET_S without a shortage."""
+        while True:
+            quiet_for = time.monotonic() - self._burst[1]
+            if not self.short and quiet_for >= BURST_QUIET_S:
+                break
+            gevent.sleep(max(BURST_QUIET_S - quiet_for, 0.25))
+        started, _, pauses = self._burst
+        self._burst = []
+        self.log.info("accept_resumed", service=self.name, reason="resources", pauses=int(pauses),
+                      burst_s=round(time.monotonic() - started - BURST_QUIET_S, 1))  # fmt: skip
 
     def _retry_loop(self) -> None:
         """For fds held elsewhere: try again after RETRY_S, then twice as long, up to RETRY_MAX_S."""

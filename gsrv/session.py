@@ -35,6 +35,7 @@ LINGER_S = 2.0  # how long a closing session waits for the client's EOF once the
 GRACE_POLL_S = 0.1
 TCP_CLOSE = 7
 WARN_EVERY_S = 60.0
+STDERR_READ = 65536
 
 _pipe_size_warned: dict[str, float] = {}  # service -> when its refused pipe_size was last logged
 
@@ -254,9 +255,10 @@ class Session:
         assert self.child is not None
         pipe = pump.Fd(self.child.stderr, pump.READ)
         try:
-            while data := pipe.read(4096):
+            while data := pipe.read(STDERR_READ):
                 for line in self.stderr.feed(data, time.monotonic()):
                     self._stderr_line(line)
+                gevent.sleep(self.stderr.pause())  # yields; over the line budget, waits for it
         except OSError:
             pass
         finally:

@@ -1,6 +1,7 @@
 """Child stderr turned into log lines: each line capped at 4 KiB, at most 100 lines/s a session.
 
-Pure and socket-free: fed bytes and a clock, it returns the lines to log and counts the drops.
+Pure and socket-free: fed bytes and a clock, it returns the lines to log and counts the drops,
+and says how long the reader should pause when a child writes faster than the budget.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ class StderrLines:
             self._skipping = False
             start = end + 1
         return self._admit(lines, now)
+
+    def pause(self) -> float:
+        """Seconds until the budget has a line again: 0 while within it. The reader sleeps
+        that long, so a child flooding stderr is slowed by its full pipe instead of costing
+        gsrv a CPU to read and drop what it writes."""
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.rate
 
     def finish(self, now: float) -> list[str]:
         """The unterminated last line at EOF, if any."""
