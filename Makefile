@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= conf/gsrv.toml
 
-.PHONY: run test bench check clean supervise
+.PHONY: run test bench soak check clean supervise
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/admin_cost.py
 	$(BIN)/python bench/spawn_cost.py
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# soak: the chaos mix against one gsrv for SOAK_MINUTES (default 10), then the chaos audit;
+# writes bench/results/soak.md and soak.png
+SOAK_MINUTES ?= 10
+soak: $(VENV)/.installed-test $(VENV)/.installed-bench
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
