@@ -12,6 +12,7 @@ import gc
 import os
 from collections import Counter
 
+from gevent import get_hub
 from greenlet import greenlet  # type: ignore[import-untyped]
 
 from gsrv.logs import Log
@@ -20,7 +21,11 @@ TOP = 12  # the most common places greenlets wait, each on one line
 
 
 def live_greenlets() -> list[greenlet]:
-    return [g for g in gc.get_objects() if isinstance(g, greenlet) and not g.dead]
+    """The live greenlets of gsrv's loop: its hub, the main greenlet, and all the hub runs
+    (the threads of gevent's threadpool have hubs of their own, left out)."""
+    hub = get_hub()
+    found = [g for g in gc.get_objects() if isinstance(g, greenlet) and not g.dead]
+    return [g for g in found if g is hub or g is hub.parent or g.parent is hub]
 
 
 def _where(g: greenlet) -> str:

@@ -11,6 +11,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import gevent
@@ -22,6 +23,15 @@ from gsrv.logs import Log
 RETRY_S = 1.0
 RETRY_MAX_S = 30.0
 BURST_QUIET_S = 2.0  # a shortage burst ends after this long without one: one line each way per burst
+
+
+@dataclass
+class Burst:
+    """Shortages of fds or memory close together: logged as one pause and one resume."""
+
+    started: float
+    last: float  # the latest shortage
+    pauses: int = 0
 
 
 class Startable(Protocol):
@@ -103,7 +113,7 @@ class Gate(Generic[S]):
         self.short = False  # out of fds or memory
         self._parked: S | None = None  # the accepted client whose command could not start yet
         self._retry: gevent.Greenlet | None = None
-        self._burst: list[float] = []  # [started, last shortage, pauses] while a burst lasts
+        self._burst: Burst | None = None  # while fds or memory keep running out
 
     def attach(self, listener: Listener) -> None:
         self.listener = listener
@@ -224,16 +234,16 @@ class Gate(Generic[S]):
     def _resources_short(self, error: int) -> None:
         """Pause accept; log it once per burst (pauses come and go as sessions end and free fds)."""
         now = time.monotonic()
-        if not self._burst:
-            self._burst = [now, now, 0]
+        if self._burst is None:
+            self._burst = Burst(now, now)
             self.log.warning(
                 "accept_paused", service=self.name, reason="resources", error=os.strerror(error),
                 next=f"try again when a session ends, or after {RETRY_S:g}s doubling to {RETRY_MAX_S:g}s",
             )  # fmt: skip
             gevent.spawn(self._burst_end)
         if not self.short:
-            self._burst[2] += 1
-        self._burst[1] = now
+            self._burst.pauses += 1
+        self._burst.last = now
         self.short = True
         if self._retry is None or self._retry.dead:
             self._retry = gevent.spawn(self._retry_loop)
@@ -241,15 +251,16 @@ class Gate(Generic[S]):
 
     def _burst_end(self) -> None:
         """Log accept_resumed once accept has run BURST_QUIET_S without a shortage."""
+        burst = self._burst
+        assert burst is not None
         while True:
-            quiet_for = time.monotonic() - self._burst[1]
+            quiet_for = time.monotonic() - burst.last
             if not self.short and quiet_for >= BURST_QUIET_S:
                 break
             gevent.sleep(max(BURST_QUIET_S - quiet_for, 0.25))
-        started, _, pauses = self._burst
-        self._burst = []
-        self.log.info("accept_resumed", service=self.name, reason="resources", pauses=int(pauses),
-                      burst_s=round(time.monotonic() - started - BURST_QUIET_S, 1))  # fmt: skip
+        self._burst = None
+        self.log.info("accept_resumed", service=self.name, reason="resources", pauses=burst.pauses,
+                      burst_s=round(burst.last - burst.started, 1))  # fmt: skip
 
     def _retry_loop(self) -> None:
         """For fds held elsewhere: try again after RETRY_S, then twice as long, up to RETRY_MAX_S."""

@@ -72,13 +72,14 @@ def no_leftovers(server: Gsrv, rss_bound: int, running: bool = True) -> None:
     assert not any("Traceback" in line for line in server.lines), "a traceback in gsrv's log"
 
 
-def sessions(server: Gsrv, service: str) -> dict[int, dict[str, str]]:
-    """The session_end lines of a service, by the client's port."""
-    found = {}
+def sessions(server: Gsrv, service: str) -> dict[int, list[dict[str, str]]]:
+    """The session_end lines of a service, by the client's port, in the log's order (a
+    port's sessions never overlap, so its k-th line is its k-th session's)."""
+    found: dict[int, list[dict[str, str]]] = {}
     for line in server.lines:
         if "event=session_end" in line and f"service={service} " in line:
             f = fields(line)
-            found[int(f["peer"].rsplit(":", 1)[1])] = f
+            found.setdefault(int(f["peer"].rsplit(":", 1)[1]), []).append(f)
     return found
 
 
@@ -89,9 +90,10 @@ def account(server: Gsrv, outcomes: list[Outcome], also: tuple[str, ...] = ()) -
     reasons: Counter[str] = Counter()
     problems = []
     lines = {name: sessions(server, name) for name in SERVICES}
-    for o in outcomes:
+    for o in sorted(outcomes, key=lambda o: o.started):
         expected = SERVICES[o.service][2]
-        line = lines[o.service].pop(o.port, None)
+        same_port = lines[o.service].get(o.port)
+        line = same_port.pop(0) if same_port else None
         if line is None:
             if "shutdown" in also:  # it was in the backlog when the drain closed the listener
                 reasons["never_accepted"] += 1
@@ -104,7 +106,8 @@ def account(server: Gsrv, outcomes: list[Outcome], also: tuple[str, ...] = ()) -
             problems.append(f"{o.service} port {o.port}: reason={reason}, expected {expected} ({o.detail})")
         elif reason in expected and not o.ok:
             problems.append(f"{o.service} port {o.port}: bytes not exact ({o.detail}); log: {line}")
-    extra = {name: list(left) for name, left in lines.items() if left}
+    extra = {name: [port for port, left in ports.items() if left] for name, ports in lines.items()}
+    extra = {name: ports for name, ports in extra.items() if ports}
     assert not extra, f"session_end lines no client accounts for: {extra}"
     assert not problems, f"{len(problems)} of {len(outcomes)} sessions wrong:\n" + "\n".join(problems[:20])
     return reasons

@@ -43,6 +43,7 @@ class Outcome:
     port: int  # the client's own port: the session's log line says peer=127.0.0.1:PORT
     ok: bool  # the bytes it got were exactly right (for the kinds that check bytes)
     detail: str = ""
+    started: float = 0.0  # ports are reused over a long run: one port's sessions, in order
 
 
 def services_toml(**common: object) -> str:
@@ -157,10 +158,11 @@ CLIENTS: dict[str, Callable[[socket.socket, random.Random], tuple[bool, str]]] =
 
 
 def one(address: tuple[str, int], service: str, rng: random.Random, timeout: float = 60.0) -> Outcome:
+    started = time.monotonic()
     try:
         sock = socket.create_connection(address, timeout=timeout)
     except OSError as e:
-        return Outcome(service, 0, False, f"connect: {e}")
+        return Outcome(service, 0, False, f"connect: {e}", started)
     port = sock.getsockname()[1]
     try:
         ok, detail = CLIENTS[service](sock, rng)
@@ -168,7 +170,7 @@ def one(address: tuple[str, int], service: str, rng: random.Random, timeout: flo
         ok, detail = False, f"{type(e).__name__}: {e}"
     finally:
         sock.close()
-    return Outcome(service, port, ok, detail)
+    return Outcome(service, port, ok, detail, started)
 
 
 def run(
