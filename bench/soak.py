@@ -44,6 +44,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
+        mix.prepare(Path(tmp))
         config = Path(tmp) / "soak.toml"
         config.write_text('[server]\nkill_grace = "1s"\n' + ADMIN + mix.services_toml(max_sessions=64))
         server = Gsrv(config)

@@ -255,7 +255,7 @@ class Gate(Generic[S]):
         assert burst is not None
         while True:
             quiet_for = time.monotonic() - burst.last
-            if not self.short and quiet_for >= BURST_QUIET_S:
+            if self.closed or (not self.short and quiet_for >= BURST_QUIET_S):
                 break
             gevent.sleep(max(BURST_QUIET_S - quiet_for, 0.25))
         self._burst = None

@@ -2,7 +2,9 @@
 the reason the log must give for each session. Used by tests/chaos and bench/soak.py.
 
 Every client returns an Outcome naming its local port, so the audit can find the session's
-log line (peer=127.0.0.1:PORT) and check the reason, and whether its bytes were exact.
+log line (peer=127.0.0.1:PORT) and check the reason, and whether its bytes were exact. The
+PROXY clients name their own address in the header, so the line's peer is theirs too. The
+TLS services need `prepare(folder)` first (a trustme CA and certificate).
 """
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ import contextlib
 import hashlib
 import random
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 MARK = "41.37"  # the orphaned grandchild's sleep: unique, so the audit can look for leftovers
 SLOW_BYTES = 100 * 1000 * 1000
 SLOW_RATE = 64 * 1024  # bytes/s a slow downloader reads
+TLS_BYTES = 262144
+PROXIED: dict[str, object] = {"proxy_protocol": "v2", "proxy_trusted": ["127.0.0.1"], "proxy_timeout": "1s"}
 
 # service -> (command, extra keys, the reasons its sessions may end with)
 CRASH = "n=${GSRV_SESSION##*-}; head -c $(( n * 7919 % 524288 )) >/dev/null; kill -KILL $$"
@@ -34,7 +40,28 @@ SERVICES: dict[str, tuple[list[str], dict[str, object], tuple[str, ...]]] = {
     "idle": (["cat"], {"idle_timeout": "1s"}, ("idle_timeout",)),  # the client sends nothing
     "stubborn": (["sh", "-c", 'trap "" TERM; sleep 5'], {"session_timeout": "1s"}, ("session_timeout",)),
     "orphan": (["sh", "-c", f"sleep {MARK} & echo hi"], {}, ("child_exit",)),  # a grandchild keeps stdout open
+    # TLS: a whole upload (the child ends its input itself), and handshakes that stall halfway
+    "tls_up": (["sh", "-c", f"head -c {TLS_BYTES} | sha256sum"], {"tls": "TLS"}, ("child_exit",)),
+    "tls_stall": (["cat"], {"tls": "TLS"}, ("tls_failed",)),
+    # PROXY v2 from a trusted peer naming the client, and garbage instead of a header
+    "proxied": (["sh", "-c", 'echo "$TCPREMOTEIP:$TCPREMOTEPORT"; exec cat'], PROXIED, ("eof",)),
+    "bad_proxy": (["cat"], PROXIED, ("proxy_failed",)),
 }
+_tls: dict[str, object] = {}  # "files": {cert, key}, "context": a client SSLContext trusting the CA
+
+
+def prepare(folder: Path) -> None:
+    """Make the TLS services' certificate (trustme) in folder."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(folder / "mix.pem"))
+    cert.private_key_pem.write_to_path(str(folder / "mix.key"))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    _tls.update(files={"cert": str(folder / "mix.pem"), "key": str(folder / "mix.key"),
+                       "handshake_timeout": "1s"}, context=context)  # fmt: skip
 
 
 @dataclass
@@ -50,7 +77,11 @@ def services_toml(**common: object) -> str:
     """Every service of the mix; `common` keys (like max_sessions) go into each."""
     from conftest import service_toml  # tests/ is on sys.path for the suite and for bench/soak.py
 
-    return "".join(service_toml(name, command, **keys, **common) for name, (command, keys, _) in SERVICES.items())
+    assert _tls, "call prepare(folder) first: the TLS services need a certificate"
+    return "".join(
+        service_toml(name, command, **{k: _tls["files"] if v == "TLS" else v for k, v in keys.items()}, **common)
+        for name, (command, keys, _) in SERVICES.items()
+    )
 
 
 def _reset(sock: socket.socket) -> None:
@@ -151,9 +182,51 @@ def orphan(sock: socket.socket, rng: random.Random) -> tuple[bool, str]:
     return clean and reply == b"hi\n", repr(reply[:20])
 
 
+def tls_up(sock: socket.socket, rng: random.Random) -> tuple[bool, str]:
+    context = _tls["context"]
+    assert isinstance(context, ssl.SSLContext)
+    data = rng.randbytes(TLS_BYTES)
+    with context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+        tls.sendall(data)
+        reply, clean = _read_all(tls)  # ends at gsrv's close_notify
+    return clean and reply == f"{hashlib.sha256(data).hexdigest()}  -\n".encode(), "TLS upload"
+
+
+def tls_stall(sock: socket.socket, rng: random.Random) -> tuple[bool, str]:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = outgoing.read()
+    sock.sendall(hello[: rng.randint(0, len(hello) - 1)])  # part of a real ClientHello, then nothing
+    reply, _ = _read_all(sock)  # until gsrv gives up on it
+    return reply == b"", "stalled handshake"
+
+
+def _v2_header(client: tuple[str, int]) -> bytes:
+    body = socket.inet_aton(client[0]) + socket.inet_aton("127.0.0.1") + struct.pack("!HH", client[1], 7000)
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
+
+
+def proxied(sock: socket.socket, rng: random.Random) -> tuple[bool, str]:
+    port = sock.getsockname()[1]  # the header names the client's own port: the audit's key
+    data = rng.randbytes(rng.randint(0, 256 * 1024))
+    sender = _send_in_background(sock, _v2_header(("198.51.100.7", port)) + data, half_close=True)
+    reply, clean = _read_all(sock)
+    sender.join(30)
+    return clean and reply == f"198.51.100.7:{port}\n".encode() + data, f"{len(data)} bytes"
+
+
+def bad_proxy(sock: socket.socket, rng: random.Random) -> tuple[bool, str]:
+    with contextlib.suppress(OSError):
+        sock.sendall(rng.choice([b"GET / HTTP/1.0\r\n\r\n", b"PROXY TCP4 1.2.3.4\r\n", b"\r\n\r\n\x00\r\nQUIT\n\x99"]))
+    reply, _ = _read_all(sock)
+    return reply == b"", "refused"
+
+
 CLIENTS: dict[str, Callable[[socket.socket, random.Random], tuple[bool, str]]] = {
     "up": up, "slow": slow, "deaf": deaf, "crash": crash, "echo": echo, "idle": idle, "stubborn": stubborn,
-    "orphan": orphan,
+    "orphan": orphan, "tls_up": tls_up, "tls_stall": tls_stall, "proxied": proxied, "bad_proxy": bad_proxy,
 }  # fmt: skip
 
 

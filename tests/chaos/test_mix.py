@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import audit
 import mix
@@ -19,14 +20,16 @@ SECONDS = float(os.environ.get("GSRV_CHAOS_SECONDS", "20"))  # longer by hand
 
 
 @pytest.mark.timeout(SECONDS + 150)
-def test_the_mix_loses_nothing_and_leaves_nothing_behind(gsrv: Callable[..., Gsrv]) -> None:
+def test_the_mix_loses_nothing_and_leaves_nothing_behind(gsrv: Callable[..., Gsrv], tmp_path: Path) -> None:
+    mix.prepare(tmp_path)
     server = gsrv(mix.services_toml())
     base = audit.snapshot(server)
     outcomes = mix.run(server.address, SECONDS)
     audit.wait_quiet(server, len(outcomes))
     reasons = audit.account(server, outcomes)
     assert {o.service for o in outcomes} == set(mix.SERVICES), "every kind ran"
-    assert reasons["eof"] and reasons["client_reset"] and reasons["session_timeout"], reasons
+    for reason in ("eof", "client_reset", "session_timeout", "tls_failed", "proxy_failed", "idle_timeout"):
+        assert reasons[reason], reasons
     assert server.count_log(r"event=kill_escalated") >= reasons["session_timeout"]  # the TERM-ignoring ones
     audit.settle(server, base)
     audit.no_leftovers(server, audit.rss_bound(base))
@@ -52,7 +55,8 @@ def _held(address: tuple[str, int]) -> mix.Outcome:
 
 
 @pytest.mark.timeout(SECONDS + 150)
-def test_the_mix_under_reloads_and_guard_pauses_then_a_drain(gsrv: Callable[..., Gsrv]) -> None:
+def test_the_mix_under_reloads_and_guard_pauses_then_a_drain(gsrv: Callable[..., Gsrv], tmp_path: Path) -> None:
+    mix.prepare(tmp_path)
     server = gsrv(_config(64, False))
     base = audit.snapshot(server)
     peak = [base.rss]
