@@ -37,11 +37,11 @@ class Arrival:
         self.sock = sock
         self.tcp = sock.family in (stdsocket.AF_INET, stdsocket.AF_INET6)
         self.peer = peer  # as accept() reported it: a client that reset since has no peer name
+        self.creds = None if self.tcp else peer_credentials(sock)  # a unix client's (pid, uid, gid)
         if self.tcp:
             self.peer_text = address_text(peer)
         else:
-            creds = peer_credentials(sock)
-            self.peer_text = f"unix:pid={creds[0]},uid={creds[1]}" if creds else "unix"
+            self.peer_text = f"unix:pid={self.creds[0]},uid={self.creds[1]}" if self.creds else "unix"
         self.client: tuple[str, int] | None = peer if self.tcp else None  # PROXY may replace it
         self.header: ProxyHeader | None = None
         self.tls: TlsStream | None = None
@@ -78,10 +78,9 @@ class Arrival:
                       "TCPLOCALIP": str(local[0]), "TCPLOCALPORT": str(local[1])}  # fmt: skip
         else:  # as ucspi-unix's unixserver sets them
             extra |= {"PROTO": "UNIX", "UNIXLOCALPATH": str(local)}
-            creds = peer_credentials(self.sock)
-            if creds:
-                extra |= {"UNIXREMOTEPID": str(creds[0]), "UNIXREMOTEEUID": str(creds[1]),
-                          "UNIXREMOTEEGID": str(creds[2])}  # fmt: skip
+            if self.creds:
+                extra |= {"UNIXREMOTEPID": str(self.creds[0]), "UNIXREMOTEEUID": str(self.creds[1]),
+                          "UNIXREMOTEEGID": str(self.creds[2])}  # fmt: skip
             if self.client is not None:
                 extra |= {"TCPREMOTEIP": str(self.client[0]), "TCPREMOTEPORT": str(self.client[1])}
         if self.tls is not None:

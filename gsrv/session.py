@@ -77,8 +77,7 @@ class Session:
         self.greenlets: list[gevent.Greenlet] = []
         self.spawn_error: str | None = None
         self.stderr = StderrLines()
-        self.splice = False  # decided at start(): TLS needs the bytes in userland
-        self.relay: str | None = None  # "splice" or "copy" once start() has chosen
+        self.relay: str | None = None  # "splice" or "copy", chosen at start(): TLS needs the bytes in userland
         self._at_end: list[Callable[[], None]] = []
         self._wake = Event()
         self._started = time.monotonic()
@@ -115,8 +114,8 @@ class Session:
         try:
             started = time.perf_counter()
             svc = self.svc
-            self.splice = svc.relay != "copy" and pump.HAS_SPLICE and self.arrival.tls is None
-            self.relay = "splice" if self.splice else "copy"
+            splice = svc.relay != "copy" and pump.HAS_SPLICE and self.arrival.tls is None
+            self.relay = "splice" if splice else "copy"
             env = self.arrival.env(svc, self.sid)
             self.child = Child.spawn(svc.command, env, svc.cwd, svc.stderr, svc.pipe_size, svc.executable or None,
                                      svc.policy.launcher, svc.policy.umask)  # fmt: skip
@@ -218,7 +217,7 @@ class Session:
         sock, stdin = self.sock.fileno(), self.child.stdin
         if self.arrival.tls is not None:
             end = tls.pump_in(self.arrival.tls, stdin, self.svc.chunk_size, self.inbound)
-        elif self.splice:
+        elif self.relay == "splice":
             end = pump.splice(sock, stdin, self.inbound, source_is_socket=True)
         else:
             end = pump.copy(sock, stdin, self.svc.chunk_size, self.inbound, sink_is_pipe=True)
@@ -239,7 +238,7 @@ class Session:
         stdout, sock = self.child.stdout, self.sock.fileno()
         if self.arrival.tls is not None:
             end = tls.pump_out(stdout, self.arrival.tls, self.svc.chunk_size, self.outbound)
-        elif self.splice:
+        elif self.relay == "splice":
             end = pump.splice(stdout, sock, self.outbound, source_is_socket=False)
         else:
             end = pump.copy(stdout, sock, self.svc.chunk_size, self.outbound)

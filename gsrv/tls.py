@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -90,7 +91,7 @@ class TlsStream:
         if self.closed:
             return
         self.closed = True
-        with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLError):
+        with contextlib.suppress(ssl.SSLError):  # SSLWantReadError too: we never wait for theirs
             self.obj.unwrap()
         with contextlib.suppress(OSError):
             self._flush()
@@ -144,53 +145,48 @@ def _escape(value: str) -> str:
 def pump_in(stream: TlsStream, stdin: int, chunk: int, meter: pump.Meter) -> pump.End:
     """Client to child through TLS: SOURCE_EOF at the client's close_notify."""
     sink = pump.Fd(stdin, pump.WRITE)
-    since_yield = 0
     try:
-        while True:
-            try:
-                data = stream.recv(chunk)
-            except (OSError, ssl.SSLError):
-                return pump.End.SOURCE_ERROR
-            if not data:
-                return pump.End.SOURCE_EOF
-            meter.holding = True
-            try:
-                meter.blocked += sink.write_all(data)
-            except OSError:
-                return pump.End.SINK_CLOSED
-            meter.moved(len(data))
-            since_yield += len(data)
-            if since_yield >= pump.YIELD_EVERY:
-                since_yield = 0
-                gevent.sleep(0)
+        return _move(lambda: stream.recv(chunk), sink.write_all, meter)
     finally:
         sink.close()
 
 
 def pump_out(stdout: int, stream: TlsStream, chunk: int, meter: pump.Meter) -> pump.End:
     """Child to client through TLS: SOURCE_EOF at the child's EOF (the session then sends
-    close_notify)."""
+    close_notify). After a TLS 1.2 client's close_notify (both ways closed) the child's
+    output is read and dropped, so the child can finish."""
     source = pump.Fd(stdout, pump.READ)
-    since_yield = 0
     try:
-        while True:
-            try:
-                data = source.read(chunk)
-            except OSError:
-                return pump.End.SOURCE_ERROR
-            if not data:
-                return pump.End.SOURCE_EOF
-            if stream.closed:
-                continue  # TLS 1.2: the client's close_notify closed both ways; let the child finish
-            meter.holding = True
-            try:
-                meter.blocked += stream.send(data)
-            except (OSError, ssl.SSLError):
-                return pump.End.SINK_CLOSED
-            meter.moved(len(data))
-            since_yield += len(data)
-            if since_yield >= pump.YIELD_EVERY:
-                since_yield = 0
-                gevent.sleep(0)
+        return _move(lambda: source.read(chunk), stream.send, meter, dropping=lambda: stream.closed)
     finally:
         source.close()
+
+
+def _move(
+    read: Callable[[], bytes],
+    write: Callable[[bytes], float],
+    meter: pump.Meter,
+    dropping: Callable[[], bool] = lambda: False,
+) -> pump.End:
+    """One direction: read, write all of it (write returns the seconds it waited), yield
+    every YIELD_EVERY bytes. ssl.SSLError is an OSError: either side's errors end it."""
+    since_yield = 0
+    while True:
+        try:
+            data = read()
+        except OSError:
+            return pump.End.SOURCE_ERROR
+        if not data:
+            return pump.End.SOURCE_EOF
+        if dropping():
+            continue
+        meter.holding = True
+        try:
+            meter.blocked += write(data)
+        except OSError:
+            return pump.End.SINK_CLOSED
+        meter.moved(len(data))
+        since_yield += len(data)
+        if since_yield >= pump.YIELD_EVERY:
+            since_yield = 0
+            gevent.sleep(0)
