@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= conf/gsrv.toml
 
-.PHONY: run test bench soak check clean supervise
+.PHONY: run test lint bench soak check clean supervise
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,14 @@ supervise: $(VENV)/.installed-ops
 check: $(VENV)/.installed
 	$(BIN)/gsrv check -c $(CONFIG)
 
-test: $(VENV)/.installed-test
+# lint: ruff (check and format) on the whole tree, mypy --strict on gsrv/ (tests and bench are
+# linted and formatted, not type-checked: they drive gevent, which ships no types, at every turn)
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict gsrv
+
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-bench

@@ -7,7 +7,7 @@ import statistics
 import sys
 import time
 
-from gsrv.guard import Sampler
+from gsrv.accept.guard import Sampler
 
 
 def main() -> int:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import gevent
 import gevent.subprocess
 
-from gsrv.child import Child
+from gsrv.relay.child import Child
 
 COUNT = 300
 TRUE = shutil.which("true") or "/bin/true"

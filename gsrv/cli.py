@@ -12,22 +12,23 @@ import gevent
 import psutil
 from gevent.queue import Queue
 
-from gsrv import __version__, loadgen
-from gsrv.admin import Admin
-from gsrv.child import track_groups
-from gsrv.config import Config, ServiceConfig, load
-from gsrv.dump import dump
+from gsrv import __version__
+from gsrv.accept.guard import Guard, Sampler
+from gsrv.accept.listeners import BindError
+from gsrv.clients import loadgen
+from gsrv.clients.send import send
+from gsrv.config.parse import Config, ServiceConfig, load
+from gsrv.config.policy import Network, Policy
+from gsrv.config.units import format_size
 from gsrv.errors import ConfigError
-from gsrv.guard import Guard, Sampler
-from gsrv.guardian import Guardian
-from gsrv.listeners import BindError
 from gsrv.logs import Log
-from gsrv.metrics import State
-from gsrv.policy import Network, Policy
-from gsrv.pump import HAS_SPLICE
-from gsrv.send import send
+from gsrv.ops.admin import Admin
+from gsrv.ops.dump import dump
+from gsrv.ops.metrics import State
+from gsrv.relay.child import track_groups
+from gsrv.relay.guardian import Guardian
+from gsrv.relay.pump import HAS_SPLICE
 from gsrv.server import Server
-from gsrv.units import format_size
 
 DEFAULT_CONFIG = "conf/gsrv.toml"
 

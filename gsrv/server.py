@@ -16,16 +16,16 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from gsrv.arrival import Arrival
-from gsrv.config import Config, ServiceConfig, load
-from gsrv.door import Door
+from gsrv.accept.gate import Gate, Listener
+from gsrv.accept.listeners import BindError, close_listener, open_listener, tune
+from gsrv.config.parse import Config, ServiceConfig, load
+from gsrv.edge.arrival import Arrival
+from gsrv.edge.door import Door
 from gsrv.errors import ConfigError
-from gsrv.gate import Gate, Listener
-from gsrv.listeners import BindError, close_listener, open_listener, tune
 from gsrv.logs import Log
-from gsrv.metrics import Metrics, ServiceState
-from gsrv.session import Session
-from gsrv.watchdog import Watchdog
+from gsrv.ops.metrics import Metrics, ServiceState
+from gsrv.relay.session import Session
+from gsrv.relay.watchdog import Watchdog
 
 DRAIN_POLL_S = 0.05
 OWN_GREENLETS = 6  # main, signal worker, watchdog, guard, log writer, metrics flusher

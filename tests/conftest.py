@@ -162,7 +162,7 @@ class Gsrv:
         if self._guardian is None:
             for p in self.ps.children():
                 try:
-                    if "gsrv.guardian" in " ".join(p.cmdline()):
+                    if "gsrv.relay.guardian" in " ".join(p.cmdline()):
                         self._guardian = p.pid
                 except psutil.NoSuchProcess:
                     pass

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import PY, ROOT
 
-from gsrv.units import format_size
+from gsrv.config.units import format_size
 
 PIPE_MAX = format_size(int(Path("/proc/sys/fs/pipe-max-size").read_text()))
 SVC = '[services.up]\nlisten = "127.0.0.1:0"\ncommand = ["cat"]\n'

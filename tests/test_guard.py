@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import exchange, service_toml, wait_until
 
-from gsrv.cgroup import Level, discover, read_level
-from gsrv.config import GuardConfig, parse
+from gsrv.accept.guard import Guard, Pressure, Sample
+from gsrv.accept.memlimit import Level, discover, read_level
+from gsrv.config.parse import GuardConfig, parse
+from gsrv.config.units import Amount
 from gsrv.errors import ConfigError
-from gsrv.guard import Guard, Pressure, Sample
 from gsrv.logs import Log
-from gsrv.units import Amount
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

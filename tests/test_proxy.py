@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gsrv.proxy import ProxyError, ProxyHeader, parse, safe_read
+from gsrv.edge.proxy import ProxyError, ProxyHeader, parse, safe_read
 
 pytestmark = pytest.mark.timeout(120)
 

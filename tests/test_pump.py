@@ -13,7 +13,7 @@ import time
 import gevent
 import pytest
 
-from gsrv import pump
+from gsrv.relay import pump
 
 pytestmark = pytest.mark.timeout(60)
 

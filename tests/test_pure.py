@@ -10,13 +10,13 @@ from conftest import ROOT
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gsrv.address import Address, parse_address
-from gsrv.config import GUARD_KEYS, SERVER_KEYS, SERVICE_KEYS, parse
+from gsrv.accept.gate import may_accept
+from gsrv.config.address import Address, parse_address
+from gsrv.config.parse import GUARD_KEYS, SERVER_KEYS, SERVICE_KEYS, parse
+from gsrv.config.units import format_size, parse_duration, parse_size
 from gsrv.errors import ConfigError
-from gsrv.gate import may_accept
 from gsrv.logs import format_line
-from gsrv.stderr import StderrLines
-from gsrv.units import format_size, parse_duration, parse_size
+from gsrv.relay.stderr import StderrLines
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -150,8 +150,8 @@ def test_log_line_formats() -> None:
 def test_access_rules_and_per_address_bookkeeping() -> None:
     import ipaddress
 
-    from gsrv.access import Admission, allowed
-    from gsrv.policy import Policy
+    from gsrv.config.policy import Policy
+    from gsrv.edge.access import Admission, allowed
 
     nets = lambda *items: tuple(ipaddress.ip_network(i) for i in items)  # noqa: E731
     assert allowed("10.1.2.3", (), ())

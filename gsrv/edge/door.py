@@ -16,13 +16,13 @@ from typing import Protocol
 import gevent
 from gevent.socket import socket
 
-from gsrv import proxy
-from gsrv.access import Admission, allowed
-from gsrv.arrival import Arrival
+from gsrv.config.policy import Policy
+from gsrv.edge import proxy
+from gsrv.edge.access import Admission, allowed
+from gsrv.edge.arrival import Arrival
+from gsrv.edge.proxy import ProxyError, ProxyHeader
+from gsrv.edge.tls import TlsStream
 from gsrv.errors import GsrvError
-from gsrv.policy import Policy
-from gsrv.proxy import ProxyError, ProxyHeader
-from gsrv.tls import TlsStream
 
 
 class TooSlow(GsrvError):

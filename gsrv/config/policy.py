@@ -18,8 +18,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
-from gsrv.table import Table
-from gsrv.units import describe, parse_duration, parse_size
+from gsrv.config.table import Table
+from gsrv.config.units import describe, parse_duration, parse_size
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

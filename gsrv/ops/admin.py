@@ -12,10 +12,10 @@ from typing import Any
 from gevent.pywsgi import WSGIServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gsrv.address import Address
-from gsrv.listeners import open_listener
+from gsrv.accept.listeners import open_listener
+from gsrv.config.address import Address
 from gsrv.logs import Log
-from gsrv.metrics import Metrics, State
+from gsrv.ops.metrics import Metrics, State
 from gsrv.periodic import Periodic
 
 FLUSH_S = 1.0

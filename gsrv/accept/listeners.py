@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from gevent import socket as gsocket
 
-from gsrv.address import Address
+from gsrv.config.address import Address
 from gsrv.errors import GsrvError
 
 SD_LISTEN_FDS_START = 3

@@ -20,16 +20,16 @@ import gevent
 from gevent.event import Event
 from gevent.socket import socket, wait_read
 
-from gsrv import pump, tls
-from gsrv.arrival import Arrival
-from gsrv.child import Child
-from gsrv.config import ServerConfig, ServiceConfig
+from gsrv.config.parse import ServerConfig, ServiceConfig
+from gsrv.edge.arrival import Arrival
 from gsrv.errors import RESOURCE_ERRORS, SpawnError
 from gsrv.logs import Log
-from gsrv.stderr import StderrLines
+from gsrv.relay import pump
+from gsrv.relay.child import Child
+from gsrv.relay.stderr import StderrLines
 
 if TYPE_CHECKING:
-    from gsrv.watchdog import Watchdog
+    from gsrv.relay.watchdog import Watchdog
 
 LINGER_S = 2.0  # how long a closing session waits for the client's EOF once the reply is acked
 GRACE_POLL_S = 0.1
@@ -216,7 +216,7 @@ class Session:
         assert self.child is not None
         sock, stdin = self.sock.fileno(), self.child.stdin
         if self.arrival.tls is not None:
-            end = tls.pump_in(self.arrival.tls, stdin, self.svc.chunk_size, self.inbound)
+            end = pump.pump_in(self.arrival.tls, stdin, self.svc.chunk_size, self.inbound)
         elif self.relay == "splice":
             end = pump.splice(sock, stdin, self.inbound, source_is_socket=True)
         else:
@@ -237,7 +237,7 @@ class Session:
         assert self.child is not None
         stdout, sock = self.child.stdout, self.sock.fileno()
         if self.arrival.tls is not None:
-            end = tls.pump_out(stdout, self.arrival.tls, self.svc.chunk_size, self.outbound)
+            end = pump.pump_out(stdout, self.arrival.tls, self.svc.chunk_size, self.outbound)
         elif self.relay == "splice":
             end = pump.splice(stdout, sock, self.outbound, source_is_socket=False)
         else:

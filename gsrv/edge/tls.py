@@ -11,14 +11,10 @@ from __future__ import annotations
 import contextlib
 import ssl
 import time
-from collections.abc import Callable
 from typing import Any
 
-import gevent
 from gevent.lock import Semaphore
 from gevent.socket import socket
-
-from gsrv import pump
 
 FILL = 64 * 1024  # encrypted bytes read from the socket at a time (about four records)
 
@@ -140,53 +136,3 @@ def _escape(value: str) -> str:
     if out.endswith(" ") and not out.endswith("\\ "):
         out = out[:-1] + "\\ "
     return out
-
-
-def pump_in(stream: TlsStream, stdin: int, chunk: int, meter: pump.Meter) -> pump.End:
-    """Client to child through TLS: SOURCE_EOF at the client's close_notify."""
-    sink = pump.Fd(stdin, pump.WRITE)
-    try:
-        return _move(lambda: stream.recv(chunk), sink.write_all, meter)
-    finally:
-        sink.close()
-
-
-def pump_out(stdout: int, stream: TlsStream, chunk: int, meter: pump.Meter) -> pump.End:
-    """Child to client through TLS: SOURCE_EOF at the child's EOF (the session then sends
-    close_notify). After a TLS 1.2 client's close_notify (both ways closed) the child's
-    output is read and dropped, so the child can finish."""
-    source = pump.Fd(stdout, pump.READ)
-    try:
-        return _move(lambda: source.read(chunk), stream.send, meter, dropping=lambda: stream.closed)
-    finally:
-        source.close()
-
-
-def _move(
-    read: Callable[[], bytes],
-    write: Callable[[bytes], float],
-    meter: pump.Meter,
-    dropping: Callable[[], bool] = lambda: False,
-) -> pump.End:
-    """One direction: read, write all of it (write returns the seconds it waited), yield
-    every YIELD_EVERY bytes. ssl.SSLError is an OSError: either side's errors end it."""
-    since_yield = 0
-    while True:
-        try:
-            data = read()
-        except OSError:
-            return pump.End.SOURCE_ERROR
-        if not data:
-            return pump.End.SOURCE_EOF
-        if dropping():
-            continue
-        meter.holding = True
-        try:
-            meter.blocked += write(data)
-        except OSError:
-            return pump.End.SINK_CLOSED
-        meter.moved(len(data))
-        since_yield += len(data)
-        if since_yield >= pump.YIELD_EVERY:
-            since_yield = 0
-            gevent.sleep(0)

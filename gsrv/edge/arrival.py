@@ -8,14 +8,14 @@ from __future__ import annotations
 import os
 import socket as stdsocket
 import struct
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from gevent.socket import socket
 
-from gsrv.child import build_env
-from gsrv.config import ServiceConfig
-from gsrv.proxy import ProxyHeader
-from gsrv.tls import TlsStream
+from gsrv.config.parse import ServiceConfig
+from gsrv.edge.proxy import ProxyHeader
+from gsrv.edge.tls import TlsStream
 
 
 def address_text(addr: tuple[str, int]) -> str:
@@ -30,6 +30,16 @@ def peer_credentials(sock: socket) -> tuple[int, int, int] | None:
         return None
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid
+
+
+def build_env(
+    environ: Mapping[str, str], pass_env: Iterable[str], env: Iterable[tuple[str, str]], extra: Mapping[str, str]
+) -> dict[str, str]:
+    """The child's environment: the allowlist from gsrv's own, then the service's table, then UCSPI."""
+    result = {name: environ[name] for name in pass_env if name in environ}
+    result.update(env)
+    result.update(extra)
+    return result
 
 
 class Arrival:

@@ -9,7 +9,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from gsrv.units import describe
+from gsrv.config.units import describe
 
 EXPECTED = (
     'must be "host:port" or "[v6]:port" with an IP address and a port 0-65535, '

@@ -4,7 +4,7 @@ Children run in sessions of their own (so a supervisor's group kill does not rea
 and a gsrv killed with SIGKILL cannot end them itself. gsrv tells the guardian, through a
 pipe, each process group it starts ("+PGID") and reaps ("-PGID"); when the pipe reaches EOF
 (gsrv is gone, however it ended) the guardian sends TERM, then KILL, to the groups left.
-Run as `python -m gsrv.guardian`; it ignores SIGINT, SIGTERM and SIGHUP: only EOF ends it.
+Run as `python -m gsrv.relay.guardian`; it ignores SIGINT, SIGTERM and SIGHUP: only EOF ends it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Guardian:
         from gevent import get_hub  # here: the guardian process itself never loads gevent
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gsrv.guardian"], stdin=subprocess.PIPE, bufsize=0,
+            [sys.executable, "-m", "gsrv.relay.guardian"], stdin=subprocess.PIPE, bufsize=0,
             close_fds=True, start_new_session=True,
         )  # fmt: skip
         assert self.proc.stdin is not None

@@ -19,9 +19,12 @@ import socket as stdsocket
 import struct
 import termios
 import time
+from collections.abc import Callable
 
 import gevent
 from gevent import get_hub
+
+from gsrv.edge.tls import TlsStream
 
 YIELD_EVERY = 1024 * 1024
 SPLICE_MAX = 1024 * 1024  # per call; a pipe's capacity caps it anyway
@@ -278,3 +281,53 @@ def discard(src: int, chunk: int, meter: Meter) -> End:
                 meter.moved(n)
     finally:
         source.close()
+
+
+def pump_in(stream: TlsStream, stdin: int, chunk: int, meter: Meter) -> End:
+    """Client to child through TLS: SOURCE_EOF at the client's close_notify."""
+    sink = Fd(stdin, WRITE)
+    try:
+        return _move(lambda: stream.recv(chunk), sink.write_all, meter)
+    finally:
+        sink.close()
+
+
+def pump_out(stdout: int, stream: TlsStream, chunk: int, meter: Meter) -> End:
+    """Child to client through TLS: SOURCE_EOF at the child's EOF (the session then sends
+    close_notify). After a TLS 1.2 client's close_notify (both ways closed) the child's
+    output is read and dropped, so the child can finish."""
+    source = Fd(stdout, READ)
+    try:
+        return _move(lambda: source.read(chunk), stream.send, meter, dropping=lambda: stream.closed)
+    finally:
+        source.close()
+
+
+def _move(
+    read: Callable[[], bytes],
+    write: Callable[[bytes], float],
+    meter: Meter,
+    dropping: Callable[[], bool] = lambda: False,
+) -> End:
+    """One direction: read, write all of it (write returns the seconds it waited), yield
+    every YIELD_EVERY bytes. ssl.SSLError is an OSError: either side's errors end it."""
+    since_yield = 0
+    while True:
+        try:
+            data = read()
+        except OSError:
+            return End.SOURCE_ERROR
+        if not data:
+            return End.SOURCE_EOF
+        if dropping():
+            continue
+        meter.holding = True
+        try:
+            meter.blocked += write(data)
+        except OSError:
+            return End.SINK_CLOSED
+        meter.moved(len(data))
+        since_yield += len(data)
+        if since_yield >= YIELD_EVERY:
+            since_yield = 0
+            gevent.sleep(0)

@@ -12,11 +12,11 @@ from typing import Any
 
 import psutil
 
-from gsrv.cgroup import Cgroup, discover
-from gsrv.config import GuardConfig
+from gsrv.accept.memlimit import Cgroup, discover
+from gsrv.config.parse import GuardConfig
+from gsrv.config.units import format_size
 from gsrv.logs import Log
 from gsrv.periodic import Periodic
-from gsrv.units import format_size
 
 REMIND_S = 30.0
 

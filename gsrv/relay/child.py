@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from typing import Protocol
 
 import gevent
@@ -38,16 +38,6 @@ def track_groups(tracker: GroupTracker | None) -> None:
     """Report every child's process group to tracker (the guardian), from now on."""
     global _tracker
     _tracker = tracker
-
-
-def build_env(
-    environ: Mapping[str, str], pass_env: Iterable[str], env: Iterable[tuple[str, str]], extra: Mapping[str, str]
-) -> dict[str, str]:
-    """The child's environment: the allowlist from gsrv's own, then the service's table, then UCSPI."""
-    result = {name: environ[name] for name in pass_env if name in environ}
-    result.update(env)
-    result.update(extra)
-    return result
 
 
 class Child:

@@ -14,11 +14,11 @@ from typing import Any
 
 import psutil
 
-from gsrv.address import Address, collide, parse_address
+from gsrv.config.address import Address, collide, parse_address
+from gsrv.config.policy import KEYS, Policy, parse_policy
+from gsrv.config.table import Table
+from gsrv.config.units import Amount, describe, format_size
 from gsrv.errors import ConfigError
-from gsrv.policy import KEYS, Policy, parse_policy
-from gsrv.table import Table
-from gsrv.units import Amount, describe, format_size
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")

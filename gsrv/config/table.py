@@ -5,8 +5,8 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from gsrv.config.units import Amount, describe, format_size, parse_amount, parse_duration, parse_size
 from gsrv.errors import ConfigError
-from gsrv.units import Amount, describe, format_size, parse_amount, parse_duration, parse_size
 
 
 class Table:

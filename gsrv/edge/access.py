@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from gsrv.policy import Network, Policy
+from gsrv.config.policy import Network, Policy
 
 SWEEP_EVERY = 1024  # buckets added between sweeps of the full ones
 
