@@ -227,12 +227,12 @@ def test_a_pump_whose_data_is_always_ready_still_yields(path: str) -> None:
     os.close(src_w)
     ticks = []
     ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0)) for _ in range(1000)])
-    meter = pump.Meter()
+    meter = pump.Meter(yield_every=every)
     with gevent.Timeout(10, "the pump did not finish"):
         if path == "splice":
-            end = pump.splice(src_r, dst_w, meter, source_is_socket=False, yield_every=every)
+            end = pump.splice(src_r, dst_w, meter, source_is_socket=False)
         else:
-            end = pump.copy(src_r, dst_w, 16384, meter, sink_is_pipe=True, yield_every=every)
+            end = pump.copy(src_r, dst_w, 16384, meter, sink_is_pipe=True)
     ran_meanwhile = len(ticks)
     ticker.kill()
     assert end is pump.End.SOURCE_EOF and meter.total == size

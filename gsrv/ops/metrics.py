@@ -33,7 +33,7 @@ class Child(Protocol):
 
 
 class Ended(Protocol):
-    abort_reason: str | None
+    reason: str | None
     spawn_seconds: float | None
 
     @property
@@ -105,7 +105,7 @@ class Metrics:
 
     def ended(self, service: str, session: Ended) -> None:
         """Once per session, after its log line."""
-        reason = session.abort_reason or "unknown"
+        reason = session.reason or "unknown"
         if reason in REFUSALS:
             self.rejected.labels(service, reason).inc()
         self.sessions.labels(service, reason).inc()

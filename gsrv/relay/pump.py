@@ -1,12 +1,13 @@
-"""The relay primitive: one direction of one session, fd to fd, in bounded memory.
+"""Moving bytes, one direction at a time, in bounded memory: the one loop (`move`), the kernel's
+own (`splice`), and the sources and sinks they move between.
 
-Two paths behind one shape, `copy` and `splice`, each returning why it stopped (End).
-- splice: splice(2) between the socket and the child's pipe; the bytes never enter
-  userland, so a session holds no buffer at all. Linux only.
-- copy: one loop over non-blocking fds (a socket fd reads and writes like a pipe end).
-  It takes a buffer from a shared pool only for the moment it moves bytes: a pump
-  waiting for its source holds none, and reused buffers cost no page faults.
-Both yield every ~1 MiB so a hot session cannot starve the others.
+- move: read a chunk from a Source, write all of it to a Sink. A source takes a buffer from
+  a shared pool only for the moment it moves bytes: a direction waiting for its source holds
+  none, and reused buffers cost no page faults. Copy, TLS, discarding input, child stderr
+  and the lingering close are each a source and a sink given to it.
+- splice: splice(2) between a socket and a pipe; the bytes never enter userland. Linux only.
+Both count into a Meter (bytes, last activity, time blocked on the sink) and yield to the
+loop every ~1 MiB, so a hot session cannot starve the others.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ import socket as stdsocket
 import struct
 import termios
 import time
-from collections.abc import Callable
+from typing import Protocol
 
 import gevent
 from gevent import get_hub
-
-from gsrv.edge.tls import TlsStream
 
 YIELD_EVERY = 1024 * 1024
 SPLICE_MAX = 1024 * 1024  # per call; a pipe's capacity caps it anyway
@@ -35,7 +34,7 @@ READ, WRITE = 1, 2
 
 
 class End(enum.Enum):
-    """Why a pump stopped."""
+    """Why a direction stopped."""
 
     SOURCE_EOF = "source_eof"
     SOURCE_ERROR = "source_error"
@@ -43,51 +42,70 @@ class End(enum.Enum):
 
 
 class Meter:
-    """What one direction has moved, when it last moved, and whether it holds a chunk now."""
+    """What one direction has moved, when it last moved, how long it waited for its sink, and
+    whether it holds a chunk now."""
 
-    __slots__ = ("total", "last", "holding", "blocked", "reported", "reported_blocked")
+    __slots__ = ("total", "last", "holding", "blocked", "reported", "reported_blocked", "yield_every", "_since_yield")
 
-    def __init__(self) -> None:
+    def __init__(self, yield_every: int = YIELD_EVERY) -> None:
         self.total = 0
         self.last = time.monotonic()
         self.holding = False
         self.blocked = 0.0  # seconds spent waiting for the sink to take bytes
         self.reported = 0  # what the metrics have been told of (see metrics.flush)
         self.reported_blocked = 0.0
+        self.yield_every = yield_every
+        self._since_yield = 0
 
-    def moved(self, n: int) -> None:
-        self.total += n
-        self.last = time.monotonic()
+    def moved(self, n: int, counted: bool = True) -> None:
+        """n bytes went through (counted: to the sink; else read and dropped); yields to the
+        loop every YIELD_EVERY bytes."""
+        if counted:
+            self.total += n
+            self.last = time.monotonic()
         self.holding = False
+        self._since_yield += n
+        if self._since_yield >= self.yield_every:
+            self._since_yield = 0
+            gevent.sleep(0)
 
 
 class Fd:
-    """A non-blocking fd with one io watcher kept for the pump's life (cheaper than the new
-    watcher per wait that gevent.socket.wait_read/wait_write make). close() before the fd."""
+    """A non-blocking fd with one io watcher kept for its life (cheaper than the new watcher
+    per wait that gevent.socket.wait_read/wait_write make). close() before the fd."""
 
     def __init__(self, fd: int, events: int) -> None:
         self.fd = fd
         self._hub = get_hub()
         self._watcher = self._hub.loop.io(fd, events)
 
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> None:
+        """Until the fd is ready; raises TimeoutError after timeout seconds, if given."""
+        if timeout is None:
+            self._hub.wait(self._watcher)
+            return
+        with gevent.Timeout(timeout, TimeoutError):
+            self._hub.wait(self._watcher)
+
+    def timed_wait(self) -> float:
+        """Wait until ready; the seconds it took (a sink's wait is backpressure)."""
+        started = time.monotonic()
         self._hub.wait(self._watcher)
+        return time.monotonic() - started
 
     def close(self) -> None:
         self._watcher.close()
 
     def write_all(self, data: memoryview | bytes) -> float:
-        """Write all of data, waiting cooperatively; returns the seconds it waited.
-        Raises OSError (EPIPE: the reader is gone)."""
+        """Write all of data, waiting cooperatively; returns the seconds it waited. Raises
+        OSError (EPIPE: the reader is gone). A pipe write can be short: loop over a view."""
         view = memoryview(data)
         waited = 0.0
         while view:
             try:
                 view = view[os.write(self.fd, view) :]
             except BlockingIOError:
-                started = time.monotonic()
-                self.wait()
-                waited += time.monotonic() - started
+                waited += self.timed_wait()
         return waited
 
     def read(self, size: int) -> bytes:
@@ -100,7 +118,7 @@ class Fd:
 
 
 class BufferPool:
-    """Reused chunk buffers shared by all pumps with one chunk size."""
+    """Reused chunk buffers shared by all directions with one chunk size."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -132,78 +150,154 @@ def queued(fd: int, request: int = termios.FIONREAD) -> int:
         return 0
 
 
-class _PipeRoom:
-    """Sizes reads by the room left in the sink pipe, so a pump whose child stops reading
-    waits on the pipe with no chunk in hand."""
+class Source(Protocol):
+    def read(self, limit: int) -> memoryview | bytes:
+        """Up to limit bytes once there are some; b"" at the end. Raises OSError."""
 
-    def __init__(self, fd: int, chunk: int) -> None:
-        self.fd = fd
-        try:
-            self.capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
-        except OSError:
-            self.capacity = chunk  # not a pipe: whole chunks
+    def done(self) -> None:
+        """The bytes last read were written: a pooled buffer goes back."""
 
-    def room(self) -> int:
-        return self.capacity - queued(self.fd)
+    def close(self) -> None: ...
 
 
-def copy(
-    src: int, dst: int, chunk: int, meter: Meter, sink_is_pipe: bool = False, yield_every: int = YIELD_EVERY
-) -> End:
-    """Move bytes src -> dst until src's EOF (or error) or dst closes; returns why it stopped."""
-    source, sink = Fd(src, READ), Fd(dst, WRITE)
+class Sink(Protocol):
+    @property
+    def dropping(self) -> bool:
+        """It takes no more: read the source to its end and drop it, uncounted."""
+
+    def room(self, meter: Meter, chunk: int) -> int:
+        """How much to read now; waits (counted in meter.blocked) while there is no room."""
+
+    def write(self, data: memoryview | bytes) -> float:
+        """All of data; the seconds it waited. Raises OSError (the reader is gone)."""
+
+    def close(self) -> None: ...
+
+
+def move(source: Source, sink: Sink, meter: Meter, chunk: int) -> End:
+    """Move bytes from source to sink until the source ends (or fails) or the sink closes."""
     try:
-        return _copy(source, sink, chunk, meter, _PipeRoom(dst, chunk) if sink_is_pipe else None, yield_every)
+        while True:
+            limit = sink.room(meter, chunk)
+            try:
+                data = source.read(limit)
+            except OSError:
+                return End.SOURCE_ERROR
+            if not data:
+                return End.SOURCE_EOF
+            n = len(data)
+            if not sink.dropping:
+                meter.holding = True
+                try:
+                    meter.blocked += sink.write(data)
+                except OSError:
+                    return End.SINK_CLOSED
+            source.done()
+            meter.moved(n, counted=not sink.dropping)
     finally:
         source.close()
         sink.close()
 
 
-def _copy(source: Fd, sink: Fd, chunk: int, meter: Meter, pipe: _PipeRoom | None, yield_every: int) -> End:
-    buffers = pool(chunk)
-    since_yield = 0
-    while True:
-        size = chunk
-        if pipe is not None:
-            size = min(chunk, pipe.room())
-            if size < PIPE_BUF:
-                started = time.monotonic()
-                sink.wait()
-                meter.blocked += time.monotonic() - started
-                size = min(chunk, max(PIPE_BUF, pipe.room()))
-        buf = buffers.take()
-        try:
-            n = os.readv(source.fd, [memoryview(buf)[:size]])
-        except BlockingIOError:
-            buffers.give(buf)
-            source.wait()
-            continue
-        except OSError:
-            return End.SOURCE_ERROR
+class FdSource:
+    """A non-blocking fd (socket or pipe) read into a pooled buffer."""
+
+    def __init__(self, fd: int, chunk: int) -> None:
+        self._fd = Fd(fd, READ)
+        self._pool = pool(chunk)
+        self._buf: bytearray | None = None
+
+    def read(self, limit: int) -> memoryview:
+        buf = self._buf = self._buf or self._pool.take()
+        while True:
+            try:
+                n = os.readv(self._fd.fd, [memoryview(buf)[:limit]])
+                break
+            except BlockingIOError:
+                self._pool.give(buf)  # no buffer held while waiting
+                self._buf = None
+                self._fd.wait()
+                buf = self._buf = self._pool.take()
         if n == 0:
-            buffers.give(buf)
-            return End.SOURCE_EOF
-        meter.holding = True
+            self.done()
+        return memoryview(buf)[:n]
+
+    def done(self) -> None:
+        if self._buf is not None:
+            self._pool.give(self._buf)
+            self._buf = None
+
+    def close(self) -> None:
+        self.done()
+        self._fd.close()
+
+
+class FdSink:
+    """A non-blocking fd written whole; short writes (bufsize=0 pipes) loop over a view."""
+
+    dropping = False
+
+    def __init__(self, fd: int) -> None:
+        self._fd = Fd(fd, WRITE)
+
+    def room(self, meter: Meter, chunk: int) -> int:
+        return chunk
+
+    def write(self, data: memoryview | bytes) -> float:
+        return self._fd.write_all(data)
+
+    def close(self) -> None:
+        self._fd.close()
+
+
+class PipeSink(FdSink):
+    """A child's stdin: reads are sized by the room left in the pipe, so a direction whose
+    child stops reading waits on the pipe with no chunk in hand."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
         try:
-            meter.blocked += sink.write_all(memoryview(buf)[:n])
+            self.capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
         except OSError:
-            return End.SINK_CLOSED
-        buffers.give(buf)
-        meter.moved(n)
-        since_yield += n
-        if since_yield >= yield_every:
-            since_yield = 0
-            gevent.sleep(0)
+            self.capacity = 0  # not a pipe: whole chunks
+
+    def room(self, meter: Meter, chunk: int) -> int:
+        if not self.capacity:
+            return chunk
+        size = min(chunk, self.capacity - queued(self._fd.fd))
+        if size >= PIPE_BUF:
+            return size
+        meter.blocked += self._fd.timed_wait()
+        return min(chunk, max(PIPE_BUF, self.capacity - queued(self._fd.fd)))
 
 
-def splice(src: int, dst: int, meter: Meter, source_is_socket: bool, yield_every: int = YIELD_EVERY) -> End:
+class Discard:
+    """Input nobody reads any more (the child closed its stdin): counted, then dropped."""
+
+    dropping = False
+
+    def room(self, meter: Meter, chunk: int) -> int:
+        return chunk
+
+    def write(self, data: memoryview | bytes) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        pass
+
+
+def copy(src: int, dst: int, chunk: int, meter: Meter, sink_is_pipe: bool = False) -> End:
+    """Move bytes between two fds through a pooled buffer (the copy relay's directions)."""
+    return move(FdSource(src, chunk), PipeSink(dst) if sink_is_pipe else FdSink(dst), meter, chunk)
+
+
+def splice(src: int, dst: int, meter: Meter, source_is_socket: bool) -> End:
     """Move bytes src -> dst with splice(2), one side being a pipe, until src's EOF (or
     error) or dst closes. Nothing is held in userland: while one side waits, the bytes sit
     in the kernel's socket and pipe buffers, as they would with the copy path."""
     source, sink = Fd(src, READ), Fd(dst, WRITE)
     flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-    count = min(SPLICE_MAX, yield_every)
-    since_yield = 0
+    count = min(SPLICE_MAX, meter.yield_every)
     source_ended = False
     try:
         while True:
@@ -215,9 +309,7 @@ def splice(src: int, dst: int, meter: Meter, source_is_socket: bool, yield_every
                 # (or holds an error), which splice reports only once the sink has room: if
                 # it still says EAGAIN then, wait for the sink, or the loop would spin.
                 if source_ended or queued(src):
-                    started = time.monotonic()
-                    sink.wait()
-                    meter.blocked += time.monotonic() - started
+                    meter.blocked += sink.timed_wait()
                     source_ended = False
                 else:
                     source.wait()
@@ -234,10 +326,6 @@ def splice(src: int, dst: int, meter: Meter, source_is_socket: bool, yield_every
             if n == 0:
                 return End.SOURCE_EOF
             meter.moved(n)
-            since_yield += n
-            if since_yield >= yield_every:
-                since_yield = 0
-                gevent.sleep(0)
     finally:
         source.close()
         sink.close()
@@ -255,79 +343,3 @@ def _socket_at_eof(fd: int) -> bool:
         return False
     finally:
         sock.detach()
-
-
-def discard(src: int, chunk: int, meter: Meter) -> End:
-    """Read and drop input (the child no longer reads) until EOF or an error; like _copy, it
-    holds a buffer only while reading, none while it waits."""
-    source = Fd(src, READ)
-    buffers = pool(chunk)
-    try:
-        while True:
-            buf = buffers.take()
-            try:
-                n = os.readv(src, [buf])
-            except BlockingIOError:
-                n = -1
-            except OSError:
-                return End.SOURCE_ERROR
-            finally:
-                buffers.give(buf)
-            if n == 0:
-                return End.SOURCE_EOF
-            if n < 0:
-                source.wait()
-            else:
-                meter.moved(n)
-    finally:
-        source.close()
-
-
-def pump_in(stream: TlsStream, stdin: int, chunk: int, meter: Meter) -> End:
-    """Client to child through TLS: SOURCE_EOF at the client's close_notify."""
-    sink = Fd(stdin, WRITE)
-    try:
-        return _move(lambda: stream.recv(chunk), sink.write_all, meter)
-    finally:
-        sink.close()
-
-
-def pump_out(stdout: int, stream: TlsStream, chunk: int, meter: Meter) -> End:
-    """Child to client through TLS: SOURCE_EOF at the child's EOF (the session then sends
-    close_notify). After a TLS 1.2 client's close_notify (both ways closed) the child's
-    output is read and dropped, so the child can finish."""
-    source = Fd(stdout, READ)
-    try:
-        return _move(lambda: source.read(chunk), stream.send, meter, dropping=lambda: stream.closed)
-    finally:
-        source.close()
-
-
-def _move(
-    read: Callable[[], bytes],
-    write: Callable[[bytes], float],
-    meter: Meter,
-    dropping: Callable[[], bool] = lambda: False,
-) -> End:
-    """One direction: read, write all of it (write returns the seconds it waited), yield
-    every YIELD_EVERY bytes. ssl.SSLError is an OSError: either side's errors end it."""
-    since_yield = 0
-    while True:
-        try:
-            data = read()
-        except OSError:
-            return End.SOURCE_ERROR
-        if not data:
-            return End.SOURCE_EOF
-        if dropping():
-            continue
-        meter.holding = True
-        try:
-            meter.blocked += write(data)
-        except OSError:
-            return End.SINK_CLOSED
-        meter.moved(len(data))
-        since_yield += len(data)
-        if since_yield >= YIELD_EVERY:
-            since_yield = 0
-            gevent.sleep(0)

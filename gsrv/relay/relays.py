@@ -1,0 +1,279 @@
+"""How a session's bytes travel between its client and its child: the relay interface, and
+its splice, copy and TLS implementations, one chosen when the session starts.
+
+A relay runs both directions in greenlets of its own and leaves the facts a session's end
+rules need (relay/ending.py): bytes each way, last activity, time blocked (the meters), the
+client's EOF, the output's EOF, a failure (reported through `RelayEvents.abort`). It also
+owns how the connection closes: a FIN after all output, then a lingering read so that
+close() sends no reset, or a reset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket as stdsocket
+import struct
+import termios
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import gevent
+from gevent.socket import socket
+
+from gsrv.edge.tls import TlsStream
+from gsrv.relay.child import Child
+from gsrv.relay.ending import FAILURES
+from gsrv.relay.pump import (
+    HAS_SPLICE,
+    READ,
+    Discard,
+    End,
+    Fd,
+    FdSink,
+    FdSource,
+    Meter,
+    PipeSink,
+    move,
+    pool,
+    queued,
+    splice,
+)  # fmt: skip
+
+LINGER_S = 2.0  # how long a closing session waits for the client's EOF once the reply is acked
+LINGER_POLL_S = 0.1
+LINGER_READ = 65536
+
+
+class RelayEvents(Protocol):
+    """What a relay tells its session."""
+
+    def abort(self, reason: str) -> None: ...  # a direction failed: end with this reason (a reset)
+    def changed(self) -> None: ...  # a fact changed: decide again
+    def bug(self, error: Exception) -> None: ...  # a direction raised: end as internal_error
+
+
+def reset(sock: socket) -> None:
+    """Close with an RST: the client must not take a truncated reply for a complete one."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+class Relay:
+    """The copy relay, and the base of the others: each direction through one pooled buffer.
+
+    A subclass changes how a direction moves (`_in`, `_out`, `_discard`) or what the client
+    is told before the FIN (`_finish_output`); the session sees only the facts below."""
+
+    name = "copy"
+
+    def __init__(self, sock: socket, chunk: int) -> None:
+        self.sock, self.chunk = sock, chunk
+        self.inbound, self.outbound, self.discarded = Meter(), Meter(), Meter()
+        self.input_done = False  # the client's EOF reached the child's stdin
+        self.client_eof = False  # the client finished sending (to the child, or discarded)
+        self.output_eof = False  # the child's output reached its end and all of it the client
+        self.greenlets: list[gevent.Greenlet] = []
+
+    # -- what a session reads -----------------------------------------------------------
+
+    def meters(self) -> list[tuple[str, Meter]]:
+        return [("in", self.inbound), ("out", self.outbound)]
+
+    def last_activity(self) -> float:
+        return max(self.inbound.last, self.outbound.last, self.discarded.last)
+
+    def output_in_flight(self, stdout: int) -> bool:
+        """Output bytes held by the relay or waiting in the child's stdout pipe."""
+        return self.outbound.holding or bool(queued(stdout))
+
+    # -- running ------------------------------------------------------------------------
+
+    def start(self, child: Child, events: RelayEvents) -> None:
+        """Both directions, each in its own greenlet; a bug in one ends the session."""
+        self.greenlets = [gevent.spawn(_guarded, self._up, child, events),
+                          gevent.spawn(_guarded, self._down, child, events)]  # fmt: skip
+
+    def stop(self) -> None:
+        gevent.killall(self.greenlets)
+
+    def close(self, clean: bool) -> None:
+        """The end of the connection: clean, a FIN after all output, then the client's input
+        read and dropped until its EOF or LINGER_S after it last acknowledged reply bytes
+        (unread input at close() would make the kernel reset the connection and discard
+        reply bytes still queued for the client); else a reset."""
+        if not clean:
+            reset(self.sock)
+            return
+        self._finish_output()
+        try:
+            self.sock.shutdown(stdsocket.SHUT_WR)
+        except OSError:
+            self.sock.close()
+            return
+        if not self.client_eof:
+            move(Lingering(self.sock.fileno()), Discard(), Meter(), LINGER_READ)
+        self.sock.close()
+
+    # -- the directions -----------------------------------------------------------------
+
+    def _up(self, child: Child, events: RelayEvents) -> None:
+        end = self._in(child.stdin)
+        if end is End.SOURCE_EOF:
+            child.close_stdin()
+            self.input_done = self.client_eof = True
+        elif end is End.SINK_CLOSED:
+            child.close_stdin()  # the child stopped reading; what the client still sends has nowhere to go
+            end = self._discard()
+            self.client_eof = end is End.SOURCE_EOF
+        if end is End.SOURCE_ERROR:
+            events.abort(FAILURES[("in", end)])
+        events.changed()
+
+    def _down(self, child: Child, events: RelayEvents) -> None:
+        end = self._out(child.stdout)
+        if end is End.SOURCE_EOF:
+            self.output_eof = True
+        else:
+            events.abort(FAILURES[("out", end)])
+        events.changed()
+
+    def _in(self, stdin: int) -> End:
+        return move(FdSource(self.sock.fileno(), self.chunk), PipeSink(stdin), self.inbound, self.chunk)
+
+    def _out(self, stdout: int) -> End:
+        return move(FdSource(stdout, self.chunk), FdSink(self.sock.fileno()), self.outbound, self.chunk)
+
+    def _discard(self) -> End:
+        return move(FdSource(self.sock.fileno(), self.chunk), Discard(), self.discarded, self.chunk)
+
+    def _finish_output(self) -> None:
+        """Before the FIN: nothing to say on a plain connection."""
+
+
+def _guarded(direction: Callable[[Child, RelayEvents], None], child: Child, events: RelayEvents) -> None:
+    try:
+        direction(child, events)
+    except Exception as e:  # a bug ends its own session with a reset and a log line, never hangs it
+        events.bug(e)
+
+
+class SpliceRelay(Relay):
+    """Both directions with splice(2): the bytes stay in the kernel, gsrv holds no buffer."""
+
+    name = "splice"
+
+    def _in(self, stdin: int) -> End:
+        return splice(self.sock.fileno(), stdin, self.inbound, source_is_socket=True)
+
+    def _out(self, stdout: int) -> End:
+        return splice(stdout, self.sock.fileno(), self.outbound, source_is_socket=False)
+
+
+class TlsRelay(Relay):
+    """Plain bytes to and from the child, records to and from the client (edge/tls.py)."""
+
+    name = "copy"  # the log's relay= says how bytes moved; TLS is logged on its own (tls=)
+
+    def __init__(self, sock: socket, chunk: int, stream: TlsStream) -> None:
+        super().__init__(sock, chunk)
+        self.stream = stream
+
+    def _in(self, stdin: int) -> End:
+        """SOURCE_EOF at the client's close_notify."""
+        return move(TlsSource(self.stream), PipeSink(stdin), self.inbound, self.chunk)
+
+    def _out(self, stdout: int) -> End:
+        """After a TLS 1.2 client's close_notify (both ways closed) the child's output is read
+        and dropped, so the child can finish."""
+        return move(FdSource(stdout, self.chunk), TlsSink(self.stream), self.outbound, self.chunk)
+
+    def _finish_output(self) -> None:
+        self.stream.close_notify()
+
+
+def choose(relay: str, sock: socket, chunk: int, stream: TlsStream | None) -> Relay:
+    """The service's relay key ("auto", "splice", "copy") for this connection: TLS needs the
+    bytes in userland; splice needs a platform that has it."""
+    if stream is not None:
+        return TlsRelay(sock, chunk, stream)
+    if relay != "copy" and HAS_SPLICE:
+        return SpliceRelay(sock, chunk)
+    return Relay(sock, chunk)
+
+
+class TlsSource:
+    """The client's plain bytes, decrypted (ssl.SSLError is an OSError: a failure)."""
+
+    def __init__(self, stream: TlsStream) -> None:
+        self.stream = stream
+
+    def read(self, limit: int) -> bytes:
+        return self.stream.recv(limit)
+
+    def done(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TlsSink:
+    """The child's output, encrypted to the client; dropped once our close_notify went out."""
+
+    def __init__(self, stream: TlsStream) -> None:
+        self.stream = stream
+
+    @property
+    def dropping(self) -> bool:
+        return self.stream.closed
+
+    def room(self, meter: Meter, chunk: int) -> int:
+        return chunk
+
+    def write(self, data: memoryview | bytes) -> float:
+        return self.stream.send(data)
+
+    def close(self) -> None:
+        pass
+
+
+class Lingering:
+    """The client's input during a lingering close: at its end after LINGER_S without the
+    client acknowledging more of the reply (TIOCOUTQ, the unacknowledged send queue)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = Fd(fd, READ)
+        self._pool = pool(LINGER_READ)
+        self._buf = self._pool.take()
+        self._unsent = queued(fd, termios.TIOCOUTQ)
+        self._deadline = time.monotonic() + LINGER_S
+
+    def read(self, limit: int) -> memoryview:
+        while True:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                return memoryview(b"")
+            try:
+                self._fd.wait(min(left, LINGER_POLL_S))
+                n = os.readv(self._fd.fd, [memoryview(self._buf)[:limit]])
+            except (TimeoutError, BlockingIOError):
+                n = -1
+            self._acked()
+            if n >= 0:
+                return memoryview(self._buf)[:n]
+
+    def _acked(self) -> None:
+        unsent = queued(self._fd.fd, termios.TIOCOUTQ)
+        if unsent < self._unsent:
+            self._deadline = time.monotonic() + LINGER_S
+        self._unsent = unsent
+
+    def done(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._pool.give(self._buf)
+        self._fd.close()

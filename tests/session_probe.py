@@ -1,0 +1,127 @@
+"""Run by test_session_end.py in a process of its own (a child watcher there reaps every child
+of the process, which would confuse pytest's own subprocesses): one Session, admitted by a real
+Gate, over a real socket and a real child, given a relay that raises where the test says.
+
+Prints one JSON object: what the session's end hook saw, the gate's slots after, the log lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import gevent
+from gevent import socket
+
+from gsrv.accept.gate import Gate
+from gsrv.config.parse import parse
+from gsrv.edge.arrival import Arrival
+from gsrv.logs import Log
+from gsrv.relay.child import Child
+from gsrv.relay.pump import End, FdSource, PipeSink, move
+from gsrv.relay.relays import Relay
+from gsrv.relay.session import Session
+from gsrv.relay.watchdog import Watchdog
+
+CONFIG = """
+[server]
+kill_grace = "1s"
+[services.probe]
+listen = "127.0.0.1:0"
+command = ["sh", "-c", "sleep 300 & exec cat > /dev/null"]
+relay = "copy"
+"""
+
+
+class Bug(Exception):
+    pass
+
+
+class RaisingSource(FdSource):
+    """The client's bytes, until 64 KiB have gone to the child: then a bug."""
+
+    moved = 0
+
+    def read(self, limit: int) -> memoryview:
+        if self.moved >= 64 * 1024:
+            raise Bug("mid-transfer, in a direction")
+        data = super().read(limit)
+        self.moved += len(data)
+        return data
+
+
+class RaisingRelay(Relay):
+    """The copy relay with a bug where `where` says: in the upload direction, or in a fact the
+    session reads from its own greenlet (last_activity), once bytes have moved."""
+
+    def __init__(self, sock: socket.socket, chunk: int, where: str) -> None:
+        super().__init__(sock, chunk)
+        self.where = where
+
+    def _in(self, stdin: int) -> End:
+        if self.where != "direction":
+            return super()._in(stdin)
+        return move(RaisingSource(self.sock.fileno(), self.chunk), PipeSink(stdin), self.inbound, self.chunk)
+
+    def last_activity(self) -> float:
+        if self.where == "facts" and self.inbound.total >= 64 * 1024:
+            raise Bug("mid-transfer, in a fact the session reads")
+        return super().last_activity()
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def main(where: str, log_path: str) -> dict[str, object]:
+    config = parse("probe.toml", CONFIG)
+    svc = config.services[0]
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log = Log(log_fd)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    seen: dict[str, object] = {}
+    sessions: list[Session] = []
+
+    def open_session(sock: socket.socket, address: object) -> Session:
+        session = Session(svc, config.server, Arrival(sock, address), "probe-1", log, Watchdog(),
+                          relay=RaisingRelay(sock, svc.chunk_size, where))  # fmt: skip
+        session.at_end(lambda: seen.update(at_end(session)))
+        sessions.append(session)
+        return session
+
+    def at_end(session: Session) -> dict[str, object]:
+        child = session.child
+        assert child is not None
+        return {"reaped": child.exited.is_set(), "group_alive": group_alive(child.pid), "active": gate.active}
+
+    gate: Gate[Session] = Gate("probe", 4, log, open_session, lambda s: s.run())
+    client = socket.create_connection(listener.getsockname())
+    accepted, address = listener.accept()
+    gate.admit(accepted, address)
+    seen["active_while_running"] = gate.active
+    try:
+        with gevent.Timeout(20, "the session did not end"):
+            client.sendall(b"x" * (1024 * 1024))
+            client.shutdown(socket.SHUT_WR)  # the client's EOF: the session looks at its facts again
+    except OSError as e:  # the session's reset may cut the upload short
+        seen["client_error"] = type(e).__name__
+    with gevent.Timeout(20, "the session did not free its slot"):
+        while gate.active:
+            gevent.sleep(0.01)
+    seen["active_after"] = gate.active
+    seen["bytes_in"] = sessions[0].meters()[0][1].total
+    log.flush()
+    client.close()
+    return seen
+
+
+if __name__ == "__main__":
+    assert Child  # the spawn path under test is the real one
+    print(json.dumps(main(sys.argv[1], sys.argv[2])))
