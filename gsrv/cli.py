@@ -6,7 +6,6 @@ import argparse
 import shlex
 import signal
 import sys
-import time
 
 import gevent
 import psutil
@@ -169,21 +168,20 @@ def _admin(config: Config, server: Server, log: Log) -> Admin | None:
     """The admin endpoint and the metrics it serves, if [admin] asks for one."""
     if config.admin is None:
         return None
-    admin = Admin(config.admin, server.not_ready, log)
+    admin = Admin(config.admin, server.lifecycle.not_ready, log)
     server.metrics = admin.metrics
     return admin
 
 
 def _state(server: Server, guard: Guard, log: Log) -> State:
     """What a scrape reads: the server's services, the guard's figures, the log's drops."""
-    draining = server.drain_started is not None
-    drain_s = time.monotonic() - server.drain_started if server.drain_started is not None else 0.0
+    lifecycle = server.lifecycle
     last = guard.last
     return State(
         services=server.service_states(),
-        accept_paused=server.memory_paused or draining,
-        accept_pauses=guard.pauses + int(draining),
-        accept_paused_seconds=guard.paused_seconds() + drain_s,
+        accept_paused=lifecycle.accept_paused,
+        accept_pauses=guard.pauses + int(lifecycle.drain_started is not None),
+        accept_paused_seconds=guard.paused_seconds() + lifecycle.drain_seconds(),
         guard_rss=last.rss if last else None,
         guard_available=last.available if last else None,
         greenlets=server.greenlets(),
@@ -197,7 +195,7 @@ def _handle_signals(server: Server, guard: Guard, signals: Queue[int]) -> None:
         signum = signals.get()
         name = signal.Signals(signum).name
         if signum == signal.SIGUSR1:
-            pending = sum(s.gate.pending + len(s.gate.ready) for s in server.services)
+            pending = sum(s.gate.waiting for s in server.services)
             children = len(psutil.Process().children())  # the guardian is one of them
             dump(server.log, server.active_sessions, pending, children)
             continue

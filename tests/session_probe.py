@@ -89,19 +89,35 @@ def main(where: str, log_path: str) -> dict[str, object]:
     seen: dict[str, object] = {}
     sessions: list[Session] = []
 
-    def open_session(sock: socket.socket, address: object) -> Session:
-        session = Session(svc, config.server, Arrival(sock, address), "probe-1", log, Watchdog(),
-                          relay=RaisingRelay(sock, svc.chunk_size, where))  # fmt: skip
-        session.at_end(lambda: seen.update(at_end(session)))
-        sessions.append(session)
-        return session
+    class Probe:
+        """The gate's handler: every connection becomes a session with the raising relay."""
 
-    def at_end(session: Session) -> dict[str, object]:
+        has_prelude = False
+
+        def arrive(self, sock: socket.socket, address: object) -> Arrival:
+            return Arrival(sock, address, "probe-1")
+
+        def prelude(self, arrival: Arrival) -> bool:
+            raise AssertionError("no prelude configured")
+
+        def start(self, arrival: Arrival) -> Session | int | None:
+            session = Session(svc, config.server, arrival, log, Watchdog(),
+                              relay=RaisingRelay(arrival.sock, svc.chunk_size, where), on_end=at_end)  # fmt: skip
+            sessions.append(session)
+            return session.start() or session
+
+        def run(self, session: Session) -> None:
+            session.run()
+
+        def drop(self, arrival: Arrival, reason: str, error: str | None = None) -> None:
+            raise AssertionError(f"dropped: {reason} {error}")
+
+    def at_end(session: Session) -> None:
         child = session.child
         assert child is not None
-        return {"reaped": child.exited.is_set(), "group_alive": group_alive(child.pid), "active": gate.active}
+        seen.update(reaped=child.exited.is_set(), group_alive=group_alive(child.pid), active=gate.active)
 
-    gate: Gate[Session] = Gate("probe", 4, log, open_session, lambda s: s.run())
+    gate: Gate[Arrival, Session] = Gate("probe", 4, log, Probe())
     client = socket.create_connection(listener.getsockname())
     accepted, address = listener.accept()
     gate.admit(accepted, address)

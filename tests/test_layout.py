@@ -27,8 +27,10 @@ MAY_IMPORT = {
     "relay": {"edge", "config"} | LEAVES,
     "ops": {"accept", "config"} | LEAVES,
     "clients": set(),
-    "server": {"accept", "edge", "relay", "ops", "config"} | LEAVES,
-    "cli": {"server", "accept", "edge", "relay", "ops", "clients", "config", "__init__"} | LEAVES,
+    "state": LEAVES,
+    "service": {"accept", "edge", "relay", "ops", "config", "state"} | LEAVES,
+    "server": {"service", "state", "accept", "relay", "ops", "config"} | LEAVES,
+    "cli": {"server", "state", "accept", "edge", "relay", "ops", "clients", "config", "__init__"} | LEAVES,
     "__main__": {"cli"},
     "__init__": set(),
 }

@@ -59,7 +59,7 @@ def test_format_size() -> None:
         ("0.0.0.0:1", Address("0.0.0.0", 1)),
         ("unix:/run/gsrv/echo.sock", Address(kind="unix", path="/run/gsrv/echo.sock")),
         ("fd:0", Address(kind="fd", fd=0)),
-        ("systemd:echo", Address(kind="systemd", path="echo")),
+        ("systemd:echo", Address(kind="systemd", name="echo")),
     ],
 )
 def test_addresses(text: str, address: Address) -> None:

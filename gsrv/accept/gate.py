@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -34,12 +33,33 @@ class Burst:
     pauses: int = 0
 
 
-class Startable(Protocol):
-    def start(self) -> int | None: ...
-    def fail(self, reason: str, error: str | None = None) -> None: ...
+C = TypeVar("C")  # a connection accepted, not yet a session
+S = TypeVar("S")  # a running session
 
 
-S = TypeVar("S", bound=Startable)
+class Handler(Protocol[C, S]):
+    """What a gate asks of its service, in a connection's order (trio's serve_listeners takes
+    one handler the same way)."""
+
+    @property
+    def has_prelude(self) -> bool:
+        """Whether connections run `prelude` (a PROXY header, a TLS handshake) before a slot."""
+
+    def arrive(self, sock: Any, address: Any) -> C | None:
+        """At accept, without yielding: the connection, or None when a rule refused it."""
+
+    def prelude(self, conn: C) -> bool:
+        """In its own greenlet, no slot held: False when it ended the connection itself."""
+
+    def start(self, conn: C) -> S | int | None:
+        """Spawn its command without yielding: the session; an errno when fds or memory ran
+        out (the connection is kept, to try again); None when it ended the connection."""
+
+    def run(self, session: S) -> None:
+        """The session until its child is reaped; its slot frees when this returns."""
+
+    def drop(self, conn: C, reason: str, error: str | None = None) -> None:
+        """End a connection that never became a session (a drain, a prelude that raised)."""
 
 
 def may_accept(
@@ -53,7 +73,7 @@ def may_accept(
 class Listener(StreamServer):  # type: ignore[misc]
     """A StreamServer whose accept loop answers to a Gate."""
 
-    def __init__(self, sock: Any, gate: Gate[Any]) -> None:
+    def __init__(self, sock: Any, gate: Gate[Any, Any]) -> None:
         super().__init__(sock, gate.admit)  # do_handle below calls the gate directly
         self.gate = gate
         self.full = gate.full  # gevent consults this before each accept()
@@ -74,7 +94,7 @@ class Listener(StreamServer):  # type: ignore[misc]
         self.gate.admit(sock, address)
 
 
-class Gate(Generic[S]):
+class Gate(Generic[C, S]):
     """Counts sessions and opens or closes its listener's accept loop.
 
     Each session's command is started inside the accept loop, so a spawn that runs out
@@ -88,42 +108,37 @@ class Gate(Generic[S]):
     max_pending, then accept waits); done, it queues for a slot like a parked one.
     """
 
-    def __init__(
-        self,
-        name: str,
-        max_sessions: int,
-        log: Log,
-        open_session: Callable[[Any, Any], S | None],
-        run_session: Callable[[S], None],
-    ) -> None:
+    def __init__(self, name: str, max_sessions: int, log: Log, handler: Handler[C, S]) -> None:
         self.name = name
         self.max_sessions = max_sessions
         self.max_pending = 1
-        self.prelude: Callable[[S], bool] | None = None  # None: sessions start at accept
+        self.handler = handler
         self.pending = 0  # in their prelude
-        self.ready: deque[S] = deque()  # prelude done, waiting for a slot
+        self.ready: deque[C] = deque()  # prelude done, waiting for a slot
         self._preludes: set[gevent.Greenlet] = set()
         self.closed = False
         self.log = log
-        self.open_session = open_session
-        self.run_session = run_session
         self.active = 0
         self.paused: set[str] = set()
         self.listener: Listener | None = None
         self.short = False  # out of fds or memory
-        self._parked: S | None = None  # the accepted client whose command could not start yet
+        self._parked: C | None = None  # the accepted client whose command could not start yet
         self._retry: gevent.Greenlet | None = None
         self._burst: Burst | None = None  # while fds or memory keep running out
 
     def attach(self, listener: Listener) -> None:
         self.listener = listener
 
-    def full(self) -> bool:
-        waiting = self.pending + len(self.ready)
-        return self.short or not may_accept(self.active, self.max_sessions, self.paused, waiting, self.max_pending)
+    @property
+    def waiting(self) -> int:
+        """Connections without a slot: in their prelude, or done and queued for one."""
+        return self.pending + len(self.ready)
 
-    def set_limits(self, max_sessions: int, max_pending: int, prelude: Callable[[S], bool] | None) -> None:
-        self.max_sessions, self.max_pending, self.prelude = max_sessions, max_pending, prelude
+    def full(self) -> bool:
+        return self.short or not may_accept(self.active, self.max_sessions, self.paused, self.waiting, self.max_pending)
+
+    def set_limits(self, max_sessions: int, max_pending: int) -> None:
+        self.max_sessions, self.max_pending = max_sessions, max_pending
         self._start_ready()
         self.update()
 
@@ -145,63 +160,63 @@ class Gate(Generic[S]):
             listener.start_accepting()
 
     def admit(self, sock: Any, address: Any) -> None:
-        """Start one session's command now, then relay in its own greenlet. Never raises:
-        an exception here would make gevent re-arm accept behind the gate's back."""
+        """Start one session's command now (or its prelude), then relay in its own greenlet.
+        Never raises: an exception here would make gevent re-arm accept behind the gate's back."""
         try:
-            session = self.open_session(sock, address)
+            conn = self.handler.arrive(sock, address)
         except Exception as e:
             self.log.error("session_refused", service=self.name, error=f"{type(e).__name__}: {e}")
             sock.close()
             return
-        if session is None:  # a rule refused it
+        if conn is None:  # a rule refused it
             return
-        if self.prelude is None:
-            self._start(session)
+        if not self.handler.has_prelude:
+            self._start(conn)
             return
         self.pending += 1
-        greenlet = gevent.spawn(self.prelude, session)
-        greenlet.link(lambda done: self._prelude_done(session, done))  # also when killed before it ran
+        greenlet = gevent.spawn(self.handler.prelude, conn)
+        greenlet.link(lambda done: self._prelude_done(conn, done))  # also when killed before it ran
         self._preludes.add(greenlet)
         self.update()
 
-    def _prelude_done(self, session: S, greenlet: gevent.Greenlet) -> None:
-        """True: queue for a slot. False: the prelude ended the session itself. Anything
+    def _prelude_done(self, conn: C, greenlet: gevent.Greenlet) -> None:
+        """True: queue for a slot. False: the prelude ended the connection itself. Anything
         else: it was killed before it ran (a drain), or raised (a bug): end it here."""
         self.pending -= 1
         self._preludes.discard(greenlet)
         if greenlet.value is True and not self.closed:
-            self.ready.append(session)
+            self.ready.append(conn)
             self._start_ready()
         elif greenlet.value is not False:
             error = None if greenlet.exception is None else f"{type(greenlet.exception).__name__}: {greenlet.exception}"
-            session.fail("shutdown" if self.closed else "internal_error", error)
+            self.handler.drop(conn, "shutdown" if self.closed else "internal_error", error)
         self.update()
 
     def _start_ready(self) -> None:
         while self.ready and self.active < self.max_sessions and not self.short:
             self._start(self.ready.popleft())
 
-    def _start(self, session: S) -> None:
+    def _start(self, conn: C) -> None:
         try:
-            error = session.start()
+            started = self.handler.start(conn)
         except Exception as e:
-            session.fail("spawn_failed", f"{type(e).__name__}: {e}")
+            self.handler.drop(conn, "spawn_failed", f"{type(e).__name__}: {e}")
             return
-        if error in RESOURCE_ERRORS:
-            self._parked = session
-            self._resources_short(error)
+        if started is None:
             return
-        if error is not None:
+        if isinstance(started, int):  # out of fds or memory
+            self._parked = conn
+            self._resources_short(started)
             return
         if self.short:
             self.short = False  # accept_resumed is logged when the whole burst is over
         self.active += 1
-        gevent.spawn(self._run, session)
+        gevent.spawn(self._run, started)
         self.update()
 
     def _run(self, session: S) -> None:
         try:
-            self.run_session(session)
+            self.handler.run(session)
         finally:
             self.active -= 1
             self._try_again()  # a session ended: its fds are free again
@@ -210,19 +225,20 @@ class Gate(Generic[S]):
 
     def _try_again(self) -> None:
         if self.short and self._parked is not None:
-            session, self._parked = self._parked, None
-            self._start(session)
+            conn, self._parked = self._parked, None
+            self._start(conn)
         elif self.short:
             self.short = False  # accept() itself failed: let it try
 
-    def drop_parked(self, reason: str) -> None:
-        """End the sessions not started yet: parked, in their prelude, queued (draining)."""
+    def close(self, reason: str) -> None:
+        """Take no more connections, and end those not started yet: parked, in their prelude,
+        queued for a slot (a drain, a service a reload removed)."""
         self.closed = True
         if self._parked is not None:
-            session, self._parked = self._parked, None
-            session.fail(reason)
+            conn, self._parked = self._parked, None
+            self.handler.drop(conn, reason)
         while self.ready:
-            self.ready.popleft().fail(reason)
+            self.handler.drop(self.ready.popleft(), reason)
         gevent.killall(list(self._preludes), block=False)  # each ends its own (reason shutdown)
 
     def accept_failed(self, error: OSError) -> None:

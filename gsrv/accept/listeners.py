@@ -29,7 +29,7 @@ def open_listener(what: str, address: Address, backlog: int, mode: int, environ:
             return _bind_tcp(address, backlog)
         if address.kind == "unix":
             return _bind_unix(address.path, backlog, mode)
-        fd = address.fd if address.kind == "fd" else systemd_fd(address.path, environ)
+        fd = address.fd if address.kind == "fd" else systemd_fd(address.name, environ)
         return _inherit(fd)
     except (OSError, ValueError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

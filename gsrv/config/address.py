@@ -27,6 +27,7 @@ class Address:
     kind: str = "tcp"
     path: str = ""
     fd: int = -1
+    name: str = ""
 
     @property
     def is_v6(self) -> bool:
@@ -47,8 +48,13 @@ class Address:
         if self.kind == "fd":
             return f"fd:{self.fd}"
         if self.kind == "systemd":
-            return f"systemd:{self.path}"
-        return f"[{self.host}]:{self.port}" if self.is_v6 else f"{self.host}:{self.port}"
+            return f"systemd:{self.name}"
+        return host_port(self.host, self.port)
+
+
+def host_port(host: str, port: int) -> str:
+    """ "127.0.0.1:7001", or "[::1]:7001" for an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_address(text: object) -> Address:
@@ -60,7 +66,7 @@ def parse_address(text: object) -> Address:
         if kind == "fd" and rest.isdigit():
             return Address(kind="fd", fd=int(rest))
         if kind == "systemd" and rest and rest.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            return Address(kind="systemd", path=rest)
+            return Address(kind="systemd", name=rest)
         tcp = _parse_tcp(text)
         if tcp is not None:
             return tcp
@@ -87,7 +93,7 @@ def collide(a: Address, b: Address) -> bool:
     if a.kind != b.kind:
         return False
     if a.kind != "tcp":
-        return (a.path, a.fd) == (b.path, b.fd)
+        return (a.path, a.fd, a.name) == (b.path, b.fd, b.name)
     if a.port == 0 or a.port != b.port:
         return False
     same_family = a.is_v6 == b.is_v6

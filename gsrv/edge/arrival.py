@@ -8,18 +8,20 @@ from __future__ import annotations
 import os
 import socket as stdsocket
 import struct
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from gevent.socket import socket
 
+from gsrv.config.address import host_port
 from gsrv.config.parse import ServiceConfig
 from gsrv.edge.proxy import ProxyHeader
 from gsrv.edge.tls import TlsStream
 
 
 def address_text(addr: tuple[str, int]) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+    return host_port(str(addr[0]), int(addr[1]))
 
 
 def peer_credentials(sock: socket) -> tuple[int, int, int] | None:
@@ -43,8 +45,15 @@ def build_env(
 
 
 class Arrival:
-    def __init__(self, sock: socket, peer: Any) -> None:
+    """An accepted connection on its way to a session: `sid` names it in every log line,
+    whether it becomes a session or is refused first."""
+
+    def __init__(self, sock: socket, peer: Any, sid: str = "") -> None:
         self.sock = sock
+        self.sid = sid
+        self.started = time.monotonic()
+        self.spawn_error: str | None = None  # why its command could not start yet (out of fds or memory)
+        self._at_end: list[Callable[[], None]] = []
         self.tcp = sock.family in (stdsocket.AF_INET, stdsocket.AF_INET6)
         self.peer = peer  # as accept() reported it: a client that reset since has no peer name
         self.creds = None if self.tcp else peer_credentials(sock)  # a unix client's (pid, uid, gid)
@@ -55,6 +64,19 @@ class Arrival:
         self.client: tuple[str, int] | None = peer if self.tcp else None  # PROXY may replace it
         self.header: ProxyHeader | None = None
         self.tls: TlsStream | None = None
+
+    def age(self) -> float:
+        """Seconds since accept."""
+        return time.monotonic() - self.started
+
+    def at_end(self, hook: Callable[[], None]) -> None:
+        """Call hook once the connection has ended (after its log line), however it ends."""
+        self._at_end.append(hook)
+
+    def ended(self) -> None:
+        hooks, self._at_end = self._at_end, []
+        for hook in hooks:
+            hook()
 
     @property
     def peer_ip(self) -> str | None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import socket as stdsocket
 import ssl
 import time
-from collections.abc import Callable
-from typing import Protocol
 
 import gevent
 from gevent.socket import socket
@@ -21,6 +19,7 @@ from gsrv.edge import proxy
 from gsrv.edge.access import Admission, allowed
 from gsrv.edge.arrival import Arrival
 from gsrv.edge.proxy import ProxyError, ProxyHeader
+from gsrv.edge.refusal import Refusals
 from gsrv.edge.tls import TlsStream
 from gsrv.errors import GsrvError
 
@@ -29,18 +28,12 @@ class TooSlow(GsrvError):
     """A client did not finish its PROXY header or TLS handshake in time."""
 
 
-class Refusable(Protocol):
-    arrival: Arrival
-
-    def refuse(self, reason: str, banner: bytes = b"", error: str | None = None) -> None: ...
-    def at_end(self, hook: Callable[[], None]) -> None: ...
-
-
 class Door:
     """One service's door; the policy follows reloads, the per-address counts stay."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, refusals: Refusals) -> None:
         self.admission = Admission(policy)
+        self.refusals = refusals
 
     @property
     def policy(self) -> Policy:
@@ -53,27 +46,27 @@ class Door:
     def has_prelude(self) -> bool:
         return self.policy.tls is not None or self.policy.proxy_protocol != "off"
 
-    def screen(self, session: Refusable) -> bool:
+    def screen(self, arrival: Arrival) -> bool:
         """At accept, without yielding; False when the connection was refused."""
-        p, arrival = self.policy, session.arrival
+        p = self.policy
         if p.proxy_protocol != "off":
             if not allowed(arrival.peer_ip, p.proxy_trusted, ()):
-                session.refuse("proxy_failed", error=f"{arrival.peer_text} is not in proxy_trusted")
+                self.refusals.refuse(arrival, "proxy_failed", error=f"{arrival.peer_text} is not in proxy_trusted")
                 return False
             return True  # the rules and limits judge the client the header names
-        return self._admit(session, arrival.peer_ip, arrival.peer_ip)
+        return self._admit(arrival, arrival.peer_ip, arrival.peer_ip)
 
-    def prelude(self, session: Refusable) -> bool:
+    def prelude(self, arrival: Arrival) -> bool:
         """The header, its client's rules and limits, the handshake. Never raises; False
         when the connection was refused or the server is stopping."""
-        p, arrival = self.policy, session.arrival
+        p, refuse = self.policy, self.refusals.refuse
         reason = "proxy_failed"
         try:
             if p.proxy_protocol != "off":
                 with gevent.Timeout(p.proxy_timeout, TooSlow(f"no complete PROXY header within {p.proxy_timeout:g}s")):
                     arrival.proxied(read_header(arrival.sock, p.proxy_protocol))
                 rule_ip = arrival.client_ip if p.access_on == "proxy" else arrival.peer_ip
-                if not self._admit(session, rule_ip, arrival.client_ip):
+                if not self._admit(arrival, rule_ip, arrival.client_ip):
                     return False
             if p.tls is not None:
                 reason = "tls_failed"
@@ -84,23 +77,23 @@ class Door:
                 arrival.tls = stream
             return True
         except gevent.GreenletExit:
-            session.refuse("shutdown")
+            refuse(arrival, "shutdown")
         except ssl.SSLError as e:
-            session.refuse(reason, error=f"{e.reason or e}")
+            refuse(arrival, reason, error=f"{e.reason or e}")
         except (ProxyError, TooSlow) as e:
-            session.refuse(reason, error=str(e))
+            refuse(arrival, reason, error=str(e))
         except OSError as e:
-            session.refuse(reason, error=e.strerror or str(e))
+            refuse(arrival, reason, error=e.strerror or str(e))
         return False
 
-    def _admit(self, session: Refusable, rule_ip: str | None, ip: str | None) -> bool:
+    def _admit(self, arrival: Arrival, rule_ip: str | None, ip: str | None) -> bool:
         refused = self.admission.check(rule_ip, ip, time.monotonic())
         if refused is not None:
             banner = self.policy.reject_banner if refused != "denied" else ""
-            session.refuse(refused, banner.encode())
+            self.refusals.refuse(arrival, refused, banner.encode())
             return False
         admission = self.admission
-        session.at_end(lambda: admission.release(ip))
+        arrival.at_end(lambda: admission.release(ip))
         return True
 
 

@@ -105,11 +105,7 @@ class Metrics:
 
     def ended(self, service: str, session: Ended) -> None:
         """Once per session, after its log line."""
-        reason = session.reason or "unknown"
-        if reason in REFUSALS:
-            self.rejected.labels(service, reason).inc()
-        self.sessions.labels(service, reason).inc()
-        self.duration.labels(service).observe(session.duration)
+        self._ending(service, session.reason or "unknown", session.duration)
         if session.spawn_seconds is not None:
             self.spawn.labels(service).observe(session.spawn_seconds)
         child = session.child
@@ -118,6 +114,16 @@ class Metrics:
         elif child is not None and child.killed_by is not None:
             self.killed.labels(service, signal.Signals(child.killed_by).name.removeprefix("SIG")).inc()
         self.flush(service, session.meters())
+
+    def refused(self, service: str, reason: str, duration: float) -> None:
+        """Once per connection that ended without a session (the edge refused or dropped it)."""
+        self._ending(service, reason, duration)
+
+    def _ending(self, service: str, reason: str, duration: float) -> None:
+        if reason in REFUSALS:
+            self.rejected.labels(service, reason).inc()
+        self.sessions.labels(service, reason).inc()
+        self.duration.labels(service).observe(duration)
 
 
 class _StateCollector(Collector):

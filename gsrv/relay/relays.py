@@ -10,10 +10,8 @@ close() sends no reset, or a reset.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket as stdsocket
-import struct
 import termios
 import time
 from collections.abc import Callable
@@ -22,6 +20,7 @@ from typing import Protocol
 import gevent
 from gevent.socket import socket
 
+from gsrv.edge.refusal import reset
 from gsrv.edge.tls import TlsStream
 from gsrv.relay.child import Child
 from gsrv.relay.ending import FAILURES
@@ -52,13 +51,6 @@ class RelayEvents(Protocol):
     def abort(self, reason: str) -> None: ...  # a direction failed: end with this reason (a reset)
     def changed(self) -> None: ...  # a fact changed: decide again
     def bug(self, error: Exception) -> None: ...  # a direction raised: end as internal_error
-
-
-def reset(sock: socket) -> None:
-    """Close with an RST: the client must not take a truncated reply for a complete one."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 class Relay:

@@ -6,9 +6,7 @@ the child's stop ladder and reap, and writes the session_end line: exactly one, 
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
 import signal
 import socket as stdsocket
 import time
@@ -20,13 +18,14 @@ from gevent.event import Event
 
 from gsrv.config.parse import ServerConfig, ServiceConfig
 from gsrv.edge.arrival import Arrival
+from gsrv.edge.refusal import reset
 from gsrv.errors import RESOURCE_ERRORS, SpawnError
 from gsrv.logs import Log
 from gsrv.relay import relays
 from gsrv.relay.child import Child
 from gsrv.relay.ending import EndRules, Facts, Verdict
 from gsrv.relay.pump import Discard, FdSource, Meter, move
-from gsrv.relay.relays import Relay, reset
+from gsrv.relay.relays import Relay
 from gsrv.relay.stderr import StderrLines
 
 if TYPE_CHECKING:
@@ -44,22 +43,23 @@ class Session:
     """Relay one client through one child; `run()` never raises.
 
     `relay` is chosen at start() from the service's relay key and the connection (TLS or
-    not) unless one is given."""
+    not) unless one is given. `on_end` hears of the end after the log line (the metrics)."""
 
     def __init__(
         self,
         svc: ServiceConfig,
         server: ServerConfig,
         arrival: Arrival,
-        sid: str,
         log: Log,
         watchdog: Watchdog,
         relay: Relay | None = None,
+        on_end: Callable[[Session], None] | None = None,
     ) -> None:
-        self.svc, self.server, self.sid, self.log = svc, server, sid, log
+        self.svc, self.server, self.sid, self.log = svc, server, arrival.sid, log
         self.arrival, self.sock, self.tcp = arrival, arrival.sock, arrival.tcp
         self.watchdog = watchdog
         self.relay = relay
+        self.on_end = on_end  # after the log line (the metrics)
         self.reason: str | None = None  # why it ended, once it has
         self._aborted: str | None = None  # the first abnormal end asked for
         self.child: Child | None = None
@@ -67,9 +67,8 @@ class Session:
         self.spawn_error: str | None = None
         self.stderr = StderrLines()
         self._stderr_reader: gevent.Greenlet | None = None
-        self._at_end: list[Callable[[], None]] = []
         self._wake = Event()
-        self._started = time.monotonic()
+        self._started = arrival.started  # a prelude's time counts: session_timeout runs from accept
 
     @property
     def duration(self) -> float:
@@ -146,25 +145,6 @@ class Session:
                 "pipe_size_refused", service=self.svc.name, session=self.sid, pipe_size=self.svc.pipe_size,
                 error=error.strerror, hint=hint or None, using="the kernel's default",
             )  # fmt: skip
-
-    def at_end(self, hook: Callable[[], None]) -> None:
-        """Call hook once the session has ended (after its log line), however it ends."""
-        self._at_end.append(hook)
-
-    def refuse(self, reason: str, banner: bytes = b"", error: str | None = None) -> None:
-        """End a connection a rule refused before it got a child: the banner, then close."""
-        self.reason = reason
-        fd = self.sock.fileno()
-        with contextlib.suppress(OSError):  # BlockingIOError included: nothing more to read
-            if banner:
-                os.write(fd, banner)  # a fresh socket's buffer takes a short banner at once
-            self.sock.shutdown(stdsocket.SHUT_WR)
-            if banner:  # input already here would turn close() into a reset that may lose the banner
-                for _ in range(4):
-                    if not os.read(fd, 65536):
-                        break
-        self.sock.close()
-        self._log_end({"error": error})
 
     def fail(self, reason: str, error: str | None = None) -> None:
         """End a session that never ran: reset the client, write its line."""
@@ -271,8 +251,9 @@ class Session:
             reason=self.reason,
             **extra,
         )
-        for hook in self._at_end:
-            hook()
+        if self.on_end is not None:
+            self.on_end(self)
+        self.arrival.ended()
 
 
 class StderrLog(Discard):

@@ -1,0 +1,144 @@
+"""One configured service: its listener, its gate, and the gate's handler, which takes each
+connection along its one path: arrive (the door's screen) -> prelude (PROXY, TLS) -> start (a
+Session spawns its command) -> run. A connection refused on the way never becomes a Session:
+the edge's Refusals end it, with the same session_end line and counters.
+"""
+
+from __future__ import annotations
+
+import os
+import socket as stdsocket
+import struct
+from typing import Any, Protocol
+
+from gsrv.accept.gate import Gate, Listener
+from gsrv.accept.listeners import close_listener, open_listener, tune
+from gsrv.config.address import host_port
+from gsrv.config.parse import Config, ServiceConfig
+from gsrv.edge.arrival import Arrival
+from gsrv.edge.door import Door
+from gsrv.edge.refusal import Refusals
+from gsrv.errors import RESOURCE_ERRORS
+from gsrv.logs import Log
+from gsrv.ops.metrics import Metrics
+from gsrv.relay.session import Session
+from gsrv.relay.watchdog import Watchdog
+from gsrv.state import Lifecycle
+
+
+class Host(Protocol):
+    """What a service uses of the server that holds it."""
+
+    config: Config
+    log: Log
+    lifecycle: Lifecycle
+    watchdog: Watchdog
+    metrics: Metrics | None
+
+    def next_session_id(self) -> str: ...
+
+
+class Service:
+    """One service's listener, gate and live sessions; the gate's handler (accept.gate.Handler)."""
+
+    def __init__(self, server: Host, cfg: ServiceConfig) -> None:
+        self.server = server
+        self.cfg = cfg
+        self.refusals = Refusals(cfg.name, server.log, self._refused)
+        self.door = Door(cfg.policy, self.refusals)
+        self.gate: Gate[Arrival, Session] = Gate(cfg.name, cfg.max_sessions, server.log, self)
+        self.sessions: set[Session] = set()
+        self.listener: Listener | None = None
+        self.configure(cfg)
+        if server.lifecycle.memory_pressure:  # a service added under pressure starts paused
+            self.gate.pause("memory")
+
+    def configure(self, cfg: ServiceConfig) -> None:
+        """Take a (reloaded) config: limits, rules and certificates apply to new connections."""
+        self.cfg = cfg
+        self.door.update(cfg.policy)
+        self.gate.set_limits(cfg.max_sessions, cfg.policy.max_pending)
+        if self.listener is not None:
+            tune(self.listener.socket, cfg.keepalive)
+
+    def bind(self) -> None:
+        sock = open_listener(f"service {self.cfg.name}", self.cfg.listen, self.cfg.backlog, self.cfg.mode, os.environ)
+        tune(sock, self.cfg.keepalive)
+        self.listener = Listener(sock, self.gate)
+        self.gate.attach(self.listener)
+
+    def close(self, why: str) -> None:
+        """Stop taking sessions: a socket gsrv bound is closed (queued clients are refused at
+        once, not left to time out); an inherited one only stops accepting here."""
+        self.gate.pause(why)
+        self.gate.close("shutdown")
+        if self.listener is not None and not self.listener.closed:
+            if self.cfg.listen.inherited:
+                self.listener.socket.detach()  # the fd stays open for whoever else serves it
+            else:
+                sock = self.listener.socket
+                self.listener.close()
+                close_listener(sock, self.cfg.listen)
+
+    @property
+    def address(self) -> str:
+        assert self.listener is not None
+        name = self.listener.socket.getsockname()
+        if self.listener.socket.family == stdsocket.AF_UNIX:
+            return f"unix:{name}"
+        return host_port(name[0], name[1])
+
+    # -- the gate's handler ----------------------------------------------------------------
+
+    @property
+    def has_prelude(self) -> bool:
+        return self.door.has_prelude
+
+    def arrive(self, sock: Any, address: Any) -> Arrival | None:
+        arrival = Arrival(sock, address, self.server.next_session_id())
+        return arrival if self.door.screen(arrival) else None
+
+    def prelude(self, arrival: Arrival) -> bool:
+        return self.door.prelude(arrival)
+
+    def start(self, arrival: Arrival) -> Session | int | None:
+        server = self.server
+        session = Session(self.cfg, server.config.server, arrival, server.log, server.watchdog, on_end=self._ended)
+        error = session.start()
+        if error is None:
+            return session
+        if error in RESOURCE_ERRORS:
+            arrival.spawn_error = session.spawn_error
+            return error
+        return None  # it could not start: the session wrote its line
+
+    def run(self, session: Session) -> None:
+        self.sessions.add(session)
+        try:
+            session.run()
+        finally:
+            self.sessions.discard(session)
+
+    def drop(self, arrival: Arrival, reason: str, error: str | None = None) -> None:
+        self.refusals.drop(arrival, reason, error)
+
+    # -- counting -------------------------------------------------------------------------
+
+    def _ended(self, session: Session) -> None:
+        if self.server.metrics is not None:
+            self.server.metrics.ended(self.cfg.name, session)
+
+    def _refused(self, arrival: Arrival, reason: str) -> None:
+        if self.server.metrics is not None:
+            self.server.metrics.refused(self.cfg.name, reason, arrival.age())
+
+    def listen_queue(self) -> int | None:
+        """Connections waiting in the backlog (TCP_INFO's unacked on a listening socket)."""
+        listener = self.listener
+        if listener is None or listener.closed or listener.socket.family == stdsocket.AF_UNIX:
+            return None
+        try:
+            info = listener.socket.getsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_INFO, 32)
+        except OSError:
+            return None
+        return int(struct.unpack_from("I", info, 24)[0])
