@@ -19,6 +19,7 @@ from collections.abc import Callable
 import gevent
 import gevent.subprocess
 
+from gsrv.config.launch import Launch
 from gsrv.relay.child import Child
 
 COUNT = 300
@@ -31,7 +32,8 @@ Spawn = Callable[[], Callable[[], None]]  # starts a child; returns what reaps i
 
 def _gsrv(launcher: tuple[str, ...] = ()) -> Spawn:
     def spawn() -> Callable[[], None]:
-        child = Child.spawn(("true",), ENV, None, "discard", 0, TRUE, launcher)
+        launch = Launch((*launcher, TRUE), launcher[0] if launcher else TRUE, ("bench",) if launcher else (), -1, 1)
+        child = Child.spawn(launch, ENV, None, "discard", 0)
 
         def reap() -> None:
             child.close_pipes()

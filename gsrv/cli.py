@@ -16,8 +16,8 @@ from gsrv.accept.guard import Guard, Sampler
 from gsrv.accept.listeners import BindError
 from gsrv.clients import loadgen
 from gsrv.clients.send import send
-from gsrv.config.parse import Config, ServiceConfig, load
-from gsrv.config.policy import Network, Policy
+from gsrv.config import keys
+from gsrv.config.parse import TABLES, Config, ServiceConfig, load
 from gsrv.config.units import format_size
 from gsrv.errors import ConfigError
 from gsrv.logs import Log
@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                        ("check", "validate a config file and list its services")):  # fmt: skip
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+        if name == "check":
+            cmd.add_argument("--keys", action="store_true", help="print every key: default, meaning, what SIGHUP does")
         cmd.add_argument(
             "--set",
             dest="overrides",
@@ -69,61 +71,56 @@ def _load(path: str, overrides: list[str]) -> Config | None:
         return None
 
 
-def check(path: str, overrides: list[str]) -> int:
+def check(path: str, overrides: list[str], reference: bool = False) -> int:
+    if reference:
+        print(key_reference())
+        return 0
     config = _load(path, overrides)
     if config is None:
         return 2
     print(f"{path}: ok, {len(config.services)} service(s)")
     for svc in config.services:
         print(f"  {svc.name:<12} {svc.listen!s:<22} {shlex.join(svc.command)}")
-        print(f"  {'':<12} {_limits(svc)}")
-        if svc.policy != Policy(launcher=svc.policy.launcher):
-            print(f"  {'':<12} {_policy(svc.policy)}")
+        limits = dict(keys.changed(svc))
+        limits["relay"] = _relay(svc)
+        print(f"  {'':<12} {_pairs(limits)}")
+        policy = dict(keys.changed(svc.policy))
+        if svc.launch.stages:
+            policy["via"] = shlex.join(svc.launch.prefix)
+        if policy:
+            print(f"  {'':<12} {_pairs(policy)}")
     guard = config.guard
     print(f"  guard: max_rss={format_size(guard.max_rss)} min_available={guard.min_available} "
           f"interval={guard.interval:g}s")  # fmt: skip
     return 0
 
 
-def _limits(svc: ServiceConfig) -> str:
-    def seconds(value: float, zero: str) -> str:
-        return f"{value:g}s" if value else zero
-
-    return (
-        f"max_sessions={svc.max_sessions} backlog={svc.backlog} chunk_size={format_size(svc.chunk_size)} "
-        f"idle_timeout={seconds(svc.idle_timeout, 'none')} session_timeout={seconds(svc.session_timeout, 'none')} "
-        f"keepalive={seconds(svc.keepalive, 'off')} stderr={svc.stderr} nonzero_exit={svc.nonzero_exit} "
-        f"relay={'copy (TLS)' if svc.policy.tls else svc.relay}"
-        f"{'' if svc.relay != 'auto' or svc.policy.tls else ' (splice)' if HAS_SPLICE else ' (copy)'} "
-        f"pipe_size={format_size(svc.pipe_size) if svc.pipe_size else 'default'}"
-    )
+def _pairs(values: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in values.items())
 
 
-def _nets(networks: tuple[Network, ...]) -> str:
-    return ",".join(map(str, networks))
+def _relay(svc: ServiceConfig) -> str:
+    """The relay key and what it means for this service."""
+    if svc.policy.tls:
+        return "copy (TLS)"
+    if svc.relay != "auto":
+        return svc.relay
+    return "auto (splice)" if HAS_SPLICE else "auto (copy)"
 
 
-def _policy(p: Policy) -> str:
-    """The edge and privilege keys that differ from their defaults."""
-    parts = []
-    if p.tls:
-        parts.append(f"tls={p.tls.cert}{' client_ca=' + p.tls.client_ca if p.tls.client_ca else ''} "
-                     f"handshake_timeout={p.tls.handshake_timeout:g}s")  # fmt: skip
-    if p.proxy_protocol != "off":
-        parts.append(f"proxy_protocol={p.proxy_protocol} proxy_trusted={_nets(p.proxy_trusted)} "
-                     f"proxy_timeout={p.proxy_timeout:g}s access_on={p.access_on}")  # fmt: skip
-    if p.tls or p.proxy_protocol != "off":
-        parts.append(f"max_pending={p.max_pending}")
-    parts += [f"allow={_nets(p.allow)}"] if p.allow else []
-    parts += [f"deny={_nets(p.deny)}"] if p.deny else []
-    parts += [f"max_sessions_per_ip={p.max_sessions_per_ip}"] if p.max_sessions_per_ip else []
-    parts += [f"rate_per_ip={p.rate_per_ip:g}/s burst={p.rate_burst}"] if p.rate_per_ip else []
-    parts += [f"user={p.user}"] if p.user else []
-    parts += [f"group={p.group}"] if p.group else []
-    parts += [f"umask={p.umask:04o}"] if p.umask >= 0 else []
-    parts += [f"rlimits={','.join(f'{k}={v}' for k, v in p.rlimits)}"] if p.rlimits else []
-    parts += [f"via={shlex.join(p.launcher)}"] if p.launcher else []
-    return " ".join(parts)
+def key_reference() -> str:
+    """Every key, from its declaration: table, name, default, what it is, what a SIGHUP does."""
+    rows = []
+    for table, classes in TABLES.items():
+        for name, k in (item for cls in classes for item in keys.declared(cls)):
+            if k.required:
+                default = "(required)"
+            elif k.default is None:
+                default = f"(not set; e.g. {keys.toml(k.example)})"
+            else:
+                default = keys.toml(k.default)
+            rows.append(f"[{table}] {name} = {default}  # {k.doc} (SIGHUP: {k.reload})")
+    return "\n".join(rows)
 
 
 def serve(path: str, overrides: list[str]) -> int:
@@ -168,7 +165,7 @@ def _admin(config: Config, server: Server, log: Log) -> Admin | None:
     """The admin endpoint and the metrics it serves, if [admin] asks for one."""
     if config.admin is None:
         return None
-    admin = Admin(config.admin, server.lifecycle.not_ready, log)
+    admin = Admin(config.admin.listen, server.lifecycle.not_ready, log)
     server.metrics = admin.metrics
     return admin
 
@@ -217,7 +214,7 @@ def _handle_signals(server: Server, guard: Guard, signals: Queue[int]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "check":
-        return check(args.config, args.overrides)
+        return check(args.config, args.overrides, args.keys)
     if args.cmd == "serve":
         return serve(args.config, args.overrides)
     if args.cmd == "load":

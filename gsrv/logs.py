@@ -7,7 +7,6 @@ overflow is dropped and counted, and one greenlet writes to a non-blocking descr
 from __future__ import annotations
 
 import collections
-import errno
 import json
 import os
 import re
@@ -128,9 +127,7 @@ class Log:
         except BlockingIOError:
             wait_write(self._fd, timeout=wait_timeout)
             return
-        except OSError as e:
-            if e.errno == errno.EINTR:
-                return
+        except OSError:  # (EINTR is retried by Python itself, PEP 475)
             self._queue.clear()  # the log target is gone; nothing can be written any more
             self._queued = 0
             return

@@ -71,7 +71,7 @@ def test_guard_calls_back_once_per_transition_and_counts_pauses(tmp_path: Path) 
     for _ in range(7):
         guard.check()
     assert events == ["pause:rss", "resume"]
-    assert guard.status()["pauses"] == 1 and not guard.paused
+    assert guard.pauses == 1 and not guard.paused
     os.close(log_fd)
 
 

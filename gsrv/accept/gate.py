@@ -74,7 +74,7 @@ class Listener(StreamServer):  # type: ignore[misc]
     """A StreamServer whose accept loop answers to a Gate."""
 
     def __init__(self, sock: Any, gate: Gate[Any, Any]) -> None:
-        super().__init__(sock, gate.admit)  # do_handle below calls the gate directly
+        super().__init__(sock, gate.admit)  # gevent requires a handle; do_handle below is what runs
         self.gate = gate
         self.full = gate.full  # gevent consults this before each accept()
 
@@ -91,6 +91,8 @@ class Listener(StreamServer):  # type: ignore[misc]
             return None
 
     def do_handle(self, sock: Any, address: Any) -> None:
+        """In the accept loop itself: gevent's own would spawn a greenlet per connection and
+        close the socket when the handle returns (the gate starts the sessions it admits)."""
         self.gate.admit(sock, address)
 
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import psutil
 
-from gsrv.accept.memlimit import Cgroup, discover
+from gsrv.accept.memlimit import discover
 from gsrv.config.parse import GuardConfig
 from gsrv.config.units import format_size
 from gsrv.logs import Log
@@ -33,9 +32,9 @@ class Sampler:
     """One reading: own RSS (8 µs), virtual_memory (~40 µs), the cgroup's files. Never
     walks children."""
 
-    def __init__(self, cgroup: Cgroup | None = None, find_cgroup: bool = True) -> None:
+    def __init__(self) -> None:
         self.process = psutil.Process()
-        self.cgroup = cgroup if cgroup is not None or not find_cgroup else discover()
+        self.cgroup = discover()
 
     def sample(self) -> Sample:
         rss = int(self.process.memory_info().rss)
@@ -108,16 +107,6 @@ class Guard:
         """Total time accept was paused by the guard, the current pause included."""
         current = time.monotonic() - self._paused_since if self._paused_since is not None else 0.0
         return self._paused_before + current
-
-    def status(self) -> dict[str, Any]:
-        """For the admin endpoint: paused, why, the last sample, pauses, time paused."""
-        return {
-            "paused": self.paused,
-            "reason": self.pressure.reason,
-            "last": self.last,
-            "pauses": self.pauses,
-            "paused_s": round(self.paused_seconds(), 3),
-        }
 
     def configure(self, cfg: GuardConfig) -> None:
         """New thresholds apply from the next sample on; a pause in progress stays until relief."""

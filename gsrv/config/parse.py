@@ -1,11 +1,11 @@
 """The TOML config file: parsed with tomllib into frozen dataclasses, every value checked.
 
-Each error names the file, the table and key, what was expected and what was found.
+Each key is declared once, as a field of these dataclasses (config/keys.py); each error names
+the file, the table and key, what was expected and what was found.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 import shutil
 import tomllib
@@ -14,24 +14,76 @@ from typing import Any
 
 import psutil
 
+from gsrv.config import keys
 from gsrv.config.address import Address, collide, parse_address
-from gsrv.config.policy import KEYS, Policy, parse_policy
-from gsrv.config.table import Table
+from gsrv.config.keys import AT_ONCE, key, required
+from gsrv.config.launch import Launch, compose
+from gsrv.config.policy import Policy, parse_policy
+from gsrv.config.table import Table, did_you_mean
 from gsrv.config.units import Amount, describe, format_size
 from gsrv.errors import ConfigError
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
-DEFAULT_PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 TOP_TABLES = ("server", "guard", "admin", "services")
+GUARD_RELOAD = "applies from the next sample on; a pause in progress lasts until relief"
+REBIND = "only when the listener is bound anew (its address changed)"
+
+
+def _address(t: Table, name: str, default: object) -> Address:
+    try:
+        return parse_address(t.data.get(name, default))
+    except ValueError as e:
+        raise t.fail(name, str(e)) from None
+
+
+def _cwd(t: Table, name: str, default: object) -> str | None:
+    cwd = t.data.get(name, default)
+    if cwd is not None and not (isinstance(cwd, str) and os.path.isdir(cwd)):
+        raise t.fail(name, f"must be an existing directory (got {describe(cwd)})")
+    return cwd
+
+
+def _relay(t: Table, name: str, default: object) -> str:
+    relay = t.choice(name, str(default), ("auto", "splice", "copy"))
+    if relay == "splice" and not hasattr(os, "splice"):
+        raise t.fail(name, 'is "splice" but this platform has no splice(2): use "auto" or "copy"')
+    return relay
+
+
+def _pipe_size(t: Table, name: str, default: object) -> int:
+    """0 (the kernel's default) or a capacity up to the kernel's pipe-max-size."""
+    size = t.size(name, int(str(default)), 0, 2**62)
+    if size == 0:
+        return 0
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = 1024 * 1024
+    if not 4096 <= size <= ceiling:
+        span = f"between 4KiB and {format_size(ceiling)} (fs.pipe-max-size)"
+        raise t.fail(name, f"must be 0 (the kernel's default) or {span} (got {describe(t.data[name])})")
+    return size
+
+
+def _interval(t: Table, name: str, default: object) -> float:
+    interval = t.duration(name, str(default))
+    if not 0.05 <= interval <= 60:
+        raise t.fail(name, f"must be between 50ms and 60s (got {describe(t.data[name])})")
+    return interval
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    log_level: str = "info"
-    log_format: str = "text"
-    drain_timeout: float = 30.0
-    kill_grace: float = 2.0
-    eof_grace: float = 1.0
+    log_level: str = key(keys.choice("debug", "info", "warning", "error"), "info",
+                         '"debug" | "info" | "warning" | "error"', reload=AT_ONCE)  # fmt: skip
+    log_format: str = key(keys.choice("text", "json"), "text",
+                          '"text" (logfmt, key=value) | "json" (one object per line, same keys)',
+                          reload=AT_ONCE)  # fmt: skip
+    drain_timeout: float = key(keys.duration(), "30s", "on SIGTERM/SIGINT: how long running sessions may finish",
+                               reload="applies to the next drain")  # fmt: skip
+    kill_grace: float = key(keys.duration(), "2s", "stop ladder: time between TERM and KILL to a session's group")
+    eof_grace: float = key(keys.duration(), "1s", "how long to wait for the child's exit after its stdout closed, "
+                           "and for stdout to close after it exited (a grandchild may hold it)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -39,35 +91,56 @@ class GuardConfig:
     """Memory guard thresholds: pressure starts at either limit, ends after resume_samples
     consecutive samples below both resume values."""
 
-    interval: float = 1.0
-    max_rss: int = 1024**3
-    min_available: Amount = Amount(percent=5.0)
-    resume_rss: int = int(0.9 * 1024**3)
-    resume_available: Amount = Amount(percent=7.5)
-    resume_samples: int = 3
+    interval: float = key(_interval, "1s", "how often it samples (50ms .. 60s)", reload=GUARD_RELOAD)
+    max_rss: int = key(keys.size(1024**2, 2**50), "1GiB", "pressure when gsrv's own RSS reaches this",
+                       reload=GUARD_RELOAD)  # fmt: skip
+    min_available: Amount = key(keys.amount(), "5%", "... or when available memory falls below this (a size, or "
+                                "a % of total)", reload=GUARD_RELOAD)  # fmt: skip
+    resume_rss: int = key(keys.size(0, 2**50), None, "relief needs RSS below this (default: 90% of max_rss)",
+                          reload=GUARD_RELOAD, example="921.6MiB", value=int(0.9 * 1024**3))  # fmt: skip
+    resume_available: Amount = key(keys.amount(), None, "... and available at or above this (default: 1.5 x "
+                                   "min_available)", reload=GUARD_RELOAD, example="7.5%",
+                                   value=Amount(percent=7.5))  # fmt: skip
+    resume_samples: int = key(keys.integer(1), 3, "... in this many consecutive samples", reload=GUARD_RELOAD)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: Address = required(_address, '"host:port" of /metrics, /healthz, /readyz', "127.0.0.1:9180",
+                               reload="needs a restart")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
     name: str
-    listen: Address
-    command: tuple[str, ...]
-    max_sessions: int = 256
-    chunk_size: int = 64 * 1024
-    backlog: int = 1024
-    idle_timeout: float = 0.0
-    session_timeout: float = 0.0
-    env: tuple[tuple[str, str], ...] = ()
-    pass_env: tuple[str, ...] = DEFAULT_PASS_ENV
-    cwd: str | None = None
-    stderr: str = "log"
-    nonzero_exit: str = "close"
-    keepalive: float = 60.0
-    mode: int = 0o660
-    relay: str = "auto"  # "splice" (Linux: no userland copy), "copy", or "auto": splice where there is one
-    pipe_size: int = 0  # the child's stdin/stdout pipe capacity; 0: the kernel's default (64 KiB)
-    executable: str = ""  # derived, not a key: command[0] found on the child's PATH at load time
-    policy: Policy = Policy()  # TLS, PROXY protocol, access, per-IP limits, the child's privileges
+    listen: Address = required(_address, '"host:port", "[v6]:port", "unix:/path", "fd:N" or "systemd:NAME"',
+                               "127.0.0.1:7001", reload="a new address is bound before the old one closes")  # fmt: skip
+    command: tuple[str, ...] = required(keys.strings(non_empty=True), "argv list, never a shell string",
+                                        ["sha256sum"])  # fmt: skip
+    max_sessions: int = key(keys.integer(1), 256, "sessions at once; more clients wait in the listen backlog",
+                            reload=AT_ONCE, shown=True)  # fmt: skip
+    chunk_size: int = key(keys.size(4 * 1024, 1024 * 1024), "64KiB", "the most gsrv holds per direction",
+                          shown=True)  # fmt: skip
+    backlog: int = key(keys.integer(1), 1024, "listen(2) backlog", reload=REBIND, shown=True)
+    idle_timeout: float = key(keys.duration("no limit"), "0s", "end a session with no byte either way for this long",
+                              shown=True)  # fmt: skip
+    session_timeout: float = key(keys.duration("no limit"), "0s", "end any session after this long", shown=True)
+    env: tuple[tuple[str, str], ...] = key(keys.string_table(), {}, "extra environment for the child")
+    pass_env: tuple[str, ...] = key(keys.strings(), ["PATH", "LANG", "LC_ALL", "TZ"],
+                                    "variables passed on from gsrv's own environment")  # fmt: skip
+    cwd: str | None = key(_cwd, None, "the child's working directory (default: gsrv's)", example="/srv/work",
+                          value=None)  # fmt: skip
+    stderr: str = key(keys.choice("log", "discard", "stdout"), "log", '"log" | "discard" | "stdout"', shown=True)
+    nonzero_exit: str = key(keys.choice("close", "reset"), "close", "a non-zero exit: FIN or reset", shown=True)
+    keepalive: float = key(keys.duration("off"), "60s", "TCP keepalive idle time",
+                           reload="applies to connections accepted after it", shown=True)  # fmt: skip
+    mode: int = key(keys.bits("0660"), None, "unix sockets only: the socket file's permissions", reload=REBIND,
+                    example="0660", value=0o660, show=lambda bits: f"{bits:04o}")  # fmt: skip
+    relay: str = key(_relay, "auto", '"splice" | "copy" | "auto"', shown=True)
+    pipe_size: int = key(_pipe_size, 0, "the child's stdin and stdout pipe capacity; 0: the kernel's", shown=True,
+                         show=lambda size: format_size(size) if size else "default")  # fmt: skip
+    launch: Launch = Launch((), "")  # derived: command[0] found on the child's PATH at load, behind its stages
+    policy: Policy = Policy()  # its keys are the service table's too: TLS, PROXY, access, per-IP limits, privileges
 
 
 @dataclass(frozen=True)
@@ -77,12 +150,14 @@ class Config:
     services: tuple[ServiceConfig, ...]
     guard: GuardConfig = GuardConfig()
     overrides: tuple[str, ...] = ()  # --set items, applied again on every reload
-    admin: Address | None = None  # /metrics, /healthz, /readyz; None: no admin endpoint
+    admin: AdminConfig | None = None  # /metrics, /healthz, /readyz; None: no admin endpoint
 
 
-SERVER_KEYS = tuple(ServerConfig.__dataclass_fields__)
-GUARD_KEYS = tuple(GuardConfig.__dataclass_fields__)
-SERVICE_KEYS = tuple(k for k in ServiceConfig.__dataclass_fields__ if k not in ("name", "executable", "policy")) + KEYS
+# The tables a file may hold, and the dataclasses that declare their keys.
+TABLES: dict[str, tuple[type, ...]] = {
+    "server": (ServerConfig,), "guard": (GuardConfig,), "admin": (AdminConfig,),
+    "services.NAME": (ServiceConfig, Policy),
+}  # fmt: skip
 
 
 def _resolve_command(table: Table, command: tuple[str, ...], env: dict[str, str], cwd: str | None) -> str:
@@ -99,118 +174,51 @@ def _resolve_command(table: Table, command: tuple[str, ...], env: dict[str, str]
     return os.path.abspath(os.path.join(cwd or os.getcwd(), found))
 
 
-def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> ServiceConfig:
+def _table(file: str, name: str, data: object) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise ConfigError(file, f"[services.{name}]", f"must be a table (got {describe(data)})")
-    t = Table(file, f"services.{name}", data, SERVICE_KEYS)
-    for required, example in (("listen", '"127.0.0.1:7001"'), ("command", '["sha256sum"]')):
-        if required not in data:
-            raise t.fail(required, f"is required (for example {required} = {example})")
-    try:
-        listen = parse_address(data["listen"])
-    except ValueError as e:
-        raise t.fail("listen", str(e)) from None
-    command = t.strings("command", (), non_empty=True)
-    env = t.string_table("env")
-    pass_env = t.strings("pass_env", DEFAULT_PASS_ENV)
-    cwd = data.get("cwd")
-    if cwd is not None and not (isinstance(cwd, str) and os.path.isdir(cwd)):
-        raise t.fail("cwd", f"must be an existing directory (got {describe(cwd)})")
-    child_env = {k: server_env[k] for k in pass_env if k in server_env} | dict(env)
-    executable = _resolve_command(t, command, child_env, cwd)
-    return ServiceConfig(
-        name=name,
-        listen=listen,
-        command=command,
-        max_sessions=t.integer("max_sessions", 256, 1),
-        chunk_size=t.size("chunk_size", 64 * 1024, 4 * 1024, 1024 * 1024),
-        backlog=t.integer("backlog", 1024, 1),
-        idle_timeout=t.duration("idle_timeout", "0s", zero_means="no limit"),
-        session_timeout=t.duration("session_timeout", "0s", zero_means="no limit"),
-        env=env,
-        pass_env=pass_env,
-        cwd=cwd,
-        stderr=t.choice("stderr", "log", ("log", "discard", "stdout")),
-        nonzero_exit=t.choice("nonzero_exit", "close", ("close", "reset")),
-        keepalive=t.duration("keepalive", "60s", zero_means="off"),
-        mode=_mode(t, data, listen),
-        relay=_relay(t),
-        pipe_size=_pipe_size(t),
-        executable=executable,
-        policy=_policy(t, data, server_env, listen),
-    )
+        raise ConfigError(file, f"[{name}]", f"must be a table (got {describe(data)})")
+    return data
 
 
-def _policy(t: Table, data: dict[str, Any], server_env: dict[str, str], listen: Address) -> Policy:
-    policy = parse_policy(t, data, server_env)
+def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> ServiceConfig:
+    t = Table(file, f"services.{name}", _table(file, f"services.{name}", data), keys.names(ServiceConfig, Policy))
+    values = keys.read_all(t, ServiceConfig)
+    listen: Address = values["listen"]
+    if "mode" in t.data and listen.kind != "unix":
+        raise t.fail("mode", f'applies only to listen = "unix:/path" (this service listens on {listen})')
+    policy = parse_policy(t, server_env)
     if listen.kind == "unix" and policy.proxy_protocol != "off":
         raise t.fail("proxy_protocol", "needs a TCP listener: a unix socket's peer has no address to trust")
-    return policy
-
-
-def _relay(t: Table) -> str:
-    relay = t.choice("relay", "auto", ("auto", "splice", "copy"))
-    if relay == "splice" and not hasattr(os, "splice"):
-        raise t.fail("relay", 'is "splice" but this platform has no splice(2): use "auto" or "copy"')
-    return relay
-
-
-def _pipe_size(t: Table) -> int:
-    """0 (the kernel's default) or a capacity up to the kernel's pipe-max-size."""
-    size = t.size("pipe_size", 0, 0, 2**62)
-    if size == 0:
-        return 0
-    try:
-        with open("/proc/sys/fs/pipe-max-size") as f:
-            ceiling = int(f.read())
-    except (OSError, ValueError):
-        ceiling = 1024 * 1024
-    if not 4096 <= size <= ceiling:
-        span = f"between 4KiB and {format_size(ceiling)} (fs.pipe-max-size)"
-        raise t.fail("pipe_size", f"must be 0 (the kernel's default) or {span} (got {describe(t.data['pipe_size'])})")
-    return size
-
-
-def _mode(t: Table, data: dict[str, Any], listen: Address) -> int:
-    """A unix socket file's permissions: "0660" or 0o660."""
-    if "mode" not in data:
-        return 0o660
-    value = data["mode"]
-    if listen.kind != "unix":
-        raise t.fail("mode", f'applies only to listen = "unix:/path" (this service listens on {listen})')
-    if isinstance(value, str) and value.isdigit() and all(c in "01234567" for c in value) and int(value, 8) <= 0o777:
-        return int(value, 8)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
-        return value
-    raise t.fail("mode", f'must be permission bits like "0660" (got {describe(value)})')
+    child_env = {k: server_env[k] for k in values["pass_env"] if k in server_env} | dict(values["env"])
+    executable = _resolve_command(t, values["command"], child_env, values.get("cwd"))
+    launch = compose(values["command"], executable, dict(policy.stages), policy.umask)
+    return ServiceConfig(name=name, launch=launch, policy=policy, **values)
 
 
 def _guard(file: str, data: object) -> GuardConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(file, "[guard]", f"must be a table (got {describe(data)})")
-    t = Table(file, "guard", data, GUARD_KEYS)
-    interval = t.duration("interval", "1s")
-    if not 0.05 <= interval <= 60:
-        raise t.fail("interval", f"must be between 50ms and 60s (got {describe(data['interval'])})")
-    max_rss = t.size("max_rss", 1024**3, 1024**2, 2**50)
-    min_available = t.amount("min_available", Amount(percent=5.0))
-    resume_rss = t.size("resume_rss", int(max_rss * 0.9), 0, 2**50)
+    t = Table(file, "guard", _table(file, "guard", data), keys.names(GuardConfig))
+    values = keys.read_all(t, GuardConfig)
+    max_rss, min_available = values["max_rss"], values["min_available"]
+    resume_rss = values.setdefault("resume_rss", int(max_rss * 0.9))
     if resume_rss > max_rss:
-        got = describe(data["resume_rss"])
+        got = describe(t.data["resume_rss"])
         raise t.fail("resume_rss", f"must not be above max_rss {format_size(max_rss)} (got {got})")
-    resume_available = t.amount("resume_available", min_available.scaled(1.5))
+    resume_available = values.setdefault("resume_available", min_available.scaled(1.5))
     total = int(psutil.virtual_memory().total)  # compares a size with a percentage
     if resume_available.of(total) < min_available.of(total):
-        got = describe(data["resume_available"])
+        got = describe(t.data["resume_available"])
         raise t.fail("resume_available", f"must not be below min_available {min_available} (got {got})")
-    return GuardConfig(
-        interval=interval,
-        max_rss=max_rss,
-        min_available=min_available,
-        resume_rss=resume_rss,
-        resume_available=resume_available,
-        resume_samples=t.integer("resume_samples", 3, 1),
-    )
+    return GuardConfig(**values)
+
+
+def _admin(file: str, data: object) -> AdminConfig | None:
+    if data is None:
+        return None
+    t = Table(file, "admin", _table(file, "admin", data), keys.names(AdminConfig))
+    admin = AdminConfig(**keys.read_all(t, AdminConfig))
+    if admin.listen.kind != "tcp":
+        raise t.fail("listen", f'must be "host:port" (got {describe(t.data["listen"])})')
+    return admin
 
 
 def _check_addresses(file: str, services: list[ServiceConfig]) -> None:
@@ -225,8 +233,8 @@ def apply_overrides(file: str, data: dict[str, Any], overrides: tuple[str, ...])
     """`--set table.key=value` (value in TOML syntax, or a bare string) into the parsed file."""
     for item in overrides:
         path, eq, raw = item.partition("=")
-        keys = path.strip().split(".")
-        if not eq or len(keys) < 2 or not all(keys):
+        names = path.strip().split(".")
+        if not eq or len(names) < 2 or not all(names):
             raise ConfigError(
                 "--set", item, "must be TABLE.KEY=VALUE, like guard.max_rss=1MiB or services.echo.max_sessions=8"
             )
@@ -235,12 +243,12 @@ def apply_overrides(file: str, data: dict[str, Any], overrides: tuple[str, ...])
         except tomllib.TOMLDecodeError:
             value = raw  # a bare word: a string
         table = data
-        for key in keys[:-1]:
-            nested = table.setdefault(key, {})
+        for name in names[:-1]:
+            nested = table.setdefault(name, {})
             if not isinstance(nested, dict):
-                raise ConfigError(file, f"[{'.'.join(keys[:-1])}]", f"is not a table, so --set {item} cannot apply")
+                raise ConfigError(file, f"[{'.'.join(names[:-1])}]", f"is not a table, so --set {item} cannot apply")
             table = nested
-        table[keys[-1]] = value
+        table[names[-1]] = value
 
 
 def parse(file: str, text: str, environ: dict[str, str] | None = None, overrides: tuple[str, ...] = ()) -> Config:
@@ -252,22 +260,12 @@ def parse(file: str, text: str, environ: dict[str, str] | None = None, overrides
     apply_overrides(file, data, overrides)
     for table in data:
         if table not in TOP_TABLES:
-            close = difflib.get_close_matches(table, TOP_TABLES, n=1)
             hint = (
-                f"did you mean [{close[0]}]?" if close else "known tables: [server], [guard], [admin], [services.NAME]"
+                did_you_mean(table, TOP_TABLES, "[{}]") or "known tables: [server], [guard], [admin], [services.NAME]"
             )
             raise ConfigError(file, f"[{table}]", f"is not a known table ({hint})")
-    raw_server = data.get("server", {})
-    if not isinstance(raw_server, dict):
-        raise ConfigError(file, "[server]", f"must be a table (got {describe(raw_server)})")
-    t = Table(file, "server", raw_server, SERVER_KEYS)
-    server = ServerConfig(
-        log_level=t.choice("log_level", "info", LOG_LEVELS),
-        log_format=t.choice("log_format", "text", ("text", "json")),
-        drain_timeout=t.duration("drain_timeout", "30s"),
-        kill_grace=t.duration("kill_grace", "2s"),
-        eof_grace=t.duration("eof_grace", "1s"),
-    )
+    raw_server = _table(file, "server", data.get("server", {}))
+    server = ServerConfig(**keys.read_all(Table(file, "server", raw_server, keys.names(ServerConfig)), ServerConfig))
     guard = _guard(file, data.get("guard", {}))
     raw_services = data.get("services", {})
     if not isinstance(raw_services, dict) or not raw_services:
@@ -281,23 +279,6 @@ def parse(file: str, text: str, environ: dict[str, str] | None = None, overrides
     _check_addresses(file, services)
     admin = _admin(file, data.get("admin"))
     return Config(path=file, server=server, services=tuple(services), guard=guard, overrides=overrides, admin=admin)
-
-
-def _admin(file: str, data: object) -> Address | None:
-    if data is None:
-        return None
-    if not isinstance(data, dict):
-        raise ConfigError(file, "[admin]", f"must be a table (got {describe(data)})")
-    t = Table(file, "admin", data, ("listen",))
-    if "listen" not in data:
-        raise t.fail("listen", 'is required (for example listen = "127.0.0.1:9180")')
-    try:
-        address = parse_address(data["listen"])
-    except ValueError as e:
-        raise t.fail("listen", str(e)) from None
-    if address.kind != "tcp":
-        raise t.fail("listen", f'must be "host:port" (got {describe(data["listen"])})')
-    return address
 
 
 def load(path: str, overrides: tuple[str, ...] = ()) -> Config:

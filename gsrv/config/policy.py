@@ -15,9 +15,11 @@ import os
 import pwd
 import shutil
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from gsrv.config import keys
+from gsrv.config.keys import AT_ONCE, key
 from gsrv.config.table import Table
 from gsrv.config.units import describe, parse_duration, parse_size
 
@@ -29,6 +31,7 @@ BANNER_MAX = 1024  # sent with one non-blocking send: it must fit any socket buf
 RLIMITS = {"nofile": ("nofile", "count"), "as": ("as", "size"), "cpu": ("cpu", "duration"),
            "fsize": ("fsize", "size"), "nproc": ("nproc", "count")}  # fmt: skip
 TLS_KEYS = ("cert", "key", "client_ca", "handshake_timeout")
+HANDSHAKE_TIMEOUT = "10s"
 
 
 @dataclass(frozen=True)
@@ -40,73 +43,7 @@ class TlsConfig:
     context: ssl.SSLContext = field(compare=False, repr=False)  # built at load: a reload reloads the files
 
 
-@dataclass(frozen=True)
-class Policy:
-    """The edge and privilege keys of one service, as ServiceConfig fields."""
-
-    tls: TlsConfig | None = None
-    proxy_protocol: str = "off"  # "v1", "v2" or "off"
-    proxy_trusted: tuple[Network, ...] = ()
-    proxy_timeout: float = 5.0
-    max_pending: int = 128  # TLS handshakes and PROXY headers in progress
-    allow: tuple[Network, ...] = ()  # empty: everyone not denied
-    deny: tuple[Network, ...] = ()
-    access_on: str = "peer"  # or "proxy": the address the PROXY header reports
-    max_sessions_per_ip: int = 0  # 0: no limit
-    rate_per_ip: float = 0.0  # sessions per second per address; 0: no limit
-    rate_burst: int = 0
-    reject_banner: str = ""
-    user: str = ""
-    group: str = ""
-    umask: int = -1  # -1: gsrv's own
-    rlimits: tuple[tuple[str, int], ...] = ()
-    launcher: tuple[str, ...] = ()  # derived: the argv prefix that applies user, group and rlimits
-
-
-KEYS = tuple(k for k in Policy.__dataclass_fields__ if k != "launcher")
-
-
-def parse_policy(t: Table, data: dict[str, Any], environ: dict[str, str]) -> Policy:
-    proxy_protocol = t.choice("proxy_protocol", "off", ("off", "v1", "v2"))
-    proxy_trusted = _networks(t, "proxy_trusted")
-    if proxy_protocol != "off" and not proxy_trusted:
-        raise t.fail("proxy_trusted", 'is required with proxy_protocol: the proxies\' addresses, like ["10.0.0.5/32"]')
-    access_on = t.choice("access_on", "peer", ("peer", "proxy"))
-    if access_on == "proxy" and proxy_protocol == "off":
-        raise t.fail("access_on", 'is "proxy" but proxy_protocol is "off": there is no PROXY header to read')
-    rate = _rate(t)
-    burst = t.integer("rate_burst", max(1, math.ceil(rate)), 1)
-    if "rate_burst" in data and not rate:
-        raise t.fail("rate_burst", "applies only with rate_per_ip (sessions per second per address)")
-    banner = data.get("reject_banner", "")
-    if not isinstance(banner, str) or len(banner.encode()) > BANNER_MAX:
-        raise t.fail("reject_banner", f"must be a string of at most {BANNER_MAX} bytes (got {describe(banner)})")
-    if banner and "tls" in data:
-        raise t.fail("reject_banner", "cannot be sent on a TLS service: it would reach the client before the handshake")
-    user, group = _identity(t, data)
-    rlimits = _rlimits(t, data.get("rlimits", {}))
-    return Policy(
-        tls=_tls(t, data.get("tls")),
-        proxy_protocol=proxy_protocol,
-        proxy_trusted=proxy_trusted,
-        proxy_timeout=t.duration("proxy_timeout", "5s"),
-        max_pending=t.integer("max_pending", 128, 1),
-        allow=_networks(t, "allow"),
-        deny=_networks(t, "deny"),
-        access_on=access_on,
-        max_sessions_per_ip=t.integer("max_sessions_per_ip", 0, 0),
-        rate_per_ip=rate,
-        rate_burst=burst if rate else 0,
-        reject_banner=banner,
-        user=user,
-        group=group,
-        umask=_umask(t, data),
-        rlimits=rlimits,
-        launcher=_launcher(t, user, group, rlimits, environ),
-    )
-
-
-def _networks(t: Table, key: str) -> tuple[Network, ...]:
+def _networks(t: Table, key: str, default: object = ()) -> tuple[Network, ...]:
     items = t.strings(key, ())
     networks = []
     for item in items:
@@ -117,8 +54,8 @@ def _networks(t: Table, key: str) -> tuple[Network, ...]:
     return tuple(networks)
 
 
-def _rate(t: Table) -> float:
-    value = t.data.get("rate_per_ip", 0)
+def _rate(t: Table, key: str, default: object) -> float:
+    value = t.data.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1e6:
         raise t.fail(
             "rate_per_ip", f"must be sessions per second as a number >= 0, like 5 or 0.5 (got {describe(value)})"
@@ -126,7 +63,8 @@ def _rate(t: Table) -> float:
     return float(value)
 
 
-def _tls(t: Table, value: object) -> TlsConfig | None:
+def _tls(t: Table, name: str, default: object) -> TlsConfig | None:
+    value = t.data.get(name, default)
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -140,9 +78,9 @@ def _tls(t: Table, value: object) -> TlsConfig | None:
     client_ca = value.get("client_ca")
     if client_ca is not None and (not isinstance(client_ca, str) or not client_ca):
         raise sub.fail("client_ca", f"must be a PEM file's path (got {describe(client_ca)})")
-    for key in ("cert", "key", "client_ca"):
-        if value.get(key):
-            _readable(sub, key, value[key])
+    for name in ("cert", "key", "client_ca"):
+        if value.get(name):
+            _readable(sub, name, value[name])
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MIN_TLS
     context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
@@ -163,7 +101,16 @@ def _tls(t: Table, value: object) -> TlsConfig | None:
             raise sub.fail("client_ca", f'"{client_ca}" holds no PEM CA certificate ({e})') from None
     if client_ca:
         context.verify_mode = ssl.CERT_REQUIRED
-    return TlsConfig(value["cert"], value["key"], client_ca, sub.duration("handshake_timeout", "10s"), context)
+    return TlsConfig(
+        value["cert"], value["key"], client_ca, sub.duration("handshake_timeout", HANDSHAKE_TIMEOUT), context
+    )
+
+
+def _show_tls(tls: TlsConfig | None) -> str:
+    if tls is None:
+        return "none"
+    ca = f" client_ca={tls.client_ca}" if tls.client_ca else ""
+    return f"{tls.cert}{ca} handshake_timeout={tls.handshake_timeout:g}s"
 
 
 def _readable(t: Table, key: str, path: str) -> None:
@@ -174,9 +121,11 @@ def _readable(t: Table, key: str, path: str) -> None:
         raise t.fail(key, f'"{path}" cannot be read: {e.strerror or e}') from None
 
 
-def _identity(t: Table, data: dict[str, Any]) -> tuple[str, str]:
-    user, group = data.get("user", ""), data.get("group", "")
-    for key, value, lookup in (("user", user, pwd.getpwnam), ("group", group, grp.getgrnam)):
+def _identity(lookup: Callable[[str], object]) -> keys.Read:
+    """A user or group name that exists here, for a gsrv that runs as root."""
+
+    def read(t: Table, key: str, default: object) -> str:
+        value = t.data.get(key, default)
         if not isinstance(value, str):
             raise t.fail(key, f'must be a name like "nobody" (got {describe(value)})')
         if value:
@@ -188,27 +137,19 @@ def _identity(t: Table, data: dict[str, Any]) -> tuple[str, str]:
                 raise t.fail(
                     key, f"needs gsrv to run as root to switch the child to it (gsrv runs as uid {os.geteuid()})"
                 )
-    return user, group
-
-
-def _umask(t: Table, data: dict[str, Any]) -> int:
-    if "umask" not in data:
-        return -1
-    value = data["umask"]
-    if isinstance(value, str) and value.isdigit() and all(c in "01234567" for c in value) and int(value, 8) <= 0o777:
-        return int(value, 8)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
         return value
-    raise t.fail("umask", f'must be permission bits like "0027" (got {describe(value)})')
+
+    return read
 
 
-def _rlimits(t: Table, value: object) -> tuple[tuple[str, int], ...]:
+def _rlimits(t: Table, name: str, default: object) -> tuple[tuple[str, int], ...]:
+    value = t.data.get(name, default)
     if not isinstance(value, dict):
         raise t.fail("rlimits", f'must be a table like {{ nofile = 1024, fsize = "1GiB" }} (got {describe(value)})')
     sub = Table(t.file, f"{t.name}.rlimits", value, tuple(RLIMITS))
     limits = []
-    for key, item in value.items():
-        kind = RLIMITS[key][1]
+    for name, item in value.items():
+        kind = RLIMITS[name][1]
         try:
             if kind == "count":
                 if isinstance(item, bool) or not isinstance(item, int) or item < 1:
@@ -222,30 +163,36 @@ def _rlimits(t: Table, value: object) -> tuple[tuple[str, int], ...]:
                     raise ValueError(f'must be whole seconds, at least "1s" (got {describe(item)})')
                 amount = int(seconds)
         except ValueError as e:
-            raise sub.fail(key, str(e)) from None
-        limits.append((key, amount))
+            raise sub.fail(name, str(e)) from None
+        limits.append((name, amount))
     return tuple(limits)
 
 
-def _launcher(
+def _banner(t: Table, key: str, default: object) -> str:
+    banner = t.data.get(key, default)
+    if not isinstance(banner, str) or len(banner.encode()) > BANNER_MAX:
+        raise t.fail(key, f"must be a string of at most {BANNER_MAX} bytes (got {describe(banner)})")
+    return banner
+
+
+def _prefixes(
     t: Table, user: str, group: str, rlimits: tuple[tuple[str, int], ...], environ: dict[str, str]
-) -> tuple[str, ...]:
-    """prlimit (as root, so hard limits can be set) then setpriv (drops to user/group)."""
-    argv: list[str] = []
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The spawn stages these keys need (config/launch.py composes them in its order):
+    prlimit (run as root, so hard limits can be set), setpriv (drops to user/group)."""
+    stages = []
     if rlimits:
-        argv += [_tool(t, "rlimits", "prlimit", environ)]
-        argv += [f"--{RLIMITS[name][0]}={amount}:{amount}" for name, amount in rlimits]
-        argv += ["--"]
+        limits = [f"--{RLIMITS[name][0]}={amount}:{amount}" for name, amount in rlimits]
+        stages.append(("rlimits", (_tool(t, "rlimits", "prlimit", environ), *limits, "--")))
     if user or group:
-        argv += [_tool(t, "user" if user else "group", "setpriv", environ)]
         if user:
             entry = pwd.getpwnam(user)
             gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
-            argv += [f"--reuid={entry.pw_uid}", f"--regid={gid}", "--init-groups"]
+            ids = [f"--reuid={entry.pw_uid}", f"--regid={gid}", "--init-groups"]
         else:
-            argv += [f"--regid={grp.getgrnam(group).gr_gid}", "--clear-groups"]
-        argv += ["--"]
-    return tuple(argv)
+            ids = [f"--regid={grp.getgrnam(group).gr_gid}", "--clear-groups"]
+        stages.append(("privileges", (_tool(t, "user" if user else "group", "setpriv", environ), *ids, "--")))
+    return tuple(stages)
 
 
 def _tool(t: Table, key: str, name: str, environ: dict[str, str]) -> str:
@@ -253,3 +200,53 @@ def _tool(t: Table, key: str, name: str, environ: dict[str, str]) -> str:
     if found is None:
         raise t.fail(key, f"needs util-linux's {name}, which is not installed (Debian: apt-get install util-linux)")
     return os.path.abspath(found)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The edge and privilege keys of one service (keys of its [services.NAME] table)."""
+
+    tls: TlsConfig | None = key(_tls, None, "TLS termination (TLS 1.2 at least); files read again on SIGHUP",
+                                reload="the files are read again: new handshakes use them", value=None,
+                                example={"cert": "server.pem", "key": "server.key", "client_ca": "clients-ca.pem",
+                                         "handshake_timeout": "10s"}, show=_show_tls)  # fmt: skip
+    proxy_protocol: str = key(keys.choice("off", "v1", "v2"), "off", "each connection opens with a PROXY header")
+    proxy_trusted: tuple[Network, ...] = key(_networks, [], "the only peers that may send a PROXY header",
+                                             example=["10.0.0.5/32"])  # fmt: skip
+    proxy_timeout: float = key(keys.duration(), "5s", "the PROXY header must be complete by then")
+    max_pending: int = key(keys.integer(1), 128, "connections in their TLS handshake or PROXY header",
+                           reload=AT_ONCE)  # fmt: skip
+    allow: tuple[Network, ...] = key(_networks, [], "addresses or CIDR blocks allowed; [] = everyone not denied")
+    deny: tuple[Network, ...] = key(_networks, [], "addresses or CIDR blocks refused; deny wins over allow")
+    access_on: str = key(keys.choice("peer", "proxy"), "peer", 'allow/deny judge "peer" or "proxy" (the header\'s)')
+    max_sessions_per_ip: int = key(keys.integer(0), 0, "sessions per client address; 0 = no limit")
+    rate_per_ip: float = key(_rate, 0, "new sessions per second per client address; 0 = no limit",
+                             show=lambda rate: f"{rate:g}/s")  # fmt: skip
+    rate_burst: int = key(keys.integer(1), None, "the token bucket's size (default: rate_per_ip, >= 1)",
+                          example=5, value=0)  # fmt: skip
+    reject_banner: str = key(_banner, "", "text sent before closing a connection over a per-IP limit")
+    user: str = key(_identity(pwd.getpwnam), "", "run the child as this user (gsrv must run as root)",
+                    example="nobody")  # fmt: skip
+    group: str = key(_identity(grp.getgrnam), "", "... and/or this group", example="nogroup")
+    umask: int = key(keys.bits("0027"), None, "the child's umask (default: gsrv's own)", example="0027", value=-1,
+                     show=lambda bits: f"{bits:04o}")  # fmt: skip
+    rlimits: tuple[tuple[str, int], ...] = key(_rlimits, {}, "the child's limits (soft = hard), applied by prlimit")
+    stages: tuple[tuple[str, tuple[str, ...]], ...] = ()  # derived: spawn stages for user, group, rlimits
+
+
+def parse_policy(t: Table, environ: dict[str, str]) -> Policy:
+    """The policy keys of a service's table, read and then checked against each other."""
+    data = t.data
+    if data.get("reject_banner") and "tls" in data:  # before the certificates are read
+        raise t.fail("reject_banner", "cannot be sent on a TLS service: it would reach the client before the handshake")
+    values = keys.read_all(t, Policy)
+    if values["proxy_protocol"] != "off" and not values["proxy_trusted"]:
+        raise t.fail("proxy_trusted", 'is required with proxy_protocol: the proxies\' addresses, like ["10.0.0.5/32"]')
+    if values["access_on"] == "proxy" and values["proxy_protocol"] == "off":
+        raise t.fail("access_on", 'is "proxy" but proxy_protocol is "off": there is no PROXY header to read')
+    rate = values["rate_per_ip"]
+    if "rate_burst" in data and not rate:
+        raise t.fail("rate_burst", "applies only with rate_per_ip (sessions per second per address)")
+    values["rate_burst"] = values.get("rate_burst", max(1, math.ceil(rate))) if rate else 0
+    stages = _prefixes(t, values["user"], values["group"], values["rlimits"], environ)
+    return Policy(**values, stages=stages)

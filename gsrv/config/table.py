@@ -9,6 +9,12 @@ from gsrv.config.units import Amount, describe, format_size, parse_amount, parse
 from gsrv.errors import ConfigError
 
 
+def did_you_mean(word: str, known: tuple[str, ...], shape: str) -> str | None:
+    """'did you mean "max_sessions"?' for a near miss (shape writes the match), else None."""
+    close = difflib.get_close_matches(word, known, n=1)
+    return f"did you mean {shape.format(close[0])}?" if close else None
+
+
 class Table:
     """One TOML table being read: typed getters that raise ConfigError naming file and key."""
 
@@ -16,8 +22,7 @@ class Table:
         self.file, self.name, self.data = file, name, data
         for key in data:
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f'did you mean "{close[0]}"?' if close else "known keys: " + ", ".join(known)
+                hint = did_you_mean(key, known, '"{}"') or "known keys: " + ", ".join(known)
                 raise ConfigError(file, f"[{name}]", f'has unknown key "{key}" ({hint})')
 
     def fail(self, key: str, message: str) -> ConfigError:
@@ -50,11 +55,10 @@ class Table:
             raise self.fail(key, f'must be greater than 0, like "{default}" (got {describe(value)})')
         return seconds
 
-    def amount(self, key: str, default: Amount) -> Amount:
-        if key not in self.data:
-            return default
+    def amount(self, key: str, default: object) -> Amount:
+        """A size or a percentage of total memory ("5%"); default as TOML writes it."""
         try:
-            return parse_amount(self.data[key])
+            return parse_amount(self.data.get(key, default))
         except ValueError as e:
             raise self.fail(key, str(e)) from None
 

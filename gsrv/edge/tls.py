@@ -27,7 +27,6 @@ class TlsStream:
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.obj = context.wrap_bio(self._in, self._out, server_side=True)
         self._sending = Semaphore()
-        self.peer_closed = False  # the client's close_notify arrived
         self.closed = False  # ours was sent (TLS 1.2: at the client's; else at the end of output)
         self.version = ""  # once the handshake is done: "TLSv1.3" or "TLSv1.2"
 
@@ -61,7 +60,6 @@ class TlsStream:
                 data = b""
                 break
         if not data:
-            self.peer_closed = True
             if self.version != "TLSv1.3":  # RFC 5246 7.2.1: answer it, and stop writing
                 self.close_notify()
             return data

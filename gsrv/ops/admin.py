@@ -13,7 +13,7 @@ from gevent.pywsgi import WSGIServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gsrv.accept.listeners import open_listener
-from gsrv.config.address import Address
+from gsrv.config.address import Address, host_port
 from gsrv.logs import Log
 from gsrv.ops.metrics import Metrics, State
 from gsrv.periodic import Periodic
@@ -53,7 +53,7 @@ class Admin:
     @property
     def address(self) -> str:
         host, port = self.server.socket.getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return host_port(host, port)
 
     def start(self, flush: Callable[[], None] | None = None) -> None:
         self.server.start()

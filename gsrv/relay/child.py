@@ -1,7 +1,8 @@
 """A session's child process: spawn without a shell, watch its exit, and the stop ladder.
 
-The only module that sends signals. Each child leads its own session (process group),
-so the ladder's killpg reaches grandchildren such as the parts of a shell pipeline.
+While gsrv runs, the only module that signals a session's process group (the guardian, a
+process of its own, does so only once gsrv is gone). Each child leads its own session, so
+the ladder's killpg reaches grandchildren such as the parts of a shell pipeline.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import gevent
 from gevent import get_hub
 from gevent.event import Event
 
+from gsrv.config.launch import Launch
 from gsrv.errors import SpawnError
 
 GROUP_POLL_S = 0.02
@@ -58,31 +60,19 @@ class Child:
                 os.set_blocking(fd, False)
 
     @classmethod
-    def spawn(
-        cls,
-        argv: tuple[str, ...],
-        env: dict[str, str],
-        cwd: str | None,
-        stderr: str,
-        pipe_size: int = 0,
-        executable: str | None = None,
-        launcher: tuple[str, ...] = (),
-        umask: int = -1,
-    ) -> Child:
-        """Start argv (no shell) in a new session. Raises SpawnError with a readable reason.
+    def spawn(cls, launch: Launch, env: dict[str, str], cwd: str | None, stderr: str, pipe_size: int = 0) -> Child:
+        """Start the launch's argv (no shell; its stages composed at load) in a new session.
+        Raises SpawnError with a readable reason; its errno says whether fds or memory ran out.
 
         pipe_size (if not 0) sets the stdin and stdout pipes' capacity; when the kernel
         refuses (EPERM: the user's pipe budget is spent), they keep the default and
-        `pipe_size_error` says why. executable: argv[0] already found (no PATH search).
-        launcher: an argv prefix that applies rlimits and drops privileges, then execs the
-        command (prlimit, setpriv); umask: the child's, or -1 for gsrv's own."""
+        `pipe_size_error` says why."""
         hub = get_hub()
         if id(hub.loop) not in _hub_ready:
             hub.loop.install_sigchld()
             _hub_ready.add(id(hub.loop))
         err = {"log": subprocess.PIPE, "discard": subprocess.DEVNULL, "stdout": subprocess.STDOUT}[stderr]
-        if launcher:
-            argv, executable = (*launcher, executable or argv[0], *argv[1:]), launcher[0]
+        argv, executable, umask = launch.argv, launch.executable, launch.umask
         try:
             # The stdlib constructor forks with vfork in C (well under a millisecond); gevent's
             # Popen forks in Python and blocks the loop for milliseconds. The exit status must

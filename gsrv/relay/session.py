@@ -123,8 +123,7 @@ class Session:
             if self.relay is None:
                 self.relay = relays.choose(svc.relay, self.sock, svc.chunk_size, self.arrival.tls)
             env = self.arrival.env(svc, self.sid)
-            self.child = Child.spawn(svc.command, env, svc.cwd, svc.stderr, svc.pipe_size, svc.executable or None,
-                                     svc.policy.launcher, svc.policy.umask)  # fmt: skip
+            self.child = Child.spawn(svc.launch, env, svc.cwd, svc.stderr, svc.pipe_size)
             self.spawn_seconds = time.perf_counter() - started
             if self.child.pipe_size_error:
                 self._pipe_size_refused(self.child.pipe_size_error)

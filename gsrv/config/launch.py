@@ -1,0 +1,39 @@
+"""How a service's command starts, composed once at load: the argv prefixes in one fixed
+order, then the command. No shell: each stage is a program that applies one thing and execs
+the rest (prlimit, setpriv), so gsrv keeps spawning with vfork.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The stages, in the order their prefixes compose. A stage is (name, argv prefix); the
+# containment issue's sandbox and the pty's controlling-tty step go after these.
+STAGES = ("rlimits", "privileges")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """argv: every stage's prefix, then the command (argv[0] found at load); executable: what
+    is exec'd first (the first stage's tool, or the command); umask: the child's, -1: gsrv's."""
+
+    argv: tuple[str, ...]
+    executable: str
+    stages: tuple[str, ...] = ()
+    umask: int = -1
+    command_length: int = 0  # the command's own part of argv, at its end
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        """The argv before the command (what `gsrv check` prints as via=)."""
+        return self.argv[: len(self.argv) - self.command_length]
+
+
+def compose(command: tuple[str, ...], executable: str, prefixes: dict[str, tuple[str, ...]], umask: int) -> Launch:
+    """The launch of `command` (its argv[0] resolved to `executable`) through the prefixes
+    given, in STAGES order; a stage not in STAGES is a bug, not a config error."""
+    unknown = set(prefixes) - set(STAGES)
+    assert not unknown, f"spawn stages without a place in STAGES: {sorted(unknown)}"
+    stages = tuple(stage for stage in STAGES if prefixes.get(stage))
+    argv = tuple(part for stage in stages for part in prefixes[stage]) + (executable, *command[1:])
+    return Launch(argv, argv[0], stages, umask, len(command))
