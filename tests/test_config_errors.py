@@ -52,7 +52,8 @@ CASES = {
     "proxy_on_a_unix_socket": (
         '[services.up]\nlisten = "unix:/tmp/gsrv-test-proxy.sock"\ncommand = ["cat"]\n'
         'proxy_protocol = "v1"\nproxy_trusted = ["127.0.0.1"]\n',
-        "[services.up] proxy_protocol needs a TCP listener: a unix socket's peer has no address to trust",
+        '[services.up] proxy_protocol needs a TCP listen address (listen = "unix:/tmp/gsrv-test-proxy.sock" here): '
+        "a unix socket's peer has no address to trust",
     ),
     "access_on_proxy_without_proxy": (
         SVC + 'access_on = "proxy"\n',
@@ -68,7 +69,8 @@ CASES = {
     ),
     "banner_with_tls": (
         SVC + 'reject_banner = "busy"\ntls = { cert = "a.pem", key = "a.key" }\n',
-        "[services.up] reject_banner cannot be sent on a TLS service: it would reach the client before the handshake",
+        "[services.up] reject_banner cannot be combined with tls: the banner would reach the client before the "
+        "handshake",
     ),
     "unknown_user": (
         SVC + 'user = "no-such-user-here"\n',

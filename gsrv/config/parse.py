@@ -188,7 +188,8 @@ def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> 
         raise t.fail("mode", f'applies only to listen = "unix:/path" (this service listens on {listen})')
     policy = parse_policy(t, server_env)
     if listen.kind == "unix" and policy.proxy_protocol != "off":
-        raise t.fail("proxy_protocol", "needs a TCP listener: a unix socket's peer has no address to trust")
+        raise t.fail("proxy_protocol", f'needs a TCP listen address (listen = "{listen}" here): a unix socket\'s peer '
+                     "has no address to trust")  # fmt: skip
     child_env = {k: server_env[k] for k in values["pass_env"] if k in server_env} | dict(values["env"])
     executable = _resolve_command(t, values["command"], child_env, values.get("cwd"))
     launch = compose(values["command"], executable, dict(policy.stages), policy.umask)

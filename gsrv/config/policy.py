@@ -238,7 +238,9 @@ def parse_policy(t: Table, environ: dict[str, str]) -> Policy:
     """The policy keys of a service's table, read and then checked against each other."""
     data = t.data
     if data.get("reject_banner") and "tls" in data:  # before the certificates are read
-        raise t.fail("reject_banner", "cannot be sent on a TLS service: it would reach the client before the handshake")
+        raise t.fail(
+            "reject_banner", "cannot be combined with tls: the banner would reach the client before the handshake"
+        )
     values = keys.read_all(t, Policy)
     if values["proxy_protocol"] != "off" and not values["proxy_trusted"]:
         raise t.fail("proxy_trusted", 'is required with proxy_protocol: the proxies\' addresses, like ["10.0.0.5/32"]')
