@@ -52,8 +52,9 @@ class RaisingSource(FdSource):
 
 
 class RaisingRelay(Relay):
-    """The copy relay with a bug where `where` says: in the upload direction, or in a fact the
-    session reads from its own greenlet (last_activity), once bytes have moved."""
+    """The copy relay with a bug where `where` says: in the upload direction, in a fact the
+    session reads from its own greenlet (last_activity) once bytes have moved, or in the
+    close that its teardown calls."""
 
     def __init__(self, sock: socket.socket, chunk: int, where: str) -> None:
         super().__init__(sock, chunk)
@@ -63,6 +64,11 @@ class RaisingRelay(Relay):
         if self.where != "direction":
             return super()._in(stdin)
         return move(RaisingSource(self.sock.fileno(), self.chunk), PipeSink(stdin), self.inbound, self.chunk)
+
+    def close(self, clean: bool) -> None:
+        if self.where == "close":
+            raise Bug("mid-transfer, in the relay's close (the teardown itself)")
+        super().close(clean)
 
     def last_activity(self) -> float:
         if self.where == "facts" and self.inbound.total >= 64 * 1024:
@@ -132,6 +138,13 @@ def main(where: str, log_path: str) -> dict[str, object]:
         while gate.active:
             gevent.sleep(0.01)
     seen["active_after"] = gate.active
+    try:
+        with gevent.Timeout(5, TimeoutError):
+            seen["client_saw"] = "eof" if client.recv(1) == b"" else "bytes"
+    except ConnectionResetError:
+        seen["client_saw"] = "reset"
+    except TimeoutError:
+        seen["client_saw"] = "nothing: the connection was left open"
     seen["bytes_in"] = sessions[0].meters()[0][1].total
     log.flush()
     client.close()

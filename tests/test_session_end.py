@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("where", ["direction", "facts"])
+@pytest.mark.parametrize("where", ["direction", "facts", "close"])
 def test_a_relay_that_raises_mid_transfer_still_ends_the_session_whole(where: str, tmp_path: Path) -> None:
     log = tmp_path / "gsrv.log"
     probe = subprocess.run(
@@ -28,6 +28,7 @@ def test_a_relay_that_raises_mid_transfer_still_ends_the_session_whole(where: st
     assert seen["reaped"] is True and seen["group_alive"] is False, f"the process group outlived its session: {seen}"
     assert seen["active"] == 1, "the slot must still be held while the session ends (it frees after the reap)"
     assert seen["active_after"] == 0
+    assert seen["client_saw"] == "reset", "a session that failed must not look complete to its client"
     ends = [line for line in log.read_text().splitlines() if "event=session_end" in line]
     assert len(ends) == 1, ends
     assert "reason=internal_error" in ends[0] and "mid-transfer" in log.read_text()

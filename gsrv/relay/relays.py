@@ -38,7 +38,7 @@ from gsrv.relay.pump import (
     pool,
     queued,
     splice,
-)  # fmt: skip
+)
 
 LINGER_S = 2.0  # how long a closing session waits for the client's EOF once the reply is acked
 LINGER_POLL_S = 0.1

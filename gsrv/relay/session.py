@@ -163,8 +163,12 @@ class Session:
             extra = {"error": f"{type(e).__name__}: {e}"}
         finally:
             self.reason = verdict.reason
-            self._teardown(verdict.clean)
-            self._log_end(extra)
+            try:
+                self._teardown(verdict.clean)
+            except Exception as e:  # a bug in the teardown itself: still one line, saying so
+                self.reason, extra = "internal_error", {"error": f"{type(e).__name__}: {e}"}
+            finally:
+                self._log_end(extra)
 
     def _relay(self) -> Verdict:
         assert self.child is not None and self.relay is not None
@@ -213,6 +217,8 @@ class Session:
                 child.stop(self.server.kill_grace, self._escalated)
             if reader is not None:
                 reader.kill()
+            if self.sock.fileno() >= 0:  # a close that raised must not leave the connection open
+                reset(self.sock)
         for line in self.stderr.finish(time.monotonic()):
             self.stderr_line(line)
 
