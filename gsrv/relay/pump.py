@@ -57,13 +57,19 @@ class Meter:
         self.yield_every = yield_every
         self._since_yield = 0
 
-    def moved(self, n: int, counted: bool = True) -> None:
-        """n bytes went through (counted: to the sink; else read and dropped); yields to the
-        loop every YIELD_EVERY bytes."""
-        if counted:
-            self.total += n
-            self.last = time.monotonic()
+    def moved(self, n: int) -> None:
+        """n bytes reached the sink; yields to the loop every yield_every bytes."""
+        self.total += n
+        self.last = time.monotonic()
         self.holding = False
+        self._since_yield += n
+        if self._since_yield >= self.yield_every:
+            self._since_yield = 0
+            gevent.sleep(0)
+
+    def dropped(self, n: int) -> None:
+        """n bytes were read and dropped (the sink takes no more): not counted, but they
+        count towards the next yield like any others."""
         self._since_yield += n
         if self._since_yield >= self.yield_every:
             self._since_yield = 0
@@ -175,25 +181,30 @@ class Sink(Protocol):
 
 
 def move(source: Source, sink: Sink, meter: Meter, chunk: int) -> End:
-    """Move bytes from source to sink until the source ends (or fails) or the sink closes."""
+    """Move bytes from source to sink until the source ends (or fails) or the sink closes.
+    (The methods are bound once: at small reads this loop's own cost is what a copy costs.)"""
+    room, read, done, write, moved = sink.room, source.read, source.done, sink.write, meter.moved
     try:
         while True:
-            limit = sink.room(meter, chunk)
+            limit = room(meter, chunk)
             try:
-                data = source.read(limit)
+                data = read(limit)
             except OSError:
                 return End.SOURCE_ERROR
-            if not data:
-                return End.SOURCE_EOF
             n = len(data)
-            if not sink.dropping:
-                meter.holding = True
-                try:
-                    meter.blocked += sink.write(data)
-                except OSError:
-                    return End.SINK_CLOSED
-            source.done()
-            meter.moved(n, counted=not sink.dropping)
+            if not n:
+                return End.SOURCE_EOF
+            if sink.dropping:
+                done()
+                meter.dropped(n)
+                continue
+            meter.holding = True
+            try:
+                meter.blocked += write(data)
+            except OSError:
+                return End.SINK_CLOSED
+            done()
+            moved(n)
     finally:
         source.close()
         sink.close()
@@ -206,48 +217,44 @@ class FdSource:
         self._fd = Fd(fd, READ)
         self._pool = pool(chunk)
         self._buf: bytearray | None = None
+        self._view = memoryview(b"")
 
     def read(self, limit: int) -> memoryview:
-        buf = self._buf = self._buf or self._pool.take()
+        fd = self._fd.fd
         while True:
+            if self._buf is None:
+                self._buf = self._pool.take()
+                self._view = memoryview(self._buf)
             try:
-                n = os.readv(self._fd.fd, [memoryview(buf)[:limit]])
+                n = os.readv(fd, [self._view[:limit]])
                 break
             except BlockingIOError:
-                self._pool.give(buf)  # no buffer held while waiting
-                self._buf = None
+                self.done()  # no buffer held while waiting
                 self._fd.wait()
-                buf = self._buf = self._pool.take()
-        if n == 0:
-            self.done()
-        return memoryview(buf)[:n]
+        return self._view[:n]
 
     def done(self) -> None:
         if self._buf is not None:
             self._pool.give(self._buf)
             self._buf = None
+            self._view = memoryview(b"")
 
     def close(self) -> None:
         self.done()
         self._fd.close()
 
 
-class FdSink:
+class FdSink(Fd):
     """A non-blocking fd written whole; short writes (bufsize=0 pipes) loop over a view."""
 
     dropping = False
+    write = Fd.write_all
 
     def __init__(self, fd: int) -> None:
-        self._fd = Fd(fd, WRITE)
+        super().__init__(fd, WRITE)
 
     def room(self, meter: Meter, chunk: int) -> int:
         return chunk
-
-    def write(self, data: memoryview | bytes) -> float:
-        return self._fd.write_all(data)
-
-    def close(self) -> None:
-        self._fd.close()
 
 
 class PipeSink(FdSink):
@@ -264,11 +271,11 @@ class PipeSink(FdSink):
     def room(self, meter: Meter, chunk: int) -> int:
         if not self.capacity:
             return chunk
-        size = min(chunk, self.capacity - queued(self._fd.fd))
+        size = min(chunk, self.capacity - queued(self.fd))
         if size >= PIPE_BUF:
             return size
-        meter.blocked += self._fd.timed_wait()
-        return min(chunk, max(PIPE_BUF, self.capacity - queued(self._fd.fd)))
+        meter.blocked += self.timed_wait()
+        return min(chunk, max(PIPE_BUF, self.capacity - queued(self.fd)))
 
 
 class Discard:
