@@ -46,6 +46,8 @@ class EndRules:
     """One session's end rules and the two moments they remember: when its output ended, and
     since when nothing has flowed after its child exited."""
 
+    __slots__ = ("started", "eof_grace", "idle_timeout", "session_timeout", "output_ended_at", "quiet_since")
+
     def __init__(self, started: float, eof_grace: float, idle_timeout: float, session_timeout: float) -> None:
         self.started, self.eof_grace = started, eof_grace
         self.idle_timeout, self.session_timeout = idle_timeout, session_timeout

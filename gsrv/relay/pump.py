@@ -31,6 +31,7 @@ HAS_SPLICE = hasattr(os, "splice")
 PIPE_BUF = 4096
 POOL_KEEP = 32  # free buffers kept per chunk size; more are left to the allocator
 READ, WRITE = 1, 2
+NO_VIEW = memoryview(b"")
 
 
 class End(enum.Enum):
@@ -78,7 +79,10 @@ class Meter:
 
 class Fd:
     """A non-blocking fd with one io watcher kept for its life (cheaper than the new watcher
-    per wait that gevent.socket.wait_read/wait_write make). close() before the fd."""
+    per wait that gevent.socket.wait_read/wait_write make). close() before the fd.
+    (Slots here and below: every session holds several of these for as long as it runs.)"""
+
+    __slots__ = ("fd", "_hub", "_watcher")
 
     def __init__(self, fd: int, events: int) -> None:
         self.fd = fd
@@ -213,11 +217,13 @@ def move(source: Source, sink: Sink, meter: Meter, chunk: int) -> End:
 class FdSource:
     """A non-blocking fd (socket or pipe) read into a pooled buffer."""
 
+    __slots__ = ("_fd", "_pool", "_buf", "_view")
+
     def __init__(self, fd: int, chunk: int) -> None:
         self._fd = Fd(fd, READ)
         self._pool = pool(chunk)
         self._buf: bytearray | None = None
-        self._view = memoryview(b"")
+        self._view = NO_VIEW
 
     def read(self, limit: int) -> memoryview:
         fd = self._fd.fd
@@ -237,7 +243,7 @@ class FdSource:
         if self._buf is not None:
             self._pool.give(self._buf)
             self._buf = None
-            self._view = memoryview(b"")
+            self._view = NO_VIEW
 
     def close(self) -> None:
         self.done()
@@ -247,6 +253,7 @@ class FdSource:
 class FdSink(Fd):
     """A non-blocking fd written whole; short writes (bufsize=0 pipes) loop over a view."""
 
+    __slots__ = ()
     dropping = False
     write = Fd.write_all
 
@@ -260,6 +267,8 @@ class FdSink(Fd):
 class PipeSink(FdSink):
     """A child's stdin: reads are sized by the room left in the pipe, so a direction whose
     child stops reading waits on the pipe with no chunk in hand."""
+
+    __slots__ = ("capacity",)
 
     def __init__(self, fd: int) -> None:
         super().__init__(fd)
@@ -281,6 +290,7 @@ class PipeSink(FdSink):
 class Discard:
     """Input nobody reads any more (the child closed its stdin): counted, then dropped."""
 
+    __slots__ = ()
     dropping = False
 
     def room(self, meter: Meter, chunk: int) -> int:

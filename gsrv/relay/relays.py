@@ -60,6 +60,8 @@ class Relay:
     is told before the FIN (`_finish_output`); the session sees only the facts below."""
 
     name = "copy"
+    __slots__ = ("sock", "chunk", "inbound", "outbound", "discarded", "input_done", "client_eof", "output_eof",
+                 "greenlets")  # fmt: skip
 
     def __init__(self, sock: socket, chunk: int) -> None:
         self.sock, self.chunk = sock, chunk
@@ -156,6 +158,7 @@ class SpliceRelay(Relay):
     """Both directions with splice(2): the bytes stay in the kernel, gsrv holds no buffer."""
 
     name = "splice"
+    __slots__ = ()
 
     def _in(self, stdin: int) -> End:
         return splice(self.sock.fileno(), stdin, self.inbound, source_is_socket=True)
@@ -168,6 +171,7 @@ class TlsRelay(Relay):
     """Plain bytes to and from the child, records to and from the client (edge/tls.py)."""
 
     name = "copy"  # the log's relay= says how bytes moved; TLS is logged on its own (tls=)
+    __slots__ = ("stream",)
 
     def __init__(self, sock: socket, chunk: int, stream: TlsStream) -> None:
         super().__init__(sock, chunk)
@@ -199,6 +203,8 @@ def choose(relay: str, sock: socket, chunk: int, stream: TlsStream | None) -> Re
 class TlsSource:
     """The client's plain bytes, decrypted (ssl.SSLError is an OSError: a failure)."""
 
+    __slots__ = ("stream",)
+
     def __init__(self, stream: TlsStream) -> None:
         self.stream = stream
 
@@ -214,6 +220,8 @@ class TlsSource:
 
 class TlsSink:
     """The child's output, encrypted to the client; dropped once our close_notify went out."""
+
+    __slots__ = ("stream",)
 
     def __init__(self, stream: TlsStream) -> None:
         self.stream = stream

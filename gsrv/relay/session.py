@@ -265,6 +265,8 @@ class StderrLog(Discard):
     """The child's stderr as log lines: capped, under a line budget; over it the reader waits
     (the child's full pipe then slows it) instead of spending a CPU reading and dropping."""
 
+    __slots__ = ("session",)
+
     def __init__(self, session: Session) -> None:
         self.session = session
 
