@@ -56,8 +56,6 @@ def key(read: Read, default: Any, doc: str, *, reload: str = NEW_SESSIONS, examp
     declared = Key(read, default, doc, reload, example, shown=shown, show=show)
     if value is dataclasses.MISSING:
         value = read(Table("<defaults>", "defaults", {}, ()), "default", default)
-    if isinstance(value, list | dict):
-        return dataclasses.field(default_factory=lambda: value, metadata={METADATA: declared})
     return dataclasses.field(default=value, metadata={METADATA: declared})
 
 

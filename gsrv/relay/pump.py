@@ -31,7 +31,6 @@ HAS_SPLICE = hasattr(os, "splice")
 PIPE_BUF = 4096
 POOL_KEEP = 32  # free buffers kept per chunk size; more are left to the allocator
 READ, WRITE = 1, 2
-NO_VIEW = memoryview(b"")
 
 
 class End(enum.Enum):
@@ -128,16 +127,17 @@ class Fd:
 
 
 class BufferPool:
-    """Reused chunk buffers shared by all directions with one chunk size."""
+    """Reused chunk buffers shared by all directions with one chunk size, each kept as one
+    writable view over its bytearray (so no read makes a new view of a buffer)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._free: list[bytearray] = []
+        self._free: list[memoryview] = []
 
-    def take(self) -> bytearray:
-        return self._free.pop() if self._free else bytearray(self.size)
+    def take(self) -> memoryview:
+        return self._free.pop() if self._free else memoryview(bytearray(self.size))
 
-    def give(self, buf: bytearray) -> None:
+    def give(self, buf: memoryview) -> None:
         if len(self._free) < POOL_KEEP:
             self._free.append(buf)
 
@@ -217,33 +217,31 @@ def move(source: Source, sink: Sink, meter: Meter, chunk: int) -> End:
 class FdSource:
     """A non-blocking fd (socket or pipe) read into a pooled buffer."""
 
-    __slots__ = ("_fd", "_pool", "_buf", "_view")
+    __slots__ = ("_fd", "_pool", "_buf")
 
     def __init__(self, fd: int, chunk: int) -> None:
         self._fd = Fd(fd, READ)
         self._pool = pool(chunk)
-        self._buf: bytearray | None = None
-        self._view = NO_VIEW
+        self._buf: memoryview | None = None
 
     def read(self, limit: int) -> memoryview:
         fd = self._fd.fd
         while True:
-            if self._buf is None:
-                self._buf = self._pool.take()
-                self._view = memoryview(self._buf)
+            buf = self._buf
+            if buf is None:
+                buf = self._buf = self._pool.take()
             try:
-                n = os.readv(fd, [self._view[:limit]])
+                n = os.readv(fd, [buf[:limit]])
                 break
             except BlockingIOError:
                 self.done()  # no buffer held while waiting
                 self._fd.wait()
-        return self._view[:n]
+        return buf[:n]
 
     def done(self) -> None:
         if self._buf is not None:
             self._pool.give(self._buf)
             self._buf = None
-            self._view = NO_VIEW
 
     def close(self) -> None:
         self.done()

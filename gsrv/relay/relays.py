@@ -258,12 +258,12 @@ class Lingering:
                 return memoryview(b"")
             try:
                 self._fd.wait(min(left, LINGER_POLL_S))
-                n = os.readv(self._fd.fd, [memoryview(self._buf)[:limit]])
+                n = os.readv(self._fd.fd, [self._buf[:limit]])
             except (TimeoutError, BlockingIOError):
                 n = -1
             self._acked()
             if n >= 0:
-                return memoryview(self._buf)[:n]
+                return self._buf[:n]
 
     def _acked(self) -> None:
         unsent = queued(self._fd.fd, termios.TIOCOUTQ)
