@@ -30,12 +30,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # sys.executable, not "python3": a pyenv shim's helper processes would count as the server's.
 SLOW_READER = [sys.executable, os.path.join(HERE, "peers", "slow_reader.py")]
 HALF_CLOSE = [os.path.join(HERE, "peers", "late_answer.sh")]
+HTTPD = ["busybox", "httpd", "-i", "-h", os.path.join(HERE, "peers", "www")]  # inetd mode: one request per session
+NEEDS = {"busybox": ("busybox", "ab")}  # a measure whose tools are missing is left out
+TWISTED = {"Twisted naive", "Twisted P/C"}  # their relays do not half-close: ab would wait for each reply
 RSS_CAP = 2 * 1024**3  # the slow-child run stops a server that passes this (unbounded)
 
 
 def install_peers() -> None:
     """socat and tcpserver from Debian when missing and we may (root); else they are skipped."""
-    missing = [pkg for tool, pkg in (("socat", "socat"), ("tcpserver", "ucspi-tcp")) if not shutil.which(tool)]
+    tools = (("socat", "socat"), ("tcpserver", "ucspi-tcp"), ("busybox", "busybox"), ("ab", "apache2-utils"))
+    missing = [pkg for tool, pkg in tools if not shutil.which(tool)]
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
         print(f"installing {' '.join(missing)} with apt-get", file=sys.stderr)
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -61,6 +65,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str], Callable[..., d
          lambda a, p: measures.latency(a, p, args.latency_count, beside_stream=False), set()),
         ("the same beside a client streaming flat out through cat", ["cat"],
          lambda a, p: measures.latency(a, p, args.latency_count, beside_stream=True), set()),
+        (f"busybox httpd -i under ApacheBench, {args.sessions} GETs, 20 at a time", HTTPD,
+         lambda a, p: measures.httpd_ab(a, p, args.sessions), TWISTED),
     ]  # fmt: skip
 
 
@@ -77,7 +83,7 @@ def run(args: argparse.Namespace) -> tuple[dict[tuple[str, str], list[dict[str, 
         for title, command, measure, skip in plan(args):
             for n in range(args.runs):
                 for peer in usable:  # interleaved: each peer once per round
-                    if peer.name in skip:
+                    if peer.name in skip or not all(shutil.which(tool) for tool in NEEDS.get(command[0], ())):
                         continue
                     proc = peer.start(command, tmp)
                     try:
@@ -197,10 +203,60 @@ def targets(args: argparse.Namespace, results: dict[tuple[str, str], list[dict[s
     ]  # fmt: skip
     lines = ["", "Issue 7's targets (gsrv with relay = \"auto\", medians of this run):", "",
              "| target | measured | met |", "|---|---:|---|"]  # fmt: skip
-    for name, value, unit, check in rows:
-        shown = "—" if value is None else f"{value:,.2f} {unit}"
-        verdict = "reported" if check is None else "—" if value is None else ("yes" if check(value) else "no")
-        lines.append(f"| {name} | {shown} | {verdict} |")
+    lines += [_target_row(*row) for row in rows]
+    return lines + handoff_targets(args, results)
+
+
+def _target_row(name: str, value: float | None, unit: str, check: Callable[[float], bool] | None,
+                spread: str = "") -> str:  # fmt: skip
+    shown = "—" if value is None else f"{value:,.2f} {unit}{spread}"
+    verdict = "reported" if check is None else "—" if value is None else ("yes" if check(value) else "no")
+    return f"| {name} | {shown} | {verdict} |"
+
+
+def paired(results: dict[tuple[str, str], list[dict[str, Any]]], title: str, ours: tuple[str, str],
+           theirs: tuple[str, str], key: str) -> list[float]:  # fmt: skip
+    """Ratios within each interleaved round (run n of one against run n of the other): the
+    machine's drift between rounds cancels. ours/theirs: (measure title, peer)."""
+    a, b = results.get(ours, []), results.get(theirs, [])
+    return [x[key] / y[key] for x, y in zip(a, b, strict=False) if x.get(key) and y.get(key)]
+
+
+def handoff_targets(args: argparse.Namespace, results: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
+    """Issue 15's targets: per-round ratios, their median (min–max over the rounds)."""
+    titles = [t for t, *_ in plan(args)]
+    tcp, sock = "tcpserver", "gsrv socket"
+
+    def row(name: str, ours: tuple[int, str], theirs: tuple[int, str], key: str,
+            check: Callable[[float], bool] | None) -> str:  # fmt: skip
+        ratios = paired(results, titles[ours[0]], (titles[ours[0]], ours[1]), (titles[theirs[0]], theirs[1]), key)
+        if not ratios:
+            return _target_row(name, None, "×", check)
+        spread = f" ({min(ratios):.2f}–{max(ratios):.2f}, {len(ratios)} rounds)"
+        return _target_row(name, statistics.median(ratios), "×", check, spread)
+
+    def worst(measure: int, peer: str, key: str) -> float | None:
+        values = _figures(results.get((titles[measure], peer), []), key)
+        return max(values) if values else None
+
+    stalled = _figures(results.get((titles[3], sock), []), "server KB")
+    lines = ["", "Issue 15's targets (ratios paired within each interleaved round; median, min–max):", "",
+             "| target | measured | met |", "|---|---:|---|",
+             row("client→child, socket ≥ 0.95× tcpserver", (0, sock), (0, tcp), "MB/s", lambda r: r >= 0.95),
+             row("echo through cat, socket ≥ 0.95× tcpserver", (1, sock), (1, tcp), "MB/s", lambda r: r >= 0.95),
+             row("sessions/s, socket ≥ 1.0× tcpserver", (4, sock), (4, tcp), "sessions/s", lambda r: r >= 1.0),
+             row("sessions/s, splice ≥ 0.8× tcpserver", (4, "gsrv"), (4, tcp), "sessions/s", lambda r: r >= 0.8),
+             row(f"sessions/s beside {args.held} held ≥ 0.8× without, splice", (6, "gsrv"), (4, "gsrv"),
+                 "sessions/s", lambda r: r >= 0.8),
+             row(f"sessions/s beside {args.held} held ≥ 0.8× without, socket", (6, sock), (4, sock), "sessions/s",
+                 lambda r: r >= 0.8),
+             row("httpd -i req/s, socket ≥ 1.0× tcpserver", (9, sock), (9, tcp), "req/s", lambda r: r >= 1.0),
+             row("httpd -i req/s, splice ≥ 0.8× tcpserver", (9, "gsrv"), (9, tcp), "req/s", lambda r: r >= 0.8),
+             _target_row("httpd -i requests lost, every gsrv path and round: 0",
+                         max((v for p in ("gsrv", "gsrv copy", sock) if (v := worst(9, p, "lost")) is not None),
+                             default=None), "", lambda r: r == 0),
+             _target_row("server memory per stalled session, socket ≤ 16 KB",
+                         statistics.median(stalled) if stalled else None, "KB", lambda r: r <= 16)]  # fmt: skip
     return lines
 
 

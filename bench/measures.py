@@ -4,6 +4,7 @@ Every loop is bounded in count and time; traffic goes to 127.0.0.1 only."""
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -245,6 +246,22 @@ def latency(addr: tuple[str, int], pid: int, count: int, beside_stream: bool) ->
             streamer.kill()
             streamer.wait(timeout=10)
     return {"p50 ms": statistics.median(times), "p99 ms": statistics.quantiles(times, n=100)[98]}
+
+
+def httpd_ab(addr: tuple[str, int], pid: int, count: int, concurrency: int = 20) -> dict[str, float]:
+    """busybox `httpd -i` (a real inetd server) driven by ApacheBench: requests/s of `count`
+    GETs of a 1 KiB page, `concurrency` at a time, one connection (one session) each."""
+    url = f"http://{addr[0]}:{addr[1]}/index.html"
+    run = subprocess.run(["ab", "-q", "-n", str(count), "-c", str(concurrency), "-s", "30", url],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    rate = re.search(r"Requests per second:\s+([\d.]+)", run.stdout)
+    failed = re.search(r"Failed requests:\s+(\d+)", run.stdout)
+    complete = re.search(r"Complete requests:\s+(\d+)", run.stdout)
+    non_2xx = re.search(r"Non-2xx responses:\s+(\d+)", run.stdout)
+    if run.returncode != 0 or not (rate and failed and complete):
+        raise RuntimeError(f"ab failed ({run.returncode}): {(run.stderr or run.stdout)[-300:]}")
+    lost = count - int(complete.group(1)) + int(failed.group(1)) + (int(non_2xx.group(1)) if non_2xx else 0)
+    return {"req/s": float(rate.group(1)), "lost": float(lost)}  # lost: not answered, or not with a 200
 
 
 def half_close(addr: tuple[str, int], pid: int) -> dict[str, float]:

@@ -105,6 +105,8 @@ def twisted(script: str) -> Callable[[list[str], str], subprocess.Popen[bytes]]:
 PEERS = [
     Peer("gsrv", gsrv(), "module:gsrv", 'gsrv serve, relay = "auto" (splice), max_sessions 1100, backlog 2048'),
     Peer("gsrv copy", gsrv(service='relay = "copy"\n'), "module:gsrv", 'the same with relay = "copy"'),
+    Peer("gsrv socket", gsrv(service='relay = "socket"\n'), "module:gsrv",
+         'the same with relay = "socket" (the child holds the connection, as under tcpserver)'),
     Peer("gsrv pipe 128KiB", gsrv(service='pipe_size = "128KiB"\n'), "module:gsrv",
          'the same as gsrv with pipe_size = "128KiB"'),
     Peer("socat -b 8192", socat(8192), "socat",

@@ -83,6 +83,8 @@ def check(path: str, overrides: list[str], reference: bool = False) -> int:
         print(f"  {svc.name:<12} {svc.listen!s:<22} {shlex.join(svc.command)}")
         limits = dict(keys.changed(svc))
         limits["relay"] = _relay(svc)
+        if svc.relay == "socket":  # the child holds the connection: no pipes, no buffers
+            limits = {k: v for k, v in limits.items() if k not in ("chunk_size", "pipe_size")}
         print(f"  {'':<12} {_pairs(limits)}")
         policy = dict(keys.changed(svc.policy))
         if svc.launch.stages:
@@ -103,6 +105,8 @@ def _relay(svc: ServiceConfig) -> str:
     """The relay key and what it means for this service."""
     if svc.policy.tls:
         return "copy (TLS)"
+    if svc.relay == "socket":
+        return "socket (the child holds the connection)"
     if svc.relay != "auto":
         return svc.relay
     return "auto (splice)" if HAS_SPLICE else "auto (copy)"

@@ -3,6 +3,7 @@ No timing is asserted: only that every measure ran and the report was written.""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,4 +20,6 @@ def test_bench_smoke_mode_runs_every_measure(tmp_path: Path) -> None:
     for measure in ("into wc -c", "echo through cat", "slow child", "stalled sessions", "sessions/s", "half-close"):
         assert measure in report, f"{measure} missing from the report"
     assert "| half-close: answer 1 s after EOF | delivered | delivered |" in report
+    if shutil.which("busybox") and shutil.which("ab"):  # .ci/run installs both
+        assert "| busybox httpd -i under ApacheBench" in report and "| lost | 0.0 |" in report
     assert "failed" not in report

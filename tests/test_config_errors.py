@@ -34,7 +34,23 @@ CASES = {
     ),
     "bad_relay": (
         SVC + 'relay = "fast"\n',
-        '[services.up] relay must be one of "auto", "splice", "copy" (got "fast", a string)',
+        '[services.up] relay must be one of "auto", "splice", "copy", "socket" (got "fast", a string)',
+    ),
+    "socket_handoff_with_pipe_size": (
+        SVC + 'relay = "socket"\npipe_size = "256KiB"\n',
+        '[services.up] pipe_size sizes the pipe relays\' pipes and buffers: with relay = "socket" the child reads '
+        "and writes the connection itself (remove the key)",
+    ),
+    "socket_handoff_with_chunk_size": (
+        SVC + 'relay = "socket"\nchunk_size = "16KiB"\n',
+        '[services.up] chunk_size sizes the pipe relays\' pipes and buffers: with relay = "socket" the child reads '
+        "and writes the connection itself (remove the key)",
+    ),
+    "socket_handoff_idle_timeout_on_a_unix_socket": (
+        '[services.up]\nlisten = "unix:/tmp/gsrv-test-idle.sock"\ncommand = ["cat"]\nrelay = "socket"\n'
+        'idle_timeout = "10s"\n',
+        '[services.up] idle_timeout with relay = "socket" needs TCP_INFO\'s last-activity times, which a unix '
+        "socket does not have (use session_timeout)",
     ),
     "pipe_size_past_the_kernel_ceiling": (  # the ceiling is fs.pipe-max-size (1MiB by default)
         SVC + 'pipe_size = "2GiB"\n',
@@ -196,4 +212,5 @@ def test_shipped_config_passes_check() -> None:
         [PY, "-m", "gsrv", "check", "-c", "conf/gsrv.toml"], capture_output=True, text=True, timeout=30, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == "conf/gsrv.toml: ok, 3 service(s)"
+    assert result.stdout.splitlines()[0] == "conf/gsrv.toml: ok, 4 service(s)"
+    assert "relay=socket (the child holds the connection)" in result.stdout  # the whoami demo

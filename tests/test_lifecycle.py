@@ -24,15 +24,16 @@ def _accepted(server: Gsrv, port: int) -> int:
     return sum(1 for c in conns if c.status != psutil.CONN_LISTEN and c.laddr.port == port)
 
 
+@pytest.mark.parametrize("relay", ["auto", "socket"])  # the pipe relays and socket handoff
 @pytest.mark.timeout(60)
-def test_max_sessions_holds_exactly_and_surplus_waits_in_backlog(gsrv) -> None:
+def test_max_sessions_holds_exactly_and_surplus_waits_in_backlog(gsrv, relay) -> None:
     child = py_child("""
         import sys, time
         data = sys.stdin.buffer.read()
         time.sleep(0.4)
         sys.stdout.buffer.write(data)
     """)
-    server = gsrv(service_toml("two", child, max_sessions=2))
+    server = gsrv(service_toml("two", child, max_sessions=2, relay=relay))
     port = server.address("two")[1]
     peaks = {"children": 0, "accepted": 0}
     done = threading.Event()
@@ -74,9 +75,10 @@ def test_max_sessions_holds_exactly_and_surplus_waits_in_backlog(gsrv) -> None:
     wait_until(lambda: server.count_log(r"event=session_end service=two .*reason=eof") == 6, 10, "6 session_end lines")
 
 
+@pytest.mark.parametrize("relay", ["auto", "socket"])  # the pipe relays and socket handoff
 @pytest.mark.timeout(120)
-def test_500_sequential_sessions_leave_nothing_behind(gsrv) -> None:
-    server = gsrv(service_toml("cat", ["cat"]))
+def test_500_sequential_sessions_leave_nothing_behind(gsrv, relay) -> None:
+    server = gsrv(service_toml("cat", ["cat"], relay=relay))
     with server.connect("cat") as sock:
         assert exchange(sock, b"warm-up") == b"warm-up"
     server.wait_log(r"event=session_end")
@@ -91,9 +93,10 @@ def test_500_sequential_sessions_leave_nothing_behind(gsrv) -> None:
     assert open_fds(server.proc.pid) == baseline
 
 
+@pytest.mark.parametrize("relay", ["auto", "socket"])  # the pipe relays and socket handoff
 @pytest.mark.timeout(120)
-def test_sigterm_lets_a_transfer_finish_then_exits_0(gsrv) -> None:
-    server = gsrv(service_toml("echo", ["cat"]))
+def test_sigterm_lets_a_transfer_finish_then_exits_0(gsrv, relay) -> None:
+    server = gsrv(service_toml("echo", ["cat"], relay=relay))
     total = 20 * MiB
     sent, got = hashlib.sha256(), hashlib.sha256()
     received = 0
@@ -126,9 +129,10 @@ def test_sigterm_lets_a_transfer_finish_then_exits_0(gsrv) -> None:
         socket.create_connection(server.address("echo"), timeout=2).close()
 
 
+@pytest.mark.parametrize("relay", ["auto", "socket"])  # the pipe relays and socket handoff
 @pytest.mark.timeout(60)
-def test_second_sigterm_skips_the_drain(gsrv) -> None:
-    server = gsrv(service_toml("forever", ["sleep", "300"]))
+def test_second_sigterm_skips_the_drain(gsrv, relay) -> None:
+    server = gsrv(service_toml("forever", ["sleep", "300"], relay=relay))
     with server.connect("forever") as sock:
         child = wait_until(server.children, 10, "the child")[0]  # type: ignore[index]
         server.signal(signal.SIGTERM)
@@ -144,9 +148,10 @@ def test_second_sigterm_skips_the_drain(gsrv) -> None:
     assert any("reason=shutdown" in line for line in server.lines)
 
 
+@pytest.mark.parametrize("relay", ["auto", "socket"])  # the pipe relays and socket handoff
 @pytest.mark.timeout(60)
-def test_sighup_swaps_the_command_and_keeps_running_sessions(gsrv) -> None:
-    server = gsrv(service_toml("svc", ["cat"]))
+def test_sighup_swaps_the_command_and_keeps_running_sessions(gsrv, relay) -> None:
+    server = gsrv(service_toml("svc", ["cat"], relay=relay))
     old = server.connect("svc")
     old.sendall(b"before ")
     assert old.recv(100) == b"before "

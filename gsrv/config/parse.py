@@ -43,7 +43,7 @@ def _cwd(t: Table, name: str, default: object) -> str | None:
 
 
 def _relay(t: Table, name: str, default: object) -> str:
-    relay = t.choice(name, str(default), ("auto", "splice", "copy"))
+    relay = t.choice(name, str(default), ("auto", "splice", "copy", "socket"))
     if relay == "splice" and not hasattr(os, "splice"):
         raise t.fail(name, 'is "splice" but this platform has no splice(2): use "auto" or "copy"')
     return relay
@@ -136,7 +136,8 @@ class ServiceConfig:
                            reload="applies to connections accepted after it", shown=True)  # fmt: skip
     mode: int = key(keys.bits("0660"), None, "unix sockets only: the socket file's permissions", reload=REBIND,
                     example="0660", value=0o660, show=lambda bits: f"{bits:04o}")  # fmt: skip
-    relay: str = key(_relay, "auto", '"splice" | "copy" | "auto"', shown=True)
+    relay: str = key(_relay, "auto", '"auto" (splice where the platform has it, else copy) | "splice" | "copy" | '
+                     '"socket" (the child gets the connection itself as stdin and stdout)', shown=True)  # fmt: skip
     pipe_size: int = key(_pipe_size, 0, "the child's stdin and stdout pipe capacity; 0: the kernel's", shown=True,
                          show=lambda size: format_size(size) if size else "default")  # fmt: skip
     launch: Launch = Launch((), "")  # derived: command[0] found on the child's PATH at load, behind its stages
@@ -190,10 +191,27 @@ def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> 
     if listen.kind == "unix" and policy.proxy_protocol != "off":
         raise t.fail("proxy_protocol", f'needs a TCP listen address (listen = "{listen}" here): a unix socket\'s peer '
                      "has no address to trust")  # fmt: skip
+    if values["relay"] == "socket":
+        _check_handoff(t, listen, policy, values["idle_timeout"])
     child_env = {k: server_env[k] for k in values["pass_env"] if k in server_env} | dict(values["env"])
     executable = _resolve_command(t, values["command"], child_env, values.get("cwd"))
     launch = compose(values["command"], executable, dict(policy.stages), policy.umask)
     return ServiceConfig(name=name, launch=launch, policy=policy, **values)
+
+
+def _check_handoff(t: Table, listen: Address, policy: Policy, idle_timeout: float) -> None:
+    """relay = "socket": the keys that need gsrv to see the bytes, or that size its pipes and
+    buffers, cannot apply; a unix socket gives no last-activity time for idle_timeout."""
+    if policy.tls is not None:
+        raise t.fail("relay", 'is "socket", which cannot go with tls: gsrv must see the bytes to decrypt them '
+                     '(use relay = "auto" with tls)')  # fmt: skip
+    for name in ("pipe_size", "chunk_size"):
+        if name in t.data:
+            raise t.fail(name, 'sizes the pipe relays\' pipes and buffers: with relay = "socket" the child reads '
+                         "and writes the connection itself (remove the key)")  # fmt: skip
+    if listen.kind == "unix" and idle_timeout:
+        raise t.fail("idle_timeout", 'with relay = "socket" needs TCP_INFO\'s last-activity times, which a unix '
+                     "socket does not have (use session_timeout)")  # fmt: skip
 
 
 def _guard(file: str, data: object) -> GuardConfig:

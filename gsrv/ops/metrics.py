@@ -88,19 +88,26 @@ class Metrics:
                                buckets=SPAWN_BUCKETS, registry=r)  # fmt: skip
         slow = "Time pumps waited for a slow side to take bytes (in: the child, out: the client)"
         self.backpressure = Counter("gsrv_backpressure_seconds", slow, ["service", "direction"], registry=r)
+        self.rwnd_limited = Counter("gsrv_tcp_rwnd_limited_seconds", "Socket handoff: time sending to the client was "
+                                    "limited by its receive window (the client was slow)", ["service"],
+                                    registry=r)  # fmt: skip
         self.rejected = Counter("gsrv_rejected", "Connections accepted then closed by a rule", ["service", "reason"],
                                 registry=r)  # fmt: skip
         self.registry.register(_StateCollector(state))
 
     def flush(self, service: str, meters: Sequence[tuple[str, Meter]]) -> None:
-        """Add what each meter moved (and waited) since the last flush."""
+        """Add what each meter moved (and waited) since the last flush; a socket handoff's
+        "rwnd" meter waited on the client's receive window (tcpi_rwnd_limited)."""
         for direction, meter in meters:
             moved, waited = meter.total - meter.reported, meter.blocked - meter.reported_blocked
-            if moved:
+            if moved > 0:
                 self.bytes.labels(service, direction).inc(moved)
                 meter.reported = meter.total
-            if waited:
-                self.backpressure.labels(service, direction).inc(waited)
+            if waited > 0:
+                if direction == "rwnd":
+                    self.rwnd_limited.labels(service).inc(waited)
+                else:
+                    self.backpressure.labels(service, direction).inc(waited)
                 meter.reported_blocked = meter.blocked
 
     def ended(self, service: str, session: Ended) -> None:

@@ -60,11 +60,15 @@ class Child:
                 os.set_blocking(fd, False)
 
     @classmethod
-    def spawn(cls, launch: Launch, env: dict[str, str], cwd: str | None, stderr: str, pipe_size: int = 0) -> Child:
+    def spawn(
+        cls, launch: Launch, env: dict[str, str], cwd: str | None, stderr: str, pipe_size: int = 0, connection: int = -1
+    ) -> Child:
         """Start the launch's argv (no shell; its stages composed at load) in a new session.
         Raises SpawnError with a readable reason; its errno says whether fds or memory ran out.
 
-        pipe_size (if not 0) sets the stdin and stdout pipes' capacity; when the kernel
+        Its stdin and stdout are pipes, or with `connection` (a socket's fd: socket handoff)
+        that socket, made blocking as inetd programs expect (gsrv does no I/O on it until the
+        child's group is gone). pipe_size (if not 0) sets the pipes' capacity; when the kernel
         refuses (EPERM: the user's pipe budget is spent), they keep the default and
         `pipe_size_error` says why."""
         hub = get_hub()
@@ -73,18 +77,23 @@ class Child:
             _hub_ready.add(id(hub.loop))
         err = {"log": subprocess.PIPE, "discard": subprocess.DEVNULL, "stdout": subprocess.STDOUT}[stderr]
         argv, executable, umask = launch.argv, launch.executable, launch.umask
+        stdio = subprocess.PIPE if connection < 0 else connection
+        if connection >= 0:
+            os.set_blocking(connection, True)
         try:
             # The stdlib constructor forks with vfork in C (well under a millisecond); gevent's
             # Popen forks in Python and blocks the loop for milliseconds. The exit status must
             # come from gevent's child watcher, registered before anything can yield.
             proc = subprocess.Popen(
-                argv, executable=executable, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                argv, executable=executable, stdin=stdio, stdout=stdio, stderr=err,
                 bufsize=0, close_fds=True, start_new_session=True, env=env, cwd=cwd, umask=umask,
             )  # fmt: skip
-        except OSError as e:
-            name = e.filename if e.filename is not None else argv[0]
-            raise SpawnError(f"{e.strerror or e}: {name}", e.errno) from None
-        except (ValueError, subprocess.SubprocessError) as e:
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            if connection >= 0:
+                os.set_blocking(connection, False)  # not started: the socket is gsrv's again
+            if isinstance(e, OSError):
+                name = e.filename if e.filename is not None else argv[0]
+                raise SpawnError(f"{e.strerror or e}: {name}", e.errno) from None
             raise SpawnError(str(e)) from None
         child = cls(proc)
         watcher = hub.loop.child(proc.pid)

@@ -25,7 +25,6 @@ from gsrv.edge.tls import TlsStream
 from gsrv.relay.child import Child
 from gsrv.relay.ending import FAILURES
 from gsrv.relay.pump import (
-    HAS_SPLICE,
     READ,
     Discard,
     End,
@@ -43,6 +42,7 @@ from gsrv.relay.pump import (
 LINGER_S = 2.0  # how long a closing session waits for the client's EOF once the reply is acked
 LINGER_POLL_S = 0.1
 LINGER_READ = 65536
+TCP_CLOSE = 7
 
 
 class RelayEvents(Protocol):
@@ -60,6 +60,7 @@ class Relay:
     is told before the FIN (`_finish_output`); the session sees only the facts below."""
 
     name = "copy"
+    closes_after_stop = False  # the connection closes before the child's stop ladder runs
     __slots__ = ("sock", "chunk", "inbound", "outbound", "discarded", "input_done", "client_eof", "output_eof",
                  "greenlets")  # fmt: skip
 
@@ -82,6 +83,28 @@ class Relay:
     def output_in_flight(self, stdout: int) -> bool:
         """Output bytes held by the relay or waiting in the child's stdout pipe."""
         return self.outbound.holding or bool(queued(stdout))
+
+    def handoff(self) -> int:
+        """The fd the child gets as its stdin and stdout, or -1: pipes, which the relay moves."""
+        return -1
+
+    def sample(self, child: Child) -> None:
+        """Bring the facts up to date before the end rules read them (the directions keep them so)."""
+
+    def peer_is_dead(self) -> bool:
+        """The watchdog's check: the kernel closed the connection (a reset) but no direction noticed."""
+        sock = self.sock
+        try:
+            tcp = sock.family in (stdsocket.AF_INET, stdsocket.AF_INET6)
+            state = sock.getsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_INFO, 8)[0] if tcp else 0
+            error = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_ERROR)
+        except OSError:
+            return True
+        return bool(state == TCP_CLOSE or error != 0)
+
+    def log_fields(self) -> dict[str, object]:
+        return {"bytes_in": self.inbound.total, "bytes_out": self.outbound.total,
+                "discarded": self.discarded.total or None}  # fmt: skip
 
     # -- running ------------------------------------------------------------------------
 
@@ -188,16 +211,6 @@ class TlsRelay(Relay):
 
     def _finish_output(self) -> None:
         self.stream.close_notify()
-
-
-def choose(relay: str, sock: socket, chunk: int, stream: TlsStream | None) -> Relay:
-    """The service's relay key ("auto", "splice", "copy") for this connection: TLS needs the
-    bytes in userland; splice needs a platform that has it."""
-    if stream is not None:
-        return TlsRelay(sock, chunk, stream)
-    if relay != "copy" and HAS_SPLICE:
-        return SpliceRelay(sock, chunk)
-    return Relay(sock, chunk)
 
 
 class TlsSource:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import signal
-import socket as stdsocket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -24,7 +23,8 @@ from gsrv.logs import Log
 from gsrv.relay import relays
 from gsrv.relay.child import Child
 from gsrv.relay.ending import EndRules, Facts, Verdict
-from gsrv.relay.pump import Discard, FdSource, Meter, move
+from gsrv.relay.handoff import SocketRelay
+from gsrv.relay.pump import HAS_SPLICE, Discard, FdSource, Meter, move
 from gsrv.relay.relays import Relay
 from gsrv.relay.stderr import StderrLines
 
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from gsrv.relay.watchdog import Watchdog
 
 STDERR_WAIT_S = 0.1  # after the child's exit: how long its last stderr lines may take to arrive
-TCP_CLOSE = 7
 WARN_EVERY_S = 60.0
 STDERR_READ = 65536
 
@@ -56,7 +55,7 @@ class Session:
         on_end: Callable[[Session], None] | None = None,
     ) -> None:
         self.svc, self.server, self.sid, self.log = svc, server, arrival.sid, log
-        self.arrival, self.sock, self.tcp = arrival, arrival.sock, arrival.tcp
+        self.arrival, self.sock = arrival, arrival.sock
         self.watchdog = watchdog
         self.relay = relay
         self.on_end = on_end  # after the log line (the metrics)
@@ -100,13 +99,8 @@ class Session:
         self.abort("internal_error")
 
     def peer_is_dead(self) -> bool:
-        """The watchdog's check: the kernel closed the connection (RST) but no direction noticed."""
-        try:
-            state = self.sock.getsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_INFO, 8)[0] if self.tcp else 0
-            error = self.sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_ERROR)
-        except OSError:
-            return True
-        return bool(state == TCP_CLOSE or error != 0)
+        """The watchdog's check (the relay knows what it may read without stealing the child's errors)."""
+        return self.relay.peer_is_dead() if self.relay is not None else False
 
     # -- start ----------------------------------------------------------------------------
 
@@ -121,9 +115,9 @@ class Session:
             started = time.perf_counter()
             svc = self.svc
             if self.relay is None:
-                self.relay = relays.choose(svc.relay, self.sock, svc.chunk_size, self.arrival.tls)
+                self.relay = choose(svc.relay, self.arrival, svc.chunk_size)
             env = self.arrival.env(svc, self.sid)
-            self.child = Child.spawn(svc.launch, env, svc.cwd, svc.stderr, svc.pipe_size)
+            self.child = Child.spawn(svc.launch, env, svc.cwd, svc.stderr, svc.pipe_size, self.relay.handoff())
             self.spawn_seconds = time.perf_counter() - started
             if self.child.pipe_size_error:
                 self._pipe_size_refused(self.child.pipe_size_error)
@@ -187,6 +181,7 @@ class Session:
             self._wake.wait(decision)
 
     def _facts(self, child: Child, relay: Relay) -> Facts:
+        relay.sample(child)
         exited = child.exited.is_set()
         return Facts(
             now=time.monotonic(),
@@ -204,23 +199,33 @@ class Session:
         group is stopped and reaped: each step runs even if one before it raised."""
         self.watchdog.discard(self)
         child, relay, reader = self.child, self.relay, self._stderr_reader
+        close_first = relay is None or not relay.closes_after_stop
         try:
             if reader is not None and child is not None and child.exited.is_set():
                 reader.join(timeout=STDERR_WAIT_S)  # let the last stderr lines in
             if relay is not None:
                 relay.stop()
-                relay.close(clean)
-            else:
-                reset(self.sock)
+            if close_first:
+                self._close(clean)
         finally:
-            if child is not None:
-                child.stop(self.server.kill_grace, self._escalated)
-            if reader is not None:
-                reader.kill()
-            if self.sock.fileno() >= 0:  # a close that raised must not leave the connection open
-                reset(self.sock)
+            try:
+                if child is not None:
+                    child.stop(self.server.kill_grace, self._escalated)
+            finally:
+                if not close_first:
+                    self._close(clean)
+                if reader is not None:
+                    reader.kill()
+                if self.sock.fileno() >= 0:  # a close that raised must not leave the connection open
+                    reset(self.sock)
         for line in self.stderr.finish(time.monotonic()):
             self.stderr_line(line)
+
+    def _close(self, clean: bool) -> None:
+        if self.relay is not None:
+            self.relay.close(clean)
+        else:
+            reset(self.sock)
 
     def _read_stderr(self, fd: int) -> None:
         move(FdSource(fd, STDERR_READ), StderrLog(self), Meter(), STDERR_READ)
@@ -245,9 +250,7 @@ class Session:
             service=self.svc.name,
             session=self.sid,
             **self.arrival.log_fields(),
-            bytes_in=relay.inbound.total if relay else 0,
-            bytes_out=relay.outbound.total if relay else 0,
-            discarded=(relay.discarded.total or None) if relay else None,
+            **(relay.log_fields() if relay else {"bytes_in": 0, "bytes_out": 0}),
             duration_ms=round(self.duration * 1000, 1),
             relay=relay.name if relay else None,
             exit=child.exit_code if child else None,
@@ -259,6 +262,19 @@ class Session:
         if self.on_end is not None:
             self.on_end(self)
         self.arrival.ended()
+
+
+def choose(relay: str, arrival: Arrival, chunk: int) -> Relay:
+    """The service's relay key for this connection: TLS needs the bytes in userland; splice
+    needs a platform that has it; "socket" hands the connection to the child."""
+    sock = arrival.sock
+    if arrival.tls is not None:
+        return relays.TlsRelay(sock, chunk, arrival.tls)
+    if relay == "socket":
+        return SocketRelay(sock, arrival.header.length if arrival.header else 0)
+    if relay != "copy" and HAS_SPLICE:
+        return relays.SpliceRelay(sock, chunk)
+    return Relay(sock, chunk)
 
 
 class StderrLog(Discard):
