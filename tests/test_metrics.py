@@ -148,3 +148,32 @@ def test_listen_queue_shows_clients_waiting_behind_a_full_service(gsrv) -> None:
     assert _get(base + "/readyz")[0] == 200  # a full service is not a reason to leave rotation
     for sock in [holder, *waiting]:
         sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_socket_handoff_counts_the_kernels_bytes_and_a_slow_clients_window(gsrv) -> None:
+    text = ADMIN + service_toml("wc", ["wc", "-c"], relay="socket")
+    text += service_toml("big", ["head", "-c", str(32 * 1024 * 1024), "/dev/zero"], relay="socket")
+    server = gsrv(text)
+    base = _admin(server)
+    replies = b""
+    for size in (1000, 2000, 3000):
+        with server.connect("wc") as sock:
+            replies += exchange(sock, b"x" * size)
+    assert replies.split() == [b"1000", b"2000", b"3000"]
+    with server.connect("big") as sock:  # a client that reads nothing for 2 s: its window closes
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.shutdown(socket.SHUT_WR)
+        time.sleep(2)
+        received = 0
+        while chunk := sock.recv(1 << 20):
+            received += len(chunk)
+    assert received == 32 * 1024 * 1024
+    wait_until(lambda: server.count_log("event=session_end") == 4, 10, "4 session_end lines")
+    m = _samples(base)
+    assert _value(m, "gsrv_bytes_total", service="wc", direction="in") == 6000
+    assert _value(m, "gsrv_bytes_total", service="wc", direction="out") == len(replies)
+    assert _value(m, "gsrv_bytes_total", service="big", direction="out") == 32 * 1024 * 1024
+    assert _value(m, "gsrv_tcp_rwnd_limited_seconds_total", service="big") > 1.0  # of the 2 s it did not read
+    assert _value(m, "gsrv_tcp_rwnd_limited_seconds_total", service="wc") == 0
+    assert _value(m, "gsrv_backpressure_seconds_total", service="big", direction="out") == 0  # no pump waited
