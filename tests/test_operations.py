@@ -14,8 +14,9 @@ from conftest import PY, ROOT, Gsrv, exchange, service_toml, wait_until
 
 
 @pytest.mark.timeout(60)
-def test_sigkill_leaves_no_child_behind(gsrv) -> None:
-    server = gsrv(service_toml("hold", ["sh", "-c", "sleep 300 | sleep 300"]))
+@pytest.mark.parametrize("relay", ["auto", "socket"])  # the guardian ends socket handoff's groups too
+def test_sigkill_leaves_no_child_behind(gsrv, relay: str) -> None:
+    server = gsrv(service_toml("hold", ["sh", "-c", "sleep 300 | sleep 300"], relay=relay))
     clients = [server.connect("hold") for _ in range(20)]
     family = wait_until(lambda: len(server.children()) >= 60 and server.children(), 20, "20 sessions with 3 processes")
     pids = [p.pid for p in family]

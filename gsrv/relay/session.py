@@ -10,9 +10,10 @@ import errno
 import signal
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gevent
+from gevent import get_hub
 from gevent.event import Event
 
 from gsrv.config.parse import ServerConfig, ServiceConfig
@@ -24,7 +25,7 @@ from gsrv.relay import relays
 from gsrv.relay.child import Child
 from gsrv.relay.ending import EndRules, Facts, Verdict
 from gsrv.relay.handoff import SocketRelay
-from gsrv.relay.pump import HAS_SPLICE, Discard, FdSource, Meter, move
+from gsrv.relay.pump import HAS_SPLICE, READ, Discard, FdSource, Meter, move
 from gsrv.relay.relays import Relay
 from gsrv.relay.stderr import StderrLines
 
@@ -66,6 +67,7 @@ class Session:
         self.spawn_error: str | None = None
         self.stderr = StderrLines()
         self._stderr_reader: gevent.Greenlet | None = None
+        self._stderr_watch: Any = None  # until the child first writes to stderr
         self._wake = Event()
         self._started = arrival.started  # a prelude's time counts: session_timeout runs from accept
 
@@ -170,7 +172,8 @@ class Session:
         child.exited.rawlink(lambda _: self._wake.set())
         relay.start(child, self)
         if child.stderr >= 0:
-            self._stderr_reader = gevent.spawn(self._read_stderr, child.stderr)
+            self._stderr_watch = get_hub().loop.io(child.stderr, READ)
+            self._stderr_watch.start(self._read_stderr)
         self.watchdog.add(self)
         rules = EndRules(self._started, self.server.eof_grace, svc.idle_timeout, svc.session_timeout)
         while True:
@@ -198,7 +201,10 @@ class Session:
         """The relay's directions stop, the connection closes (FIN or reset), the child's
         group is stopped and reaped: each step runs even if one before it raised."""
         self.watchdog.discard(self)
-        child, relay, reader = self.child, self.relay, self._stderr_reader
+        child, relay = self.child, self.relay
+        if child is not None and child.stderr >= 0:
+            self._read_stderr()  # its last lines (and those of the stop ladder) may not have woken the watcher yet
+        reader = self._stderr_reader
         close_first = relay is None or not relay.closes_after_stop
         try:
             if reader is not None and child is not None and child.exited.is_set():
@@ -227,8 +233,19 @@ class Session:
         else:
             reset(self.sock)
 
-    def _read_stderr(self, fd: int) -> None:
-        move(FdSource(fd, STDERR_READ), StderrLog(self), Meter(), STDERR_READ)
+    def _read_stderr(self) -> None:
+        """From the child's first stderr bytes on, a greenlet reads them: a child that never
+        writes there costs no greenlet (a parked one is ~10 KB of a stalled session)."""
+        self._stop_stderr_watch()
+        if self._stderr_reader is None and self.child is not None:
+            fd = self.child.stderr
+            self._stderr_reader = gevent.spawn(move, FdSource(fd, STDERR_READ), StderrLog(self), Meter(), STDERR_READ)
+
+    def _stop_stderr_watch(self) -> None:
+        if self._stderr_watch is not None:
+            self._stderr_watch.stop()
+            self._stderr_watch.close()
+            self._stderr_watch = None
 
     def stderr_line(self, line: str) -> None:
         self.log.info("child_stderr", service=self.svc.name, session=self.sid, line=line)
