@@ -276,3 +276,21 @@ def test_tls_with_socket_handoff_is_a_config_error(tmp_path: Path) -> None:
         f'Error: {config}: [services.up] relay is "socket", which cannot go with tls: gsrv must see the bytes to '
         'decrypt them (use relay = "auto" with tls)\n'
     )
+
+
+@pytest.mark.timeout(60)
+def test_input_the_child_left_unread_does_not_reset_its_reply(gsrv) -> None:
+    # The client's FIN has arrived, but 50 KB it sent were never read by the child: closing
+    # over them would make the kernel reset the connection and drop the reply still queued.
+    child = ["sh", "-c", "sleep 0.5; head -c 4194304 /dev/zero"]
+    server = gsrv(service_toml("deaf", child, relay="socket"))
+    with server.connect("deaf") as sock:
+        sock.sendall(b"q" * 50_000)
+        sock.shutdown(socket.SHUT_WR)
+        time.sleep(1.5)  # the child writes into full buffers, exits with most of its reply queued
+        received = 0
+        while chunk := sock.recv(1 << 16):  # a reset raises here
+            received += len(chunk)
+    assert received == 4194304
+    end = _session_end(server, "deaf")
+    assert (end["reason"], end["bytes_in"], end["bytes_out"]) == ("eof", "50000", "4194304"), end

@@ -88,20 +88,18 @@ class SocketRelay(Relay):
     def _read_figures(self, outgoing: bool = True) -> None:
         """bytes_in: what arrived from the client (less a PROXY header and its FIN);
         bytes_out: what the child wrote (acknowledged or still queued, less a FIN)."""
-        if kernel.poll_flags(self.fd) & kernel.ERROR:
-            self.reset_seen = True
         figures = kernel.figures_of(self.sock) if self.tcp else None
         if figures is None:
             return
-        if figures.fin_received:
-            self.input_done = self.client_eof = True
-        elif figures.reset:
+        if figures.reset(bool(kernel.poll_flags(self.fd) & kernel.ERROR)):
             self.reset_seen = True
+        elif figures.fin_received:
+            self.input_done = self.client_eof = True
         now = time.monotonic()
         self.inbound.total = max(0, figures.received - self.header_length - int(self.input_done))
         self.inbound.last = now - figures.last_received_s
         if outgoing:
-            self.outbound.total = figures.written(queued(self.fd, termios.TIOCOUTQ))
+            self.outbound.total = figures.written
             self.outbound.last = now - figures.last_sent_s
             self.rwnd.blocked = figures.rwnd_limited_s
 
@@ -112,19 +110,23 @@ class SocketRelay(Relay):
 
     def close(self, clean: bool) -> None:
         """After the stop ladder. Clean: a FIN (shutdown acts on the connection, whoever else
-        holds it), the lingering read, the figures, close. Else the figures, then a reset of
-        the connection itself, then close."""
-        os.set_blocking(self.fd, False)  # the group is gone: the socket is gsrv's alone again
+        holds it), the lingering read (also after the client's FIN while input the child left
+        unread is queued: closing over it would reset the reply), the figures, close. Else
+        the figures, then a reset of the connection itself (a unix socket has none: both
+        ways shut), then close."""
         try:
+            os.set_blocking(self.fd, False)  # the group is gone: the socket is gsrv's again
             self.meters()  # before our FIN joins the send queue
             if clean:
                 self.sock.shutdown(stdsocket.SHUT_WR)
-                if not self.client_eof:
+                if not self.client_eof or queued(self.fd):
                     move(Lingering(self.fd), Discard(), Meter(), LINGER_READ)
                     if self.tcp:
                         self._read_figures(outgoing=False)  # what the client sent while we lingered
-            else:
+            elif self.tcp:
                 kernel.disconnect(self.fd)
+            else:
+                self.sock.shutdown(stdsocket.SHUT_RDWR)
         except OSError:
             pass
         finally:

@@ -199,14 +199,17 @@ class Session:
 
     def _teardown(self, clean: bool) -> None:
         """The relay's directions stop, the connection closes (FIN or reset), the child's
-        group is stopped and reaped: each step runs even if one before it raised."""
+        group is stopped and reaped, in the relay's order: each step runs even if one before
+        it raised. The stderr reader ends right after the ladder closed the child's pipes,
+        before anything can yield (a freed fd number must not wake it)."""
         self.watchdog.discard(self)
         child, relay = self.child, self.relay
-        if child is not None and child.stderr >= 0:
-            self._read_stderr()  # its last lines (and those of the stop ladder) may not have woken the watcher yet
-        reader = self._stderr_reader
         close_first = relay is None or not relay.closes_after_stop
+        reader = None
         try:
+            if child is not None and child.stderr >= 0:
+                self._read_stderr()  # its last lines (and the ladder's) may not have woken the watcher yet
+            reader = self._stderr_reader
             if reader is not None and child is not None and child.exited.is_set():
                 reader.join(timeout=STDERR_WAIT_S)  # let the last stderr lines in
             if relay is not None:
@@ -218,14 +221,17 @@ class Session:
                 if child is not None:
                     child.stop(self.server.kill_grace, self._escalated)
             finally:
-                if not close_first:
-                    self._close(clean)
-                if reader is not None:
-                    reader.kill()
-                if self.sock.fileno() >= 0:  # a close that raised must not leave the connection open
-                    reset(self.sock)
-        for line in self.stderr.finish(time.monotonic()):
-            self.stderr_line(line)
+                self._stop_stderr_watch()
+                if self._stderr_reader is not None:
+                    self._stderr_reader.kill()
+                try:
+                    if not close_first:
+                        self._close(clean)
+                finally:
+                    if self.sock.fileno() >= 0:  # a close that raised must not leave the connection open
+                        reset(self.sock)
+                    for line in self.stderr.finish(time.monotonic()):
+                        self.stderr_line(line)
 
     def _close(self, clean: bool) -> None:
         if self.relay is not None:
