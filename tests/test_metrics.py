@@ -44,17 +44,23 @@ def _value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[ty
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def _three_into_wc(server) -> bytes:  # type: ignore[no-untyped-def]
+    """1000, 2000 and 3000 bytes into the "wc" service, one session each: wc's replies."""
+    replies = b""
+    for size in (1000, 2000, 3000):
+        with server.connect("wc") as sock:
+            replies += exchange(sock, b"x" * size)
+    assert replies.split() == [b"1000", b"2000", b"3000"]
+    return replies
+
+
 @pytest.mark.timeout(60)
 def test_metrics_count_exact_bytes_sessions_and_exits(gsrv) -> None:
     text = ADMIN + service_toml("wc", ["wc", "-c"]) + service_toml("three", ["sh", "-c", "cat >/dev/null; exit 3"])
     text += service_toml("killed", ["sh", "-c", "kill -KILL $$"])
     server = gsrv(text)
     base = _admin(server)
-    replies = b""
-    for size in (1000, 2000, 3000):
-        with server.connect("wc") as sock:
-            replies += exchange(sock, b"x" * size)
-    assert replies.split() == [b"1000", b"2000", b"3000"]
+    replies = _three_into_wc(server)
     with server.connect("three") as sock:
         exchange(sock, b"y" * 500)
     with server.connect("killed") as sock, contextlib.suppress(ConnectionResetError):
@@ -156,11 +162,7 @@ def test_socket_handoff_counts_the_kernels_bytes_and_a_slow_clients_window(gsrv)
     text += service_toml("big", ["head", "-c", str(32 * 1024 * 1024), "/dev/zero"], relay="socket")
     server = gsrv(text)
     base = _admin(server)
-    replies = b""
-    for size in (1000, 2000, 3000):
-        with server.connect("wc") as sock:
-            replies += exchange(sock, b"x" * size)
-    assert replies.split() == [b"1000", b"2000", b"3000"]
+    replies = _three_into_wc(server)
     with server.connect("big") as sock:  # a client that reads nothing for 2 s: its window closes
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         sock.shutdown(socket.SHUT_WR)
