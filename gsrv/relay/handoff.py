@@ -72,8 +72,8 @@ class SocketRelay(Relay):
         return time.monotonic() - self.last_activity() < 2 * POLL_S or bool(queued(self.fd, termios.TIOCOUTQ))
 
     def peer_is_dead(self) -> bool:
-        """A pending error (a reset, a keepalive timeout) that poll() shows and, unlike
-        SO_ERROR, leaves for the child's own read to report."""
+        """A reset (or a keepalive timeout): TCP_CLOSE with poll()'s POLLERR, which unlike
+        SO_ERROR leaves the error for the child's own read, or with our FIN unacknowledged."""
         self._read_figures()
         return self.reset_seen
 
