@@ -324,7 +324,9 @@ def test_child_sees_ucspi_environment(gsrv) -> None:
 
 @pytest.mark.timeout(60)
 def test_stderr_merged_or_discarded_and_json_log(gsrv) -> None:
-    script = ["sh", "-c", "echo to-stdout; echo to-stderr >&2"]
+    # The child reads to its EOF first: the reason is then eof whenever the client's FIN arrives
+    # (a child that ends before it would rightly be child_exit).
+    script = ["sh", "-c", "cat >/dev/null; echo to-stdout; echo to-stderr >&2"]
     text = '[server]\nlog_format = "json"\n'
     text += service_toml("merged", script, stderr="stdout") + service_toml("quiet", script, stderr="discard")
     server = gsrv(text)
