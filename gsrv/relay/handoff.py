@@ -29,7 +29,7 @@ class SocketRelay(Relay):
 
     name = "socket"
     closes_after_stop = True  # the ladder first: nothing of the group may still hold the socket
-    __slots__ = ("fd", "header_length", "rwnd", "events", "reset_seen", "held", "_family")
+    __slots__ = ("fd", "header_length", "rwnd", "events", "reset_seen", "held", "tcp")
 
     def __init__(self, sock: socket, header_length: int) -> None:
         super().__init__(sock, LINGER_READ)
@@ -39,11 +39,7 @@ class SocketRelay(Relay):
         self.events: RelayEvents | None = None
         self.reset_seen = False
         self.held = False  # a process outside the group still held the connection at the end
-        self._family = sock.family
-
-    @property
-    def tcp(self) -> bool:
-        return self._family in (stdsocket.AF_INET, stdsocket.AF_INET6)
+        self.tcp = sock.family in (stdsocket.AF_INET, stdsocket.AF_INET6)  # else unix: no TCP_INFO
 
     # -- what a session reads -----------------------------------------------------------
 
@@ -116,7 +112,8 @@ class SocketRelay(Relay):
         ways shut), then close."""
         try:
             os.set_blocking(self.fd, False)  # the group is gone: the socket is gsrv's again
-            self.meters()  # before our FIN joins the send queue
+            if self.tcp:
+                self._read_figures()  # before our FIN joins the send queue
             if clean:
                 self.sock.shutdown(stdsocket.SHUT_WR)
                 if not self.client_eof or queued(self.fd):

@@ -22,6 +22,7 @@ from gevent.socket import socket
 
 from gsrv.edge.refusal import reset
 from gsrv.edge.tls import TlsStream
+from gsrv.relay import kernel
 from gsrv.relay.child import Child
 from gsrv.relay.ending import FAILURES
 from gsrv.relay.pump import (
@@ -42,7 +43,6 @@ from gsrv.relay.pump import (
 LINGER_S = 2.0  # how long a closing session waits for the client's EOF once the reply is acked
 LINGER_POLL_S = 0.1
 LINGER_READ = 65536
-TCP_CLOSE = 7
 
 
 class RelayEvents(Protocol):
@@ -100,7 +100,7 @@ class Relay:
             error = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_ERROR)
         except OSError:
             return True
-        return bool(state == TCP_CLOSE or error != 0)
+        return bool(state == kernel.CLOSE or error != 0)
 
     def log_fields(self) -> dict[str, object]:
         return {"bytes_in": self.inbound.total, "bytes_out": self.outbound.total,

@@ -7,6 +7,7 @@ the child's stop ladder and reap, and writes the session_end line: exactly one, 
 from __future__ import annotations
 
 import errno
+import functools
 import signal
 import time
 from collections.abc import Callable
@@ -199,39 +200,54 @@ class Session:
 
     def _teardown(self, clean: bool) -> None:
         """The relay's directions stop, the connection closes (FIN or reset), the child's
-        group is stopped and reaped, in the relay's order: each step runs even if one before
-        it raised. The stderr reader ends right after the ladder closed the child's pipes,
-        before anything can yield (a freed fd number must not wake it)."""
+        group is stopped and reaped, in the relay's order. Every step runs even if one before
+        it raised; the first error is raised after the last step. The stderr reader ends
+        right after the ladder closed the child's pipes, before anything can yield (a freed
+        fd number must not wake it)."""
         self.watchdog.discard(self)
-        child, relay = self.child, self.relay
-        close_first = relay is None or not relay.closes_after_stop
-        reader = None
-        try:
-            if child is not None and child.stderr >= 0:
-                self._read_stderr()  # its last lines (and the ladder's) may not have woken the watcher yet
-            reader = self._stderr_reader
-            if reader is not None and child is not None and child.exited.is_set():
-                reader.join(timeout=STDERR_WAIT_S)  # let the last stderr lines in
-            if relay is not None:
-                relay.stop()
-            if close_first:
-                self._close(clean)
-        finally:
+        close = functools.partial(self._close, clean)
+        order: list[Callable[[], None]]
+        if self.relay is not None and self.relay.closes_after_stop:
+            order = [self._stop_child, self._end_stderr_reader, close]
+        else:
+            order = [close, self._stop_child, self._end_stderr_reader]
+        first: BaseException | None = None
+        for step in (self._last_stderr, self._stop_relay, *order, self._closed_anyway, self._stderr_tail):
             try:
-                if child is not None:
-                    child.stop(self.server.kill_grace, self._escalated)
-            finally:
-                self._stop_stderr_watch()
-                if self._stderr_reader is not None:
-                    self._stderr_reader.kill()
-                try:
-                    if not close_first:
-                        self._close(clean)
-                finally:
-                    if self.sock.fileno() >= 0:  # a close that raised must not leave the connection open
-                        reset(self.sock)
-                    for line in self.stderr.finish(time.monotonic()):
-                        self.stderr_line(line)
+                step()
+            except BaseException as e:  # kept, and raised once every step has run
+                first = first or e
+        if first is not None:
+            raise first
+
+    def _last_stderr(self) -> None:
+        """Its last lines (and the ladder's) may not have woken the watcher yet."""
+        child = self.child
+        if child is not None and child.stderr >= 0:
+            self._read_stderr()
+            if self._stderr_reader is not None and child.exited.is_set():
+                self._stderr_reader.join(timeout=STDERR_WAIT_S)
+
+    def _stop_relay(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
+
+    def _stop_child(self) -> None:
+        if self.child is not None:
+            self.child.stop(self.server.kill_grace, self._escalated)
+
+    def _end_stderr_reader(self) -> None:
+        self._stop_stderr_watch()
+        if self._stderr_reader is not None:
+            self._stderr_reader.kill()
+
+    def _closed_anyway(self) -> None:
+        if self.sock.fileno() >= 0:  # a close that raised must not leave the connection open
+            reset(self.sock)
+
+    def _stderr_tail(self) -> None:
+        for line in self.stderr.finish(time.monotonic()):
+            self.stderr_line(line)
 
     def _close(self, clean: bool) -> None:
         if self.relay is not None:
