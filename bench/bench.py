@@ -204,7 +204,7 @@ def targets(args: argparse.Namespace, results: dict[tuple[str, str], list[dict[s
     lines = ["", "Issue 7's targets (gsrv with relay = \"auto\", medians of this run):", "",
              "| target | measured | met |", "|---|---:|---|"]  # fmt: skip
     lines += [_target_row(*row) for row in rows]
-    return lines + handoff_targets(args, results)
+    return lines + handoff_targets(args, results) + containment_rows(args, results)
 
 
 def _target_row(name: str, value: float | None, unit: str, check: Callable[[float], bool] | None,
@@ -258,6 +258,29 @@ def handoff_targets(args: argparse.Namespace, results: dict[tuple[str, str], lis
              _target_row("server memory per stalled session, socket ≤ 16 KB",
                          statistics.median(stalled) if stalled else None, "KB", lambda r: r <= 16)]  # fmt: skip
     return lines
+
+
+def containment_rows(args: argparse.Namespace, results: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
+    """Issue 16: what a cgroup per session costs, against the same path with kill_scope = "group"
+    (per-round ratios, median, min–max). No target: the figures for the note."""
+    titles = [t for t, *_ in plan(args)]
+    if not any(peer == "gsrv cgroup" for _, peer in results):
+        return []
+
+    def row(name: str, measure: int, ours: str, theirs: str, key: str) -> str:
+        ratios = paired(results, titles[measure], (titles[measure], ours), (titles[measure], theirs), key)
+        if not ratios:
+            return f"| {name} | — |"
+        return f"| {name} | {statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f}) |"
+
+    return ["", "Containment (kill_scope = \"cgroup\" against \"group\", paired per round):", "",
+            "| figure | cgroup / group |", "|---|---:|",
+            row("sessions/s, splice", 4, "gsrv cgroup", "gsrv", "sessions/s"),
+            row("sessions/s, socket", 4, "gsrv socket cgroup", "gsrv socket", "sessions/s"),
+            row(f"sessions/s beside {args.held} held, splice", 6, "gsrv cgroup", "gsrv", "sessions/s"),
+            row("httpd -i req/s, splice", 9, "gsrv cgroup", "gsrv", "req/s"),
+            row("httpd -i req/s, socket", 9, "gsrv socket cgroup", "gsrv socket", "req/s"),
+            row("client→child MB/s, splice", 0, "gsrv cgroup", "gsrv", "MB/s")]  # fmt: skip
 
 
 def plots(

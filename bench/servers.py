@@ -27,6 +27,10 @@ class Peer:
     how: str  # the command line, for the results file
 
     def available(self) -> bool:
+        if self.needs == "cgroups":
+            from gsrv.contain.host import discover
+
+            return discover().can("kill")
         if self.needs.startswith("module:"):
             try:
                 __import__(self.needs.removeprefix("module:"))
@@ -102,13 +106,21 @@ def twisted(script: str) -> Callable[[list[str], str], subprocess.Popen[bytes]]:
     return start
 
 
+GROUP = 'kill_scope = "group"\n'  # the baseline: the figures before containment stay comparable
+CGROUP = 'kill_scope = "cgroup"\n'
+
 PEERS = [
-    Peer("gsrv", gsrv(), "module:gsrv", 'gsrv serve, relay = "auto" (splice), max_sessions 1100, backlog 2048'),
-    Peer("gsrv copy", gsrv(service='relay = "copy"\n'), "module:gsrv", 'the same with relay = "copy"'),
-    Peer("gsrv socket", gsrv(service='relay = "socket"\n'), "module:gsrv",
+    Peer("gsrv", gsrv(service=GROUP), "module:gsrv",
+         'gsrv serve, relay = "auto" (splice), kill_scope = "group", max_sessions 1100, backlog 2048'),
+    Peer("gsrv copy", gsrv(service='relay = "copy"\n' + GROUP), "module:gsrv", 'the same with relay = "copy"'),
+    Peer("gsrv socket", gsrv(service='relay = "socket"\n' + GROUP), "module:gsrv",
          'the same with relay = "socket" (the child holds the connection, as under tcpserver)'),
-    Peer("gsrv pipe 128KiB", gsrv(service='pipe_size = "128KiB"\n'), "module:gsrv",
+    Peer("gsrv pipe 128KiB", gsrv(service='pipe_size = "128KiB"\n' + GROUP), "module:gsrv",
          'the same as gsrv with pipe_size = "128KiB"'),
+    Peer("gsrv cgroup", gsrv(service=CGROUP), "cgroups",
+         'gsrv with kill_scope = "cgroup": a cgroup per session (needs root and cgroups)'),
+    Peer("gsrv socket cgroup", gsrv(service='relay = "socket"\n' + CGROUP), "cgroups",
+         'gsrv socket with kill_scope = "cgroup"'),
     Peer("socat -b 8192", socat(8192), "socat",
          "socat -b 8192 TCP-LISTEN:PORT,bind=127.0.0.1,reuseaddr,fork,backlog=1024 EXEC:CMD"),
     Peer("socat -b 65536", socat(65536), "socat",

@@ -19,12 +19,13 @@ from gsrv.clients.send import send
 from gsrv.config import keys
 from gsrv.config.parse import TABLES, Config, ServiceConfig, load
 from gsrv.config.units import format_size
+from gsrv.contain.scope import Root
 from gsrv.errors import ConfigError
 from gsrv.logs import Log
 from gsrv.ops.admin import Admin
 from gsrv.ops.dump import dump
 from gsrv.ops.metrics import State
-from gsrv.relay.child import track_groups
+from gsrv.relay.child import contain_in, track_groups
 from gsrv.relay.guardian import Guardian
 from gsrv.relay.pump import HAS_SPLICE
 from gsrv.server import Server
@@ -86,11 +87,14 @@ def check(path: str, overrides: list[str], reference: bool = False) -> int:
         if svc.relay == "socket":  # the child holds the connection: no pipes, no buffers
             limits = {k: v for k, v in limits.items() if k not in ("chunk_size", "pipe_size")}
         print(f"  {'':<12} {_pairs(limits)}")
-        policy = dict(keys.changed(svc.policy))
+        policy = dict(keys.changed(svc.policy)) | dict(keys.changed(svc.contain))
+        auto = svc.contain.kill_scope == "auto"
+        policy["kill_scope"] = svc.contain.scope + (" (auto)" if auto else "")  # the one in force, never implied
         if svc.launch.stages:
             policy["via"] = shlex.join(svc.launch.prefix)
         if policy:
             print(f"  {'':<12} {_pairs(policy)}")
+    print(f"  cgroup: root={config.cgroup.root} mode={config.cgroup.host.describe()}")
     guard = config.guard
     print(f"  guard: max_rss={format_size(guard.max_rss)} min_available={guard.min_available} "
           f"interval={guard.interval:g}s")  # fmt: skip
@@ -140,8 +144,24 @@ def serve(path: str, overrides: list[str]) -> int:
         server.stop_listening()
         print(f"Error: {e}", file=sys.stderr)
         return 1
-    guardian = Guardian()  # no child outlives gsrv, even one killed with SIGKILL
+    host = config.cgroup.host
+    root = Root(host) if host.mode != "none" else None
+    # no child outlives gsrv, even one killed with SIGKILL: the guardian ends what is left
+    guardian = Guardian(host.mode, tuple(root.dirs.values()) if root else ())
     track_groups(guardian)
+    try:
+        if root is not None:
+            root.create(guardian.proc.pid)
+            root.enable(set().union(*(s.contain.limits.controllers(host.mode) for s in config.services)))
+    except OSError as e:
+        guardian.close()
+        server.stop_listening()
+        print(f"Error: [cgroup] root: cannot make gsrv's cgroups: {e.strerror or e}", file=sys.stderr)
+        return 1
+    contain_in(root)
+    server.cgroups = root
+    log.info("containment", cgroups=host.describe(), root=",".join(root.dirs.values()) if root else None,
+             services=",".join(f"{s.name}:{s.contain.scope}" for s in config.services))  # fmt: skip
     guard = Guard(config.guard, Sampler(), server.pause_accept, server.resume_accept, log)
     guard.check()  # before any listener accepts: a gsrv started under pressure starts paused
     if admin is not None:
@@ -159,6 +179,10 @@ def serve(path: str, overrides: list[str]) -> int:
         admin.stop()
     guard.stop()
     worker.kill()
+    contain_in(None)
+    left = root.remove() if root is not None else []
+    if left:
+        log.warning("cgroups_left", cgroups=",".join(left), next="the guardian removes them once they are empty")
     guardian.close()
     log.info("stopped")
     log.flush()

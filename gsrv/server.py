@@ -13,6 +13,7 @@ import gevent
 
 from gsrv.accept.listeners import BindError
 from gsrv.config.parse import Config, load
+from gsrv.contain.scope import Root
 from gsrv.errors import ConfigError
 from gsrv.logs import Log
 from gsrv.ops.metrics import Metrics, ServiceState
@@ -35,6 +36,7 @@ class Server:
         self.services = [Service(self, cfg) for cfg in config.services]
         self.retired: set[Service] = set()  # removed by a reload, their sessions draining
         self.metrics: Metrics | None = None  # set by the composer when an admin endpoint exists
+        self.cgroups: Root | None = None  # set by the composer when the host has cgroups
         self.watchdog = Watchdog()
         self.stopped = self.lifecycle.stopped
         self._ids = itertools.count(1)
@@ -128,11 +130,31 @@ class Server:
         except ConfigError as e:
             self.log.error("reload_failed", error=str(e), next="keeping the running config")
             return None
+        refused = self._cgroups_refuse(new)
+        if refused:
+            self.log.error("reload_failed", error=refused, next="keeping the running config")
+            return None
         changes = self._apply(new)
-        self.config = Config(new.path, new.server, tuple(s.cfg for s in self.services), new.guard, new.overrides)
+        self.config = Config(new.path, new.server, tuple(s.cfg for s in self.services), new.guard, new.overrides,
+                             self.config.admin, self.config.cgroup)  # fmt: skip
         self.log.configure(new.server.log_level, new.server.log_format)
         self.log.info("reloaded", path=new.path, **{k: ",".join(v) for k, v in changes.items() if v})
         return self.config
+
+    def _cgroups_refuse(self, new: Config) -> str | None:
+        """Why the new config cannot run on the cgroups in use, if it cannot: the root is fixed
+        at start, and on v2 a limit new to this config needs its controller enabled first."""
+        running = self.config.cgroup.root
+        if new.cgroup.root != running:
+            return (f"{new.path}: [cgroup] root cannot change on reload (running: \"{running}\", file: "
+                    f"\"{new.cgroup.root}\"): restart gsrv to change it")  # fmt: skip
+        if self.cgroups is not None:
+            try:
+                self.cgroups.enable(set().union(*(s.contain.limits.controllers(self.cgroups.host.mode)
+                                                  for s in new.services if s.contain.scope == "cgroup")))  # fmt: skip
+            except OSError as e:
+                return f"{new.path}: [cgroup] {e.strerror or e}"
+        return None
 
     def _apply(self, new: Config) -> dict[str, list[str]]:
         """Swap services to the new config: a listener whose address is unchanged keeps its

@@ -16,9 +16,10 @@ from gevent import socket
 
 from gsrv.accept.gate import Gate
 from gsrv.config.parse import parse
+from gsrv.contain.scope import Root
 from gsrv.edge.arrival import Arrival
 from gsrv.logs import Log
-from gsrv.relay.child import Child
+from gsrv.relay.child import Child, contain_in
 from gsrv.relay.pump import End, FdSource, PipeSink, move
 from gsrv.relay.relays import Relay
 from gsrv.relay.session import Session
@@ -87,6 +88,10 @@ def group_alive(pgid: int) -> bool:
 def main(where: str, log_path: str) -> dict[str, object]:
     config = parse("probe.toml", CONFIG)
     svc = config.services[0]
+    root = Root(config.cgroup.host) if config.cgroup.host.mode != "none" else None
+    if root is not None:  # as `gsrv serve` does: sessions get their cgroups below gsrv's root
+        root.create()
+    contain_in(root)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     log = Log(log_fd)
     listener = socket.socket()
@@ -148,6 +153,9 @@ def main(where: str, log_path: str) -> dict[str, object]:
     seen["bytes_in"] = sessions[0].meters()[0][1].total
     log.flush()
     client.close()
+    contain_in(None)
+    if root is not None:
+        seen["cgroups_left"] = root.remove()
     return seen
 
 

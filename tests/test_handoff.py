@@ -21,6 +21,8 @@ import pytest
 import trustme
 from conftest import PY, Gsrv, py_child, random_stream, service_toml, wait_until
 
+from gsrv.contain.host import discover
+
 MiB = 1024 * 1024
 
 
@@ -244,8 +246,9 @@ def test_a_unix_socket_child_sees_its_client_with_so_peercred(gsrv, tmp_path: Pa
 
 @pytest.mark.timeout(60)
 def test_a_process_that_escaped_the_group_is_logged_as_holding_the_socket(gsrv) -> None:
+    """kill_scope = "group": a setsid process leaves the group and keeps the socket (logged)."""
     child = ["sh", "-c", "setsid sleep 313.25 & echo started"]  # the escaped sleep keeps fds 0 and 1
-    server = gsrv(service_toml("escape", child, relay="socket"))
+    server = gsrv(service_toml("escape", child, relay="socket", kill_scope="group"))
     escaped: list[psutil.Process] = []
     try:
         with server.connect("escape") as sock:
@@ -259,6 +262,20 @@ def test_a_process_that_escaped_the_group_is_logged_as_holding_the_socket(gsrv) 
         for p in escaped:
             p.send_signal(signal.SIGKILL)
     assert len(escaped) == 1
+
+
+@pytest.mark.skipif(discover().mode == "none", reason="no cgroups here")
+def test_with_a_cgroup_per_session_nothing_escapes_holding_the_socket(gsrv) -> None:
+    """kill_scope = "cgroup": the same setsid process ends with its session; nothing holds the socket."""
+    child = ["sh", "-c", "setsid sleep 313.27 & echo started"]
+    server = gsrv(service_toml("contained", child, relay="socket", kill_scope="cgroup"))
+    with server.connect("contained") as sock:
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(100) == b"started\n"
+        assert sock.recv(100) == b""
+    end = _session_end(server, "contained")
+    assert "socket_held" not in end, end
+    assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "313.27"]]
 
 
 @pytest.mark.timeout(60)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The stages, in the order their prefixes compose. A stage is (name, argv prefix); the
-# containment issue's sandbox and the pty's controlling-tty step go after these.
-STAGES = ("rlimits", "privileges")
+# The stages, in the order their prefixes compose. A stage is (name, argv prefix): the cgroup
+# helper (v2 hosts: the session's cgroup before anything of it runs), prlimit (as root, so hard
+# limits can be set), setpriv (drops to user/group), bwrap (the sandbox, as that user); the
+# pty's controlling-tty step will go after these.
+STAGES = ("cgroup", "rlimits", "privileges", "sandbox")
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,18 @@ class Launch:
     def prefix(self) -> tuple[str, ...]:
         """The argv before the command (what `gsrv check` prints as via=)."""
         return self.argv[: len(self.argv) - self.command_length]
+
+    @property
+    def signal_in_exit(self) -> bool:
+        """bwrap reports a command killed by signal N as its own exit 128+N."""
+        return "sandbox" in self.stages
+
+    def argv_for(self, cgroup: str, slot: str) -> tuple[str, ...]:
+        """The argv with the cgroup stage's slot filled in (the session's cgroup directory)."""
+        if "cgroup" not in self.stages:
+            return self.argv
+        at = self.argv.index(slot)  # the first stage's: the command's own argv comes after it
+        return (*self.argv[:at], cgroup, *self.argv[at + 1 :])
 
 
 def compose(command: tuple[str, ...], executable: str, prefixes: dict[str, tuple[str, ...]], umask: int) -> Launch:

@@ -16,6 +16,7 @@ import psutil
 
 from gsrv.config import keys
 from gsrv.config.address import Address, collide, parse_address
+from gsrv.config.contain import CgroupConfig, Containment, parse_cgroup, parse_containment
 from gsrv.config.keys import AT_ONCE, key, required
 from gsrv.config.launch import Launch, compose
 from gsrv.config.policy import Policy, parse_policy
@@ -23,7 +24,7 @@ from gsrv.config.table import Table, did_you_mean
 from gsrv.config.units import Amount, describe, format_size
 from gsrv.errors import ConfigError
 
-TOP_TABLES = ("server", "guard", "admin", "services")
+TOP_TABLES = ("server", "guard", "admin", "cgroup", "services")
 GUARD_RELOAD = "applies from the next sample on; a pause in progress lasts until relief"
 REBIND = "only when the listener is bound anew (its address changed)"
 
@@ -142,6 +143,7 @@ class ServiceConfig:
                          show=lambda size: format_size(size) if size else "default")  # fmt: skip
     launch: Launch = Launch((), "")  # derived: command[0] found on the child's PATH at load, behind its stages
     policy: Policy = Policy()  # its keys are the service table's too: TLS, PROXY, access, per-IP limits, privileges
+    contain: Containment = Containment()  # ... and these: kill_scope, max_memory, max_pids, max_cpu, sandbox
 
 
 @dataclass(frozen=True)
@@ -152,12 +154,13 @@ class Config:
     guard: GuardConfig = GuardConfig()
     overrides: tuple[str, ...] = ()  # --set items, applied again on every reload
     admin: AdminConfig | None = None  # /metrics, /healthz, /readyz; None: no admin endpoint
+    cgroup: CgroupConfig = CgroupConfig()
 
 
 # The tables a file may hold, and the dataclasses that declare their keys.
 TABLES: dict[str, tuple[type, ...]] = {
-    "server": (ServerConfig,), "guard": (GuardConfig,), "admin": (AdminConfig,),
-    "services.NAME": (ServiceConfig, Policy),
+    "server": (ServerConfig,), "guard": (GuardConfig,), "admin": (AdminConfig,), "cgroup": (CgroupConfig,),
+    "services.NAME": (ServiceConfig, Policy, Containment),
 }  # fmt: skip
 
 
@@ -181,8 +184,9 @@ def _table(file: str, name: str, data: object) -> dict[str, Any]:
     return data
 
 
-def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> ServiceConfig:
-    t = Table(file, f"services.{name}", _table(file, f"services.{name}", data), keys.names(ServiceConfig, Policy))
+def _service(file: str, name: str, data: object, server_env: dict[str, str], cgroup: CgroupConfig) -> ServiceConfig:
+    known = keys.names(ServiceConfig, Policy, Containment)
+    t = Table(file, f"services.{name}", _table(file, f"services.{name}", data), known)
     values = keys.read_all(t, ServiceConfig)
     listen: Address = values["listen"]
     if "mode" in t.data and listen.kind != "unix":
@@ -195,8 +199,9 @@ def _service(file: str, name: str, data: object, server_env: dict[str, str]) -> 
         _check_handoff(t, listen, policy, values["idle_timeout"])
     child_env = {k: server_env[k] for k in values["pass_env"] if k in server_env} | dict(values["env"])
     executable = _resolve_command(t, values["command"], child_env, values.get("cwd"))
-    launch = compose(values["command"], executable, dict(policy.stages), policy.umask)
-    return ServiceConfig(name=name, launch=launch, policy=policy, **values)
+    contain = parse_containment(t, cgroup, server_env)
+    launch = compose(values["command"], executable, dict(policy.stages + contain.stages), policy.umask)
+    return ServiceConfig(name=name, launch=launch, policy=policy, contain=contain, **values)
 
 
 def _check_handoff(t: Table, listen: Address, policy: Policy, idle_timeout: float) -> None:
@@ -280,7 +285,8 @@ def parse(file: str, text: str, environ: dict[str, str] | None = None, overrides
     for table in data:
         if table not in TOP_TABLES:
             hint = (
-                did_you_mean(table, TOP_TABLES, "[{}]") or "known tables: [server], [guard], [admin], [services.NAME]"
+                did_you_mean(table, TOP_TABLES, "[{}]")
+                or "known tables: [server], [guard], [admin], [cgroup], [services.NAME]"
             )
             raise ConfigError(file, f"[{table}]", f"is not a known table ({hint})")
     raw_server = _table(file, "server", data.get("server", {}))
@@ -290,14 +296,17 @@ def parse(file: str, text: str, environ: dict[str, str] | None = None, overrides
     if not isinstance(raw_services, dict) or not raw_services:
         raise ConfigError(file, "[services]", "must define at least one service, like [services.echo]")
     server_env = dict(os.environ if environ is None else environ)
+    raw_cgroup = _table(file, "cgroup", data.get("cgroup", {}))
+    cgroup = parse_cgroup(Table(file, "cgroup", raw_cgroup, keys.names(CgroupConfig)))
     services = []
     for name, body in raw_services.items():
         if not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(file, f"[services.{name}]", "name must use only letters, digits, - and _")
-        services.append(_service(file, name, body, server_env))
+        services.append(_service(file, name, body, server_env, cgroup))
     _check_addresses(file, services)
     admin = _admin(file, data.get("admin"))
-    return Config(path=file, server=server, services=tuple(services), guard=guard, overrides=overrides, admin=admin)
+    return Config(path=file, server=server, services=tuple(services), guard=guard, overrides=overrides, admin=admin,
+                  cgroup=cgroup)  # fmt: skip
 
 
 def load(path: str, overrides: tuple[str, ...] = ()) -> Config:

@@ -25,11 +25,20 @@ class Meter(Protocol):
     reported_blocked: float
 
 
+class Usage(Protocol):
+    @property
+    def cpu_ms(self) -> float | None: ...
+    @property
+    def mem_peak(self) -> int | None: ...
+
+
 class Child(Protocol):
     @property
     def exit_code(self) -> int | None: ...
     @property
     def killed_by(self) -> int | None: ...
+    @property
+    def usage(self) -> Usage | None: ...
 
 
 class Ended(Protocol):
@@ -46,6 +55,8 @@ class Ended(Protocol):
 REFUSALS = ("spawn_failed", "denied", "per_ip_limit", "rate_limited", "proxy_failed", "tls_failed")
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
 SPAWN_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1)
+CPU_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300)
+MEMORY_BUCKETS = tuple(float(2**20 * n) for n in (1, 4, 16, 64, 256, 1024, 4096))
 
 
 @dataclass
@@ -86,6 +97,10 @@ class Metrics:
         self.killed = Counter("gsrv_child_signals", "Children ended by a signal", ["service", "signal"], registry=r)
         self.spawn = Histogram("gsrv_spawn_seconds", "Time to start a command", ["service"],
                                buckets=SPAWN_BUCKETS, registry=r)  # fmt: skip
+        self.session_cpu = Histogram("gsrv_session_cpu_seconds", "CPU (user + system) of a session's whole cgroup",
+                                     ["service"], buckets=CPU_BUCKETS, registry=r)  # fmt: skip
+        self.session_memory = Histogram("gsrv_session_memory_peak_bytes", "Peak memory of a session's cgroup",
+                                        ["service"], buckets=MEMORY_BUCKETS, registry=r)  # fmt: skip
         slow = "Time pumps waited for a slow side to take bytes (in: the child, out: the client)"
         self.backpressure = Counter("gsrv_backpressure_seconds", slow, ["service", "direction"], registry=r)
         self.rwnd_limited = Counter("gsrv_tcp_rwnd_limited_seconds", "Socket handoff: time sending to the client was "
@@ -120,6 +135,11 @@ class Metrics:
             self.exits.labels(service, str(child.exit_code)).inc()
         elif child is not None and child.killed_by is not None:
             self.killed.labels(service, signal.Signals(child.killed_by).name.removeprefix("SIG")).inc()
+        usage = child.usage if child is not None else None
+        if usage is not None and usage.cpu_ms is not None:
+            self.session_cpu.labels(service).observe(usage.cpu_ms / 1000)
+        if usage is not None and usage.mem_peak is not None:
+            self.session_memory.labels(service).observe(usage.mem_peak)
         self.flush(service, session.meters())
 
     def refused(self, service: str, reason: str, duration: float) -> None:

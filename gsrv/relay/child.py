@@ -1,8 +1,9 @@
 """A session's child process: spawn without a shell, watch its exit, and the stop ladder.
 
-While gsrv runs, the only module that signals a session's process group (the guardian, a
-process of its own, does so only once gsrv is gone). Each child leads its own session, so
-the ladder's killpg reaches grandchildren such as the parts of a shell pipeline.
+While gsrv runs, the only module that signals a session's processes (the guardian, a process
+of its own, does so only once gsrv is gone). Each child leads its own session; the ladder
+signals its kill scope: the process group (killpg reaches a shell pipeline's parts) or, with
+a cgroup per session, every process in that cgroup, daemonized ones included.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ import gevent
 from gevent import get_hub
 from gevent.event import Event
 
+from gsrv.config.contain import CGROUP_SLOT, Containment
 from gsrv.config.launch import Launch
+from gsrv.contain.scope import Root, Scope, Usage
 from gsrv.errors import SpawnError
 
 GROUP_POLL_S = 0.02
 REAP_TIMEOUT_S = 5.0
+FREEZE_WAIT_S = 1.0  # a task in uninterruptible sleep may delay the freeze: signal after this anyway
+FREEZE_POLL_S = 0.002
 
 _hub_ready: set[int] = set()
 
@@ -42,14 +47,95 @@ def track_groups(tracker: GroupTracker | None) -> None:
     _tracker = tracker
 
 
+_root: Root | None = None
+
+
+def contain_in(root: Root | None) -> None:
+    """Sessions whose kill scope is "cgroup" get their cgroups below root, from now on."""
+    global _root
+    _root = root
+
+
+class ProcessGroup:
+    """kill_scope = "group": the child's process group (it leads a session of its own)."""
+
+    def __init__(self, pgid: int) -> None:
+        self.pgid = pgid
+
+    def alive(self) -> bool:
+        try:
+            os.killpg(self.pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def signal(self, sig: signal.Signals) -> bool:
+        try:
+            os.killpg(self.pgid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def finish(self) -> Usage | None:
+        return None
+
+
+class CgroupMembers:
+    """kill_scope = "cgroup": every process in the session's cgroup, and its process group too
+    (a process leaves the cgroup's list when it exits, the group's only once reaped: the ladder
+    still waits for the zombies of orphans as it did). A signal other than v2's cgroup.kill
+    reaches them frozen (freeze, signal each, thaw), so a fork cannot slip by."""
+
+    def __init__(self, scope: Scope, pgid: int) -> None:
+        self.scope = scope
+        self.group = ProcessGroup(pgid)
+
+    def alive(self) -> bool:
+        return self.scope.populated() or self.group.alive()
+
+    def signal(self, sig: signal.Signals) -> bool:
+        scope = self.scope
+        in_group = self.group.signal(sig)
+        if sig == signal.SIGKILL and scope.kill_all():
+            return True
+        scope.freeze(True)
+        try:
+            deadline = time.monotonic() + FREEZE_WAIT_S
+            while not scope.is_frozen() and time.monotonic() < deadline:
+                gevent.sleep(FREEZE_POLL_S)
+            sent = in_group
+            for pid in scope.members():
+                try:
+                    os.kill(pid, sig)
+                    sent = True
+                except ProcessLookupError:
+                    pass
+        finally:
+            scope.freeze(False)
+        return sent
+
+    def finish(self) -> Usage | None:
+        """The accounting, then the cgroups removed (the ladder left them empty)."""
+        usage = self.scope.usage()
+        self.scope.remove()
+        return usage
+
+
 class Child:
     """One running command with non-blocking pipes; `exited` is set once it is reaped."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], scope: Scope | None, signal_in_exit: bool) -> None:
         self.pid = proc.pid
         self._proc = proc
         self.exited = Event()
         self.status: int | None = None
+        self.kill_scope: ProcessGroup | CgroupMembers = (
+            ProcessGroup(proc.pid) if scope is None else CgroupMembers(scope, proc.pid)
+        )
+        self.usage: Usage | None = None  # the cgroup's accounting, once the ladder is done
+        self._signal_in_exit = signal_in_exit
         self.signals_sent: list[str] = []
         self.pipe_size_error: OSError | None = None
         self.stdin = proc.stdin.fileno() if proc.stdin else -1
@@ -61,9 +147,11 @@ class Child:
 
     @classmethod
     def spawn(
-        cls, launch: Launch, env: dict[str, str], cwd: str | None, stderr: str, pipe_size: int = 0, connection: int = -1
-    ) -> Child:
-        """Start the launch's argv (no shell; its stages composed at load) in a new session.
+        cls, launch: Launch, env: dict[str, str], cwd: str | None, stderr: str, pipe_size: int = 0,
+        connection: int = -1, contain: Containment | None = None, name: str = "",
+    ) -> Child:  # fmt: skip
+        """Start the launch's argv (no shell; its stages composed at load) in a new session,
+        and in a cgroup of its own (named `name`) when its kill scope is "cgroup".
         Raises SpawnError with a readable reason; its errno says whether fds or memory ran out.
 
         Its stdin and stdout are pipes, or with `connection` (a socket's fd: socket handoff)
@@ -78,24 +166,25 @@ class Child:
         err = {"log": subprocess.PIPE, "discard": subprocess.DEVNULL, "stdout": subprocess.STDOUT}[stderr]
         argv, executable, umask = launch.argv, launch.executable, launch.umask
         stdio = subprocess.PIPE if connection < 0 else connection
-        if connection >= 0:
-            os.set_blocking(connection, True)
+        scope = None
         try:
-            # The stdlib constructor forks with vfork in C (well under a millisecond); gevent's
-            # Popen forks in Python and blocks the loop for milliseconds. The exit status must
-            # come from gevent's child watcher, registered before anything can yield.
-            proc = subprocess.Popen(
-                argv, executable=executable, stdin=stdio, stdout=stdio, stderr=err,
-                bufsize=0, close_fds=True, start_new_session=True, env=env, cwd=cwd, umask=umask,
-            )  # fmt: skip
+            if contain is not None and contain.scope == "cgroup":
+                assert _root is not None, "a cgroup kill scope without gsrv's cgroup root"
+                scope = Scope.create(_root, name, contain.limits)
+                argv = launch.argv_for(scope.entry, CGROUP_SLOT) if scope.mode == "v2" else argv
+            if connection >= 0:
+                os.set_blocking(connection, True)
+            proc = _popen(argv, executable, stdio, err, env, cwd, umask, scope)
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             if connection >= 0:
                 os.set_blocking(connection, False)  # not started: the socket is gsrv's again
+            if scope is not None:
+                scope.remove()
             if isinstance(e, OSError):
                 name = e.filename if e.filename is not None else argv[0]
                 raise SpawnError(f"{e.strerror or e}: {name}", e.errno) from None
             raise SpawnError(str(e)) from None
-        child = cls(proc)
+        child = cls(proc, scope, launch.signal_in_exit)
         watcher = hub.loop.child(proc.pid)
         watcher.start(child._on_exit, watcher)
         if _tracker is not None:
@@ -122,16 +211,22 @@ class Child:
 
     @property
     def exit_code(self) -> int | None:
-        if self.status is None or not os.WIFEXITED(self.status):
+        if self.status is None or not os.WIFEXITED(self.status) or self._exit_was_signal():
             return None
         return os.WEXITSTATUS(self.status)
 
     @property
     def killed_by(self) -> int | None:
-        """The signal that ended the child, if one did."""
-        if self.status is None or not os.WIFSIGNALED(self.status):
+        """The signal that ended the child (or, in a sandbox, the command bwrap ran), if one did."""
+        if self.status is None:
             return None
-        return os.WTERMSIG(self.status)
+        if self._exit_was_signal():
+            return os.WEXITSTATUS(self.status) - 128
+        return os.WTERMSIG(self.status) if os.WIFSIGNALED(self.status) else None
+
+    def _exit_was_signal(self) -> bool:
+        assert self.status is not None
+        return self._signal_in_exit and os.WIFEXITED(self.status) and 128 < os.WEXITSTATUS(self.status) < 128 + 65
 
     def close_stdin(self) -> None:
         if self._proc.stdin and not self._proc.stdin.closed:
@@ -143,20 +238,12 @@ class Child:
                 pipe.close()
 
     def group_alive(self) -> bool:
-        try:
-            os.killpg(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        """Whether anything of the kill scope (the process group, or the session's cgroup) lives."""
+        return self.kill_scope.alive()
 
     def _signal_group(self, sig: signal.Signals) -> None:
-        try:
-            os.killpg(self.pid, sig)
+        if self.kill_scope.signal(sig):
             self.signals_sent.append(sig.name.removeprefix("SIG"))
-        except ProcessLookupError:
-            pass
 
     def _wait_group_gone(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -172,7 +259,8 @@ class Child:
                 self.exited.wait(left)
 
     def stop(self, kill_grace: float, on_escalate: Callable[[float], None]) -> None:
-        """The ladder: close stdin, TERM the group if it lives, KILL after kill_grace, reap."""
+        """The ladder: close stdin, TERM the kill scope if anything of it lives, KILL after
+        kill_grace, reap; then the cgroup's accounting and its removal."""
         self.close_stdin()
         if not (self.exited.is_set() and not self.group_alive()):
             self._signal_group(signal.SIGTERM)
@@ -183,3 +271,24 @@ class Child:
         self.close_pipes()
         if _tracker is not None:
             _tracker.untrack(self.pid)
+        self.usage = self.kill_scope.finish()
+
+
+def _popen(
+    argv: tuple[str, ...], executable: str, stdio: int, err: int, env: dict[str, str], cwd: str | None, umask: int,
+    scope: Scope | None,
+) -> subprocess.Popen[bytes]:  # fmt: skip
+    """The stdlib constructor forks with vfork in C (well under a millisecond); gevent's Popen
+    forks in Python and blocks the loop for milliseconds. The exit status must come from
+    gevent's child watcher, registered before anything can yield. On v1 the calling thread
+    sits in the session's cgroups for the fork (the child is born there: no window)."""
+    if scope is not None:
+        scope.enter()
+    try:
+        return subprocess.Popen(
+            argv, executable=executable, stdin=stdio, stdout=stdio, stderr=err,
+            bufsize=0, close_fds=True, start_new_session=True, env=env, cwd=cwd, umask=umask,
+        )  # fmt: skip
+    finally:
+        if scope is not None:
+            scope.leave()

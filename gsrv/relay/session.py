@@ -120,7 +120,8 @@ class Session:
             if self.relay is None:
                 self.relay = choose(svc.relay, self.arrival, svc.chunk_size)
             env = self.arrival.env(svc, self.sid)
-            self.child = Child.spawn(svc.launch, env, svc.cwd, svc.stderr, svc.pipe_size, self.relay.handoff())
+            self.child = Child.spawn(svc.launch, env, svc.cwd, svc.stderr, svc.pipe_size, self.relay.handoff(),
+                                     svc.contain, self.sid)  # fmt: skip
             self.spawn_seconds = time.perf_counter() - started
             if self.child.pipe_size_error:
                 self._pipe_size_refused(self.child.pipe_size_error)
@@ -292,6 +293,7 @@ class Session:
             **(relay.log_fields() if relay else {"bytes_in": 0, "bytes_out": 0}),
             duration_ms=round(self.duration * 1000, 1),
             relay=relay.name if relay else None,
+            **(child.usage.log_fields() if child and child.usage else {}),
             exit=child.exit_code if child else None,
             signal=signame,
             stderr_dropped=self.stderr.dropped or None,

@@ -1,0 +1,165 @@
+"""Containment keys: `[cgroup] root`, and per service kill_scope, the session limits (max_memory,
+max_pids, max_cpu) and the bubblewrap sandbox. Checked at load against what the host has
+(gsrv/contain/host.py): a key the host cannot honour is an error naming what is missing.
+
+The sandbox is an argv prefix (`bwrap ... --`), one stage of config/launch.py's pipeline like
+prlimit and setpriv; on a v2 host the cgroup helper is the pipeline's first stage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+from gsrv.config import keys
+from gsrv.config.keys import key
+from gsrv.config.table import Table
+from gsrv.config.units import describe, format_size
+from gsrv.contain import enter
+from gsrv.contain.host import Host, discover
+from gsrv.contain.scope import Limits
+
+MIN_MEMORY = 4 * 1024**2  # v1 charges the spawning thread's few pages of the fork to the session too
+SANDBOX_KEYS = ("private_tmp", "private_network", "read_only_paths", "writable_paths")
+CGROUP_SLOT = enter.SLOT  # replaced by the session's cgroup directory at each spawn
+
+
+def _root(t: Table, name: str, default: object) -> str:
+    root = t.data.get(name, default)
+    if not isinstance(root, str) or not (root == "auto" or root.startswith("/")):
+        raise t.fail(name, f'must be "auto" or the absolute path of a cgroup directory (got {describe(root)})')
+    return root
+
+
+@dataclass(frozen=True)
+class CgroupConfig:
+    root: str = key(_root, "auto", '"auto" (below the cgroup gsrv runs in, per hierarchy) or a cgroup directory; '
+                    "gsrv makes gsrv-<pid> there and a cgroup per session in it",
+                    reload="cannot change: a reload that changes it is refused (restart gsrv)", shown=True)  # fmt: skip
+    host: Host = Host("none", why="not looked up")  # derived at load: what the host has under root
+
+
+def parse_cgroup(t: Table) -> CgroupConfig:
+    root = keys.read_all(t, CgroupConfig)["root"]
+    return CgroupConfig(root=root, host=discover(root))
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    private_tmp: bool = False
+    private_network: bool = False
+    read_only_paths: tuple[str, ...] = ()
+    writable_paths: tuple[str, ...] = ()
+
+    def options(self, new_session: bool) -> list[str]:
+        """bwrap's options, in the order its mounts stack: the host's / as it is, the read-only
+        paths over it, a private /tmp, then the writable paths over those."""
+        argv = ["--bind", "/", "/", "--dev", "/dev"]
+        for path in self.read_only_paths:
+            argv += ["--ro-bind", path, path]
+        if self.private_tmp:
+            argv += ["--tmpfs", "/tmp"]
+        for path in self.writable_paths:
+            argv += ["--bind", path, path]
+        if self.private_network:
+            argv.append("--unshare-net")  # a network namespace whose own loopback bwrap brings up
+        if new_session:
+            argv.append("--new-session")
+        return argv
+
+
+def _sandbox(t: Table, name: str, default: object) -> Sandbox | None:
+    data = t.data.get(name, default)
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise t.fail(name, f"must be a table like {{ private_tmp = true }} (got {describe(data)})")
+    inner = Table(t.file, f"{t.name}.{name}", data, SANDBOX_KEYS)
+    values: dict[str, object] = {}
+    for flag in ("private_tmp", "private_network"):
+        value = data.get(flag, False)
+        if not isinstance(value, bool):
+            raise inner.fail(flag, f"must be true or false (got {describe(value)})")
+        values[flag] = value
+    for paths in ("read_only_paths", "writable_paths"):
+        listed = inner.strings(paths, ())
+        for path in listed:
+            if not (path.startswith("/") and os.path.exists(path)):
+                raise inner.fail(paths, f'must list existing absolute paths (got "{path}")')
+        values[paths] = listed
+    return Sandbox(**values)  # type: ignore[arg-type]
+
+
+def _show_sandbox(sandbox: Sandbox | None) -> str:
+    if sandbox is None:
+        return "none"
+    parts = [k for k in ("private_tmp", "private_network") if getattr(sandbox, k)]
+    parts += [
+        f"{k}={','.join(getattr(sandbox, k))}" for k in ("read_only_paths", "writable_paths") if getattr(sandbox, k)
+    ]
+    return "+".join(parts) or "bwrap"
+
+
+def _cpus(t: Table, name: str, default: object) -> float:
+    value = t.data.get(name, default)
+    ceiling = os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (value == 0 or 0.01 <= value <= ceiling):
+        raise t.fail(name, f"must be 0 (no limit) or CPUs between 0.01 and {ceiling}, like 0.5 (got {describe(value)})")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Containment:
+    """A service's containment keys (keys of its [services.NAME] table) and what they derive."""
+
+    kill_scope: str = key(keys.choice("auto", "cgroup", "group"), "auto", '"auto" (cgroup where the host has '
+                          'cgroups, else group) | "cgroup" (every process of the session, daemons included) | '
+                          '"group" (the child\'s process group)', show=str)  # fmt: skip
+    max_memory: int = key(keys.size(0, 2**50), 0, "the session's whole tree, in its cgroup (OOM-killed above); "
+                          "0 = no limit", example="64MiB", show=lambda v: format_size(v) if v else "none")  # fmt: skip
+    max_pids: int = key(keys.integer(0), 0, "processes of the session at once (a fork beyond fails); 0 = no limit",
+                        example=32)  # fmt: skip
+    max_cpu: float = key(_cpus, 0, "CPUs the session's tree may use, like 0.5; 0 = no limit", example=0.5,
+                         show=lambda v: f"{v:g}")  # fmt: skip
+    sandbox: Sandbox | None = key(_sandbox, None, "run the command in bubblewrap: { private_tmp, private_network, "
+                                  "read_only_paths, writable_paths }", value=None, show=_show_sandbox,
+                                  example={"private_tmp": True, "private_network": True})  # fmt: skip
+    scope: str = "group"  # derived: the kill scope in force, "cgroup" or "group"
+    limits: Limits = Limits()  # derived
+    stages: tuple[tuple[str, tuple[str, ...]], ...] = ()  # derived: the cgroup helper (v2), the sandbox
+
+
+def parse_containment(t: Table, cgroup: CgroupConfig, environ: dict[str, str]) -> Containment:
+    values = keys.read_all(t, Containment)
+    host = cgroup.host
+    scope = values["kill_scope"]
+    if scope == "cgroup" and not host.can("kill"):
+        raise t.fail("kill_scope", f'is "cgroup", which this host cannot give: {host.missing("kill")}')
+    if scope == "auto":
+        scope = "cgroup" if host.can("kill") else "group"
+    limits = Limits(values["max_memory"], values["max_pids"], values["max_cpu"])
+    for name, value in (("max_memory", limits.memory), ("max_pids", limits.pids), ("max_cpu", limits.cpu)):
+        if not value:
+            continue
+        if scope != "cgroup":
+            why = 'kill_scope is "group"' if values["kill_scope"] == "group" else host.missing("kill")
+            raise t.fail(name, f"bounds the session's cgroup, and this service has none: {why}")
+        if not host.can(name):
+            raise t.fail(name, f"cannot be enforced on this host: {host.missing(name)}")
+    if limits.memory and limits.memory < MIN_MEMORY:
+        raise t.fail("max_memory", f"must be 0 or at least 4MiB (got {describe(t.data['max_memory'])})")
+    stages = []
+    if scope == "cgroup" and host.mode == "v2":
+        stages.append(("cgroup", (sys.executable, "-S", enter.__file__, CGROUP_SLOT)))
+    sandbox = values.setdefault("sandbox", None)
+    if sandbox is not None:
+        path = environ.get("PATH", os.defpath)
+        bwrap = shutil.which("bwrap", path=path)
+        if bwrap is None:
+            raise t.fail("sandbox", f"needs bubblewrap's bwrap, which is not on PATH ({path}; Debian: apt-get "
+                         "install bubblewrap)")  # fmt: skip
+        # --new-session would take the command out of the process group the ladder signals
+        stages.append(("sandbox", (os.path.abspath(bwrap), *sandbox.options(scope == "cgroup"), "--")))
+    return Containment(**values, scope=scope, limits=limits, stages=tuple(stages))

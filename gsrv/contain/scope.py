@@ -1,0 +1,301 @@
+"""gsrv's cgroup subtree (`Root`: gsrv-<pid> under the parent `host` found, per hierarchy) and
+one session's cgroups in it (`Scope`): made with their limits before the spawn, read for the
+accounting, removed after the reap. Plain file operations: nothing here waits or signals.
+
+gsrv writes inside its root only, with two exceptions that say where a thread or process came
+from: v1 puts the spawning thread back into the cgroup it was in, and on v2 with controllers
+to enable gsrv moves itself into a leaf beside its root (a cgroup that holds processes cannot
+enable controllers for its children) and enables them in its parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+from dataclasses import dataclass
+
+from gsrv.contain.host import NEEDS, Host
+
+V2_SELF = "gsrv-{pid}.self"  # the leaf gsrv moves itself (and its guardian) into on v2
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A session's limits; 0 is none."""
+
+    memory: int = 0
+    pids: int = 0
+    cpu: float = 0.0
+
+    def controllers(self, mode: str) -> set[str]:
+        needs = NEEDS[mode]
+        wanted = {"max_memory": self.memory, "max_pids": self.pids, "max_cpu": self.cpu}
+        return {needs[feature] for feature, value in wanted.items() if value}
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a session's cgroup counted; None where this host has no such counter."""
+
+    cpu_ms: float | None = None
+    mem_peak: int | None = None
+    pids_peak: int | None = None
+    oom_kill: bool = False
+    pids_limited: bool = False
+
+    def log_fields(self) -> dict[str, object]:
+        return {
+            "cpu_ms": None if self.cpu_ms is None else round(self.cpu_ms, 1),
+            "mem_peak": self.mem_peak, "pids_peak": self.pids_peak,
+            "oom_kill": 1 if self.oom_kill else None, "pids_limited": 1 if self.pids_limited else None,
+        }  # fmt: skip
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("ascii", "replace")
+    except OSError:
+        return ""
+
+
+def _field(text: str, name: str) -> int | None:
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == name and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def _number(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isdigit() else None
+
+
+def remove_tree(top: str) -> list[str]:
+    """rmdir a cgroup and every cgroup below it, deepest first; the ones left (busy) are returned."""
+    left = []
+    for path, _dirs, _files in os.walk(top, topdown=False):
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            left.append(path)
+    return left
+
+
+def tasks(top: str) -> list[int]:
+    """Every process in a cgroup and below it (gsrv itself left out: on v1 its spawning
+    thread passes through a session's cgroups)."""
+    found: list[int] = []
+    for path, _dirs, _files in os.walk(top):
+        found.extend(int(n) for n in _read(os.path.join(path, "cgroup.procs")).split() if n.isdigit())
+    own = os.getpid()
+    return [pid for pid in found if pid != own]
+
+
+class Root:
+    """gsrv's own cgroups: <parent>/gsrv-<pid> per hierarchy, made at start, removed at stop."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.dirs = {name: os.path.join(parent, f"gsrv-{os.getpid()}") for name, parent in host.parents.items()}
+        self.enabled: set[str] = set()  # v2: the controllers enabled for sessions
+        # v1: where the spawning thread goes back to after each fork (the cgroup it came from)
+        self._home = {name: os.path.join(parent, "tasks") for name, parent in host.parents.items()}
+
+    def create(self, guardian_pid: int | None = None) -> None:
+        for path in self.dirs.values():
+            os.makedirs(path, exist_ok=True)
+        self.guardian_pid = guardian_pid
+
+    def enable(self, controllers: set[str]) -> None:
+        """v2: the controllers sessions need, enabled from the parent down to the root. Raises
+        OSError with a message that says what to do."""
+        wanted = controllers - self.enabled - {"core"}
+        if self.host.mode != "v2" or not wanted:
+            return
+        parent, root = self.host.parents["unified"], self.dirs["unified"]
+        line = " ".join(f"+{c}" for c in sorted(wanted))
+        try:
+            _write(os.path.join(parent, "cgroup.subtree_control"), line)
+        except OSError as e:
+            if e.errno != errno.EBUSY or not self.host.own:
+                raise OSError(e.errno, f"cannot enable {line} in {parent}: {e.strerror}") from None
+            self._leave_parent(parent)
+            _write(os.path.join(parent, "cgroup.subtree_control"), line)
+        _write(os.path.join(root, "cgroup.subtree_control"), line)
+        self.enabled |= wanted
+
+    def _leave_parent(self, parent: str) -> None:
+        """A cgroup with processes cannot enable controllers for its children: gsrv and its
+        guardian move into a leaf of their own beside the root."""
+        leaf = os.path.join(parent, V2_SELF.format(pid=os.getpid()))
+        os.makedirs(leaf, exist_ok=True)
+        for pid in (os.getpid(), getattr(self, "guardian_pid", None)):
+            if pid:
+                _write(os.path.join(leaf, "cgroup.procs"), str(pid))
+        others = _read(os.path.join(parent, "cgroup.procs")).split()
+        if others:
+            raise OSError(errno.EBUSY, f"{parent} still holds processes {' '.join(others[:5])}: give gsrv a cgroup "
+                          "of its own (systemd: Delegate=yes)")  # fmt: skip
+
+    def home(self, name: str) -> str:
+        return self._home[name]
+
+    def remove(self) -> list[str]:
+        """At a clean stop, every session reaped: the cgroups left are returned (busy)."""
+        return [left for path in self.dirs.values() for left in remove_tree(path)]
+
+
+class Scope:
+    """One session's cgroups: `dirs` per hierarchy (v1) or the one of the unified tree (v2)."""
+
+    def __init__(self, root: Root, name: str, limits: Limits) -> None:
+        self.mode = root.host.mode
+        self.root = root
+        wanted = (
+            {"freezer", "pids", "cpuacct", "memory"} | limits.controllers("v1") if self.mode == "v1" else {"unified"}
+        )
+        self.dirs = {h: os.path.join(path, name) for h, path in root.dirs.items() if h in wanted}
+        self.limits = limits
+        self._tid = 0
+
+    @classmethod
+    def create(cls, root: Root, name: str, limits: Limits) -> Scope:
+        """Make the session's cgroups and write its limits; raises OSError (nothing left behind)."""
+        scope = cls(root, name, limits)
+        try:
+            for path in scope.dirs.values():
+                os.mkdir(path)
+            for path, text in scope._limit_files():
+                _write(path, text)
+        except OSError:
+            scope.remove()
+            raise
+        return scope
+
+    def _limit_files(self) -> list[tuple[str, str]]:
+        limits, d = self.limits, self.dirs
+        quota = str(round(limits.cpu * CPU_PERIOD_US))
+        if self.mode == "v2":
+            u = d["unified"]
+            files = [(f"{u}/memory.max", str(limits.memory)) if limits.memory else None,
+                     (f"{u}/pids.max", str(limits.pids)) if limits.pids else None,
+                     (f"{u}/cpu.max", f"{quota} {CPU_PERIOD_US}") if limits.cpu else None]  # fmt: skip
+        else:
+            # The spawning thread counts in pids.current while it is there: one more for the
+            # fork, lowered to the limit before it leaves (see place()).
+            files = [(f"{d['memory']}/memory.limit_in_bytes", str(limits.memory)) if limits.memory else None,
+                     (f"{d['pids']}/pids.max", str(limits.pids + 1)) if limits.pids else None,
+                     (f"{d['cpu']}/cpu.cfs_period_us", str(CPU_PERIOD_US)) if limits.cpu else None,
+                     (f"{d['cpu']}/cpu.cfs_quota_us", quota) if limits.cpu else None]  # fmt: skip
+        memsw = f"{d.get('memory')}/memory.memsw.limit_in_bytes"
+        if self.mode == "v1" and limits.memory and os.path.exists(memsw):
+            files.insert(1, (memsw, str(limits.memory)))  # swap is no way around the limit
+        return [f for f in files if f is not None]
+
+    # -- placement (v1: the spawning thread; v2: the helper gets `entry`) ------------------
+
+    @property
+    def entry(self) -> str:
+        """v2: the directory whose cgroup.procs the helper writes itself into before the command."""
+        return self.dirs["unified"]
+
+    def enter(self) -> None:
+        """v1: move the calling thread into the session's cgroups; a process it forks is born
+        there. Raises OSError, with the thread back home."""
+        if self.mode != "v1":
+            return
+        self._tid = threading.get_native_id()
+        try:
+            for path in self.dirs.values():
+                _write(os.path.join(path, "tasks"), str(self._tid))
+        except OSError:
+            self.leave()
+            raise
+
+    def leave(self) -> None:
+        """v1: the thread back where it came from (the pids limit lowered to its value first:
+        with the thread gone the session never has more than the limit). Never raises: the
+        process the fork made is gsrv's to watch either way."""
+        if self.mode != "v1" or not self._tid:
+            return
+        steps = [(os.path.join(self.dirs["pids"], "pids.max"), str(self.limits.pids))] if self.limits.pids else []
+        steps += [(self.root.home(name), str(self._tid)) for name in self.dirs]
+        for path, text in steps:
+            with contextlib.suppress(OSError):  # every step is tried: only a cgroup of gsrv's own vanishing fails one
+                _write(path, text)
+        self._tid = 0
+
+    # -- the kill's parts (child.py decides when) --------------------------------------------
+
+    @property
+    def _top(self) -> str:
+        return self.dirs["freezer" if self.mode == "v1" else "unified"]
+
+    def members(self) -> list[int]:
+        return tasks(self._top)
+
+    def populated(self) -> bool:
+        if self.mode == "v2":
+            return _field(_read(os.path.join(self._top, "cgroup.events")), "populated") != 0
+        return bool(self.members())
+
+    def freeze(self, frozen: bool) -> None:
+        if self.mode == "v2":
+            _write(os.path.join(self._top, "cgroup.freeze"), "1" if frozen else "0")
+        else:
+            _write(os.path.join(self._top, "freezer.state"), "FROZEN" if frozen else "THAWED")
+
+    def is_frozen(self) -> bool:
+        if self.mode == "v2":
+            return _field(_read(os.path.join(self._top, "cgroup.events")), "frozen") == 1
+        return _read(os.path.join(self._top, "freezer.state")).strip() == "FROZEN"
+
+    def kill_all(self) -> bool:
+        """v2: SIGKILL to every process below (cgroup.kill); False on v1, which has none."""
+        if self.mode != "v2":
+            return False
+        _write(os.path.join(self._top, "cgroup.kill"), "1")
+        return True
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def usage(self) -> Usage:
+        d = self.dirs
+        if self.mode == "v2":
+            u = d["unified"]
+            enabled = self.root.enabled
+            usec = _field(_read(f"{u}/cpu.stat"), "usage_usec")
+            return Usage(
+                cpu_ms=None if usec is None else usec / 1000,
+                mem_peak=_number(_read(f"{u}/memory.peak")) if "memory" in enabled else None,
+                pids_peak=_number(_read(f"{u}/pids.peak")) if "pids" in enabled else None,
+                oom_kill=bool(_field(_read(f"{u}/memory.events"), "oom_kill")),
+                pids_limited=bool(_field(_read(f"{u}/pids.events"), "max")),
+            )
+        nsec = _number(_read(f"{d['cpuacct']}/cpuacct.usage")) if "cpuacct" in d else None
+        return Usage(
+            cpu_ms=None if nsec is None else nsec / 1e6,
+            mem_peak=_number(_read(f"{d['memory']}/memory.max_usage_in_bytes")) if "memory" in d else None,
+            pids_peak=_number(_read(f"{d['pids']}/pids.peak")) if "pids" in d else None,
+            oom_kill=bool(_field(_read(f"{d['memory']}/memory.oom_control"), "oom_kill")) if "memory" in d else False,
+            pids_limited=bool(_field(_read(f"{d['pids']}/pids.events"), "max")) if "pids" in d else False,
+        )
+
+    def remove(self) -> bool:
+        """rmdir the session's cgroups (empty once the ladder is done); False if one is busy."""
+        return not [left for path in self.dirs.values() for left in remove_tree(path)]
