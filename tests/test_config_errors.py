@@ -212,5 +212,5 @@ def test_shipped_config_passes_check() -> None:
         [PY, "-m", "gsrv", "check", "-c", "conf/gsrv.toml"], capture_output=True, text=True, timeout=30, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == "conf/gsrv.toml: ok, 4 service(s)"
+    assert result.stdout.splitlines()[0] == "conf/gsrv.toml: ok, 5 service(s)"
     assert "relay=socket (the child holds the connection)" in result.stdout  # the whoami demo

@@ -141,4 +141,4 @@ def test_a_wheel_ships_every_subpackage_and_runs_from_a_fresh_venv(tmp_path):
         env=env, timeout=60,
     )  # fmt: skip
     assert check.returncode == 0, check.stderr
-    assert "ok, 4 service(s)" in check.stdout
+    assert "ok, 5 service(s)" in check.stdout
