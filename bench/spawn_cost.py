@@ -65,7 +65,7 @@ def _contained() -> list[tuple[str, Spawn]]:
         root = Root(host)
         root.create()
         ROOTS.append(root)
-        helper = (sys.executable, "-S", enter.__file__, CGROUP_SLOT) if host.mode == "v2" else ()
+        helper = (sys.executable, "-I", "-S", enter.__file__, CGROUP_SLOT) if host.mode == "v2" else ()
         cases.append((f"gsrv Child.spawn in a session cgroup ({name})", _gsrv(helper, "cgroup", root)))
     bwrap = shutil.which("bwrap")
     if bwrap:

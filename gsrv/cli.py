@@ -147,11 +147,12 @@ def serve(path: str, overrides: list[str]) -> int:
     host = config.cgroup.host
     root = Root(host) if host.mode != "none" else None
     # no child outlives gsrv, even one killed with SIGKILL: the guardian ends what is left
-    guardian = Guardian(host.mode, tuple(root.dirs.values()) if root else ())
+    guardian = Guardian(host.mode, tuple(root.paths) if root else ())
     track_groups(guardian)
+    swept: list[str] = []
     try:
         if root is not None:
-            root.create(guardian.proc.pid)
+            swept = root.create(guardian.proc.pid)
             root.enable(set().union(*(s.contain.limits.controllers(host.mode) for s in config.services)))
     except OSError as e:
         guardian.close()
@@ -160,8 +161,9 @@ def serve(path: str, overrides: list[str]) -> int:
         return 1
     contain_in(root)
     server.cgroups = root
-    log.info("containment", cgroups=host.describe(), root=",".join(root.dirs.values()) if root else None,
-             services=",".join(f"{s.name}:{s.contain.scope}" for s in config.services))  # fmt: skip
+    log.info("containment", cgroups=host.describe(), root=",".join(root.paths) if root else None,
+             services=",".join(f"{s.name}:{s.contain.scope}" for s in config.services),
+             swept=",".join(swept) or None)  # fmt: skip
     guard = Guard(config.guard, Sampler(), server.pause_accept, server.resume_accept, log)
     guard.check()  # before any listener accepts: a gsrv started under pressure starts paused
     if admin is not None:

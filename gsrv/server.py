@@ -126,7 +126,7 @@ class Server:
     def reload(self) -> Config | None:
         """Re-read the config file; swap only a valid one (returned). Running sessions keep theirs."""
         try:
-            new = load(self.config.path, self.config.overrides)
+            new = load(self.config.path, self.config.overrides, self.config.cgroup)
         except ConfigError as e:
             self.log.error("reload_failed", error=str(e), next="keeping the running config")
             return None

@@ -15,7 +15,7 @@ import gevent
 from gevent import socket
 
 from gsrv.accept.gate import Gate
-from gsrv.config.parse import parse
+from gsrv.config.parse import Config, parse
 from gsrv.contain.scope import Root
 from gsrv.edge.arrival import Arrival
 from gsrv.logs import Log
@@ -87,17 +87,27 @@ def group_alive(pgid: int) -> bool:
 
 def main(where: str, log_path: str) -> dict[str, object]:
     config = parse("probe.toml", CONFIG)
-    svc = config.services[0]
     root = Root(config.cgroup.host) if config.cgroup.host.mode != "none" else None
     if root is not None:  # as `gsrv serve` does: sessions get their cgroups below gsrv's root
         root.create()
     contain_in(root)
+    seen: dict[str, object] = {}
+    try:
+        _probe(where, log_path, config, seen)
+    finally:
+        contain_in(None)
+        if root is not None:
+            seen["cgroups_left"] = root.remove()
+    return seen
+
+
+def _probe(where: str, log_path: str, config: Config, seen: dict[str, object]) -> None:
+    svc = config.services[0]
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     log = Log(log_fd)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
-    seen: dict[str, object] = {}
     sessions: list[Session] = []
 
     class Probe:
@@ -153,10 +163,6 @@ def main(where: str, log_path: str) -> dict[str, object]:
     seen["bytes_in"] = sessions[0].meters()[0][1].total
     log.flush()
     client.close()
-    contain_in(None)
-    if root is not None:
-        seen["cgroups_left"] = root.remove()
-    return seen
 
 
 if __name__ == "__main__":

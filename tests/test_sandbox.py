@@ -4,6 +4,7 @@ installs it); elsewhere they skip."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -73,6 +74,7 @@ def test_read_only_root_with_one_writable_dir(gsrv, tmp_path):
     writable.mkdir()
     probe = py_child(f"""
         import errno
+        open("/dev/null", "w").write("devices still work")
         for path in ("{writable}/ok", "{tmp_path}/no", "/var/tmp/gsrv-sandbox-no"):
             try:
                 open(path, "w").write("x")
@@ -122,3 +124,16 @@ def test_sandbox_config_errors(tmp_path):
     result = check(service_toml("s", ["/bin/cat"], sandbox={"private_tmp": True}), env=no_bwrap)
     assert result.returncode == 2, result
     assert re.search(r"\[services.s\] sandbox needs bubblewrap's bwrap, which is not on PATH", result.stderr)
+
+
+def test_a_sandboxed_exit_above_128_that_is_no_signal_still_ends_whole(gsrv):
+    """bwrap's 128+N is read as a signal only where N is one; exit 170 (N = 42, a real-time
+    signal without a name of its own) and exit 160 (N = 32, not a signal here) still give one
+    session_end line each."""
+    server = gsrv(service_toml("rt", ["sh", "-c", "exit 170"], sandbox={"private_tmp": True})
+                  + service_toml("nosig", ["sh", "-c", "exit 160"], sandbox={"private_tmp": True}))  # fmt: skip
+    for name in ("rt", "nosig"):
+        with server.connect(name) as sock, contextlib.suppress(ConnectionResetError):
+            sock.recv(10)
+    assert "signal=42" in server.wait_log("event=session_end service=rt ")
+    assert "exit=160" in server.wait_log("event=session_end service=nosig ")

@@ -29,6 +29,7 @@ def test_a_relay_that_raises_mid_transfer_still_ends_the_session_whole(where: st
     assert seen["active"] == 1, "the slot must still be held while the session ends (it frees after the reap)"
     assert seen["active_after"] == 0
     assert seen["client_saw"] == "reset", "a session that failed must not look complete to its client"
+    assert seen.get("cgroups_left", []) == [], "the session's cgroups must be gone with it"
     ends = [line for line in log.read_text().splitlines() if "event=session_end" in line]
     assert len(ends) == 1, ends
     assert "reason=internal_error" in ends[0] and "mid-transfer" in log.read_text()

@@ -21,6 +21,7 @@ from gsrv.contain import enter
 from gsrv.contain.host import Host, discover
 from gsrv.contain.scope import Limits
 
+PID_MAX_LIMIT = 4 * 1024**2  # the kernel's ceiling for pid_max on 64-bit
 MIN_MEMORY = 4 * 1024**2  # v1 charges the spawning thread's few pages of the fork to the session too
 SANDBOX_KEYS = ("private_tmp", "private_network", "read_only_paths", "writable_paths")
 CGROUP_SLOT = enter.SLOT  # replaced by the session's cgroup directory at each spawn
@@ -41,8 +42,13 @@ class CgroupConfig:
     host: Host = Host("none", why="not looked up")  # derived at load: what the host has under root
 
 
-def parse_cgroup(t: Table) -> CgroupConfig:
+def parse_cgroup(t: Table, running: CgroupConfig | None = None) -> CgroupConfig:
+    """On reload (`running` given) the same root keeps the host found at start: the cgroups
+    in use decide what sessions get, not what a second look (after gsrv moved itself into
+    its v2 leaf, say) would see."""
     root = keys.read_all(t, CgroupConfig)["root"]
+    if running is not None and running.root == root:
+        return running
     return CgroupConfig(root=root, host=discover(root))
 
 
@@ -55,14 +61,15 @@ class Sandbox:
 
     def options(self, new_session: bool) -> list[str]:
         """bwrap's options, in the order its mounts stack: the host's / as it is, the read-only
-        paths over it, a private /tmp, then the writable paths over those."""
-        argv = ["--bind", "/", "/", "--dev", "/dev"]
+        paths over it, a private /tmp, the writable paths over those, a minimal /dev."""
+        argv = ["--bind", "/", "/"]
         for path in self.read_only_paths:
             argv += ["--ro-bind", path, path]
         if self.private_tmp:
             argv += ["--tmpfs", "/tmp"]
         for path in self.writable_paths:
             argv += ["--bind", path, path]
+        argv += ["--dev", "/dev"]  # last: a bind of / over it would bring back the host's /dev, mounted nodev
         if self.private_network:
             argv.append("--unshare-net")  # a network namespace whose own loopback bwrap brings up
         if new_session:
@@ -102,6 +109,13 @@ def _show_sandbox(sandbox: Sandbox | None) -> str:
     return "+".join(parts) or "bwrap"
 
 
+def _pids(t: Table, name: str, default: object) -> int:
+    value = t.data.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= PID_MAX_LIMIT:
+        raise t.fail(name, f"must be 0 (no limit) or a count up to {PID_MAX_LIMIT:,} (got {describe(value)})")
+    return value
+
+
 def _cpus(t: Table, name: str, default: object) -> float:
     value = t.data.get(name, default)
     ceiling = os.cpu_count() or 1
@@ -119,7 +133,7 @@ class Containment:
                           '"group" (the child\'s process group)', show=str)  # fmt: skip
     max_memory: int = key(keys.size(0, 2**50), 0, "the session's whole tree, in its cgroup (OOM-killed above); "
                           "0 = no limit", example="64MiB", show=lambda v: format_size(v) if v else "none")  # fmt: skip
-    max_pids: int = key(keys.integer(0), 0, "processes of the session at once (a fork beyond fails); 0 = no limit",
+    max_pids: int = key(_pids, 0, "processes of the session at once (a fork beyond fails); 0 = no limit",
                         example=32)  # fmt: skip
     max_cpu: float = key(_cpus, 0, "CPUs the session's tree may use, like 0.5; 0 = no limit", example=0.5,
                          show=lambda v: f"{v:g}")  # fmt: skip
@@ -152,7 +166,8 @@ def parse_containment(t: Table, cgroup: CgroupConfig, environ: dict[str, str]) -
         raise t.fail("max_memory", f"must be 0 or at least 4MiB (got {describe(t.data['max_memory'])})")
     stages = []
     if scope == "cgroup" and host.mode == "v2":
-        stages.append(("cgroup", (sys.executable, "-S", enter.__file__, CGROUP_SLOT)))
+        # -I -S: no site, no PYTHON* variables of the child's environment reach the helper
+        stages.append(("cgroup", (sys.executable, "-I", "-S", enter.__file__, CGROUP_SLOT)))
     sandbox = values.setdefault("sandbox", None)
     if sandbox is not None:
         path = environ.get("PATH", os.defpath)

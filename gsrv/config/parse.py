@@ -275,8 +275,12 @@ def apply_overrides(file: str, data: dict[str, Any], overrides: tuple[str, ...])
         table[names[-1]] = value
 
 
-def parse(file: str, text: str, environ: dict[str, str] | None = None, overrides: tuple[str, ...] = ()) -> Config:
-    """Parse config text, then the --set overrides; `file` names it in messages. Raises ConfigError."""
+def parse(
+    file: str, text: str, environ: dict[str, str] | None = None, overrides: tuple[str, ...] = (),
+    running_cgroup: CgroupConfig | None = None,
+) -> Config:  # fmt: skip
+    """Parse config text, then the --set overrides; `file` names it in messages (a reload
+    gives the running [cgroup], whose host it keeps). Raises ConfigError."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -297,7 +301,7 @@ def parse(file: str, text: str, environ: dict[str, str] | None = None, overrides
         raise ConfigError(file, "[services]", "must define at least one service, like [services.echo]")
     server_env = dict(os.environ if environ is None else environ)
     raw_cgroup = _table(file, "cgroup", data.get("cgroup", {}))
-    cgroup = parse_cgroup(Table(file, "cgroup", raw_cgroup, keys.names(CgroupConfig)))
+    cgroup = parse_cgroup(Table(file, "cgroup", raw_cgroup, keys.names(CgroupConfig)), running_cgroup)
     services = []
     for name, body in raw_services.items():
         if not name.replace("-", "").replace("_", "").isalnum():
@@ -309,7 +313,7 @@ def parse(file: str, text: str, environ: dict[str, str] | None = None, overrides
                   cgroup=cgroup)  # fmt: skip
 
 
-def load(path: str, overrides: tuple[str, ...] = ()) -> Config:
+def load(path: str, overrides: tuple[str, ...] = (), running_cgroup: CgroupConfig | None = None) -> Config:
     """Read and parse a config file. Raises ConfigError, also when the file cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -317,4 +321,4 @@ def load(path: str, overrides: tuple[str, ...] = ()) -> Config:
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise ConfigError(path, "", f"cannot be read: {reason}") from None
-    return parse(path, text, overrides=overrides)
+    return parse(path, text, overrides=overrides, running_cgroup=running_cgroup)

@@ -9,7 +9,7 @@ given on it): one tree, the child enters its cgroup through a small helper befor
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # The v1 hierarchies gsrv uses: freezer (the kill: freeze, signal, thaw), pids, memory, cpu
 # (limits and peaks), cpuacct (cpu_ms). freezer is required for v1 mode.
@@ -44,6 +44,7 @@ class Host:
     has: frozenset[str] = frozenset()
     why: str = ""
     own: bool = True  # the parents are the cgroups gsrv runs in ("auto"), not a path given
+    homes: dict[str, str] = field(default_factory=dict)  # the cgroups gsrv runs in, per hierarchy
 
     def can(self, feature: str) -> bool:
         return self.mode != "none" and NEEDS[self.mode][feature] in self.has
@@ -118,25 +119,26 @@ def discover(root: str = "auto", mountinfo: str | None = None, cgroup: str | Non
                 cgroup = f.read()
     except OSError as e:
         return Host("none", why=f"/proc is not readable ({e.strerror})")
-    found = mounts(mountinfo)
-    if root != "auto":
-        return _at_path(root, found)
-    own = memberships(cgroup)
-    v1 = {}
+    found, own = mounts(mountinfo), memberships(cgroup)
+    homes = {}
     for m in found:
-        for name in m.controllers:
+        for name in m.controllers or ({"unified"} if m.version == 2 else set()):
             path = _below(m, own.get(name, "/"))
-            if path is not None and _usable(path):
-                v1[name] = path
+            if path is not None:
+                homes[name] = path
+    if root != "auto":
+        return replace(_at_path(root, found), homes=homes)
+    v1 = {name: path for name, path in homes.items() if name != "unified" and _usable(path)}
     if "freezer" in v1:
-        return Host("v1", {name: v1[name] for name in V1_HIERARCHIES if name in v1}, frozenset(v1))
-    unified = next((m for m in found if m.version == 2), None)
-    if unified is None:
-        return Host("none", why="no cgroup filesystem is mounted" if not found else "no writable v1 freezer and no v2")
-    path = _below(unified, own.get("unified", "/"))
-    if path is None or not _usable(path):
-        return Host("none", why=f"the cgroup gsrv runs in ({path or own.get('unified')}) is not writable")
-    return _v2(path, own=True)
+        return Host("v1", {name: v1[name] for name in V1_HIERARCHIES if name in v1}, frozenset(v1), homes=homes)
+    if not found:
+        return Host("none", why="no cgroup filesystem is mounted")
+    path = homes.get("unified")
+    if path is None:
+        return Host("none", why="no writable v1 freezer hierarchy and no cgroup2 mount")
+    if not _usable(path):
+        return Host("none", why=f"the cgroup gsrv runs in ({path}) is not writable")
+    return replace(_v2(path, own=True), homes=homes)
 
 
 def _at_path(root: str, found: list[Mount]) -> Host:
@@ -172,10 +174,11 @@ def _kernel_at_least(major: int, minor: int) -> bool:
 
 
 def _v2(path: str, own: bool) -> Host:
-    # a hierarchy's root cgroup has no cgroup.kill of its own; the cgroups below it have, from 5.14
-    if not os.path.exists(os.path.join(path, "cgroup.kill")) and not (
-        not os.path.exists(os.path.join(path, "cgroup.freeze")) and _kernel_at_least(5, 14)
-    ):
+    # A hierarchy's root cgroup has neither cgroup.kill nor cgroup.freeze of its own; the
+    # cgroups gsrv makes below it have cgroup.kill from Linux 5.14 on.
+    hierarchy_root = not os.path.exists(os.path.join(path, "cgroup.freeze"))
+    has_kill = os.path.exists(os.path.join(path, "cgroup.kill")) or (hierarchy_root and _kernel_at_least(5, 14))
+    if not has_kill:
         return Host("none", why=f"{path} has no cgroup.kill (kernel 5.14 or later needed)", own=own)
     try:
         with open(os.path.join(path, "cgroup.controllers")) as f:

@@ -10,13 +10,14 @@ enable controllers for its children) and enables them in its parent.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
+import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gsrv.contain.host import NEEDS, Host
+from gsrv.contain.host import NEEDS, V2_CORE, Host
 
 V2_SELF = "gsrv-{pid}.self"  # the leaf gsrv moves itself (and its guardian) into on v2
 CPU_PERIOD_US = 100_000
@@ -62,12 +63,20 @@ def _write(path: str, text: str) -> None:
         os.close(fd)
 
 
+class Unreadable(OSError):
+    """A cgroup file that exists but could not be read (EMFILE, ENOMEM): callers that decide
+    whether processes live must take it as "they may"."""
+
+
 def _read(path: str) -> str:
+    """A cgroup file's text; "" if it is gone (a removed cgroup); raises Unreadable otherwise."""
     try:
         with open(path, "rb") as f:
             return f.read().decode("ascii", "replace")
-    except OSError:
+    except FileNotFoundError:
         return ""
+    except OSError as e:
+        raise Unreadable(e.errno, f"{path}: {e.strerror}") from None
 
 
 def _field(text: str, name: str) -> int | None:
@@ -83,8 +92,20 @@ def _number(text: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def unique(paths: Iterable[str]) -> list[str]:
+    """Each directory once, in order: co-mounted v1 controllers (cpu,cpuacct) share one."""
+    return list(dict.fromkeys(paths))
+
+
 def remove_tree(top: str) -> list[str]:
     """rmdir a cgroup and every cgroup below it, deepest first; the ones left (busy) are returned."""
+    try:
+        os.rmdir(top)  # a session's cgroup has none below it, unless its processes made some
+        return []
+    except FileNotFoundError:
+        return []
+    except OSError:
+        pass
     left = []
     for path, _dirs, _files in os.walk(top, topdown=False):
         try:
@@ -94,6 +115,16 @@ def remove_tree(top: str) -> list[str]:
         except OSError:
             left.append(path)
     return left
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def tasks(top: str) -> list[int]:
@@ -106,6 +137,9 @@ def tasks(top: str) -> list[int]:
     return [pid for pid in found if pid != own]
 
 
+STALE = re.compile(r"gsrv-(\d+)(\.self)?")
+
+
 class Root:
     """gsrv's own cgroups: <parent>/gsrv-<pid> per hierarchy, made at start, removed at stop."""
 
@@ -113,18 +147,38 @@ class Root:
         self.host = host
         self.dirs = {name: os.path.join(parent, f"gsrv-{os.getpid()}") for name, parent in host.parents.items()}
         self.enabled: set[str] = set()  # v2: the controllers enabled for sessions
-        # v1: where the spawning thread goes back to after each fork (the cgroup it came from)
-        self._home = {name: os.path.join(parent, "tasks") for name, parent in host.parents.items()}
+        self.guardian_pid = 0
+        # v1: where the spawning thread goes back to after each fork: the cgroup it came from
+        self._home = {
+            name: os.path.join(host.homes.get(name, parent), "tasks") for name, parent in host.parents.items()
+        }
 
-    def create(self, guardian_pid: int | None = None) -> None:
-        for path in self.dirs.values():
-            os.makedirs(path, exist_ok=True)
+    @property
+    def paths(self) -> list[str]:
+        return unique(self.dirs.values())
+
+    def create(self, guardian_pid: int = 0) -> list[str]:
+        """Make the root; returns the cgroups of gsrv processes that are gone, removed first
+        (a gsrv and its guardian both killed leave theirs)."""
         self.guardian_pid = guardian_pid
+        swept = self._sweep()
+        for path in self.paths:
+            os.makedirs(path, exist_ok=True)
+        return swept
+
+    def _sweep(self) -> list[str]:
+        swept = []
+        for parent in unique(self.host.parents.values()):
+            for entry in sorted(os.listdir(parent)):
+                found = STALE.fullmatch(entry)
+                if found and not _alive(int(found.group(1))) and not remove_tree(os.path.join(parent, entry)):
+                    swept.append(os.path.join(parent, entry))
+        return swept
 
     def enable(self, controllers: set[str]) -> None:
         """v2: the controllers sessions need, enabled from the parent down to the root. Raises
         OSError with a message that says what to do."""
-        wanted = controllers - self.enabled - {"core"}
+        wanted = controllers - self.enabled - {V2_CORE}
         if self.host.mode != "v2" or not wanted:
             return
         parent, root = self.host.parents["unified"], self.dirs["unified"]
@@ -141,23 +195,25 @@ class Root:
 
     def _leave_parent(self, parent: str) -> None:
         """A cgroup with processes cannot enable controllers for its children: gsrv and its
-        guardian move into a leaf of their own beside the root."""
+        guardian move into a leaf of their own beside the root, if nothing else is there. The
+        leaf stays while they live (a stale one is swept at the next start)."""
+        ours = {str(os.getpid()), str(self.guardian_pid)}
+        others = [pid for pid in _read(os.path.join(parent, "cgroup.procs")).split() if pid not in ours]
+        if others:
+            raise OSError(errno.EBUSY, f"{parent} also holds processes {' '.join(others[:5])}: give gsrv a cgroup "
+                          "of its own (systemd: Delegate=yes)")  # fmt: skip
         leaf = os.path.join(parent, V2_SELF.format(pid=os.getpid()))
         os.makedirs(leaf, exist_ok=True)
-        for pid in (os.getpid(), getattr(self, "guardian_pid", None)):
+        for pid in (os.getpid(), self.guardian_pid):
             if pid:
                 _write(os.path.join(leaf, "cgroup.procs"), str(pid))
-        others = _read(os.path.join(parent, "cgroup.procs")).split()
-        if others:
-            raise OSError(errno.EBUSY, f"{parent} still holds processes {' '.join(others[:5])}: give gsrv a cgroup "
-                          "of its own (systemd: Delegate=yes)")  # fmt: skip
 
     def home(self, name: str) -> str:
         return self._home[name]
 
     def remove(self) -> list[str]:
         """At a clean stop, every session reaped: the cgroups left are returned (busy)."""
-        return [left for path in self.dirs.values() for left in remove_tree(path)]
+        return [left for path in self.paths for left in remove_tree(path)]
 
 
 class Scope:
@@ -170,6 +226,9 @@ class Scope:
             {"freezer", "pids", "cpuacct", "memory"} | limits.controllers("v1") if self.mode == "v1" else {"unified"}
         )
         self.dirs = {h: os.path.join(path, name) for h, path in root.dirs.items() if h in wanted}
+        self.paths = unique(self.dirs.values())
+        # v1: each session cgroup the spawning thread enters, and the tasks file it goes back to
+        self._homes = {self.dirs[h]: root.home(h) for h in self.dirs} if self.mode == "v1" else {}
         self.limits = limits
         self._tid = 0
 
@@ -178,7 +237,7 @@ class Scope:
         """Make the session's cgroups and write its limits; raises OSError (nothing left behind)."""
         scope = cls(root, name, limits)
         try:
-            for path in scope.dirs.values():
+            for path in scope.paths:
                 os.mkdir(path)
             for path, text in scope._limit_files():
                 _write(path, text)
@@ -192,7 +251,9 @@ class Scope:
         quota = str(round(limits.cpu * CPU_PERIOD_US))
         if self.mode == "v2":
             u = d["unified"]
+            swap = f"{u}/memory.swap.max"
             files = [(f"{u}/memory.max", str(limits.memory)) if limits.memory else None,
+                     (swap, "0") if limits.memory and os.path.exists(swap) else None,
                      (f"{u}/pids.max", str(limits.pids)) if limits.pids else None,
                      (f"{u}/cpu.max", f"{quota} {CPU_PERIOD_US}") if limits.cpu else None]  # fmt: skip
         else:
@@ -221,24 +282,29 @@ class Scope:
             return
         self._tid = threading.get_native_id()
         try:
-            for path in self.dirs.values():
+            for path in self._homes:
                 _write(os.path.join(path, "tasks"), str(self._tid))
         except OSError:
             self.leave()
             raise
 
-    def leave(self) -> None:
+    def leave(self) -> list[str]:
         """v1: the thread back where it came from (the pids limit lowered to its value first:
-        with the thread gone the session never has more than the limit). Never raises: the
-        process the fork made is gsrv's to watch either way."""
+        with the thread gone the session never has more than the limit). Every step is tried;
+        the ones that failed are returned, not raised: the process the fork made is gsrv's to
+        watch either way (only a cgroup of gsrv's own vanishing could fail one)."""
         if self.mode != "v1" or not self._tid:
-            return
+            return []
         steps = [(os.path.join(self.dirs["pids"], "pids.max"), str(self.limits.pids))] if self.limits.pids else []
-        steps += [(self.root.home(name), str(self._tid)) for name in self.dirs]
+        steps += [(home, str(self._tid)) for home in unique(self._homes.values())]
+        failed = []
         for path, text in steps:
-            with contextlib.suppress(OSError):  # every step is tried: only a cgroup of gsrv's own vanishing fails one
+            try:
                 _write(path, text)
+            except OSError as e:
+                failed.append(f"{path}: {e.strerror}")
         self._tid = 0
+        return failed
 
     # -- the kill's parts (child.py decides when) --------------------------------------------
 
@@ -250,8 +316,12 @@ class Scope:
         return tasks(self._top)
 
     def populated(self) -> bool:
+        """Whether any process lives in the session's cgroups (one read: v2's cgroup.events,
+        or v1's pids.current, which counts the cgroups below too)."""
         if self.mode == "v2":
-            return _field(_read(os.path.join(self._top, "cgroup.events")), "populated") != 0
+            return _field(_read(os.path.join(self._top, "cgroup.events")), "populated") == 1
+        if "pids" in self.dirs:
+            return _number(_read(os.path.join(self.dirs["pids"], "pids.current"))) != 0
         return bool(self.members())
 
     def freeze(self, frozen: bool) -> None:
@@ -298,4 +368,4 @@ class Scope:
 
     def remove(self) -> bool:
         """rmdir the session's cgroups (empty once the ladder is done); False if one is busy."""
-        return not [left for path in self.dirs.values() for left in remove_tree(path)]
+        return not [left for path in self.paths for left in remove_tree(path)]

@@ -7,7 +7,6 @@ state (active sessions, pauses, guard figures, listen queues) is read at scrape 
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,6 +38,8 @@ class Child(Protocol):
     def killed_by(self) -> int | None: ...
     @property
     def usage(self) -> Usage | None: ...
+    @property
+    def signal_name(self) -> str | None: ...
 
 
 class Ended(Protocol):
@@ -133,8 +134,8 @@ class Metrics:
         child = session.child
         if child is not None and child.exit_code is not None:
             self.exits.labels(service, str(child.exit_code)).inc()
-        elif child is not None and child.killed_by is not None:
-            self.killed.labels(service, signal.Signals(child.killed_by).name.removeprefix("SIG")).inc()
+        elif child is not None and child.signal_name is not None:
+            self.killed.labels(service, child.signal_name).inc()
         usage = child.usage if child is not None else None
         if usage is not None and usage.cpu_ms is not None:
             self.session_cpu.labels(service).observe(usage.cpu_ms / 1000)

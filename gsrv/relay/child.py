@@ -8,6 +8,7 @@ a cgroup per session, every process in that cgroup, daemonized ones included.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -81,6 +82,8 @@ class ProcessGroup:
     def finish(self) -> Usage | None:
         return None
 
+    left = False  # no cgroups of its own to leave behind
+
 
 class CgroupMembers:
     """kill_scope = "cgroup": every process in the session's cgroup, and its process group too
@@ -91,35 +94,62 @@ class CgroupMembers:
     def __init__(self, scope: Scope, pgid: int) -> None:
         self.scope = scope
         self.group = ProcessGroup(pgid)
+        self.left = False  # a cgroup of the session could not be removed
 
     def alive(self) -> bool:
-        return self.scope.populated() or self.group.alive()
+        try:
+            populated = self.scope.populated()
+        except OSError:  # unreadable (out of fds): they may live
+            populated = True
+        return populated or self.group.alive()
 
     def signal(self, sig: signal.Signals) -> bool:
+        """Each member once. KILL also goes to the process group (a second KILL is harmless,
+        and it reaches a member that moved itself out of the cgroup); TERM goes to the group
+        only when the cgroup has no member left, so no process handles it twice."""
         scope = self.scope
-        in_group = self.group.signal(sig)
-        if sig == signal.SIGKILL and scope.kill_all():
-            return True
-        scope.freeze(True)
+        if sig == signal.SIGKILL:
+            in_group = self.group.signal(sig)
+            with contextlib.suppress(OSError):
+                if scope.kill_all():
+                    return True
+        frozen = self._freeze(True)
         try:
-            deadline = time.monotonic() + FREEZE_WAIT_S
-            while not scope.is_frozen() and time.monotonic() < deadline:
-                gevent.sleep(FREEZE_POLL_S)
-            sent = in_group
-            for pid in scope.members():
-                try:
+            try:
+                members = scope.members()
+            except OSError:
+                members = []
+            sent = False
+            for pid in members:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
                     sent = True
-                except ProcessLookupError:
-                    pass
+            if sig != signal.SIGKILL:
+                in_group = self.group.signal(sig) if not members else False
         finally:
-            scope.freeze(False)
-        return sent
+            if frozen:
+                self._freeze(False)
+        return sent or in_group
+
+    def _freeze(self, frozen: bool) -> bool:
+        """Freeze (and wait, bounded, until the kernel says so) or thaw; False if the cgroup
+        refused: then the signals go out unfrozen, and a fork that slips by meets the next step."""
+        try:
+            self.scope.freeze(frozen)
+            deadline = time.monotonic() + FREEZE_WAIT_S
+            while frozen and not self.scope.is_frozen() and time.monotonic() < deadline:
+                gevent.sleep(FREEZE_POLL_S)
+        except OSError:
+            return False
+        return True
 
     def finish(self) -> Usage | None:
         """The accounting, then the cgroups removed (the ladder left them empty)."""
-        usage = self.scope.usage()
-        self.scope.remove()
+        try:
+            usage: Usage | None = self.scope.usage()
+        except OSError:
+            usage = None
+        self.left = not self.scope.remove()
         return usage
 
 
@@ -135,6 +165,7 @@ class Child:
             ProcessGroup(proc.pid) if scope is None else CgroupMembers(scope, proc.pid)
         )
         self.usage: Usage | None = None  # the cgroup's accounting, once the ladder is done
+        self.placement_failed: list[str] = []  # v1: where gsrv's spawning thread could not go back to
         self._signal_in_exit = signal_in_exit
         self.signals_sent: list[str] = []
         self.pipe_size_error: OSError | None = None
@@ -174,17 +205,18 @@ class Child:
                 argv = launch.argv_for(scope.entry, CGROUP_SLOT) if scope.mode == "v2" else argv
             if connection >= 0:
                 os.set_blocking(connection, True)
-            proc = _popen(argv, executable, stdio, err, env, cwd, umask, scope)
+            proc, stuck = _popen(argv, executable, stdio, err, env, cwd, umask, scope)
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             if connection >= 0:
                 os.set_blocking(connection, False)  # not started: the socket is gsrv's again
             if scope is not None:
                 scope.remove()
             if isinstance(e, OSError):
-                name = e.filename if e.filename is not None else argv[0]
-                raise SpawnError(f"{e.strerror or e}: {name}", e.errno) from None
+                what = e.filename if e.filename is not None else argv[0]
+                raise SpawnError(f"{e.strerror or e}: {what}", e.errno) from None
             raise SpawnError(str(e)) from None
         child = cls(proc, scope, launch.signal_in_exit)
+        child.placement_failed = stuck
         watcher = hub.loop.child(proc.pid)
         watcher.start(child._on_exit, watcher)
         if _tracker is not None:
@@ -224,9 +256,23 @@ class Child:
             return os.WEXITSTATUS(self.status) - 128
         return os.WTERMSIG(self.status) if os.WIFSIGNALED(self.status) else None
 
+    @property
+    def signal_name(self) -> str | None:
+        """The signal's name without SIG (TERM, KILL; RTMIN+3 or 42 for a real-time one)."""
+        number = self.killed_by
+        if number is None:
+            return None
+        try:
+            return signal.Signals(number).name.removeprefix("SIG")
+        except ValueError:  # the real-time signals between RTMIN and RTMAX have no member
+            return str(number)
+
     def _exit_was_signal(self) -> bool:
+        """bwrap's exit 128+N for a command killed by signal N (N a signal this host has)."""
         assert self.status is not None
-        return self._signal_in_exit and os.WIFEXITED(self.status) and 128 < os.WEXITSTATUS(self.status) < 128 + 65
+        if not (self._signal_in_exit and os.WIFEXITED(self.status)):
+            return False
+        return os.WEXITSTATUS(self.status) - 128 in signal.valid_signals()
 
     def close_stdin(self) -> None:
         if self._proc.stdin and not self._proc.stdin.closed:
@@ -260,35 +306,41 @@ class Child:
 
     def stop(self, kill_grace: float, on_escalate: Callable[[float], None]) -> None:
         """The ladder: close stdin, TERM the kill scope if anything of it lives, KILL after
-        kill_grace, reap; then the cgroup's accounting and its removal."""
-        self.close_stdin()
-        if not (self.exited.is_set() and not self.group_alive()):
-            self._signal_group(signal.SIGTERM)
-            if not self._wait_group_gone(kill_grace):
-                on_escalate(kill_grace)
-                self._signal_group(signal.SIGKILL)
-                self._wait_group_gone(REAP_TIMEOUT_S)
-        self.close_pipes()
-        if _tracker is not None:
-            _tracker.untrack(self.pid)
-        self.usage = self.kill_scope.finish()
+        kill_grace, reap; then the cgroup's accounting and its removal (in a finally: a
+        step that raised still leaves no pipe, no tracked group and no cgroup it can remove)."""
+        try:
+            self.close_stdin()
+            if not (self.exited.is_set() and not self.group_alive()):
+                self._signal_group(signal.SIGTERM)
+                if not self._wait_group_gone(kill_grace):
+                    on_escalate(kill_grace)
+                    self._signal_group(signal.SIGKILL)
+                    self._wait_group_gone(REAP_TIMEOUT_S)
+        finally:
+            self.close_pipes()
+            if _tracker is not None:
+                _tracker.untrack(self.pid)
+            self.usage = self.kill_scope.finish()
 
 
 def _popen(
     argv: tuple[str, ...], executable: str, stdio: int, err: int, env: dict[str, str], cwd: str | None, umask: int,
     scope: Scope | None,
-) -> subprocess.Popen[bytes]:  # fmt: skip
+) -> tuple[subprocess.Popen[bytes], list[str]]:  # fmt: skip
     """The stdlib constructor forks with vfork in C (well under a millisecond); gevent's Popen
     forks in Python and blocks the loop for milliseconds. The exit status must come from
     gevent's child watcher, registered before anything can yield. On v1 the calling thread
-    sits in the session's cgroups for the fork (the child is born there: no window)."""
+    sits in the session's cgroups for the fork (the child is born there: no window); what
+    failed of its way back is returned beside the process."""
     if scope is not None:
         scope.enter()
+    stuck: list[str] = []
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             argv, executable=executable, stdin=stdio, stdout=stdio, stderr=err,
             bufsize=0, close_fds=True, start_new_session=True, env=env, cwd=cwd, umask=umask,
         )  # fmt: skip
     finally:
         if scope is not None:
-            scope.leave()
+            stuck = scope.leave()
+    return proc, stuck

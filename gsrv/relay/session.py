@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import signal
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -123,6 +122,10 @@ class Session:
             self.child = Child.spawn(svc.launch, env, svc.cwd, svc.stderr, svc.pipe_size, self.relay.handoff(),
                                      svc.contain, self.sid)  # fmt: skip
             self.spawn_seconds = time.perf_counter() - started
+            if self.child.placement_failed:
+                self.log.error("cgroup_thread_stuck", service=svc.name, session=self.sid,
+                               error="; ".join(self.child.placement_failed),
+                               next="gsrv's thread may still be in this session's cgroups: restart gsrv")  # fmt: skip
             if self.child.pipe_size_error:
                 self._pipe_size_refused(self.child.pipe_size_error)
         except (SpawnError, OSError) as e:
@@ -234,8 +237,15 @@ class Session:
             self.relay.stop()
 
     def _stop_child(self) -> None:
-        if self.child is not None:
-            self.child.stop(self.server.kill_grace, self._escalated)
+        child = self.child
+        if child is None:
+            return
+        try:
+            child.stop(self.server.kill_grace, self._escalated)
+        finally:
+            if child.kill_scope.left:
+                self.log.warning("cgroup_left", service=self.svc.name, session=self.sid,
+                                 next="removed at gsrv's stop, or by its guardian, once empty")  # fmt: skip
 
     def _end_stderr_reader(self) -> None:
         self._stop_stderr_watch()
@@ -282,9 +292,7 @@ class Session:
 
     def _log_end(self, extra: dict[str, object]) -> None:
         child, relay = self.child, self.relay
-        signame = None
-        if child is not None and child.killed_by is not None:
-            signame = signal.Signals(child.killed_by).name.removeprefix("SIG")
+        signame = child.signal_name if child is not None else None
         self.log.info(
             "session_end",
             service=self.svc.name,
