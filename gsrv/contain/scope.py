@@ -11,6 +11,7 @@ enable controllers for its children) and enables them in its parent.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import threading
@@ -69,14 +70,20 @@ class Unreadable(OSError):
 
 
 def _read(path: str) -> str:
-    """A cgroup file's text; "" if it is gone (a removed cgroup); raises Unreadable otherwise."""
+    """A cgroup file's text; "" if it is gone (a removed cgroup); raises Unreadable otherwise.
+    (os.open and one read: cgroup files are small, and this runs several times a session.)"""
     try:
-        with open(path, "rb") as f:
-            return f.read().decode("ascii", "replace")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return ""
     except OSError as e:
         raise Unreadable(e.errno, f"{path}: {e.strerror}") from None
+    try:
+        return os.read(fd, 65536).decode("ascii", "replace")
+    except OSError as e:
+        raise Unreadable(e.errno, f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def _field(text: str, name: str) -> int | None:
@@ -148,6 +155,7 @@ class Root:
         self.dirs = {name: os.path.join(parent, f"gsrv-{os.getpid()}") for name, parent in host.parents.items()}
         self.enabled: set[str] = set()  # v2: the controllers enabled for sessions
         self.guardian_pid = 0
+        self._kept: dict[str, int] = {}  # tasks file -> a descriptor kept open (send_home)
         # v1: where the spawning thread goes back to after each fork: the cgroup it came from
         self._home = {
             name: os.path.join(host.homes.get(name, parent), "tasks") for name, parent in host.parents.items()
@@ -211,8 +219,19 @@ class Root:
     def home(self, name: str) -> str:
         return self._home[name]
 
+    def send_home(self, home: str, tid: int) -> None:
+        """The spawning thread back into a tasks file of gsrv's own cgroups, through a
+        descriptor kept open (each spawn writes there; each write is a move of its own)."""
+        fd = self._kept.get(home)
+        if fd is None:
+            fd = self._kept[home] = os.open(home, os.O_WRONLY | os.O_CLOEXEC)
+        os.write(fd, str(tid).encode())
+
     def remove(self) -> list[str]:
         """At a clean stop, every session reaped: the cgroups left are returned (busy)."""
+        for fd in self._kept.values():
+            os.close(fd)
+        self._kept.clear()
         return [left for path in self.paths for left in remove_tree(path)]
 
 
@@ -295,14 +314,15 @@ class Scope:
         watch either way (only a cgroup of gsrv's own vanishing could fail one)."""
         if self.mode != "v1" or not self._tid:
             return []
-        steps = [(os.path.join(self.dirs["pids"], "pids.max"), str(self.limits.pids))] if self.limits.pids else []
-        steps += [(home, str(self._tid)) for home in unique(self._homes.values())]
         failed = []
-        for path, text in steps:
+        steps = [functools.partial(_write, os.path.join(self.dirs["pids"], "pids.max"), str(self.limits.pids))]
+        steps = steps if self.limits.pids else []
+        steps += [functools.partial(self.root.send_home, home, self._tid) for home in unique(self._homes.values())]
+        for step in steps:
             try:
-                _write(path, text)
+                step()
             except OSError as e:
-                failed.append(f"{path}: {e.strerror}")
+                failed.append(f"{step.args[0]}: {e.strerror}")
         self._tid = 0
         return failed
 
