@@ -172,6 +172,9 @@ class Root:
         swept = self._sweep()
         for path in self.paths:
             os.makedirs(path, exist_ok=True)
+        if self.host.mode == "v1":  # opened now: gsrv's fds at rest stay what they are after sessions
+            for home in unique(self._home.values()):
+                self._kept[home] = os.open(home, os.O_WRONLY | os.O_CLOEXEC)
         return swept
 
     def _sweep(self) -> list[str]:
@@ -220,11 +223,12 @@ class Root:
         return self._home[name]
 
     def send_home(self, home: str, tid: int) -> None:
-        """The spawning thread back into a tasks file of gsrv's own cgroups, through a
-        descriptor kept open (each spawn writes there; each write is a move of its own)."""
+        """The spawning thread back into a tasks file of gsrv's own cgroups, through the
+        descriptor opened at create() (each spawn writes there; each write is a move of its own)."""
         fd = self._kept.get(home)
-        if fd is None:
-            fd = self._kept[home] = os.open(home, os.O_WRONLY | os.O_CLOEXEC)
+        if fd is None:  # a Root used without create() (a benchmark's): open and close each time
+            _write(home, str(tid))
+            return
         os.write(fd, str(tid).encode())
 
     def remove(self) -> list[str]:
