@@ -245,5 +245,13 @@ def random_stream(total: int, seed: int = 1, chunk: int = 1 << 20) -> Iterator[b
         n += 1
 
 
+def lives(pid: int) -> bool:
+    """Whether a process is there and not a zombie (one that exits while it is looked at is gone)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import trustme
-from conftest import PY, Gsrv, py_child, random_stream, service_toml, wait_until
+from conftest import PY, Gsrv, lives, py_child, random_stream, service_toml, wait_until
 
 from gsrv.contain.host import discover
 
@@ -214,7 +214,7 @@ def test_a_client_reset_mid_upload_reaches_the_childs_own_read(gsrv, tmp_path: P
     assert outcome.read_text() == f"errno {errno.ECONNRESET}"  # the watchdog read nothing of it
 
     def all_gone() -> bool:
-        return not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in family)
+        return not any(lives(pid) for pid in family)
 
     wait_until(all_gone, 5, f"the process group {family} to be gone")
     assert _session_end(server, "upload")["reason"] == "client_reset"

@@ -8,9 +8,8 @@ import socket
 import subprocess
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import PY, ROOT, Gsrv, exchange, service_toml, wait_until
+from conftest import PY, ROOT, Gsrv, exchange, lives, service_toml, wait_until
 
 
 @pytest.mark.timeout(60)
@@ -25,7 +24,7 @@ def test_sigkill_leaves_no_child_behind(gsrv, relay: str) -> None:
     server.wait(timeout=10)
 
     def none_alive() -> bool:
-        return not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)
+        return not any(lives(pid) for pid in pids)
 
     wait_until(none_alive, 5, "every process of the 20 sessions to be gone")
     for c in clients:

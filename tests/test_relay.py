@@ -13,9 +13,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import pytest
-from conftest import PY, ROOT, exchange, py_child, random_stream, service_toml, wait_until
+from conftest import PY, ROOT, exchange, lives, py_child, random_stream, service_toml, wait_until
 
 from gsrv import __version__ as gsrv_version
 
@@ -186,7 +185,7 @@ def test_client_reset_ends_the_whole_process_group(gsrv) -> None:
     sock.close()
 
     def all_gone() -> bool:
-        return not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)
+        return not any(lives(pid) for pid in pids)
 
     wait_until(all_gone, 5, f"the process group {pids} to be gone")
     server.wait_log(r"event=session_end service=stuck .*reason=client_reset")
