@@ -340,12 +340,16 @@ class Scope:
         return tasks(self._top)
 
     def populated(self) -> bool:
-        """Whether any process lives in the session's cgroups (one read: v2's cgroup.events,
-        or v1's pids.current, which counts the cgroups below too)."""
+        """Whether any process lives in the session's cgroups. v2: cgroup.events. v1: its own
+        cgroup.procs (one read: the usual case); only when that is empty but pids.current is
+        not (zombies, which pids.current counts until they are reaped, or cgroups the session
+        made below its own) are the cgroups below read too."""
         if self.mode == "v2":
             return _field(_read(os.path.join(self._top, "cgroup.events")), "populated") == 1
-        if "pids" in self.dirs:
-            return _number(_read(os.path.join(self.dirs["pids"], "pids.current"))) != 0
+        if _read(os.path.join(self._top, "cgroup.procs")).split():
+            return True
+        if "pids" in self.dirs and _number(_read(os.path.join(self.dirs["pids"], "pids.current"))) == 0:
+            return False
         return bool(self.members())
 
     def freeze(self, frozen: bool) -> None:
