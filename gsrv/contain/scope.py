@@ -124,6 +124,15 @@ def remove_tree(top: str) -> list[str]:
     return left
 
 
+def freeze(top: str, mode: str, frozen: bool) -> None:
+    """Freeze or thaw a cgroup and every cgroup below it (both freezers are hierarchical);
+    freezing is asynchronous: Scope.is_frozen says when it is done."""
+    if mode == "v2":
+        _write(os.path.join(top, "cgroup.freeze"), "1" if frozen else "0")
+    else:
+        _write(os.path.join(top, "freezer.state"), "FROZEN" if frozen else "THAWED")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -353,10 +362,7 @@ class Scope:
         return bool(self.members())
 
     def freeze(self, frozen: bool) -> None:
-        if self.mode == "v2":
-            _write(os.path.join(self._top, "cgroup.freeze"), "1" if frozen else "0")
-        else:
-            _write(os.path.join(self._top, "freezer.state"), "FROZEN" if frozen else "THAWED")
+        freeze(self._top, self.mode, frozen)
 
     def is_frozen(self) -> bool:
         if self.mode == "v2":

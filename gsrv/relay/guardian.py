@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from gsrv.contain.scope import remove_tree, tasks
+from gsrv.contain.scope import freeze, remove_tree, tasks
 
 GRACE_S = 2.0
 POLL_S = 0.1
@@ -100,31 +100,21 @@ def _end_groups(groups: set[int]) -> None:
                     groups.discard(pgid)
 
 
-def _write(path: str, text: str) -> None:
-    try:
-        with open(path, "w") as f:
-            f.write(text)
-    except OSError:
-        pass
-
-
 def _end_cgroups(mode: str, dirs: list[str]) -> None:
     """TERM, then KILL, every process below gsrv's root (frozen meanwhile, so none forks past
     it), then remove the cgroups. v1: the first dir is the freezer hierarchy's."""
     top = dirs[0]
     if not os.path.isdir(top):
         return
-    freeze = ("cgroup.freeze", "1", "0") if mode == "v2" else ("freezer.state", "FROZEN", "THAWED")
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        sessions = [os.path.join(top, d) for d in os.listdir(top) if os.path.isdir(os.path.join(top, d))]
-        for session in sessions:
-            _write(os.path.join(session, freeze[0]), freeze[1])
+        with contextlib.suppress(OSError):
+            freeze(top, mode, True)
         time.sleep(0.05)
         for pid in tasks(top):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        for session in sessions:
-            _write(os.path.join(session, freeze[0]), freeze[2])
+        with contextlib.suppress(OSError):
+            freeze(top, mode, False)
         deadline = time.monotonic() + GRACE_S
         while tasks(top) and time.monotonic() < deadline:
             time.sleep(0.05)
