@@ -234,8 +234,8 @@ def _handle_signals(server: Server, guard: Guard, signals: Queue[int]) -> None:
             continue
         stops += 1
         if stops == 1:
-            server.log.info("signal", signal=name, next="drain")
-            server.drain()
+            server.log.info("signal", signal=name, next="announce" if server.config.server.drain_announce else "drain")
+            server.stop()
         else:
             server.log.warning("signal", signal=name, next="stop now, skipping the drain")
             server.force_stop()

@@ -41,6 +41,7 @@ class Server:
         self.stopped = self.lifecycle.stopped
         self._ids = itertools.count(1)
         self._pid = os.getpid()
+        self._announcer: gevent.Greenlet | None = None
         self._drainer: gevent.Greenlet | None = None
 
     def next_session_id(self) -> str:
@@ -202,6 +203,18 @@ class Server:
 
     # -- drain and stop ------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """SIGTERM/SIGINT: announce the stop for drain_announce (readiness fails, the listeners
+        still accept, so a balancer moves new clients away before any is refused), then drain."""
+        announce = self.config.server.drain_announce
+        if not announce:
+            self.drain()
+            return
+        if not self.lifecycle.announce():
+            return
+        self.log.info("announcing", sessions=self.active_sessions, drain_announce_s=announce, next="drain")
+        self._announcer = gevent.spawn_later(announce, self.drain)
+
     def drain(self) -> None:
         """Stop taking sessions, let running ones finish up to drain_timeout, then end them."""
         if not self.lifecycle.drain():
@@ -218,7 +231,9 @@ class Server:
         self._end_sessions()
 
     def force_stop(self) -> None:
-        """A second signal: end every session now."""
+        """A second signal: end every session now (an announcement too)."""
+        if self._announcer is not None:
+            self._announcer.kill(block=False)
         self.drain()
         if self._drainer is not None:
             self._drainer.kill()

@@ -1,6 +1,8 @@
-"""The server's state, in one place: STARTING -> SERVING <-> PAUSED -> DRAINING -> STOPPED.
+"""The server's state, in one place:
+STARTING -> SERVING <-> PAUSED -> [ANNOUNCING ->] DRAINING -> STOPPED.
 
-PAUSED is the memory guard holding accept on every listener. Every change goes through one
+PAUSED is the memory guard holding accept on every listener. ANNOUNCING (drain_announce) is a
+stop announced to load balancers: readiness fails while the listeners still accept. Every change goes through one
 checked transition (supervisor's _assertInState) that logs `event=state`; what monitoring
 reads (readiness, accept paused, drain time) is derived from it, not kept beside it.
 """
@@ -20,14 +22,16 @@ class State(enum.Enum):
     STARTING = "starting"
     SERVING = "serving"
     PAUSED = "paused"  # the memory guard holds accept on every listener
+    ANNOUNCING = "announcing"  # stopping: /readyz fails, listeners still accept (the guard may hold them)
     DRAINING = "draining"
     STOPPED = "stopped"
 
 
 NEXT = {
     State.STARTING: {State.SERVING, State.PAUSED},
-    State.SERVING: {State.PAUSED, State.DRAINING},
-    State.PAUSED: {State.SERVING, State.DRAINING},
+    State.SERVING: {State.PAUSED, State.ANNOUNCING, State.DRAINING},
+    State.PAUSED: {State.SERVING, State.ANNOUNCING, State.DRAINING},
+    State.ANNOUNCING: {State.DRAINING},
     State.DRAINING: {State.STOPPED},
     State.STOPPED: set(),
 }
@@ -60,16 +64,25 @@ class Lifecycle:
         self._to(State.PAUSED if self.memory_pressure else State.SERVING)
 
     def pressure(self, on: bool) -> None:
-        """The guard's pause (on) or relief; a pressure seen while starting or draining is kept."""
+        """The guard's pause (on) or relief; a pressure seen while starting, announcing or
+        draining is kept."""
         self.memory_pressure = on
         if on and self.state is State.SERVING:
             self._to(State.PAUSED)
         elif not on and self.state is State.PAUSED:
             self._to(State.SERVING)
 
-    def drain(self) -> bool:
-        """Begin the drain; False if it has begun already (or the server is not serving)."""
+    def announce(self) -> bool:
+        """Announce the stop; False if a stop has begun already (or the server is not serving)."""
         if self.state not in (State.SERVING, State.PAUSED):
+            return False
+        self._to(State.ANNOUNCING)
+        return True
+
+    def drain(self) -> bool:
+        """Begin the drain, announced or not; False if it has begun already (or the server is
+        not serving)."""
+        if self.state not in (State.SERVING, State.PAUSED, State.ANNOUNCING):
             return False
         self.drain_started = time.monotonic()
         self._to(State.DRAINING)
@@ -89,7 +102,7 @@ class Lifecycle:
 
     def not_ready(self) -> str | None:
         """Why a load balancer should not send new clients here now; None when it may."""
-        if self.state in (State.DRAINING, State.STOPPED):
+        if self.state in (State.ANNOUNCING, State.DRAINING, State.STOPPED):
             return "draining"
         if self.memory_pressure:
             return "accept paused by the memory guard"

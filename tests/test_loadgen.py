@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 
 import pytest
-from conftest import PY, ROOT, py_child, service_toml
+from conftest import PY, ROOT, py_child, service_toml, wait_until
 
 FLIP = """
     import sys
@@ -80,3 +82,23 @@ def test_load_download_slow_reader_and_stall_with_rate_and_duration(gsrv) -> Non
     report = json.loads(stall.stdout)
     assert stall.returncode == 0 and report["failed"] == 0
     assert 10 <= report["sessions"] < 50 and report["bytes_sent"] > 0  # --duration stopped new sessions
+
+
+@pytest.mark.timeout(120)
+def test_load_stops_starting_sessions_on_sigint_and_reports_the_ones_that_ran(gsrv) -> None:
+    server = gsrv(service_toml("slow", ["sh", "-c", "sleep 0.2; exec sha256sum"]))
+    host, port = server.address("slow")
+    argv = [PY, "-m", "gsrv", "load", f"{host}:{port}", "--sessions", "100000", "--concurrency", "4", "--verify",
+            "--json"]  # fmt: skip
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) as load:
+        server.wait_log(r"event=session_end .*reason=eof", timeout=30)
+        load.send_signal(signal.SIGINT)
+        out, err = load.communicate(timeout=60)
+    assert load.returncode == 0, err
+    report = json.loads(out)
+    assert report["stopped_by_signal"] and report["failed"] == 0
+    assert 0 < report["sessions"] < 100000
+    ended = r"event=session_end .*exit=0 .*reason=eof"
+    wait_until(lambda: server.count_log(ended) >= report["sessions"], 10, "each session's end in the log")
+    time.sleep(0.5)  # a session the report missed would end by now
+    assert server.count_log(ended) == report["sessions"], "each session that ran is in the report"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import socket
 import threading
@@ -133,6 +134,55 @@ def test_readyz_follows_the_guard_and_the_drain(gsrv) -> None:
         server.signal(signal.SIGTERM)
         wait_until(lambda: _get(base + "/readyz") == (503, "not ready: draining\n"), 10, "503 while draining")
         assert exchange(sock, b"") == b""
+
+
+ANNOUNCE = '[server]\nkill_grace = "1s"\ndrain_announce = "3s"\n'
+
+
+@pytest.mark.timeout(60)
+def test_an_announced_stop_fails_readiness_keeps_accepting_reloads_then_drains(gsrv) -> None:
+    text = ANNOUNCE + ADMIN + service_toml("echo", ["cat"])
+    server = gsrv(text)
+    base = _admin(server)
+    address = server.address("echo")
+    server.signal(signal.SIGTERM)
+    line = server.wait_log(r"event=announcing ")
+    assert "drain_announce_s=3" in line and "next=drain" in line
+    started = time.monotonic()
+    assert _get(base + "/readyz") == (503, "not ready: draining\n")
+    assert _value(_samples(base), "gsrv_accept_paused") == 0, "a balancer sees the 503; clients are still taken"
+    with socket.create_connection(address, timeout=10) as sock:
+        assert exchange(sock, b"still served") == b"still served"
+    # a SIGHUP during the announcement reloads: a service it adds listens and serves
+    server.config.write_text(text + service_toml("upper", ["tr", "a-z", "A-Z"]))
+    server.signal(signal.SIGHUP)
+    line = server.wait_log(r"event=listening service=upper address=\S+")
+    upper = line.split("address=")[1].split()[0].rsplit(":", 1)
+    with socket.create_connection((upper[0], int(upper[1])), timeout=10) as sock:
+        assert exchange(sock, b"abc") == b"ABC"
+    assert time.monotonic() - started < 3, "the checks above ran inside the announcement (make it longer)"
+    server.wait_log(r"event=draining ", timeout=10)
+    assert time.monotonic() - started >= 2.9, "the drain began before drain_announce was over"
+    assert server.wait(timeout=20) == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, timeout=5).close()
+    states = [m.group(1) for m in map(re.compile(r"event=state state=(\w+)").search, server.lines) if m]
+    assert states == ["serving", "announcing", "draining", "stopped"]
+
+
+@pytest.mark.timeout(60)
+def test_a_second_sigterm_ends_an_announcement_at_once(gsrv) -> None:
+    server = gsrv(ANNOUNCE.replace('"3s"', '"60s"') + ADMIN + service_toml("echo", ["cat"]))
+    with server.connect("echo") as sock:
+        sock.sendall(b"hold")
+        assert sock.recv(10) == b"hold"
+        server.signal(signal.SIGTERM)
+        server.wait_log(r"event=announcing sessions=1 ")
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.wait(timeout=20) == 0
+        assert time.monotonic() - started < 10, "the second signal waited for the announcement or the drain"
+    assert server.count_log(r"event=session_end .*reason=shutdown") == 1
 
 
 @pytest.mark.timeout(60)

@@ -44,3 +44,15 @@ def test_transitions_it_does_not_have_are_refused(lifecycle) -> None:
         lifecycle.stop()
     assert not lifecycle.drain(), "nothing to drain before serving"
     assert all(State.STARTING not in targets for targets in NEXT.values()), "nothing goes back to starting"
+
+
+def test_an_announcement_fails_readiness_without_pausing_accept_and_ends_in_the_drain(lifecycle) -> None:
+    lifecycle.serve()
+    assert lifecycle.announce() and lifecycle.state is State.ANNOUNCING
+    assert lifecycle.not_ready() == "draining" and not lifecycle.accept_paused
+    assert not lifecycle.announce(), "a second announcement begins nothing"
+    lifecycle.pressure(True)  # the guard still holds accept while announcing, and says so
+    assert lifecycle.state is State.ANNOUNCING and lifecycle.accept_paused
+    lifecycle.pressure(False)
+    assert lifecycle.drain() and lifecycle.state is State.DRAINING and lifecycle.accept_paused
+    assert not lifecycle.announce(), "no announcement once the drain began"

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket as stdsocket
 import sys
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import gevent
 import psutil
 from gevent import socket
+from gevent.event import Event
 from gevent.pool import Pool
 
 SIZE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "KB": 1000, "MB": 1000**2, "GB": 1000**3}
@@ -66,6 +68,7 @@ class Run:
     errors: Counter[str] = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
     peak_rss: int = 0
+    stopped: bool = False  # by a signal, before --sessions or --duration ran out
 
     def failed(self, kind: str, message: str) -> None:
         self.errors[kind] += 1
@@ -166,7 +169,10 @@ def _error_kind(e: BaseException) -> str:
     return type(e).__name__
 
 
-def run_load(args: argparse.Namespace) -> Run:
+def run_load(args: argparse.Namespace, stop: Event | None = None) -> Run:
+    """The run; once `stop` is set (SIGINT/SIGTERM from the command line) no session starts,
+    the running ones finish and count."""
+    stop = stop or Event()
     block = os.urandom(BLOCK)
     result = Run()
     pool = Pool(args.concurrency)
@@ -191,13 +197,17 @@ def run_load(args: argparse.Namespace) -> Run:
             progress.set_postfix(errors=sum(result.errors.values()), refresh=False)
 
     for number in range(args.sessions):
-        if stop_at is not None and time.monotonic() >= stop_at:
+        if stop.is_set() or (stop_at is not None and time.monotonic() >= stop_at):
             break
         if args.rate:
             due = started + number / args.rate
-            if due > time.monotonic():
-                gevent.sleep(due - time.monotonic())
+            if due > time.monotonic() and stop.wait(due - time.monotonic()):
+                break
+        pool.wait_available()
+        if stop.is_set():
+            break
         pool.spawn(one, number)
+    result.stopped = stop.is_set()
     pool.join()
     result_time = time.monotonic() - started
     if sampler is not None:
@@ -248,6 +258,7 @@ def summary(args: argparse.Namespace, result: Run) -> dict[str, Any]:
         "errors": dict(result.errors),
         "error_examples": result.examples,
         "server_peak_rss": result.peak_rss or None,
+        "stopped_by_signal": result.stopped,
     }
 
 
@@ -259,6 +270,8 @@ def _print(report: dict[str, Any]) -> None:
     print(f"latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
     if report["server_peak_rss"]:
         print(f"server peak RSS: {report['server_peak_rss'] / 2**20:.1f} MiB")
+    if report["stopped_by_signal"]:
+        print("stopped by a signal: no session started after it, the running ones finished")
     if report["failed"]:
         print(f"FAILED: {report['failed']} sessions", file=sys.stderr)
         for kind, count in report["errors"].items():
@@ -283,7 +296,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run_load(args)
+    stop = Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, stop.set)  # stop starting sessions; report the run so far
+    result = run_load(args, stop)
     report = summary(args, result)
     if args.json:
         print(json.dumps(report))
