@@ -73,10 +73,12 @@ class Gsrv:
         read_log: bool = True,
         preexec: Callable[[], None] | None = None,
         extra_args: list[str] | None = None,
+        prefix: list[str] | None = None,
     ) -> None:
+        """prefix: argv that execs the rest (nsenter into a test host's network namespace)."""
         self.config = config
         self.proc = subprocess.Popen(
-            [PY, "-m", "gsrv", "serve", "-c", str(config), *(extra_args or [])],
+            [*(prefix or []), PY, "-m", "gsrv", "serve", "-c", str(config), *(extra_args or [])],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
