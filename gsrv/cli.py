@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import sys
@@ -25,6 +26,7 @@ from gsrv.logs import Log
 from gsrv.ops.admin import Admin
 from gsrv.ops.dump import dump
 from gsrv.ops.metrics import State
+from gsrv.ops.notify import Notifier
 from gsrv.relay.child import contain_in, track_groups
 from gsrv.relay.guardian import Guardian
 from gsrv.relay.pump import HAS_SPLICE
@@ -168,6 +170,9 @@ def serve(path: str, overrides: list[str]) -> int:
     guard.check()  # before any listener accepts: a gsrv started under pressure starts paused
     if admin is not None:
         admin.metrics_state = lambda: _state(server, guard, log)
+    notifier = Notifier.from_environ(os.environ, log)  # under systemd's Type=notify
+    if notifier is not None:
+        server.lifecycle.observers.append(notifier.changed)
     signals: Queue[int] = Queue()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         gevent.signal_handler(signum, signals.put, signum)  # handlers only record
@@ -186,6 +191,8 @@ def serve(path: str, overrides: list[str]) -> int:
     if left:
         log.warning("cgroups_left", cgroups=",".join(left), next="the guardian removes them once they are empty")
     guardian.close()
+    if notifier is not None:
+        notifier.close()
     log.info("stopped")
     log.flush()
     return 0

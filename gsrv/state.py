@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 
 from gevent.event import Event
 
@@ -50,12 +51,15 @@ class Lifecycle:
         self.memory_pressure = False  # the guard's last word, also while starting or draining
         self.drain_started: float | None = None
         self.stopped = Event()
+        self.observers: list[Callable[[State], None]] = []  # told each new state (systemd's notify)
 
     def _to(self, state: State) -> None:
         if state not in NEXT[self.state]:
             raise BadTransition(f"the server cannot go from {self.state.value} to {state.value}")
         self.state = state
         self.log.info("state", state=state.value)
+        for observer in self.observers:
+            observer(state)
         if state is State.STOPPED:
             self.stopped.set()
 

@@ -26,7 +26,7 @@ MAY_IMPORT = {
     "accept": {"config"} | LEAVES,
     "edge": {"config"} | LEAVES,
     "relay": {"edge", "config", "contain"} | LEAVES,
-    "ops": {"accept", "config"} | LEAVES,
+    "ops": {"accept", "config", "state"} | LEAVES,
     "clients": set(),
     "state": LEAVES,
     "service": {"accept", "edge", "relay", "ops", "config", "state"} | LEAVES,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +25,8 @@ MiB = 1024 * 1024
 class Supervisor:
     """supervisord in the foreground on a rewritten copy of supervisord.conf in tmp."""
 
-    def __init__(self, tmp: Path, gsrv_toml: str, multi: list[str] | None = None) -> None:
+    def __init__(self, tmp: Path, gsrv_toml: str, multi: list[str] | None = None, tcp_port: int = 0) -> None:
+        """multi: a config per fcgi-program process; they share a unix socket, or 127.0.0.1:tcp_port."""
         self.tmp = tmp
         (tmp / ".run").mkdir()
         (tmp / "gsrv.toml").write_text(gsrv_toml)
@@ -38,7 +41,8 @@ class Supervisor:
             for n, body in enumerate(multi):
                 (tmp / f"multi-{n}.toml").write_text(body)
             text = text.replace("%(here)s/conf/gsrv-multi.toml", "%(here)s/multi-%(process_num)d.toml")
-            text = text.replace("socket = tcp://127.0.0.1:7101", "socket = unix://%(here)s/.run/multi.sock")
+            shared = f"tcp://127.0.0.1:{tcp_port}" if tcp_port else "unix://%(here)s/.run/multi.sock"
+            text = text.replace("socket = tcp://127.0.0.1:7101", f"socket = {shared}")
             text = text.replace("admin.listen=127.0.0.1:919%(process_num)d", "admin.listen=127.0.0.1:0")
         self.conf = tmp / "supervisord.conf"
         self.conf.write_text(text)
@@ -188,3 +192,36 @@ def test_fcgi_program_processes_share_one_socket(supervisor, tmp_path: Path) -> 
     paused_pid = sup.ctl("pid", "gsrv-multi:gsrv-multi-0").strip()
     only = serve_many(100)
     assert sum(only.values()) == 100 and paused_pid not in only, only
+
+
+@pytest.mark.timeout(180)
+def test_fcgi_program_restarts_each_process_in_turn_under_load_without_a_failed_session(supervisor, tmp_path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    body = service_toml("multi", ["sha256sum"]).replace('"127.0.0.1:0"', '"fd:0"')
+    sup = Supervisor(tmp_path, SERVER + service_toml("unused", ["cat"]), multi=[SERVER + body] * 2, tcp_port=port)
+    supervisor.append(sup)
+    names = [f"gsrv-multi-{n}" for n in range(2)]
+    for name in names:
+        sup.wait_log(r"event=listening service=multi address=127\.0\.0\.1:\d+ via=fd:0", name)
+    argv = [PY, "-m", "gsrv", "load", f"127.0.0.1:{port}", "--sessions", "1000000", "--concurrency", "16",
+            "--bytes", "256KiB", "--verify", "--json"]  # fmt: skip
+    load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        for name in names:
+            served = lambda: sup.log(name).count("event=session_end")  # noqa: E731,B023
+            wait_until(lambda: served() >= 20, 30, f"{name} to serve sessions")  # noqa: B023
+            assert "started" in sup.ctl("restart", f"gsrv-multi:{name}"), sup.log(name)[-2000:]
+            assert sup.log(name).count("event=stopped") == 1, "the old process drained and exited"
+            sup.wait_log(r"event=stopped[\s\S]*event=listening service=multi", name)
+            after = served()
+            wait_until(lambda: served() >= after + 20, 30, f"the new {name} to serve sessions")  # noqa: B023
+    finally:
+        load.send_signal(signal.SIGINT)
+        out, err = load.communicate(timeout=60)
+    report = json.loads(out)
+    assert report["failed"] == 0 and report["sessions"] > 0, report
+    for name in names:
+        ends = [line for line in sup.log(name).splitlines() if "event=session_end" in line]
+        assert all(" exit=0 " in line and "reason=eof" in line for line in ends), name
