@@ -30,7 +30,7 @@ from gsrv.ops.notify import Notifier
 from gsrv.relay.child import contain_in, track_groups
 from gsrv.relay.guardian import Guardian
 from gsrv.relay.pump import HAS_SPLICE
-from gsrv.server import Server
+from gsrv.server import Server, longest_stop
 
 DEFAULT_CONFIG = "conf/gsrv.toml"
 
@@ -96,6 +96,8 @@ def check(path: str, overrides: list[str], reference: bool = False) -> int:
             policy["via"] = shlex.join(svc.launch.prefix)
         if policy:
             print(f"  {'':<12} {_pairs(policy)}")
+    stop = f"(a stop takes at most {longest_stop(config.server):g}s: a supervisor's stop timeout must exceed it)"
+    print(f"  server: {_pairs(dict(keys.changed(config.server)))} {stop}")
     print(f"  cgroup: root={config.cgroup.root} mode={config.cgroup.host.describe()}")
     guard = config.guard
     print(f"  guard: max_rss={format_size(guard.max_rss)} min_available={guard.min_available} "

@@ -12,7 +12,7 @@ import time
 import gevent
 
 from gsrv.accept.listeners import BindError
-from gsrv.config.parse import Config, load
+from gsrv.config.parse import Config, ServerConfig, load
 from gsrv.contain.scope import Root
 from gsrv.errors import ConfigError
 from gsrv.logs import Log
@@ -26,6 +26,12 @@ from gsrv.state import Lifecycle, State
 DRAIN_POLL_S = 0.05
 OWN_GREENLETS = 6  # with an admin endpoint: main, signal worker, watchdog, guard, log writer, metrics flusher
 STOP_MARGIN_S = 1.0
+
+
+def longest_stop(server: ServerConfig) -> float:
+    """The longest a stop on SIGTERM takes: the announcement, the drain, then the ladder's
+    end (_end_sessions). A supervisor's stop timeout must exceed it."""
+    return server.drain_announce + server.drain_timeout + server.kill_grace + REAP_TIMEOUT_S + STOP_MARGIN_S
 
 
 class Server:

@@ -232,20 +232,31 @@ def test_a_rolling_restart_under_load(fleet, announce: str) -> None:
         old = fleet.nodes[name]
         wait_until(lambda: len(ended(old)) >= 10, 30, f"{name} to serve sessions")  # noqa: B023
         across = long_session(fleet, name, seconds=4.0)  # longer than the announcement: it runs into the drain
+        t0 = time.time()
         old.signal(signal.SIGTERM)
+        down = fleet.wait_status(name, "DOWN", timeout=40)
         assert old.wait(timeout=40) == 0, "\n".join(old.lines[-20:])
+        exited = time.time()
         out, err = across.communicate(timeout=30)
         assert across.returncode == 0 and out.startswith("ok "), err
         fleet.stopped.append(old)
         stopped.append(old)
         new = fleet.start_node(name, announce)
-        fleet.wait_status(name, "UP")
+        up = fleet.wait_status(name, "UP")
+        print(
+            f"{name}: DOWN {down - t0:.2f}s after SIGTERM, exit at {exited - t0:.2f}s, UP again "
+            f"{up - exited:.2f}s after the exit"
+        )  # pytest -s shows it
         wait_until(lambda: len(ended(new)) >= 5, 30, f"the new {name} to take sessions")  # noqa: B023
     reports = finish(fast), finish(slow)
     # A refused connect is retried; with option redispatch HAProxy 2.6 counts a retry that went
     # to another node as wredis, one to the same node as wretr, and gives up as econ.
     backend = fleet.stats()["BACKEND"]
     tried_again = {f: int(backend[f]) for f in ("econ", "wretr", "wredis", "eresp")}
+    print(
+        f"drain_announce={announce}: HAProxy {tried_again}, failed sessions "
+        f"{[r['failed'] for r in reports]} of {[r['sessions'] for r in reports]}"
+    )  # pytest -s shows it
     if announce == "0s":
         assert sum(tried_again.values()) > 0, f"nothing refused or retried without the announcement: {tried_again}"
         return

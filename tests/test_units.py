@@ -17,8 +17,7 @@ import pytest
 from conftest import PY, ROOT, exchange, wait_until
 
 from gsrv.config.parse import load
-from gsrv.relay.child import REAP_TIMEOUT_S
-from gsrv.server import STOP_MARGIN_S
+from gsrv.server import longest_stop
 
 UNITS = ROOT / "contrib" / "systemd"
 GSRV = Path(sys.executable).parent / "gsrv"  # the checkout's .venv/bin/gsrv
@@ -35,8 +34,7 @@ def _unit(name: str) -> configparser.ConfigParser:
 
 def _needed(config: Path) -> float:
     """The longest a stop of gsrv on this config takes: announce, drain, kill_grace, reap."""
-    server = load(str(config)).server
-    return server.drain_announce + server.drain_timeout + server.kill_grace + REAP_TIMEOUT_S + STOP_MARGIN_S
+    return longest_stop(load(str(config)).server)
 
 
 @pytest.mark.timeout(60)
