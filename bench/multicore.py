@@ -55,12 +55,17 @@ def _start(listener: socket.socket, n: int, tmp: str) -> list[subprocess.Popen[b
         procs.append(subprocess.Popen([sys.executable, "-m", "gsrv", "serve", "-c", config], stderr=log,
                                       stdin=subprocess.DEVNULL, pass_fds=(fd,)))  # fmt: skip
         log.close()
-    for k in range(n):
-        deadline = time.monotonic() + 20
-        while "event=listening" not in _log(tmp, k):
-            if time.monotonic() > deadline or procs[k].poll() is not None:
-                raise RuntimeError(f"gsrv process {k} did not listen: see {tmp}/multi-{k}.log")
-            time.sleep(0.05)
+    try:
+        for k in range(n):
+            deadline = time.monotonic() + 20
+            while "event=listening" not in _log(tmp, k):
+                if time.monotonic() > deadline or procs[k].poll() is not None:
+                    raise RuntimeError(f"gsrv process {k} did not listen: {_log(tmp, k)[-2000:]}")
+                time.sleep(0.05)
+    except BaseException:
+        for proc in procs:
+            servers.stop(proc)
+        raise
     return procs
 
 
@@ -107,6 +112,8 @@ def report(rounds: list[Round], cores: int) -> str:
     header = ("| processes | sessions/s (median) | rounds | gsrv CPU ms per session it served, each process "
               "| share of sessions | children ms | client ms | machine busy ms |")  # fmt: skip
     lines = [title, "", header, "|---:|---:|---|---|---|---:|---:|---:|"]
+    busy = ('"machine busy" is every core\'s busy time, whatever ran it: a run beside other work inflates '
+            "it, and the rates it predicts fall.")  # fmt: skip
     medians = {}
     for n in sorted({r.processes for r in rounds}):
         mine = [r for r in rounds if r.processes == n]
@@ -134,7 +141,7 @@ def report(rounds: list[Round], cores: int) -> str:
         gsrv_bound, machine_bound = n * cap, n * 1000 / server1
         bound = "the gsrv processes" if gsrv_bound <= machine_bound else "the cores (commands and kernel too)"
         lines.append(f"| {n} | {min(gsrv_bound, machine_bound):,.0f} | {bound} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", busy]) + "\n"
 
 
 def main() -> int:

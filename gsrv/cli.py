@@ -184,10 +184,10 @@ def serve(path: str, overrides: list[str]) -> int:
     if admin is not None:
         admin.start(server.flush_metrics)
     server.stopped.wait()
+    worker.kill()  # no signal is handled from here on: a reload now would open listeners
     if admin is not None:
         admin.stop()
     guard.stop()
-    worker.kill()
     contain_in(None)
     left = root.remove() if root is not None else []
     if left:
@@ -244,7 +244,7 @@ def _handle_signals(server: Server, guard: Guard, signals: Queue[int]) -> None:
         stops += 1
         if stops == 1:
             server.log.info("signal", signal=name, next="announce" if server.config.server.drain_announce else "drain")
-            server.stop()
+            server.begin_stop()
         else:
             server.log.warning("signal", signal=name, next="stop now, skipping the drain")
             server.force_stop()

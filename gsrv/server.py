@@ -21,17 +21,19 @@ from gsrv.relay.child import REAP_TIMEOUT_S
 from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
 from gsrv.service import Service
-from gsrv.state import Lifecycle, State
+from gsrv.state import Lifecycle
 
 DRAIN_POLL_S = 0.05
 OWN_GREENLETS = 6  # with an admin endpoint: main, signal worker, watchdog, guard, log writer, metrics flusher
 STOP_MARGIN_S = 1.0
+EXIT_MARGIN_S = 3.0  # after the sessions: the admin endpoint, the guardian, the cgroups, the log
 
 
 def longest_stop(server: ServerConfig) -> float:
-    """The longest a stop on SIGTERM takes: the announcement, the drain, then the ladder's
-    end (_end_sessions). A supervisor's stop timeout must exceed it."""
-    return server.drain_announce + server.drain_timeout + server.kill_grace + REAP_TIMEOUT_S + STOP_MARGIN_S
+    """The longest a stop on SIGTERM takes: the announcement, the drain, the ladder's end
+    (_end_sessions), then the exit. A supervisor's stop timeout must exceed it."""
+    ladder_end = server.kill_grace + REAP_TIMEOUT_S + STOP_MARGIN_S
+    return server.drain_announce + server.drain_timeout + ladder_end + EXIT_MARGIN_S
 
 
 class Server:
@@ -185,7 +187,7 @@ class Server:
                 if current is not None:
                     kept.append(current)  # keep serving on the old address
                 continue
-            if self.lifecycle.state is State.DRAINING:
+            if self.lifecycle.closing:  # a reload in the drain, or after it, opens nothing
                 fresh.close("draining")
             else:
                 self._listen(fresh)
@@ -209,7 +211,7 @@ class Server:
 
     # -- drain and stop ------------------------------------------------------------------
 
-    def stop(self) -> None:
+    def begin_stop(self) -> None:
         """SIGTERM/SIGINT: announce the stop for drain_announce (readiness fails, the listeners
         still accept, so a balancer moves new clients away before any is refused), then drain."""
         announce = self.config.server.drain_announce

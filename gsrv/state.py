@@ -98,6 +98,11 @@ class Lifecycle:
             self._to(State.STOPPED)
 
     @property
+    def closing(self) -> bool:
+        """The drain has begun (or is over): no listener opens any more."""
+        return self.state in (State.DRAINING, State.STOPPED)
+
+    @property
     def accept_paused(self) -> bool:
         return self.memory_pressure or self.drain_started is not None
 

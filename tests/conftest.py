@@ -74,8 +74,10 @@ class Gsrv:
         preexec: Callable[[], None] | None = None,
         extra_args: list[str] | None = None,
         prefix: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
-        """prefix: argv that execs the rest (nsenter into a test host's network namespace)."""
+        """prefix: argv that execs the rest (nsenter into a test host's network namespace);
+        env: variables added to the test's own environment."""
         self.config = config
         self.proc = subprocess.Popen(
             [*(prefix or []), PY, "-m", "gsrv", "serve", "-c", str(config), *(extra_args or [])],
@@ -84,6 +86,7 @@ class Gsrv:
             stderr=subprocess.PIPE,
             cwd=ROOT,
             preexec_fn=preexec,
+            env={**os.environ, **env} if env else None,
         )
         self.ps = psutil.Process(self.proc.pid)
         self._guardian: int | None = None
@@ -199,12 +202,12 @@ def gsrv(tmp_path: Path) -> Iterator[Callable[..., Gsrv]]:
     """Start gsrv with the given config text (prepended with a [server] table if none)."""
     started: list[Gsrv] = []
 
-    def start(text: str, read_log: bool = True) -> Gsrv:
+    def start(text: str, read_log: bool = True, env: dict[str, str] | None = None) -> Gsrv:
         if "[server]" not in text:
             text = '[server]\nkill_grace = "1s"\n' + text
         path = tmp_path / f"gsrv{len(started)}.toml"
         path.write_text(text)
-        server = Gsrv(path, read_log=read_log)
+        server = Gsrv(path, read_log=read_log, env=env)
         started.append(server)
         return server
 

@@ -214,5 +214,5 @@ def test_shipped_config_passes_check() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "conf/gsrv.toml: ok, 5 service(s)"
     assert "relay=socket (the child holds the connection)" in result.stdout  # the whoami demo
-    stop = "server: drain_announce=off drain_timeout=30s kill_grace=2s (a stop takes at most 38s: "
+    stop = "server: drain_announce=off drain_timeout=30s kill_grace=2s (a stop takes at most 41s: "
     assert stop in result.stdout, result.stdout

@@ -90,10 +90,15 @@ def test_load_stops_starting_sessions_on_sigint_and_reports_the_ones_that_ran(gs
     host, port = server.address("slow")
     argv = [PY, "-m", "gsrv", "load", f"{host}:{port}", "--sessions", "100000", "--concurrency", "4", "--verify",
             "--json"]  # fmt: skip
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) as load:
+    load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
         server.wait_log(r"event=session_end .*reason=eof", timeout=30)
         load.send_signal(signal.SIGINT)
         out, err = load.communicate(timeout=60)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait(timeout=10)
     assert load.returncode == 0, err
     report = json.loads(out)
     assert report["stopped_by_signal"] and report["failed"] == 0
@@ -102,3 +107,30 @@ def test_load_stops_starting_sessions_on_sigint_and_reports_the_ones_that_ran(gs
     wait_until(lambda: server.count_log(ended) >= report["sessions"], 10, "each session's end in the log")
     time.sleep(0.5)  # a session the report missed would end by now
     assert server.count_log(ended) == report["sessions"], "each session that ran is in the report"
+
+
+@pytest.mark.timeout(120)
+def test_load_ends_stalls_on_sigint_and_running_sessions_on_a_second(gsrv) -> None:
+    server = gsrv(service_toml("held", ["cat"]) + service_toml("mute", ["sleep", "600"]))
+
+    def run(name: str, child: str, signals: int, *args: str) -> dict:  # type: ignore[type-arg]
+        host, port = server.address(name)
+        argv = [PY, "-m", "gsrv", "load", f"{host}:{port}", "--concurrency", "3", "--json", *args]
+        load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            running = lambda: sum(p.name() == child for p in server.children()) >= 3  # noqa: E731
+            wait_until(running, 30, f"3 sessions running {child}")
+            for _ in range(signals):
+                load.send_signal(signal.SIGINT)
+                time.sleep(0.5)
+            out, err = load.communicate(timeout=20)  # a 10-minute stall or a mute child: only the signals end them
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait(timeout=10)
+        return json.loads(out)  # type: ignore[no-any-return]
+
+    stalls = run("held", "cat", 1, "--mode", "stall", "--sessions", "3", "--duration", "10m")
+    assert stalls["stopped_by_signal"] and (stalls["sessions"], stalls["failed"]) == (3, 0), stalls
+    mute = run("mute", "sleep", 2, "--sessions", "100")
+    assert mute["aborted_by_signal"] == 3 and mute["sessions"] == 0, mute

@@ -25,8 +25,8 @@ MiB = 1024 * 1024
 class Supervisor:
     """supervisord in the foreground on a rewritten copy of supervisord.conf in tmp."""
 
-    def __init__(self, tmp: Path, gsrv_toml: str, multi: list[str] | None = None, tcp_port: int = 0) -> None:
-        """multi: a config per fcgi-program process; they share a unix socket, or 127.0.0.1:tcp_port."""
+    def __init__(self, tmp: Path, gsrv_toml: str, multi: list[str] | None = None) -> None:
+        """multi: a config per fcgi-program process; they share a unix socket, .run/multi.sock."""
         self.tmp = tmp
         (tmp / ".run").mkdir()
         (tmp / "gsrv.toml").write_text(gsrv_toml)
@@ -41,8 +41,7 @@ class Supervisor:
             for n, body in enumerate(multi):
                 (tmp / f"multi-{n}.toml").write_text(body)
             text = text.replace("%(here)s/conf/gsrv-multi.toml", "%(here)s/multi-%(process_num)d.toml")
-            shared = f"tcp://127.0.0.1:{tcp_port}" if tcp_port else "unix://%(here)s/.run/multi.sock"
-            text = text.replace("socket = tcp://127.0.0.1:7101", f"socket = {shared}")
+            text = text.replace("socket = tcp://127.0.0.1:7101", "socket = unix://%(here)s/.run/multi.sock")
             text = text.replace("admin.listen=127.0.0.1:919%(process_num)d", "admin.listen=127.0.0.1:0")
         self.conf = tmp / "supervisord.conf"
         self.conf.write_text(text)
@@ -196,16 +195,14 @@ def test_fcgi_program_processes_share_one_socket(supervisor, tmp_path: Path) -> 
 
 @pytest.mark.timeout(180)
 def test_fcgi_program_restarts_each_process_in_turn_under_load_without_a_failed_session(supervisor, tmp_path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     body = service_toml("multi", ["sha256sum"]).replace('"127.0.0.1:0"', '"fd:0"')
-    sup = Supervisor(tmp_path, SERVER + service_toml("unused", ["cat"]), multi=[SERVER + body] * 2, tcp_port=port)
+    sup = Supervisor(tmp_path, SERVER + service_toml("unused", ["cat"]), multi=[SERVER + body] * 2)
     supervisor.append(sup)
     names = [f"gsrv-multi-{n}" for n in range(2)]
     for name in names:
-        sup.wait_log(r"event=listening service=multi address=127\.0\.0\.1:\d+ via=fd:0", name)
-    argv = [PY, "-m", "gsrv", "load", f"127.0.0.1:{port}", "--sessions", "1000000", "--concurrency", "16",
+        sup.wait_log(r"event=listening service=multi address=unix:\S+ via=fd:0", name)
+    shared = tmp_path / ".run" / "multi.sock"
+    argv = [PY, "-m", "gsrv", "load", f"unix:{shared}", "--sessions", "1000000", "--concurrency", "16",
             "--bytes", "256KiB", "--verify", "--json"]  # fmt: skip
     load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -219,7 +216,12 @@ def test_fcgi_program_restarts_each_process_in_turn_under_load_without_a_failed_
             wait_until(lambda: served() >= after + 20, 30, f"the new {name} to serve sessions")  # noqa: B023
     finally:
         load.send_signal(signal.SIGINT)
-        out, err = load.communicate(timeout=60)
+        try:
+            out, err = load.communicate(timeout=60)
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait(timeout=10)
     report = json.loads(out)
     assert report["failed"] == 0 and report["sessions"] > 0, report
     for name in names:

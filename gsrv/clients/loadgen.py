@@ -46,11 +46,33 @@ def duration(text: str) -> float:
     return float(m.group(1)) * TIME_UNITS[m.group(2)]
 
 
-def target(text: str) -> tuple[str, int]:
+Target = tuple[str, int] | str  # (host, port), or a unix socket's path
+
+
+def target(text: str) -> Target:
+    if text.startswith("unix:") and len(text) > len("unix:"):
+        return text.removeprefix("unix:")
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f'expected HOST:PORT, like 127.0.0.1:7001 (got "{text}")')
+        raise argparse.ArgumentTypeError(f'expected HOST:PORT or unix:/path, like 127.0.0.1:7001 (got "{text}")')
     return host.strip("[]"), int(port)
+
+
+def connect(to: Target, timeout: float) -> socket.socket:
+    if isinstance(to, str):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(to)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    return socket.create_connection(to, timeout=timeout)
+
+
+def _shown(to: Target) -> str:
+    return f"unix:{to}" if isinstance(to, str) else f"{to[0]}:{to[1]}"
 
 
 class VerifyError(Exception):
@@ -68,7 +90,8 @@ class Run:
     errors: Counter[str] = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
     peak_rss: int = 0
-    stopped: bool = False  # by a signal, before --sessions or --duration ran out
+    stopped: bool = False  # a signal cut the run short (no session started after it; stalls let go)
+    aborted: int = 0  # sessions a second signal ended (not in `done`)
 
     def failed(self, kind: str, message: str) -> None:
         self.errors[kind] += 1
@@ -113,8 +136,8 @@ class Session:
                     gevent.sleep(ahead)
         return head
 
-    def run(self, address: tuple[str, int], hold: float) -> None:
-        with socket.create_connection(address, timeout=self.args.timeout) as sock:
+    def run(self, address: Target, hold: float, stop: Event) -> None:
+        with connect(address, self.args.timeout) as sock:
             if self.args.mode == "upload":
                 self._upload(sock)
             elif self.args.mode == "echo":
@@ -123,7 +146,7 @@ class Session:
                 sock.shutdown(stdsocket.SHUT_WR)
                 self.read_all(sock, None)
             else:
-                self._stall(sock, hold)
+                self._stall(sock, hold, stop)
 
     def _upload(self, sock: socket.socket) -> None:
         digest = hashlib.sha256() if self.args.verify else None
@@ -144,15 +167,15 @@ class Session:
         if sent is not None and back is not None and (self.received != self.sent or sent.digest() != back.digest()):
             raise VerifyError(f"the echo ({self.received} bytes) differs from what was sent ({self.sent} bytes)")
 
-    def _stall(self, sock: socket.socket, hold: float) -> None:
-        """Send until the send buffer is full, then hold the connection open."""
+    def _stall(self, sock: socket.socket, hold: float, stop: Event) -> None:
+        """Send until the send buffer is full, then hold the connection open (until a stop)."""
         sock.setblocking(False)
         try:
             while True:
                 self.sent += sock.send(self.block)
         except BlockingIOError:
             pass
-        gevent.sleep(hold)
+        stop.wait(hold)
 
 
 def _error_kind(e: BaseException) -> str:
@@ -169,10 +192,11 @@ def _error_kind(e: BaseException) -> str:
     return type(e).__name__
 
 
-def run_load(args: argparse.Namespace, stop: Event | None = None) -> Run:
-    """The run; once `stop` is set (SIGINT/SIGTERM from the command line) no session starts,
-    the running ones finish and count."""
-    stop = stop or Event()
+def run_load(args: argparse.Namespace, stop: Event | None = None, abort: Event | None = None) -> Run:
+    """The run. Once `stop` is set (a first SIGINT/SIGTERM on the command line) no session
+    starts and the running ones finish and count; once `abort` is (a second), they are ended
+    and counted as aborted."""
+    stop, abort = stop or Event(), abort or Event()
     block = os.urandom(BLOCK)
     result = Run()
     pool = Pool(args.concurrency)
@@ -185,7 +209,7 @@ def run_load(args: argparse.Namespace, stop: Event | None = None) -> Run:
         session = Session(args, number, block)
         t0 = time.monotonic()
         try:
-            session.run(args.target, hold=max(0.0, (stop_at or t0) - t0) if args.mode == "stall" else 0.0)
+            session.run(args.target, max(0.0, (stop_at or t0) - t0) if args.mode == "stall" else 0.0, stop)
             result.latencies.append(time.monotonic() - t0)
         except Exception as e:
             result.failed(_error_kind(e), f"session {number}: {e}")
@@ -203,12 +227,17 @@ def run_load(args: argparse.Namespace, stop: Event | None = None) -> Run:
             due = started + number / args.rate
             if due > time.monotonic() and stop.wait(due - time.monotonic()):
                 break
-        pool.wait_available()
+        while not pool.wait_available(timeout=0.2) and not stop.is_set():
+            pass  # a slot, or a stop while every session still runs
         if stop.is_set():
             break
         pool.spawn(one, number)
+    while not pool.join(timeout=0.2):
+        if abort.is_set():
+            result.aborted = len(pool)
+            pool.kill(timeout=5)
+            break
     result.stopped = stop.is_set()
-    pool.join()
     result_time = time.monotonic() - started
     if sampler is not None:
         sampler.kill()
@@ -245,7 +274,7 @@ def summary(args: argparse.Namespace, result: Run) -> dict[str, Any]:
 
     moved = result.bytes_sent + result.bytes_received
     return {
-        "target": f"{args.target[0]}:{args.target[1]}",
+        "target": _shown(args.target),
         "mode": args.mode,
         "sessions": result.done,
         "failed": sum(result.errors.values()),
@@ -259,6 +288,7 @@ def summary(args: argparse.Namespace, result: Run) -> dict[str, Any]:
         "error_examples": result.examples,
         "server_peak_rss": result.peak_rss or None,
         "stopped_by_signal": result.stopped,
+        "aborted_by_signal": result.aborted,
     }
 
 
@@ -270,7 +300,9 @@ def _print(report: dict[str, Any]) -> None:
     print(f"latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
     if report["server_peak_rss"]:
         print(f"server peak RSS: {report['server_peak_rss'] / 2**20:.1f} MiB")
-    if report["stopped_by_signal"]:
+    if report["aborted_by_signal"]:
+        print(f"stopped by a second signal: {report['aborted_by_signal']} running sessions ended unfinished")
+    elif report["stopped_by_signal"]:
         print("stopped by a signal: no session started after it, the running ones finished")
     if report["failed"]:
         print(f"FAILED: {report['failed']} sessions", file=sys.stderr)
@@ -281,7 +313,7 @@ def _print(report: dict[str, Any]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", metavar="HOST:PORT", type=target)
+    parser.add_argument("target", metavar="HOST:PORT|unix:/path", type=target)
     parser.add_argument("--sessions", type=int, default=100, help="sessions in all (default 100)")
     parser.add_argument("--concurrency", type=int, default=10, help="sessions at once (default 10)")
     parser.add_argument("--bytes", type=size, default=size("64KiB"), help="bytes per session, like 1MiB")
@@ -296,10 +328,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    stop = Event()
+    stop, abort = Event(), Event()
+
+    def on_signal() -> None:  # the first: no new session; the second: end the running ones
+        (abort if stop.is_set() else stop).set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(signum, stop.set)  # stop starting sessions; report the run so far
-    result = run_load(args, stop)
+        gevent.signal_handler(signum, on_signal)
+    result = run_load(args, stop, abort)
     report = summary(args, result)
     if args.json:
         print(json.dumps(report))

@@ -82,7 +82,8 @@ class ServerConfig:
                           reload=AT_ONCE)  # fmt: skip
     drain_announce: float = key(keys.duration("off"), "0s", "on SIGTERM/SIGINT, before the drain: how long /readyz "
                                 'answers 503 "draining" while the listeners still accept (above the balancer\'s '
-                                "inter x fall)", reload="applies to the next stop", shown=True)  # fmt: skip
+                                "inter x fall + timeout check)", reload="applies to the next stop",
+                                shown=True)  # fmt: skip
     drain_timeout: float = key(keys.duration(), "30s", "on SIGTERM/SIGINT: how long running sessions may finish",
                                reload="applies to the next drain", shown=True)  # fmt: skip
     kill_grace: float = key(keys.duration(), "2s", "stop ladder: time between TERM and KILL to a session's group",

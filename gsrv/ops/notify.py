@@ -1,5 +1,6 @@
-"""systemd's readiness protocol (sd_notify(3)) for `Type=notify`: READY=1 once every listener
-accepts, STOPPING=1 when a stop begins, STATUS= with the state. Nothing without NOTIFY_SOCKET.
+"""systemd's readiness protocol (sd_notify(3)) for `Type=notify`: READY=1 once the listeners
+are open (serving, or paused by the memory guard: clients wait in the backlog), STOPPING=1
+when a stop begins, STATUS= with the state. Nothing without NOTIFY_SOCKET.
 
 One datagram per change, sent without blocking: a full receiver queue loses that message
 (logged), never stalls the server.
