@@ -223,7 +223,7 @@ def test_fcgi_program_restarts_each_process_in_turn_under_load_without_a_failed_
                 load.kill()
                 load.wait(timeout=10)
     report = json.loads(out)
-    assert report["failed"] == 0 and report["sessions"] > 0, report
+    assert report["failed"] == 0 and report["sessions"] > 0, (report["errors"], report["error_examples"])
     for name in names:
         ends = [line for line in sup.log(name).splitlines() if "event=session_end" in line]
         assert all(" exit=0 " in line and "reason=eof" in line for line in ends), name
