@@ -68,6 +68,8 @@ def test_every_shipped_stop_timeout_exceeds_a_whole_stop_of_its_config() -> None
         command = supervisord[section]["command"]
         config = re.search(r"-c %\(here\)s/(\S+)", command).group(1)  # type: ignore[union-attr]
         pairs.append((section, float(supervisord[section]["stopwaitsecs"]), ROOT / config))
+        # the stop signal to gsrv alone: a group SIGTERM kills a child between its fork and setsid
+        assert supervisord[section]["stopasgroup"] == "false", section
     pairs.append(("gsrv.service", float(_unit("gsrv.service")["Service"]["TimeoutStopSec"]), UNITS / "gsrv.toml"))
     for where, timeout, config in pairs:
         needed = _needed(config)
