@@ -180,9 +180,16 @@ class Gsrv:
         return self.proc.wait(timeout=timeout)
 
     def stop(self) -> None:
+        """A stop now: SIGINT, and once gsrv took that one (two sent back to back arrive as
+        one), a second, which skips the announcement and the drain."""
         if self.proc.poll() is None:
+            seen = self.count_log(r"event=signal ")
             self.proc.send_signal(signal.SIGINT)
-            self.proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 2
+            while self.proc.poll() is None and self.count_log(r"event=signal ") == seen and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
