@@ -36,6 +36,11 @@ def _watch_cpu(pid: int) -> tuple[CpuMeter, gevent.Greenlet]:
     return meter, gevent.spawn(loop)
 
 
+def busy(t: psutil._common.scputimes) -> float:  # type: ignore[name-defined]
+    """The CPU seconds of psutil.cpu_times() that some core was busy (the whole machine)."""
+    return float(t.user + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
+
+
 def into_wc(addr: tuple[str, int], pid: int, size: int) -> dict[str, float]:
     """MB/s of `size` bytes client -> child (`wc -c`), count checked; server CPU s/GiB."""
     meter, watcher = _watch_cpu(pid)

@@ -38,10 +38,6 @@ class Round:
     machine_ms: float  # every core's busy time, per session
 
 
-def _busy(t: psutil._common.scputimes) -> float:  # type: ignore[name-defined]
-    return float(t.user + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
-
-
 def _start(listener: socket.socket, n: int, tmp: str) -> list[subprocess.Popen[bytes]]:
     fd = listener.fileno()
     procs = []
@@ -104,7 +100,8 @@ def measure(n: int, sessions: int) -> Round:
     kids = sum((a.children_user + a.children_system) - (b.children_user + b.children_system)
                for a, b in zip(after, before, strict=True))  # fmt: skip
     return Round(n, rate, own, [s / max(1, sum(served)) for s in served], kids * per,
-                 ((m1.user + m1.system) - (m0.user + m0.system)) * per, (_busy(t1) - _busy(t0)) * per)  # fmt: skip
+                 ((m1.user + m1.system) - (m0.user + m0.system)) * per,
+                 (measures.busy(t1) - measures.busy(t0)) * per)  # fmt: skip
 
 
 def report(rounds: list[Round], cores: int) -> str:

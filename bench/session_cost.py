@@ -16,10 +16,6 @@ import psutil
 import servers
 
 
-def _busy(t: psutil._common.scputimes) -> float:  # type: ignore[name-defined]
-    return float(t.user + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=2000)
@@ -44,7 +40,11 @@ def main() -> int:
             children = (s1.children_user + s1.children_system) - (s0.children_user + s0.children_system)
             client = (m1.user + m1.system) - (m0.user + m0.system)
             per = 1000 / n
-            user, system, machine = (s1.user - s0.user) * per, (s1.system - s0.system) * per, _busy(t1) - _busy(t0)
+            user, system, machine = (
+                (s1.user - s0.user) * per,
+                (s1.system - s0.system) * per,
+                measures.busy(t1) - measures.busy(t0),
+            )
             print(f"| {peer.name} | {rate:,.0f} | {user:.3f} | {system:.3f} | {children * per:.3f} "
                   f"| {client * per:.3f} | {machine * per:.3f} |")  # fmt: skip
     return 0

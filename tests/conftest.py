@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -255,6 +256,12 @@ def random_stream(total: int, seed: int = 1, chunk: int = 1 << 20) -> Iterator[b
         yield piece
         sent += len(piece)
         n += 1
+
+
+def log_time(line: str) -> float:
+    """A log line's ts= as seconds since the epoch (what time.time() says)."""
+    stamp = re.search(r"ts=(\S+)", line).group(1)  # type: ignore[union-attr]
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
 
 
 def lives(pid: int) -> bool:

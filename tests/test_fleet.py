@@ -7,7 +7,6 @@ What HAProxy saw is read from its stats socket; what each node did, from its log
 from __future__ import annotations
 
 import csv
-import datetime
 import json
 import re
 import shutil
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 import testnet
-from conftest import PY, ROOT, Gsrv, wait_until
+from conftest import PY, ROOT, Gsrv, log_time, wait_until
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 NODES = ("node1", "node2", "node3")
@@ -182,11 +181,6 @@ def long_session(fleet: Fleet, node: str, seconds: float) -> tuple[subprocess.Po
     first = proc.stdout.readline().split()
     assert first[:1] == ["echoing"], proc.stderr.read() if proc.stderr else ""
     return proc, int(first[1])
-
-
-def log_time(line: str) -> float:
-    ts = re.search(r"ts=(\S+)", line).group(1)  # type: ignore[union-attr]
-    return datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
 
 
 def ended(server: Gsrv) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime
 import re
 import signal
 import socket
@@ -13,7 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import exchange, service_toml, wait_until
+from conftest import exchange, log_time, service_toml, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 ADMIN = '[admin]\nlisten = "127.0.0.1:0"\n'
@@ -140,11 +139,6 @@ def test_readyz_follows_the_guard_and_the_drain(gsrv) -> None:
 ANNOUNCE = '[server]\nkill_grace = "1s"\ndrain_announce = "5s"\n'
 
 
-def _ts(line: str) -> float:
-    stamp = re.search(r"ts=(\S+)", line).group(1)  # type: ignore[union-attr]
-    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
-
-
 @pytest.mark.timeout(60)
 def test_an_announced_stop_fails_readiness_keeps_accepting_reloads_then_drains(gsrv) -> None:
     text = ANNOUNCE + ADMIN + service_toml("echo", ["cat"])
@@ -170,9 +164,9 @@ def test_an_announced_stop_fails_readiness_keeps_accepting_reloads_then_drains(g
     with socket.create_connection(upper, timeout=10) as sock:
         assert exchange(sock, b"abc") == b"ABC"
     draining = server.wait_log(r"event=draining ", timeout=15)
-    assert _ts(draining) - _ts(announced) >= 4.99, "the drain began before drain_announce was over"
+    assert log_time(draining) - log_time(announced) >= 4.99, "the drain began before drain_announce was over"
     served = [line for line in server.lines if "event=session_end" in line]
-    assert len(served) == 2 and all(_ts(line) < _ts(draining) for line in served), served
+    assert len(served) == 2 and all(log_time(line) < log_time(draining) for line in served), served
     for closed in (address, upper):  # the drain closes every listener, the one the reload added too
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(closed, timeout=5).close()

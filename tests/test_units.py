@@ -33,11 +33,6 @@ def _unit(name: str) -> configparser.ConfigParser:
     return unit
 
 
-def _needed(config: Path) -> float:
-    """The longest a stop of gsrv on this config takes: announce, drain, kill_grace, reap."""
-    return longest_stop(load(str(config)).server)
-
-
 @pytest.mark.timeout(60)
 def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
@@ -72,7 +67,7 @@ def test_every_shipped_stop_timeout_exceeds_a_whole_stop_of_its_config() -> None
         assert supervisord[section]["stopasgroup"] == "false", section
     pairs.append(("gsrv.service", float(_unit("gsrv.service")["Service"]["TimeoutStopSec"]), UNITS / "gsrv.toml"))
     for where, timeout, config in pairs:
-        needed = _needed(config)
+        needed = longest_stop(load(str(config)).server)
         assert timeout > needed, f"{where}: {timeout:g}s does not cover a stop of {config.name} ({needed:g}s)"
 
 
