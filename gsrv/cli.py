@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
             help="override one key of the file, e.g. --set guard.max_rss=512MiB (repeatable)",
         )
     send = sub.add_parser("send", help="stream stdin to a service and its reply to stdout")
-    send.add_argument("target", metavar="HOST:PORT")
+    send.add_argument("target", metavar="HOST:PORT", help="or unix:/path")
+    send.add_argument("--raw", action="store_true",
+                      help="put this terminal in raw mode while connected (for a pty = true service)")  # fmt: skip
     load = sub.add_parser("load", help="put load on a service and report throughput, latency, errors")
     loadgen.add_arguments(load)
     return parser
@@ -84,10 +86,12 @@ def check(path: str, overrides: list[str], reference: bool = False) -> int:
     print(f"{path}: ok, {len(config.services)} service(s)")
     for svc in config.services:
         print(f"  {svc.name:<12} {svc.listen!s:<22} {shlex.join(svc.command)}")
-        limits = dict(keys.changed(svc))
+        limits = dict(keys.changed(svc)) | dict(keys.changed(svc.interact))
         limits["relay"] = _relay(svc)
         if svc.relay == "socket":  # the child holds the connection: no pipes, no buffers
             limits = {k: v for k, v in limits.items() if k not in ("chunk_size", "pipe_size")}
+        if svc.interact.pty:  # a terminal, not pipes
+            limits.pop("pipe_size", None)
         print(f"  {'':<12} {_pairs(limits)}")
         policy = dict(keys.changed(svc.policy)) | dict(keys.changed(svc.contain))
         auto = svc.contain.kill_scope == "auto"
@@ -111,8 +115,9 @@ def _pairs(values: dict[str, str]) -> str:
 
 def _relay(svc: ServiceConfig) -> str:
     """The relay key and what it means for this service."""
-    if svc.policy.tls:
-        return "copy (TLS)"
+    needs_bytes = [name for name, on in (("TLS", svc.policy.tls is not None), ("pty", svc.interact.pty)) if on]
+    if needs_bytes:
+        return f"copy ({' and '.join(needs_bytes)})"
     if svc.relay == "socket":
         return "socket (the child holds the connection)"
     if svc.relay != "auto":
@@ -258,4 +263,4 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.config, args.overrides)
     if args.cmd == "load":
         return loadgen.main(args)
-    return send(args.target)
+    return send(args.target, args.raw)

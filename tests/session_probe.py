@@ -61,10 +61,10 @@ class RaisingRelay(Relay):
         super().__init__(sock, chunk)
         self.where = where
 
-    def _in(self, stdin: int) -> End:
+    def _in(self, child: Child) -> End:
         if self.where != "direction":
-            return super()._in(stdin)
-        return move(RaisingSource(self.sock.fileno(), self.chunk), PipeSink(stdin), self.inbound, self.chunk)
+            return super()._in(child)
+        return move(RaisingSource(self.sock.fileno(), self.chunk), PipeSink(child.stdin), self.inbound, self.chunk)
 
     def close(self, clean: bool) -> None:
         if self.where == "close":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,21 @@ CASES = {
         SVC + 'relay = "fast"\n',
         '[services.up] relay must be one of "auto", "splice", "copy", "socket" (got "fast", a string)',
     ),
+    "pty_with_splice": (
+        SVC + 'pty = true\nrelay = "splice"\n',
+        '[services.up] relay is "splice", which needs pipes: with pty = true gsrv copies to and from the terminal '
+        '(use relay = "auto" or "copy")',
+    ),
+    "pty_with_socket_handoff": (
+        SVC + 'pty = true\nrelay = "socket"\n',
+        '[services.up] relay is "socket", which gives the child the connection itself: with pty = true gsrv copies '
+        'to and from the terminal (use relay = "auto" or "copy")',
+    ),
+    "pty_with_pipe_size": (
+        SVC + 'pty = true\npipe_size = "256KiB"\n',
+        "[services.up] pipe_size sizes the stdin and stdout pipes, which a pty replaces (remove the key)",
+    ),
+    "pty_not_a_flag": (SVC + 'pty = "yes"\n', '[services.up] pty must be true or false (got "yes", a string)'),
     "socket_handoff_with_pipe_size": (
         SVC + 'relay = "socket"\npipe_size = "256KiB"\n',
         '[services.up] pipe_size sizes the pipe relays\' pipes and buffers: with relay = "socket" the child reads '
@@ -212,7 +228,9 @@ def test_shipped_config_passes_check() -> None:
         [PY, "-m", "gsrv", "check", "-c", "conf/gsrv.toml"], capture_output=True, text=True, timeout=30, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == "conf/gsrv.toml: ok, 5 service(s)"
+    shipped = len(tomllib.loads((ROOT / "conf" / "gsrv.toml").read_text())["services"])
+    assert result.stdout.splitlines()[0] == f"conf/gsrv.toml: ok, {shipped} service(s)"
     assert "relay=socket (the child holds the connection)" in result.stdout  # the whoami demo
+    assert "relay=copy (pty) pty=true" in result.stdout  # the python demo
     stop = "server: drain_announce=off drain_timeout=30s kill_grace=2s (a stop takes at most 41s: "
     assert stop in result.stdout, result.stdout

@@ -347,6 +347,8 @@ def test_version() -> None:
 @pytest.mark.timeout(60)
 def test_shipped_demo_services_answer_as_the_readme_says(gsrv) -> None:
     text = (ROOT / "conf" / "gsrv.toml").read_text()
+    text = re.sub(r"^\[services\.python\]\n(?:(?!\[)[^\n]*\n)*", "", text, flags=re.M)  # pty: test_pty.py serves it
+    assert "[services.python]" not in text and "[services.daemon]" in text
     server = gsrv(re.sub(r'listen = "127\.0\.0\.1:\d+"', 'listen = "127.0.0.1:0"', text))
     readme = (ROOT / "README.md").read_bytes()
     digest = _send(server, "sha256", readme).stdout.split()[0].decode()

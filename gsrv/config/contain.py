@@ -145,7 +145,7 @@ class Containment:
     stages: tuple[tuple[str, tuple[str, ...]], ...] = ()  # derived: the cgroup helper (v2), the sandbox
 
 
-def parse_containment(t: Table, cgroup: CgroupConfig, environ: dict[str, str]) -> Containment:
+def parse_containment(t: Table, cgroup: CgroupConfig, environ: dict[str, str], pty: bool = False) -> Containment:
     values = keys.read_all(t, Containment)
     host = cgroup.host
     scope = values["kill_scope"]
@@ -175,6 +175,8 @@ def parse_containment(t: Table, cgroup: CgroupConfig, environ: dict[str, str]) -
         if bwrap is None:
             raise t.fail("sandbox", f"needs bubblewrap's bwrap, which is not on PATH ({path}; Debian: apt-get "
                          "install bubblewrap)")  # fmt: skip
-        # --new-session would take the command out of the process group the ladder signals
-        stages.append(("sandbox", (os.path.abspath(bwrap), *sandbox.options(scope == "cgroup"), "--")))
+        # --new-session would take the command out of the process group the ladder signals, and
+        # out of the session its pty leads (there TIOCSTI can reach only the session's own terminal)
+        new_session = scope == "cgroup" and not pty
+        stages.append(("sandbox", (os.path.abspath(bwrap), *sandbox.options(new_session), "--")))
     return Containment(**values, scope=scope, limits=limits, stages=tuple(stages))

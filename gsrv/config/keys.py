@@ -167,3 +167,15 @@ def bits(example: str) -> Read:
         raise t.fail(name, f'must be permission bits like "{example}" (got {describe(value)})')
 
     return read
+
+
+def flag() -> Read:
+    """true or false."""
+
+    def read(t: Table, name: str, default: Any) -> bool:
+        value = t.data.get(name, default)
+        if not isinstance(value, bool):
+            raise t.fail(name, f"must be true or false (got {describe(value)})")
+        return value
+
+    return Reader(read, lambda value: "true" if value else "false")

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 # The stages, in the order their prefixes compose. A stage is (name, argv prefix): the cgroup
 # helper (v2 hosts: the session's cgroup before anything of it runs), prlimit (as root, so hard
-# limits can be set), setpriv (drops to user/group), bwrap (the sandbox, as that user); the
-# pty's controlling-tty step will go after these.
-STAGES = ("cgroup", "rlimits", "privileges", "sandbox")
+# limits can be set), setpriv (drops to user/group), setsid --ctty (pty = true: a session
+# leader whose controlling terminal is its stdin, before bwrap, whose --new-session would drop
+# it), bwrap (the sandbox, as that user).
+STAGES = ("cgroup", "rlimits", "privileges", "tty", "sandbox")
 
 
 @dataclass(frozen=True)

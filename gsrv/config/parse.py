@@ -17,6 +17,7 @@ import psutil
 from gsrv.config import keys
 from gsrv.config.address import Address, collide, parse_address
 from gsrv.config.contain import CgroupConfig, Containment, parse_cgroup, parse_containment
+from gsrv.config.interact import Interaction, parse_interaction
 from gsrv.config.keys import AT_ONCE, key, required
 from gsrv.config.launch import Launch, compose
 from gsrv.config.policy import Policy, parse_policy
@@ -149,6 +150,7 @@ class ServiceConfig:
     launch: Launch = Launch((), "")  # derived: command[0] found on the child's PATH at load, behind its stages
     policy: Policy = Policy()  # its keys are the service table's too: TLS, PROXY, access, per-IP limits, privileges
     contain: Containment = Containment()  # ... and these: kill_scope, max_memory, max_pids, max_cpu, sandbox
+    interact: Interaction = Interaction()  # ... and these: pty
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,7 @@ class Config:
 # The tables a file may hold, and the dataclasses that declare their keys.
 TABLES: dict[str, tuple[type, ...]] = {
     "server": (ServerConfig,), "guard": (GuardConfig,), "admin": (AdminConfig,), "cgroup": (CgroupConfig,),
-    "services.NAME": (ServiceConfig, Policy, Containment),
+    "services.NAME": (ServiceConfig, Policy, Containment, Interaction),
 }  # fmt: skip
 
 
@@ -190,7 +192,7 @@ def _table(file: str, name: str, data: object) -> dict[str, Any]:
 
 
 def _service(file: str, name: str, data: object, server_env: dict[str, str], cgroup: CgroupConfig) -> ServiceConfig:
-    known = keys.names(ServiceConfig, Policy, Containment)
+    known = keys.names(ServiceConfig, Policy, Containment, Interaction)
     t = Table(file, f"services.{name}", _table(file, f"services.{name}", data), known)
     values = keys.read_all(t, ServiceConfig)
     listen: Address = values["listen"]
@@ -202,11 +204,13 @@ def _service(file: str, name: str, data: object, server_env: dict[str, str], cgr
                      "has no address to trust")  # fmt: skip
     if values["relay"] == "socket":
         _check_handoff(t, listen, policy, values["idle_timeout"])
+    interact = parse_interaction(t, values, server_env)  # a pty amends stderr's and TERM's defaults
     child_env = {k: server_env[k] for k in values["pass_env"] if k in server_env} | dict(values["env"])
     executable = _resolve_command(t, values["command"], child_env, values.get("cwd"))
-    contain = parse_containment(t, cgroup, server_env)
-    launch = compose(values["command"], executable, dict(policy.stages + contain.stages), policy.umask)
-    return ServiceConfig(name=name, launch=launch, policy=policy, contain=contain, **values)
+    contain = parse_containment(t, cgroup, server_env, interact.pty)
+    stages = dict(policy.stages + contain.stages + interact.stages)
+    launch = compose(values["command"], executable, stages, policy.umask)
+    return ServiceConfig(name=name, launch=launch, policy=policy, contain=contain, interact=interact, **values)
 
 
 def _check_handoff(t: Table, listen: Address, policy: Policy, idle_timeout: float) -> None:

@@ -183,7 +183,7 @@ def _prefixes(
     stages = []
     if rlimits:
         limits = [f"--{RLIMITS[name][0]}={amount}:{amount}" for name, amount in rlimits]
-        stages.append(("rlimits", (_tool(t, "rlimits", "prlimit", environ), *limits, "--")))
+        stages.append(("rlimits", (util_linux(t, "rlimits", "prlimit", environ), *limits, "--")))
     if user or group:
         if user:
             entry = pwd.getpwnam(user)
@@ -191,11 +191,11 @@ def _prefixes(
             ids = [f"--reuid={entry.pw_uid}", f"--regid={gid}", "--init-groups"]
         else:
             ids = [f"--regid={grp.getgrnam(group).gr_gid}", "--clear-groups"]
-        stages.append(("privileges", (_tool(t, "user" if user else "group", "setpriv", environ), *ids, "--")))
+        stages.append(("privileges", (util_linux(t, "user" if user else "group", "setpriv", environ), *ids, "--")))
     return tuple(stages)
 
 
-def _tool(t: Table, key: str, name: str, environ: dict[str, str]) -> str:
+def util_linux(t: Table, key: str, name: str, environ: dict[str, str]) -> str:
     found = shutil.which(name, path=environ.get("PATH", os.defpath) + ":/usr/bin:/bin:/usr/sbin:/sbin")
     if found is None:
         raise t.fail(key, f"needs util-linux's {name}, which is not installed (Debian: apt-get install util-linux)")

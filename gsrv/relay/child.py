@@ -169,6 +169,7 @@ class Child:
         self._signal_in_exit = signal_in_exit
         self.signals_sent: list[str] = []
         self.pipe_size_error: OSError | None = None
+        self.terminal = -1  # the master side of its pty (pty = true): its stdin and stdout
         self.stdin = proc.stdin.fileno() if proc.stdin else -1
         self.stdout = proc.stdout.fileno() if proc.stdout else -1
         self.stderr = proc.stderr.fileno() if proc.stderr else -1
@@ -179,7 +180,7 @@ class Child:
     @classmethod
     def spawn(
         cls, launch: Launch, env: dict[str, str], cwd: str | None, stderr: str, pipe_size: int = 0,
-        connection: int = -1, contain: Containment | None = None, name: str = "",
+        connection: int = -1, contain: Containment | None = None, name: str = "", pty: bool = False,
     ) -> Child:  # fmt: skip
         """Start the launch's argv (no shell; its stages composed at load) in a new session,
         and in a cgroup of its own (named `name`) when its kill scope is "cgroup".
@@ -187,9 +188,12 @@ class Child:
 
         Its stdin and stdout are pipes, or with `connection` (a socket's fd: socket handoff)
         that socket, made blocking as inetd programs expect (gsrv does no I/O on it until the
-        child's group is gone). pipe_size (if not 0) sets the pipes' capacity; when the kernel
-        refuses (EPERM: the user's pipe budget is spent), they keep the default and
-        `pipe_size_error` says why."""
+        child's group is gone), or with `pty` the slave side of a new pseudo-terminal (stderr
+        too with stderr "stdout"), whose master gsrv keeps (`terminal`): the launch's tty stage
+        makes the child a session leader with it as its controlling terminal, so the child is
+        spawned in gsrv's process group (setsid would fork a group leader) and leaves it at once.
+        pipe_size (if not 0) sets the pipes' capacity; when the kernel refuses (EPERM: the
+        user's pipe budget is spent), they keep the default and `pipe_size_error` says why."""
         hub = get_hub()
         if id(hub.loop) not in _hub_ready:
             hub.loop.install_sigchld()
@@ -198,15 +202,22 @@ class Child:
         argv, executable, umask = launch.argv, launch.executable, launch.umask
         stdio = subprocess.PIPE if connection < 0 else connection
         scope = None
+        master = slave = -1
         try:
+            if pty:
+                master, slave = os.openpty()
+                stdio = slave
+                err = slave if stderr == "stdout" else err
             if contain is not None and contain.scope == "cgroup":
                 assert _root is not None, "a cgroup kill scope without gsrv's cgroup root"
                 scope = Scope.create(_root, name, contain.limits)
                 argv = launch.argv_for(scope.entry, CGROUP_SLOT) if scope.mode == "v2" else argv
             if connection >= 0:
                 os.set_blocking(connection, True)
-            proc, stuck = _popen(argv, executable, stdio, err, env, cwd, umask, scope)
+            proc, stuck = _popen(argv, executable, stdio, err, env, cwd, umask, scope, new_session=not pty)
         except (OSError, ValueError, subprocess.SubprocessError) as e:
+            if master >= 0:
+                os.close(master)
             if connection >= 0:
                 os.set_blocking(connection, False)  # not started: the socket is gsrv's again
             if scope is not None:
@@ -215,7 +226,13 @@ class Child:
                 what = e.filename if e.filename is not None else argv[0]
                 raise SpawnError(f"{e.strerror or e}: {what}", e.errno) from None
             raise SpawnError(str(e)) from None
+        finally:
+            if slave >= 0:
+                os.close(slave)  # the child's now; gsrv holding it would hide the terminal's end (EIO)
         child = cls(proc, scope, launch.signal_in_exit)
+        if master >= 0:
+            os.set_blocking(master, False)
+            child.terminal = child.stdin = child.stdout = master
         child.placement_failed = stuck
         watcher = hub.loop.child(proc.pid)
         watcher.start(child._on_exit, watcher)
@@ -275,20 +292,53 @@ class Child:
         return os.WEXITSTATUS(self.status) - 128 in signal.valid_signals()
 
     def close_stdin(self) -> None:
+        """The child reads EOF; on a terminal, closing the master is a hangup (SIGHUP to its session)."""
         if self._proc.stdin and not self._proc.stdin.closed:
             self._proc.stdin.close()
+        self._close_terminal()
 
     def close_pipes(self) -> None:
         for pipe in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
             if pipe is not None and not pipe.closed:
                 pipe.close()
+        self._close_terminal()
+
+    def _close_terminal(self) -> None:
+        if self.terminal >= 0:
+            os.close(self.terminal)
+            self.terminal = self.stdin = self.stdout = -1
+
+    def hang_up(self) -> bool:
+        """What a terminal's hangup does: SIGHUP to its foreground process group and to its
+        session leader, the child (the master stays open, so what the child writes on its way
+        out still reaches the client; TIOCSIG on a master sends only INT, QUIT and TSTP)."""
+        if self.terminal < 0 or self.exited.is_set():
+            return False
+        groups = {self.pid}
+        with contextlib.suppress(OSError):
+            groups.add(os.tcgetpgrp(self.terminal))  # on the master: the slave's foreground group
+        sent = False
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGHUP)
+                sent = True
+        if sent:
+            self.signals_sent.append("HUP")
+        return sent
 
     def group_alive(self) -> bool:
         """Whether anything of the kill scope (the process group, or the session's cgroup) lives."""
         return self.kill_scope.alive()
 
     def _signal_group(self, sig: signal.Signals) -> None:
-        if self.kill_scope.signal(sig):
+        sent = self.kill_scope.signal(sig)
+        if not sent and not self.exited.is_set():
+            # A pty child before its tty stage made it a group leader (it is in gsrv's group
+            # then): its pid is still its own, not yet reaped, so it cannot name another process.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+                sent = True
+        if sent:
             self.signals_sent.append(sig.name.removeprefix("SIG"))
 
     def _wait_group_gone(self, timeout: float) -> bool:
@@ -325,7 +375,7 @@ class Child:
 
 def _popen(
     argv: tuple[str, ...], executable: str, stdio: int, err: int, env: dict[str, str], cwd: str | None, umask: int,
-    scope: Scope | None,
+    scope: Scope | None, new_session: bool = True,
 ) -> tuple[subprocess.Popen[bytes], list[str]]:  # fmt: skip
     """The stdlib constructor forks with vfork in C (well under a millisecond); gevent's Popen
     forks in Python and blocks the loop for milliseconds. The exit status must come from
@@ -338,7 +388,7 @@ def _popen(
     try:
         proc = subprocess.Popen(
             argv, executable=executable, stdin=stdio, stdout=stdio, stderr=err,
-            bufsize=0, close_fds=True, start_new_session=True, env=env, cwd=cwd, umask=umask,
+            bufsize=0, close_fds=True, start_new_session=new_session, env=env, cwd=cwd, umask=umask,
         )  # fmt: skip
     finally:
         if scope is not None:

@@ -31,6 +31,7 @@ class Facts:
     input_done: bool = False  # the client's EOF reached the child's stdin
     output_eof: bool = False  # the child's stdout reached EOF
     exited: bool = False  # the child was reaped
+    hung_up: bool = False  # the client's input ended on a raw-mode terminal and gsrv hung it up
     ended_well: bool = False  # exit 0 (or any exit, with nonzero_exit = "close"), not a signal
     output_in_flight: bool = False  # output bytes held by the relay or queued in the stdout pipe
     last_activity: float = 0.0  # the latest byte either way (discarded input included)
@@ -58,7 +59,7 @@ class EndRules:
         """The verdict, or the seconds to wait before deciding again (None: until a fact changes)."""
         if f.aborted:
             return Verdict(f.aborted, clean=False)
-        finished = "eof" if f.input_done else "child_exit"
+        finished = "hangup" if f.hung_up else "eof" if f.input_done else "child_exit"
         waits: list[float] = []
         if f.output_eof:
             if self.output_ended_at is None:

@@ -33,12 +33,12 @@ from gsrv.relay.pump import (
     FdSink,
     FdSource,
     Meter,
-    PipeSink,
     move,
     pool,
     queued,
     splice,
 )
+from gsrv.relay.terminal import Pipes, Terminal
 
 LINGER_S = 2.0  # how long a closing session waits for the client's EOF once the reply is acked
 LINGER_POLL_S = 0.1
@@ -56,21 +56,28 @@ class RelayEvents(Protocol):
 class Relay:
     """The copy relay, and the base of the others: each direction through one pooled buffer.
 
-    A subclass changes how a direction moves (`_in`, `_out`, `_discard`) or what the client
-    is told before the FIN (`_finish_output`); the session sees only the facts below."""
+    Its client side is the socket (TLS: TlsRelay); its child side (`child_end`) the child's
+    pipes or its terminal (relay/terminal.py). A subclass changes how a direction moves (`_in`,
+    `_out`, `_discard`) or what the client is told before the FIN (`_finish_output`); the
+    session sees only the facts below."""
 
-    name = "copy"
     closes_after_stop = False  # the connection closes before the child's stop ladder runs
-    __slots__ = ("sock", "chunk", "inbound", "outbound", "discarded", "input_done", "client_eof", "output_eof",
-                 "greenlets")  # fmt: skip
+    __slots__ = ("sock", "chunk", "child_end", "inbound", "outbound", "discarded", "input_done", "client_eof",
+                 "output_eof", "greenlets")  # fmt: skip
 
-    def __init__(self, sock: socket, chunk: int) -> None:
+    def __init__(self, sock: socket, chunk: int, child_end: Pipes | Terminal | None = None) -> None:
         self.sock, self.chunk = sock, chunk
+        self.child_end = child_end or Pipes()
         self.inbound, self.outbound, self.discarded = Meter(), Meter(), Meter()
-        self.input_done = False  # the client's EOF reached the child's stdin
+        self.input_done = False  # the client's EOF reached the child (a closed stdin, a terminal's EOF)
         self.client_eof = False  # the client finished sending (to the child, or discarded)
         self.output_eof = False  # the child's output reached its end and all of it the client
         self.greenlets: list[gevent.Greenlet] = []
+
+    @property
+    def name(self) -> str:
+        """How bytes move, for the log's relay=: copy, or pty (copy through a terminal)."""
+        return self.child_end.name
 
     # -- what a session reads -----------------------------------------------------------
 
@@ -80,8 +87,13 @@ class Relay:
     def last_activity(self) -> float:
         return max(self.inbound.last, self.outbound.last, self.discarded.last)
 
+    @property
+    def hung_up(self) -> bool:
+        """gsrv hung up the child's terminal (its input ended in raw mode, the child ran on)."""
+        return self.child_end.hung_up
+
     def output_in_flight(self, stdout: int) -> bool:
-        """Output bytes held by the relay or waiting in the child's stdout pipe."""
+        """Output bytes held by the relay or waiting in the child's stdout pipe (or terminal)."""
         return self.outbound.holding or bool(queued(stdout))
 
     def handoff(self) -> int:
@@ -137,12 +149,13 @@ class Relay:
     # -- the directions -----------------------------------------------------------------
 
     def _up(self, child: Child, events: RelayEvents) -> None:
-        end = self._in(child.stdin)
+        end = self._in(child)
         if end is End.SOURCE_EOF:
-            child.close_stdin()
-            self.input_done = self.client_eof = True
+            self.client_eof = True
+            self.child_end.end_input(child)  # a terminal in raw mode may wait here (eof_grace)
+            self.input_done = True
         elif end is End.SINK_CLOSED:
-            child.close_stdin()  # the child stopped reading; what the client still sends has nowhere to go
+            self.child_end.refused(child)
             end = self._discard()
             self.client_eof = end is End.SOURCE_EOF
         if end is End.SOURCE_ERROR:
@@ -150,18 +163,19 @@ class Relay:
         events.changed()
 
     def _down(self, child: Child, events: RelayEvents) -> None:
-        end = self._out(child.stdout)
+        end = self._out(child)
         if end is End.SOURCE_EOF:
             self.output_eof = True
         else:
             events.abort(FAILURES[("out", end)])
         events.changed()
 
-    def _in(self, stdin: int) -> End:
-        return move(FdSource(self.sock.fileno(), self.chunk), PipeSink(stdin), self.inbound, self.chunk)
+    def _in(self, child: Child) -> End:
+        return move(FdSource(self.sock.fileno(), self.chunk), self.child_end.sink(child), self.inbound, self.chunk)
 
-    def _out(self, stdout: int) -> End:
-        return move(FdSource(stdout, self.chunk), FdSink(self.sock.fileno()), self.outbound, self.chunk)
+    def _out(self, child: Child) -> End:
+        source = self.child_end.source(child, self.chunk)
+        return move(source, FdSink(self.sock.fileno()), self.outbound, self.chunk)
 
     def _discard(self) -> End:
         return move(FdSource(self.sock.fileno(), self.chunk), Discard(), self.discarded, self.chunk)
@@ -183,31 +197,31 @@ class SpliceRelay(Relay):
     name = "splice"
     __slots__ = ()
 
-    def _in(self, stdin: int) -> End:
-        return splice(self.sock.fileno(), stdin, self.inbound, source_is_socket=True)
+    def _in(self, child: Child) -> End:
+        return splice(self.sock.fileno(), child.stdin, self.inbound, source_is_socket=True)
 
-    def _out(self, stdout: int) -> End:
-        return splice(stdout, self.sock.fileno(), self.outbound, source_is_socket=False)
+    def _out(self, child: Child) -> End:
+        return splice(child.stdout, self.sock.fileno(), self.outbound, source_is_socket=False)
 
 
 class TlsRelay(Relay):
     """Plain bytes to and from the child, records to and from the client (edge/tls.py)."""
 
-    name = "copy"  # the log's relay= says how bytes moved; TLS is logged on its own (tls=)
-    __slots__ = ("stream",)
+    __slots__ = ("stream",)  # the log's relay= says how bytes moved; TLS is logged on its own (tls=)
 
-    def __init__(self, sock: socket, chunk: int, stream: TlsStream) -> None:
-        super().__init__(sock, chunk)
+    def __init__(self, sock: socket, chunk: int, stream: TlsStream, child_end: Pipes | Terminal | None = None) -> None:
+        super().__init__(sock, chunk, child_end)
         self.stream = stream
 
-    def _in(self, stdin: int) -> End:
+    def _in(self, child: Child) -> End:
         """SOURCE_EOF at the client's close_notify."""
-        return move(TlsSource(self.stream), PipeSink(stdin), self.inbound, self.chunk)
+        return move(TlsSource(self.stream), self.child_end.sink(child), self.inbound, self.chunk)
 
-    def _out(self, stdout: int) -> End:
+    def _out(self, child: Child) -> End:
         """After a TLS 1.2 client's close_notify (both ways closed) the child's output is read
         and dropped, so the child can finish."""
-        return move(FdSource(stdout, self.chunk), TlsSink(self.stream), self.outbound, self.chunk)
+        source = self.child_end.source(child, self.chunk)
+        return move(source, TlsSink(self.stream), self.outbound, self.chunk)
 
     def _finish_output(self) -> None:
         self.stream.close_notify()

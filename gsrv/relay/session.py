@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import signal
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from gsrv.relay.handoff import SocketRelay
 from gsrv.relay.pump import HAS_SPLICE, READ, Discard, FdSource, Meter, move
 from gsrv.relay.relays import Relay
 from gsrv.relay.stderr import StderrLines
+from gsrv.relay.terminal import Pipes, Terminal
 
 if TYPE_CHECKING:
     from gsrv.relay.watchdog import Watchdog
@@ -117,10 +119,10 @@ class Session:
             started = time.perf_counter()
             svc = self.svc
             if self.relay is None:
-                self.relay = choose(svc.relay, self.arrival, svc.chunk_size)
+                self.relay = choose(svc, self.arrival, self.server.eof_grace)
             env = self.arrival.env(svc, self.sid)
             self.child = Child.spawn(svc.launch, env, svc.cwd, svc.stderr, svc.pipe_size, self.relay.handoff(),
-                                     svc.contain, self.sid)  # fmt: skip
+                                     svc.contain, self.sid, svc.interact.pty)  # fmt: skip
             self.spawn_seconds = time.perf_counter() - started
             if self.child.placement_failed:
                 self.log.error("cgroup_thread_stuck", service=svc.name, session=self.sid,
@@ -191,13 +193,17 @@ class Session:
     def _facts(self, child: Child, relay: Relay) -> Facts:
         relay.sample(child)
         exited = child.exited.is_set()
+        signalled = child.killed_by
+        if relay.hung_up and signalled == signal.SIGHUP:
+            signalled = None  # gsrv's own hangup ended it: the end of input a raw terminal has
         return Facts(
             now=time.monotonic(),
             aborted=self._aborted,
             input_done=relay.input_done,
             output_eof=relay.output_eof,
             exited=exited,
-            ended_well=child.killed_by is None and (child.exit_code == 0 or self.svc.nonzero_exit == "close"),
+            hung_up=relay.hung_up,
+            ended_well=signalled is None and (child.exit_code == 0 or self.svc.nonzero_exit == "close"),
             output_in_flight=exited and not relay.output_eof and relay.output_in_flight(child.stdout),
             last_activity=relay.last_activity(),
         )
@@ -313,17 +319,19 @@ class Session:
         self.arrival.ended()
 
 
-def choose(relay: str, arrival: Arrival, chunk: int) -> Relay:
-    """The service's relay key for this connection: TLS needs the bytes in userland; splice
-    needs a platform that has it; "socket" hands the connection to the child."""
-    sock = arrival.sock
+def choose(svc: ServiceConfig, arrival: Arrival, eof_grace: float) -> Relay:
+    """The service's relay key for this connection: TLS needs the bytes in userland, and so
+    does a pty (the master is no pipe); splice needs a platform that has it; "socket" hands the
+    connection to the child."""
+    sock, relay, chunk = arrival.sock, svc.relay, svc.chunk_size
+    child_end = Terminal(eof_grace) if svc.interact.pty else Pipes()
     if arrival.tls is not None:
-        return relays.TlsRelay(sock, chunk, arrival.tls)
+        return relays.TlsRelay(sock, chunk, arrival.tls, child_end)
     if relay == "socket":
         return SocketRelay(sock, arrival.header.length if arrival.header else 0)
-    if relay != "copy" and HAS_SPLICE:
+    if relay != "copy" and HAS_SPLICE and not svc.interact.pty:
         return relays.SpliceRelay(sock, chunk)
-    return Relay(sock, chunk)
+    return Relay(sock, chunk, child_end)
 
 
 class StderrLog(Discard):

@@ -46,6 +46,8 @@ SERVICES: dict[str, tuple[list[str], dict[str, object], tuple[str, ...]]] = {
     # PROXY v2 from a trusted peer naming the client, and garbage instead of a header
     "proxied": (["sh", "-c", 'echo "$TCPREMOTEIP:$TCPREMOTEPORT"; exec cat'], PROXIED, ("eof",)),
     "bad_proxy": (["cat"], PROXIED, ("proxy_failed",)),
+    # a terminal in canonical mode: lines in, the EOF character at the client's EOF, ONLCR out
+    "pty": (["sh", "-c", "stty -echo; echo ready; exec cat"], {"pty": True}, ("eof",)),
 }
 _tls: dict[str, object] = {}  # "files": {cert, key}, "context": a client SSLContext trusting the CA
 
@@ -224,9 +226,26 @@ def bad_proxy(sock: socket.socket, rng: random.Random) -> tuple[bool, str]:
     return reply == b"", "refused"
 
 
+def pty(sock: socket.socket, rng: random.Random) -> tuple[bool, str]:
+    got = b""
+    while not got.endswith(b"ready\r\n"):  # echo is off from here on
+        chunk = sock.recv(100)
+        if not chunk:
+            return False, f"no ready mark: {got!r}"
+        got += chunk
+    printable = bytes(range(32, 127))
+    lines = [bytes(rng.choice(printable) for _ in range(rng.randint(0, 200))) for _ in range(rng.randint(1, 300))]
+    data = b"\n".join(lines) + rng.choice([b"\n", b""])  # a partial last line: two EOF characters end it
+    sender = _send_in_background(sock, data, half_close=True)
+    reply, clean = _read_all(sock)
+    sender.join(30)
+    return clean and reply == data.replace(b"\n", b"\r\n"), f"{len(lines)} lines"
+
+
 CLIENTS: dict[str, Callable[[socket.socket, random.Random], tuple[bool, str]]] = {
     "up": up, "slow": slow, "deaf": deaf, "crash": crash, "echo": echo, "idle": idle, "stubborn": stubborn,
     "orphan": orphan, "tls_up": tls_up, "tls_stall": tls_stall, "proxied": proxied, "bad_proxy": bad_proxy,
+    "pty": pty,
 }  # fmt: skip
 
 
