@@ -115,7 +115,8 @@ def _pairs(values: dict[str, str]) -> str:
 
 def _relay(svc: ServiceConfig) -> str:
     """The relay key and what it means for this service."""
-    needs_bytes = [name for name, on in (("TLS", svc.policy.tls is not None), ("pty", svc.interact.pty)) if on]
+    needs_bytes = [name for name, on in (("TLS", svc.policy.tls is not None), ("pty", svc.interact.pty),
+                                         ("websocket", svc.interact.websocket is not None)) if on]  # fmt: skip
     if needs_bytes:
         return f"copy ({' and '.join(needs_bytes)})"
     if svc.relay == "socket":

@@ -18,6 +18,7 @@ from gsrv.config.parse import Config, ServiceConfig
 from gsrv.edge.arrival import Arrival
 from gsrv.edge.door import Door
 from gsrv.edge.refusal import Refusals
+from gsrv.edge.upgrade import console_page
 from gsrv.errors import RESOURCE_ERRORS
 from gsrv.logs import Log
 from gsrv.ops.metrics import Metrics
@@ -45,7 +46,7 @@ class Service:
         self.server = server
         self.cfg = cfg
         self.refusals = Refusals(cfg.name, server.log, self._refused)
-        self.door = Door(cfg.policy, self.refusals)
+        self.door = Door(cfg.policy, self.refusals)  # configure() gives it the rest
         self.gate: Gate[Arrival, Session] = Gate(cfg.name, cfg.max_sessions, server.log, self)
         self.sessions: set[Session] = set()
         self.listener: Listener | None = None
@@ -56,7 +57,9 @@ class Service:
     def configure(self, cfg: ServiceConfig) -> None:
         """Take a (reloaded) config: limits, rules and certificates apply to new connections."""
         self.cfg = cfg
-        self.door.update(cfg.policy)
+        ws = cfg.interact.websocket
+        page = console_page(ws, cfg.interact.pty or cfg.stderr == "websocket") if ws and ws.console else b""
+        self.door.update(cfg.policy, ws, page)
         self.gate.set_limits(cfg.max_sessions, cfg.policy.max_pending)
         if self.listener is not None:
             tune(self.listener.socket, cfg.keepalive)

@@ -243,6 +243,22 @@ def exchange(sock: socket.socket, data: bytes) -> bytes:
     return b"".join(chunks)
 
 
+def push_watching_rss(server: Gsrv, sock: socket.socket, seconds: float) -> tuple[int, int]:
+    """Send as fast as the socket takes bytes for `seconds`; (bytes accepted, gsrv's RSS growth
+    at its peak meanwhile)."""
+    rss_before = peak = server.rss()
+    sock.setblocking(False)
+    accepted, block = 0, b"\0" * 65536
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            accepted += sock.send(block)
+        except BlockingIOError:
+            time.sleep(0.005)
+            peak = max(peak, server.rss())
+    return accepted, max(peak, server.rss()) - rss_before
+
+
 def random_stream(total: int, seed: int = 1, chunk: int = 1 << 20) -> Iterator[bytes]:
     """Deterministic pseudo-random bytes (cheap: SHAKE-256 of a counter)."""
     block = hashlib.shake_256(seed.to_bytes(8, "big")).digest(chunk)

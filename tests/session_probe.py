@@ -21,7 +21,7 @@ from gsrv.edge.arrival import Arrival
 from gsrv.logs import Log
 from gsrv.relay.child import Child, contain_in
 from gsrv.relay.pump import End, FdSource, PipeSink, move
-from gsrv.relay.relays import Relay
+from gsrv.relay.relays import Closing, Relay
 from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
 
@@ -66,10 +66,10 @@ class RaisingRelay(Relay):
             return super()._in(child)
         return move(RaisingSource(self.sock.fileno(), self.chunk), PipeSink(child.stdin), self.inbound, self.chunk)
 
-    def close(self, clean: bool) -> None:
+    def close(self, closing: Closing) -> None:
         if self.where == "close":
             raise Bug("mid-transfer, in the relay's close (the teardown itself)")
-        super().close(clean)
+        super().close(closing)
 
     def last_activity(self) -> float:
         if self.where == "facts" and self.inbound.total >= 64 * 1024:

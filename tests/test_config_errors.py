@@ -51,6 +51,57 @@ CASES = {
         SVC + 'pty = true\npipe_size = "256KiB"\n',
         "[services.up] pipe_size sizes the stdin and stdout pipes, which a pty replaces (remove the key)",
     ),
+    "websocket_with_reject_banner": (
+        SVC + 'transport = "websocket"\nreject_banner = "busy"\n',
+        '[services.up] reject_banner cannot be combined with transport = "websocket": its raw text would reach the '
+        "client in place of an HTTP answer",
+    ),
+    "websocket_with_socket_handoff": (
+        SVC + 'transport = "websocket"\nrelay = "socket"\n',
+        '[services.up] relay is "socket", which cannot go with transport = "websocket": gsrv frames the bytes itself '
+        '(use relay = "auto" or "copy")',
+    ),
+    "websocket_table_without_transport": (
+        SVC + 'websocket = { path = "/ws" }\n',
+        '[services.up] websocket applies only with transport = "websocket" (this service\'s transport is "tcp")',
+    ),
+    "stderr_websocket_without_transport": (
+        SVC + 'stderr = "websocket"\n',
+        '[services.up] stderr is "websocket", which needs transport = "websocket"',
+    ),
+    "websocket_bad_path": (
+        SVC + 'transport = "websocket"\nwebsocket = { path = "ws" }\n',
+        '[services.up.websocket] path must be a URL path like "/" or "/ws" (got "ws", a string)',
+    ),
+    "websocket_unknown_key": (
+        SVC + 'transport = "websocket"\nwebsocket = { pth = "/" }\n',
+        '[services.up.websocket] has unknown key "pth" (did you mean "path"?)',
+    ),
+    "websocket_passes_no_proxy_header": (
+        SVC + 'transport = "websocket"\nwebsocket = { headers = ["Proxy"] }\n',
+        '[services.up.websocket] headers cannot pass "Proxy" to the child (HTTP_PROXY would steer the child\'s own '
+        "HTTP clients)",
+    ),
+    "websocket_bad_origin": (
+        SVC + 'transport = "websocket"\nwebsocket = { origins = ["example.com"] }\n',
+        '[services.up.websocket] origins must list origins like "https://example.com" or "http://host:8080", or "*" '
+        '(got "example.com")',
+    ),
+    "websocket_pty_in_text_mode": (
+        SVC + 'transport = "websocket"\npty = true\nwebsocket = { messages = "text" }\n',
+        '[services.up.websocket] messages is "text", which waits for whole lines: with pty = true a prompt ends '
+        'without a newline and would never arrive (use "binary", the default with a pty)',
+    ),
+    "websocket_max_message_in_binary_mode": (
+        SVC + 'transport = "websocket"\nwebsocket = { messages = "binary", max_message = "4KiB" }\n',
+        '[services.up.websocket] max_message bounds a text line; with messages = "binary" output goes out as it '
+        "comes (remove the key)",
+    ),
+    "websocket_bad_host": (
+        SVC + 'transport = "websocket"\nwebsocket = { hosts = ["app.example:8080"] }\n',
+        '[services.up.websocket] hosts must list host names like "app.example" (no port), or "*" (got '
+        '"app.example:8080")',
+    ),
     "pty_not_a_flag": (SVC + 'pty = "yes"\n', '[services.up] pty must be true or false (got "yes", a string)'),
     "socket_handoff_with_pipe_size": (
         SVC + 'relay = "socket"\npipe_size = "256KiB"\n',
@@ -160,7 +211,7 @@ CASES = {
     ),
     "bad_choice": (
         SVC + 'stderr = "file"\n',
-        '[services.up] stderr must be one of "log", "discard", "stdout" (got "file", a string)',
+        '[services.up] stderr must be one of "log", "discard", "stdout", "websocket" (got "file", a string)',
     ),
     "missing_listen": (
         '[services.up]\ncommand = ["cat"]\n',

@@ -18,12 +18,13 @@ from gsrv.config.parse import TABLES, parse
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(Path(__import__("sys").executable))
 LINE = re.compile(r"^(#\s*)?([a-z_]+) = (.*)$")
+STATED = re.compile(r"#\s*default (\S+?):")  # a value other than the default says which it replaces
 
 
-def documented(text: str) -> dict[str, dict[str, tuple[bool, Any]]]:
-    """table -> key -> (commented out, value) of each `key = value` line, commented or not;
-    the first of each key in a table counts."""
-    found: dict[str, dict[str, tuple[bool, Any]]] = {}
+def documented(text: str) -> dict[str, dict[str, tuple[bool, Any, Any]]]:
+    """table -> key -> (commented out, value, the default its comment states) of each
+    `key = value` line, commented or not; the first of each key in a table counts."""
+    found: dict[str, dict[str, tuple[bool, Any, Any]]] = {}
     table = ""
     for line in text.splitlines():
         header = re.match(r"^\[([\w.-]+)\]", line)
@@ -36,23 +37,29 @@ def documented(text: str) -> dict[str, dict[str, tuple[bool, Any]]]:
                 value = tomllib.loads(f"v = {match.group(3)}")["v"]
             except tomllib.TOMLDecodeError:
                 continue  # prose that happens to look like a key
-            found.setdefault(table, {}).setdefault(match.group(2), (bool(match.group(1)), value))
+            stated = STATED.search(match.group(3))
+            default = tomllib.loads(f"v = {stated.group(1)}")["v"] if stated else None
+            found.setdefault(table, {}).setdefault(match.group(2), (bool(match.group(1)), value, default))
     return found
 
 
 def drift(text: str) -> list[str]:
-    """Where the file and the declarations disagree (the first service documents services.NAME)."""
+    """Where the file and the declarations disagree (the first service documents services.NAME,
+    the first websocket table services.NAME.websocket; a value other than its default must say
+    "# default X:" with the declared X)."""
     found = documented(text)
-    services = [t for t in found if t.startswith("services.")]
+    services = [t for t in found if t.count(".") == 1 and t.startswith("services.")]
+    websockets = [t for t in found if t.startswith("services.") and t.endswith(".websocket")]
+    first = {"services.NAME": services[:1], "services.NAME.websocket": websockets[:1]}
     problems = []
     for table, classes in TABLES.items():
-        where = services[0] if table == "services.NAME" and services else table
+        where = (first.get(table) or [table])[0]
         lines = found.get(where, {})
         for name, k in (item for cls in classes for item in keys.declared(cls)):
             if name not in lines:
                 problems.append(f"[{where}] {name} is not documented")
                 continue
-            commented, value = lines[name]
+            commented, value, stated = lines[name]
             if k.required:
                 if commented:
                     problems.append(f"[{where}] {name} is required: ship it set, not commented out")
@@ -61,7 +68,7 @@ def drift(text: str) -> list[str]:
                     problems.append(
                         f"[{where}] {name} must be shipped commented out as {name} = {keys.toml(k.example)}"
                     )
-            elif commented or value != k.default:
+            elif commented or (value != k.default and stated != k.default):
                 problems.append(f"[{where}] {name} must show its default: {name} = {keys.toml(k.default)}")
     return problems
 

@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import PY, ROOT, py_child, random_stream, service_toml, wait_until
+from conftest import PY, ROOT, push_watching_rss, py_child, random_stream, service_toml, wait_until
 
 from gsrv.relay.terminal import eof_input
 
@@ -128,18 +128,8 @@ def test_memory_stays_bounded_while_a_pty_child_does_not_read(gsrv) -> None:
     server = gsrv(service_toml("mute", py_child(RAW_MUTE), pty=True))
     with server.connect("mute") as sock:
         read_until(sock, rb"^raw\n$")
-        rss_before = peak = server.rss()
-        sock.setblocking(False)
-        accepted, block = 0, b"\0" * 65536
-        end = time.monotonic() + 5
-        while time.monotonic() < end:
-            try:
-                accepted += sock.send(block)
-            except BlockingIOError:
-                time.sleep(0.005)
-                peak = max(peak, server.rss())
-        peak = max(peak, server.rss())
-    assert peak - rss_before < 16 * MiB, f"gsrv RSS grew by {(peak - rss_before) / MiB:.1f} MiB"
+        accepted, grew = push_watching_rss(server, sock, 5)
+    assert grew < 16 * MiB, f"gsrv RSS grew by {grew / MiB:.1f} MiB"
     # what the kernel's socket buffers and the terminal hold, and one chunk: nothing like 5 s of a fast client
     assert accepted < 16 * MiB, accepted
 
@@ -185,6 +175,30 @@ def test_a_raw_mode_child_that_ignores_the_end_of_input_is_hung_up(gsrv) -> None
     assert 0.4 < took < 10, took
     line = server.wait_log(r"event=session_end service=mute ")
     assert "reason=hangup" in line and "signal=HUP" in line, line
+
+
+@pytest.mark.timeout(60)
+def test_a_hangup_never_reaches_gsrvs_own_group(gsrv) -> None:
+    """A child that gave its terminal up (TIOCNOTTY) leaves it no foreground group: tcgetpgrp
+    then says 0, and killpg(0) would be gsrv's own group (a reload, at least)."""
+    code = """
+    import fcntl, os, signal, termios, time, tty
+    tty.setraw(0)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    fcntl.ioctl(0, termios.TIOCNOTTY)
+    os.write(1, b"raw\\n")
+    time.sleep(2)
+    """
+    server = gsrv(
+        '[server]\neof_grace = "300ms"\nkill_grace = "1s"\n' + service_toml("notty", py_child(code), pty=True)
+    )
+    with server.connect("notty") as sock:
+        read_until(sock, rb"^raw\n$")
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(20)
+        read_all(sock)
+    assert "reason=hangup" in server.wait_log(r"event=session_end service=notty ")
+    assert server.count_log(r"event=signal ") == 0, server.lines[-5:]
 
 
 @pytest.mark.timeout(60)

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import PY, ROOT, exchange, lives, py_child, random_stream, service_toml, wait_until
+from conftest import PY, ROOT, exchange, lives, push_watching_rss, py_child, random_stream, service_toml, wait_until
 
 from gsrv import __version__ as gsrv_version
 
@@ -110,21 +110,10 @@ def test_backpressure_fast_client_slow_child(gsrv, tmp_path) -> None:
     with server.connect("slow") as sock:
         sock.sendall(b"x" * 65536)
         wait_until(count_file.exists, 10, "the child to start reading")
-        rss_before = server.rss()
-        sock.setblocking(False)
-        accepted = 65536
-        block = b"\0" * 65536
-        end = time.monotonic() + 10
-        peak = rss_before
-        while time.monotonic() < end:
-            try:
-                accepted += sock.send(block)
-            except BlockingIOError:
-                time.sleep(0.005)
-                peak = max(peak, server.rss())
+        pushed, grew = push_watching_rss(server, sock, 10)
+        accepted = 65536 + pushed
         child_read = int(count_file.read_text())
-        peak = max(peak, server.rss())
-    assert peak - rss_before < 16 * MiB, f"gsrv RSS grew by {(peak - rss_before) / MiB:.1f} MiB"
+    assert grew < 16 * MiB, f"gsrv RSS grew by {grew / MiB:.1f} MiB"
     assert accepted - child_read < 16 * 10**6, f"{accepted=} {child_read=}"
     assert child_read < 40 * 10**6  # the child really was slow: the test measured backpressure
 
@@ -347,8 +336,9 @@ def test_version() -> None:
 @pytest.mark.timeout(60)
 def test_shipped_demo_services_answer_as_the_readme_says(gsrv) -> None:
     text = (ROOT / "conf" / "gsrv.toml").read_text()
-    text = re.sub(r"^\[services\.python\]\n(?:(?!\[)[^\n]*\n)*", "", text, flags=re.M)  # pty: test_pty.py serves it
-    assert "[services.python]" not in text and "[services.daemon]" in text
+    # the pty and WebSocket demos have their own tests (test_pty.py, test_websocket.py): no relay key there
+    text = re.sub(r"^\[services\.(?:python|upper-ws)(?:\.websocket)?\].*\n(?:(?!\[).*\n)*", "", text, flags=re.M)
+    assert not re.search(r"^\[services\.(python|upper-ws)", text, flags=re.M) and "[services.daemon]" in text
     server = gsrv(re.sub(r'listen = "127\.0\.0\.1:\d+"', 'listen = "127.0.0.1:0"', text))
     readme = (ROOT / "README.md").read_bytes()
     digest = _send(server, "sha256", readme).stdout.split()[0].decode()

@@ -1,16 +1,19 @@
 """The keys of a service that shape how its client and its command talk: a pseudo-terminal
-for interactive programs (`pty`), and what follows from it for the other keys.
+for interactive programs (`pty`), WebSocket clients (`transport`, the `websocket` table), and
+what follows from them for the other keys.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
 from gsrv.config import keys
 from gsrv.config.keys import key
-from gsrv.config.policy import util_linux
+from gsrv.config.policy import Policy, util_linux
 from gsrv.config.table import Table
+from gsrv.config.web import WebSocketConfig, parse_websocket
 
 TERM = "xterm-256color"  # the child's TERM on a pty unless the service's env sets one
 
@@ -22,15 +25,28 @@ class Interaction:
     pty: bool = key(keys.flag(), False, "the child's stdin, stdout and stderr are a new pseudo-terminal, its "
                     "controlling terminal (TERM from env, default xterm-256color; stderr defaults to \"stdout\": "
                     "the terminal)", shown=True)  # fmt: skip
+    transport: str = key(keys.choice("tcp", "websocket"), "tcp", '"tcp": the bytes as they come | "websocket": '
+                         "an HTTP upgrade, then messages (after PROXY and TLS: wss:// with tls)",
+                         shown=True)  # fmt: skip
+    websocket: WebSocketConfig | None = key(lambda t, name, default: None, None, "with transport = \"websocket\": "
+                                            "{ path, messages, origins, max_message, ping_interval, ping_timeout, "
+                                            "handshake_timeout, headers, console }, each documented in its own table",
+                                            example={"path": "/", "messages": "text"}, value=None,
+                                            show=lambda ws: _show(ws))  # fmt: skip
     stages: tuple[tuple[str, tuple[str, ...]], ...] = ()  # derived: the tty stage (setsid --ctty)
 
 
-def parse_interaction(t: Table, values: dict[str, Any], environ: dict[str, str]) -> Interaction:
-    """The keys, checked against the service's other keys (`values`, which a pty's defaults
-    for stderr and TERM amend)."""
-    found = keys.read_all(t, Interaction)
+def _show(ws: WebSocketConfig | None) -> str:
+    return "{" + " ".join(f"{k}={v}" for k, v in keys.changed(ws)) + "}" if ws else "none"
+
+
+def parse_interaction(t: Table, values: dict[str, Any], policy: Policy, environ: dict[str, str]) -> Interaction:
+    """The keys, checked against the service's other keys (`values`, whose defaults for
+    stderr and env a pty amends)."""
+    found = keys.read_all(t, Interaction, skip=("websocket",))
+    websocket = _websocket(t, found["transport"], values | {"pty": found["pty"]}, policy)
     if not found["pty"]:
-        return Interaction(**found)
+        return Interaction(**found, websocket=websocket)
     relay = values["relay"]
     if relay in ("splice", "socket"):
         what = "needs pipes" if relay == "splice" else "gives the child the connection itself"
@@ -44,4 +60,33 @@ def parse_interaction(t: Table, values: dict[str, Any], environ: dict[str, str])
         values["env"] = (*values["env"], ("TERM", TERM))
     # In place (not a group leader: gsrv spawns a pty child in its own group), a session leader
     # whose controlling terminal is its stdin; it execs the rest.
-    return Interaction(**found, stages=(("tty", (util_linux(t, "pty", "setsid", environ), "--ctty")),))
+    stages = (("tty", (util_linux(t, "pty", "setsid", environ), "--ctty")),)
+    return Interaction(**found, websocket=websocket, stages=stages)
+
+
+def _websocket(t: Table, transport: str, values: dict[str, Any], policy: Policy) -> WebSocketConfig | None:
+    """The websocket table, with transport = "websocket" only; what cannot go with it."""
+    if transport != "websocket":
+        if "websocket" in t.data:
+            raise t.fail("websocket", 'applies only with transport = "websocket" (this service\'s transport is '
+                         f'"{transport}")')  # fmt: skip
+        if values["stderr"] == "websocket":
+            raise t.fail("stderr", 'is "websocket", which needs transport = "websocket"')
+        return None
+    relay = values["relay"]
+    if relay in ("splice", "socket"):
+        raise t.fail("relay", f'is "{relay}", which cannot go with transport = "websocket": gsrv frames the bytes '
+                     'itself (use relay = "auto" or "copy")')  # fmt: skip
+    if policy.reject_banner:
+        raise t.fail("reject_banner", 'cannot be combined with transport = "websocket": its raw text would reach '
+                     "the client in place of an HTTP answer")  # fmt: skip
+    listen = values["listen"]
+    local_only = listen.kind == "unix" or (listen.kind == "tcp" and _loopback(listen.host))
+    return parse_websocket(t, "websocket", values["chunk_size"], values["pty"], local_only)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -23,6 +23,7 @@ from gsrv.config.launch import Launch, compose
 from gsrv.config.policy import Policy, parse_policy
 from gsrv.config.table import Table, did_you_mean
 from gsrv.config.units import Amount, describe, format_size
+from gsrv.config.web import WebSocketConfig
 from gsrv.errors import ConfigError
 
 TOP_TABLES = ("server", "guard", "admin", "cgroup", "services")
@@ -137,7 +138,8 @@ class ServiceConfig:
                                     "variables passed on from gsrv's own environment")  # fmt: skip
     cwd: str | None = key(_cwd, None, "the child's working directory (default: gsrv's)", example="/srv/work",
                           value=None)  # fmt: skip
-    stderr: str = key(keys.choice("log", "discard", "stdout"), "log", '"log" | "discard" | "stdout"', shown=True)
+    stderr: str = key(keys.choice("log", "discard", "stdout", "websocket"), "log", '"log" | "discard" | "stdout" | '
+                      '"websocket" (messages of their own, with transport = "websocket")', shown=True)  # fmt: skip
     nonzero_exit: str = key(keys.choice("close", "reset"), "close", "a non-zero exit: FIN or reset", shown=True)
     keepalive: float = key(keys.duration("off"), "60s", "TCP keepalive idle time",
                            reload="applies to connections accepted after it", shown=True)  # fmt: skip
@@ -150,7 +152,7 @@ class ServiceConfig:
     launch: Launch = Launch((), "")  # derived: command[0] found on the child's PATH at load, behind its stages
     policy: Policy = Policy()  # its keys are the service table's too: TLS, PROXY, access, per-IP limits, privileges
     contain: Containment = Containment()  # ... and these: kill_scope, max_memory, max_pids, max_cpu, sandbox
-    interact: Interaction = Interaction()  # ... and these: pty
+    interact: Interaction = Interaction()  # ... and these: pty, transport, websocket
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,7 @@ class Config:
 TABLES: dict[str, tuple[type, ...]] = {
     "server": (ServerConfig,), "guard": (GuardConfig,), "admin": (AdminConfig,), "cgroup": (CgroupConfig,),
     "services.NAME": (ServiceConfig, Policy, Containment, Interaction),
+    "services.NAME.websocket": (WebSocketConfig,),
 }  # fmt: skip
 
 
@@ -204,7 +207,7 @@ def _service(file: str, name: str, data: object, server_env: dict[str, str], cgr
                      "has no address to trust")  # fmt: skip
     if values["relay"] == "socket":
         _check_handoff(t, listen, policy, values["idle_timeout"])
-    interact = parse_interaction(t, values, server_env)  # a pty amends stderr's and TERM's defaults
+    interact = parse_interaction(t, values, policy, server_env)  # a pty amends stderr's and TERM's defaults
     child_env = {k: server_env[k] for k in values["pass_env"] if k in server_env} | dict(values["env"])
     executable = _resolve_command(t, values["command"], child_env, values.get("cwd"))
     contain = parse_containment(t, cgroup, server_env, interact.pty)

@@ -40,6 +40,14 @@ def _origins(t: Table, name: str, default: object) -> tuple[str, ...]:
     return tuple(origin.lower() for origin in origins)
 
 
+def _hosts(t: Table, name: str, default: object) -> tuple[str, ...]:
+    hosts = t.strings(name, ())
+    for host in hosts:
+        if host != "*" and not re.match(r"^[a-z0-9.-]+$|^\[[0-9a-f:.]+\]$", host.lower()):
+            raise t.fail(name, f'must list host names like "app.example" (no port), or "*" (got "{host}")')
+    return tuple(host.lower().strip("[]") for host in hosts)
+
+
 def _headers(t: Table, name: str, default: object) -> tuple[str, ...]:
     headers = t.strings(name, ())
     for header in headers:
@@ -59,27 +67,46 @@ def _headers(t: Table, name: str, default: object) -> tuple[str, ...]:
 class WebSocketConfig:
     """The keys of a service's `websocket` table."""
 
-    path: str = key(_path, "/", "the URL path of the upgrade (and of the console page); others get 404")
+    path: str = key(_path, "/", "the URL path of the upgrade (and of the console page); others get 404", shown=True)
     messages: str = key(keys.choice("text", "binary"), "text", '"text": a message per line each way | "binary": '
                         "a byte stream, split into messages of any size", shown=True)  # fmt: skip
     origins: tuple[str, ...] = key(_origins, [], "origins allowed besides the Host's own (a request without "
-                                   'Origin, not from a browser page, is allowed); "*" allows any')  # fmt: skip
+                                   'Origin, not from a browser page, is allowed); "*" allows any',
+                                   shown=True)  # fmt: skip
     max_message: int = key(keys.size(16, 1024 * 1024), None, "text: the longest line of output (default: "
-                           "chunk_size); a longer one closes with 1009", example="64KiB", value=0)  # fmt: skip
+                           "chunk_size); a longer one closes with 1009", example="64KiB", value=0,
+                           shown=True)  # fmt: skip
     ping_interval: float = key(keys.duration("off"), "30s", "ping the client this often; 0s = off", shown=True)
     ping_timeout: float = key(keys.duration(), "10s", "no pong within this after a ping: the session ends "
-                              "(client_reset)")  # fmt: skip
-    handshake_timeout: float = key(keys.duration(), "10s", "the HTTP upgrade must be complete by then (bad_request)")
+                              "(client_reset)", shown=True)  # fmt: skip
+    handshake_timeout: float = key(keys.duration(), "10s", "the HTTP upgrade must be complete by then (bad_request)",
+                                   shown=True)  # fmt: skip
     headers: tuple[str, ...] = key(_headers, [], "request headers the child gets as HTTP_NAME (never Proxy)",
-                                   example=["User-Agent"])  # fmt: skip
-    console: bool = key(keys.flag(), False, "a plain browser GET of path gets a page to try the service")
+                                   example=["User-Agent"], shown=True)  # fmt: skip
+    console: bool = key(keys.flag(), False, "a plain browser GET of path gets a page to try the service",
+                        shown=True)  # fmt: skip
+    hosts: tuple[str, ...] = key(_hosts, [], "Host names answered besides loopback ones on a loopback listener "
+                                 '(elsewhere, when set: only these); "*" = any; another Host gets 403',
+                                 shown=True)  # fmt: skip
+    local_only: bool = False  # derived: the service listens on loopback or a unix socket
 
 
-def parse_websocket(t: Table, name: str, chunk_size: int) -> WebSocketConfig:
+def parse_websocket(t: Table, name: str, chunk_size: int, pty: bool, local_only: bool) -> WebSocketConfig:
+    """The table; with a pty, messages default to "binary" (a terminal's output is a stream:
+    a prompt ends without a newline, and text mode would hold it back until one)."""
     data: Any = t.data.get(name, {})
     if not isinstance(data, dict):
         raise t.fail(name, f'must be a table like {{ path = "/ws", messages = "binary" }} (got {describe(data)})')
     inner = Table(t.file, f"{t.name}.{name}", data, keys.names(WebSocketConfig))
     values = keys.read_all(inner, WebSocketConfig)
+    if pty:
+        if data.get("messages") == "text":
+            raise inner.fail("messages", 'is "text", which waits for whole lines: with pty = true a prompt ends '
+                             'without a newline and would never arrive (use "binary", the default with a pty)',
+                             )  # fmt: skip
+        values["messages"] = "binary"
+    if "max_message" in data and values["messages"] == "binary":
+        raise inner.fail("max_message", 'bounds a text line; with messages = "binary" output goes out as it comes '
+                         "(remove the key)")  # fmt: skip
     values.setdefault("max_message", chunk_size)
-    return WebSocketConfig(**values)
+    return WebSocketConfig(**values, local_only=local_only)

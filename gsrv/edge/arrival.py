@@ -18,6 +18,7 @@ from gsrv.config.address import host_port
 from gsrv.config.parse import ServiceConfig
 from gsrv.edge.proxy import ProxyHeader
 from gsrv.edge.tls import TlsStream
+from gsrv.edge.upgrade import Upgraded
 
 
 def address_text(addr: tuple[str, int]) -> str:
@@ -64,6 +65,7 @@ class Arrival:
         self.client: tuple[str, int] | None = peer if self.tcp else None  # PROXY may replace it
         self.header: ProxyHeader | None = None
         self.tls: TlsStream | None = None
+        self.websocket: Upgraded | None = None  # after its WebSocket upgrade
 
     def age(self) -> float:
         """Seconds since accept."""
@@ -101,7 +103,8 @@ class Arrival:
         return fields
 
     def env(self, svc: ServiceConfig, sid: str) -> dict[str, str]:
-        """The child's environment: the allowlist, the service's env, then UCSPI and TLS."""
+        """The child's environment: the allowlist, the service's env, then UCSPI, TLS and the
+        WebSocket request (CGI's names)."""
         local = self.sock.getsockname()
         extra = {"GSRV_SERVICE": svc.name, "GSRV_SESSION": sid}
         if self.tcp:
@@ -117,4 +120,6 @@ class Arrival:
                 extra |= {"TCPREMOTEIP": str(self.client[0]), "TCPREMOTEPORT": str(self.client[1])}
         if self.tls is not None:
             extra |= self.tls.env()
+        if self.websocket is not None and svc.interact.websocket is not None:
+            extra |= self.websocket.env(svc.interact.websocket, self.client or (self.peer if self.tcp else None))
         return build_env(os.environ, svc.pass_env, svc.env, extra)

@@ -15,12 +15,14 @@ import gevent
 from gevent.socket import socket
 
 from gsrv.config.policy import Policy
+from gsrv.config.web import WebSocketConfig
 from gsrv.edge import proxy
 from gsrv.edge.access import Admission, allowed
 from gsrv.edge.arrival import Arrival
 from gsrv.edge.proxy import ProxyError, ProxyHeader
 from gsrv.edge.refusal import Refusals
 from gsrv.edge.tls import TlsStream
+from gsrv.edge.upgrade import PlainStream, Refused, upgrade
 from gsrv.errors import GsrvError
 
 
@@ -31,20 +33,23 @@ class TooSlow(GsrvError):
 class Door:
     """One service's door; the policy follows reloads, the per-address counts stay."""
 
-    def __init__(self, policy: Policy, refusals: Refusals) -> None:
+    def __init__(self, policy: Policy, refusals: Refusals, websocket: WebSocketConfig | None = None,
+                 page: bytes = b"") -> None:  # fmt: skip
         self.admission = Admission(policy)
         self.refusals = refusals
+        self.websocket, self.page = websocket, page
 
     @property
     def policy(self) -> Policy:
         return self.admission.policy
 
-    def update(self, policy: Policy) -> None:
+    def update(self, policy: Policy, websocket: WebSocketConfig | None = None, page: bytes = b"") -> None:
         self.admission.policy = policy
+        self.websocket, self.page = websocket, page
 
     @property
     def has_prelude(self) -> bool:
-        return self.policy.tls is not None or self.policy.proxy_protocol != "off"
+        return self.policy.tls is not None or self.policy.proxy_protocol != "off" or self.websocket is not None
 
     def screen(self, arrival: Arrival) -> bool:
         """At accept, without yielding; False when the connection was refused."""
@@ -57,8 +62,8 @@ class Door:
         return self._admit(arrival, arrival.peer_ip, arrival.peer_ip)
 
     def prelude(self, arrival: Arrival) -> bool:
-        """The header, its client's rules and limits, the handshake. Never raises; False
-        when the connection was refused or the server is stopping."""
+        """The header, its client's rules and limits, the TLS handshake, the WebSocket upgrade.
+        Never raises; False when the connection was refused or the server is stopping."""
         p, refuse = self.policy, self.refusals.refuse
         reason = "proxy_failed"
         try:
@@ -75,7 +80,16 @@ class Door:
                 with gevent.Timeout(timeout, TooSlow(f"no complete TLS handshake within {timeout:g}s")):
                     stream.handshake()
                 arrival.tls = stream
+            ws = self.websocket
+            if ws is not None:
+                reason = "bad_request"
+                timeout = ws.handshake_timeout
+                transport = arrival.tls or PlainStream(arrival.sock)
+                with gevent.Timeout(timeout, TooSlow(f"no complete WebSocket upgrade within {timeout:g}s")):
+                    arrival.websocket = upgrade(transport, ws, arrival.tls is not None, self.page)
             return True
+        except Refused as e:
+            refuse(arrival, e.reason, error=str(e), answered=True)
         except gevent.GreenletExit:
             refuse(arrival, "shutdown")
         except ssl.SSLError as e:

@@ -23,15 +23,17 @@ class Refusals:
     def __init__(self, service: str, log: Log, counted: Callable[[Arrival, str], None] | None = None) -> None:
         self.service, self.log, self.counted = service, log, counted
 
-    def refuse(self, arrival: Arrival, reason: str, banner: bytes = b"", error: str | None = None) -> None:
-        """A rule said no: the banner if any, a FIN, then close."""
+    def refuse(self, arrival: Arrival, reason: str, banner: bytes = b"", error: str | None = None,
+               answered: bool = False) -> None:  # fmt: skip
+        """A rule said no: the banner if any, a FIN, then close (after a banner, or an answer
+        already sent, such as an HTTP status, what the client sent is read first)."""
         sock = arrival.sock
         fd = sock.fileno()
         with contextlib.suppress(OSError):  # BlockingIOError included: nothing more to read
             if banner:
                 os.write(fd, banner)  # a fresh socket's buffer takes a short banner at once
             sock.shutdown(stdsocket.SHUT_WR)
-            if banner:  # input already here would turn close() into a reset that may lose the banner
+            if banner or answered:  # input already here would turn close() into a reset that may lose the banner
                 for _ in range(BANNER_DRAIN):
                     if not os.read(fd, 65536):
                         break

@@ -28,6 +28,7 @@ class TlsStream:
         self.obj = context.wrap_bio(self._in, self._out, server_side=True)
         self._sending = Semaphore()
         self.closed = False  # ours was sent (TLS 1.2: at the client's; else at the end of output)
+        self.torn = False  # a send stopped inside a record: nothing more can follow it
         self.version = ""  # once the handshake is done: "TLSv1.3" or "TLSv1.2"
 
     def handshake(self) -> None:
@@ -75,7 +76,7 @@ class TlsStream:
             got += len(more)
         return data if len(parts) == 1 else b"".join(parts)
 
-    def send(self, data: memoryview | bytes) -> float:
+    def send(self, data: bytes | bytearray | memoryview) -> float:
         """Encrypt and send all of data; the seconds spent waiting for the client."""
         self.obj.write(data)
         return self._flush()
@@ -112,7 +113,9 @@ class TlsStream:
             while self._out.pending:
                 data = self._out.read()
                 started = time.monotonic()
+                self.torn = True
                 self.sock.sendall(data)
+                self.torn = False
                 waited += time.monotonic() - started
         return waited
 

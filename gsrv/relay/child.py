@@ -198,7 +198,8 @@ class Child:
         if id(hub.loop) not in _hub_ready:
             hub.loop.install_sigchld()
             _hub_ready.add(id(hub.loop))
-        err = {"log": subprocess.PIPE, "discard": subprocess.DEVNULL, "stdout": subprocess.STDOUT}[stderr]
+        err = {"log": subprocess.PIPE, "websocket": subprocess.PIPE, "discard": subprocess.DEVNULL,
+               "stdout": subprocess.STDOUT}[stderr]  # fmt: skip
         argv, executable, umask = launch.argv, launch.executable, launch.umask
         stdio = subprocess.PIPE if connection < 0 else connection
         scope = None
@@ -316,7 +317,9 @@ class Child:
             return False
         groups = {self.pid}
         with contextlib.suppress(OSError):
-            groups.add(os.tcgetpgrp(self.terminal))  # on the master: the slave's foreground group
+            foreground = os.tcgetpgrp(self.terminal)  # on the master: the slave's foreground group
+            if foreground > 0 and foreground != os.getpgrp():  # 0: none (killpg(0) would be gsrv's own)
+                groups.add(foreground)
         sent = False
         for pgid in groups:
             with contextlib.suppress(ProcessLookupError):

@@ -21,7 +21,7 @@ from gsrv.relay import kernel
 from gsrv.relay.child import Child
 from gsrv.relay.ending import POLL_S
 from gsrv.relay.pump import Discard, Meter, move, queued
-from gsrv.relay.relays import LINGER_READ, Lingering, Relay, RelayEvents
+from gsrv.relay.relays import LINGER_READ, Closing, Lingering, Relay, RelayEvents
 
 
 class SocketRelay(Relay):
@@ -104,7 +104,7 @@ class SocketRelay(Relay):
     def start(self, child: Child, events: RelayEvents) -> None:
         self.events = events  # no greenlets: the child moves the bytes
 
-    def close(self, clean: bool) -> None:
+    def close(self, closing: Closing) -> None:
         """After the stop ladder. Clean: a FIN (shutdown acts on the connection, whoever else
         holds it), the lingering read (also after the client's FIN while input the child left
         unread is queued: closing over it would reset the reply), the figures, close. Else
@@ -114,7 +114,7 @@ class SocketRelay(Relay):
             os.set_blocking(self.fd, False)  # the group is gone: the socket is gsrv's again
             if self.tcp:
                 self._read_figures()  # before our FIN joins the send queue
-            if clean:
+            if closing.clean:
                 self.sock.shutdown(stdsocket.SHUT_WR)
                 if not self.client_eof or queued(self.fd):
                     move(Lingering(self.fd), Discard(), Meter(), LINGER_READ)

@@ -15,6 +15,7 @@ import socket as stdsocket
 import termios
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import gevent
@@ -43,6 +44,19 @@ from gsrv.relay.terminal import Pipes, Terminal
 LINGER_S = 2.0  # how long a closing session waits for the client's EOF once the reply is acked
 LINGER_POLL_S = 0.1
 LINGER_READ = 65536
+
+
+@dataclass(frozen=True)
+class Closing:
+    """How a session ended, as its connection's close needs it: the reason, FIN or reset (the
+    end rules' verdict), and the child's status (a WebSocket's close frame reports it);
+    `drop`: nonzero_exit = "reset" and the child ended badly (no close frame, a reset)."""
+
+    reason: str
+    clean: bool
+    exit_code: int | None = None
+    signal: str | None = None
+    drop: bool = False
 
 
 class RelayEvents(Protocol):
@@ -122,21 +136,25 @@ class Relay:
 
     def start(self, child: Child, events: RelayEvents) -> None:
         """Both directions, each in its own greenlet; a bug in one ends the session."""
-        self.greenlets = [gevent.spawn(_guarded, self._up, child, events),
-                          gevent.spawn(_guarded, self._down, child, events)]  # fmt: skip
+        self.greenlets = [gevent.spawn(guarded, self._up, child, events),
+                          gevent.spawn(guarded, self._down, child, events)]  # fmt: skip
 
     def stop(self) -> None:
         gevent.killall(self.greenlets)
 
-    def close(self, clean: bool) -> None:
+    def close_at_once(self, closing: Closing) -> None:
+        """A session that never ran (its command could not start), from the accept loop: a reset."""
+        reset(self.sock)
+
+    def close(self, closing: Closing) -> None:
         """The end of the connection: clean, a FIN after all output, then the client's input
         read and dropped until its EOF or LINGER_S after it last acknowledged reply bytes
         (unread input at close() would make the kernel reset the connection and discard
         reply bytes still queued for the client); else a reset."""
-        if not clean:
+        if not closing.clean:
             reset(self.sock)
             return
-        self._finish_output()
+        self._finish_output(closing)
         try:
             self.sock.shutdown(stdsocket.SHUT_WR)
         except OSError:
@@ -159,7 +177,7 @@ class Relay:
             end = self._discard()
             self.client_eof = end is End.SOURCE_EOF
         if end is End.SOURCE_ERROR:
-            events.abort(FAILURES[("in", end)])
+            events.abort(self._failure("in", end))
         events.changed()
 
     def _down(self, child: Child, events: RelayEvents) -> None:
@@ -167,8 +185,12 @@ class Relay:
         if end is End.SOURCE_EOF:
             self.output_eof = True
         else:
-            events.abort(FAILURES[("out", end)])
+            events.abort(self._failure("out", end))
         events.changed()
+
+    def _failure(self, direction: str, end: End) -> str:
+        """The reason a direction that stopped abnormally ends its session with."""
+        return FAILURES[(direction, end)]
 
     def _in(self, child: Child) -> End:
         return move(FdSource(self.sock.fileno(), self.chunk), self.child_end.sink(child), self.inbound, self.chunk)
@@ -180,11 +202,11 @@ class Relay:
     def _discard(self) -> End:
         return move(FdSource(self.sock.fileno(), self.chunk), Discard(), self.discarded, self.chunk)
 
-    def _finish_output(self) -> None:
+    def _finish_output(self, closing: Closing) -> None:
         """Before the FIN: nothing to say on a plain connection."""
 
 
-def _guarded(direction: Callable[[Child, RelayEvents], None], child: Child, events: RelayEvents) -> None:
+def guarded(direction: Callable[[Child, RelayEvents], None], child: Child, events: RelayEvents) -> None:
     try:
         direction(child, events)
     except Exception as e:  # a bug ends its own session with a reset and a log line, never hangs it
@@ -223,7 +245,7 @@ class TlsRelay(Relay):
         source = self.child_end.source(child, self.chunk)
         return move(source, TlsSink(self.stream), self.outbound, self.chunk)
 
-    def _finish_output(self) -> None:
+    def _finish_output(self, closing: Closing) -> None:
         self.stream.close_notify()
 
 

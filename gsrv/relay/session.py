@@ -27,9 +27,10 @@ from gsrv.relay.child import Child
 from gsrv.relay.ending import EndRules, Facts, Verdict
 from gsrv.relay.handoff import SocketRelay
 from gsrv.relay.pump import HAS_SPLICE, READ, Discard, FdSource, Meter, move
-from gsrv.relay.relays import Relay
+from gsrv.relay.relays import Closing, Relay
 from gsrv.relay.stderr import StderrLines
 from gsrv.relay.terminal import Pipes, Terminal
+from gsrv.relay.websocket import WebSocketRelay
 
 if TYPE_CHECKING:
     from gsrv.relay.watchdog import Watchdog
@@ -151,7 +152,10 @@ class Session:
     def fail(self, reason: str, error: str | None = None) -> None:
         """End a session that never ran: reset the client, write its line."""
         self.reason = reason
-        reset(self.sock)
+        if self.relay is not None:
+            self.relay.close_at_once(Closing(reason, clean=False))  # a reset (a WebSocket: its close frame first)
+        else:
+            reset(self.sock)
         self._log_end({"error": error or self.spawn_error})
 
     # -- run and end ----------------------------------------------------------------------
@@ -178,7 +182,7 @@ class Session:
         child, relay, svc = self.child, self.relay, self.svc
         child.exited.rawlink(lambda _: self._wake.set())
         relay.start(child, self)
-        if child.stderr >= 0:
+        if self._logs_stderr:
             self._stderr_watch = get_hub().loop.io(child.stderr, READ)
             self._stderr_watch.start(self._read_stderr)
         self.watchdog.add(self)
@@ -233,7 +237,7 @@ class Session:
     def _last_stderr(self) -> None:
         """Its last lines (and the ladder's) may not have woken the watcher yet."""
         child = self.child
-        if child is not None and child.stderr >= 0:
+        if child is not None and self._logs_stderr:
             self._read_stderr()
             if self._stderr_reader is not None and child.exited.is_set():
                 self._stderr_reader.join(timeout=STDERR_WAIT_S)
@@ -266,11 +270,26 @@ class Session:
         for line in self.stderr.finish(time.monotonic()):
             self.stderr_line(line)
 
+    @property
+    def _logs_stderr(self) -> bool:
+        return self.child is not None and self.child.stderr >= 0 and self.svc.stderr == "log"
+
     def _close(self, clean: bool) -> None:
         if self.relay is not None:
-            self.relay.close(clean)
+            self.relay.close(self._closing(clean))
         else:
             reset(self.sock)
+
+    def _closing(self, clean: bool) -> Closing:
+        """The verdict and the child's status, as the connection's close needs them."""
+        child, reason = self.child, self.reason or "internal_error"
+        if child is None:
+            return Closing(reason, clean)
+        signame = child.signal_name
+        if self.relay is not None and self.relay.hung_up and signame == "HUP":
+            signame = None  # gsrv's own hangup: the end of input a raw terminal has
+        bad = signame is not None or child.exit_code not in (0, None)
+        return Closing(reason, clean, child.exit_code, signame, drop=bad and self.svc.nonzero_exit == "reset")
 
     def _read_stderr(self) -> None:
         """From the child's first stderr bytes on, a greenlet reads them: a child that never
@@ -325,6 +344,10 @@ def choose(svc: ServiceConfig, arrival: Arrival, eof_grace: float) -> Relay:
     connection to the child."""
     sock, relay, chunk = arrival.sock, svc.relay, svc.chunk_size
     child_end = Terminal(eof_grace) if svc.interact.pty else Pipes()
+    upgraded = arrival.websocket
+    if upgraded is not None and svc.interact.websocket is not None:
+        stderr_channel = svc.stderr == "websocket"
+        return WebSocketRelay(sock, chunk, upgraded, svc.interact.websocket, child_end, stderr_channel)
     if arrival.tls is not None:
         return relays.TlsRelay(sock, chunk, arrival.tls, child_end)
     if relay == "socket":

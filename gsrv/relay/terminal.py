@@ -8,7 +8,10 @@ unless the child exits first.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import struct
 import termios
 
 from gsrv.relay.child import Child
@@ -36,6 +39,9 @@ class Pipes:
     def refused(self, child: Child) -> None:
         """The child stopped reading: what the client still sends has nowhere to go."""
         child.close_stdin()
+
+    def resize(self, child: Child, columns: int, rows: int) -> None:
+        """Pipes have no size."""
 
 
 class Terminal:
@@ -78,6 +84,12 @@ class Terminal:
 
     def refused(self, child: Child) -> None:
         """Writing the master failed (EIO: no process holds the slave): the child has gone."""
+
+    def resize(self, child: Child, columns: int, rows: int) -> None:
+        """The terminal's new size; the kernel sends its foreground group SIGWINCH."""
+        if child.terminal >= 0:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(child.terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
 
 
 def eof_input(attrs: list[object], last: bytes) -> bytes:

@@ -48,6 +48,8 @@ SERVICES: dict[str, tuple[list[str], dict[str, object], tuple[str, ...]]] = {
     "bad_proxy": (["cat"], PROXIED, ("proxy_failed",)),
     # a terminal in canonical mode: lines in, the EOF character at the client's EOF, ONLCR out
     "pty": (["sh", "-c", "stty -echo; echo ready; exec cat"], {"pty": True}, ("eof",)),
+    # WebSocket text messages (websockets, an independent client) through cat, closed by the client
+    "websocket": (["cat"], {"transport": "websocket"}, ("eof",)),
 }
 _tls: dict[str, object] = {}  # "files": {cert, key}, "context": a client SSLContext trusting the CA
 
@@ -242,10 +244,25 @@ def pty(sock: socket.socket, rng: random.Random) -> tuple[bool, str]:
     return clean and reply == data.replace(b"\n", b"\r\n"), f"{len(lines)} lines"
 
 
+def websocket(sock: socket.socket, rng: random.Random) -> tuple[bool, str]:
+    from websockets.sync.client import connect
+
+    host, port = sock.getpeername()[:2]
+    lines = [rng.randbytes(rng.randint(0, 3000)).hex() for _ in range(rng.randint(1, 50))]
+    got = []
+    with connect(f"ws://{host}:{port}/", sock=sock, open_timeout=30, close_timeout=30) as ws:
+        for line in lines:  # one at a time: the sync client cannot read while a send blocks
+            ws.send(line)
+            got.append(ws.recv(timeout=30))
+        ws.close()
+        code = ws.close_code
+    return got == lines and code == 1000, f"{len(lines)} messages, close {code}"
+
+
 CLIENTS: dict[str, Callable[[socket.socket, random.Random], tuple[bool, str]]] = {
     "up": up, "slow": slow, "deaf": deaf, "crash": crash, "echo": echo, "idle": idle, "stubborn": stubborn,
     "orphan": orphan, "tls_up": tls_up, "tls_stall": tls_stall, "proxied": proxied, "bad_proxy": bad_proxy,
-    "pty": pty,
+    "pty": pty, "websocket": websocket,
 }  # fmt: skip
 
 
