@@ -21,7 +21,7 @@ from conftest import ROOT, py_child, service_toml, toml_value, wait_until
 from websockets.asyncio.client import connect as aconnect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
-from wsproto.frame_protocol import FrameProtocol, Opcode
+from wsproto.frame_protocol import Frame, FrameProtocol, Opcode
 
 from gsrv.config.web import WebSocketConfig
 from gsrv.edge.upgrade import Request, judge, origin_allowed
@@ -269,15 +269,8 @@ def test_a_frame_cut_short_by_a_timeout_ends_in_a_reset_not_a_torn_close(gsrv) -
                              session_timeout="1s"))  # fmt: skip
     with raw_client(server, "flood", rcvbuf=4096) as (sock, proto):  # it never reads: gsrv's send blocks
         server.wait_log(r"event=session_end service=flood .*reason=session_timeout")
-        raw, reset_seen = b"", False
-        try:
-            while chunk := sock.recv(1 << 20):
-                raw += chunk
-        except ConnectionResetError:
-            reset_seen = True
-    proto.receive_bytes(raw)
-    frames = list(proto.received_frames())  # whole frames, then (if a close) a real close frame
-    assert reset_seen or frames[-1].opcode is Opcode.CLOSE, (len(raw), frames[-1:])
+        frames, reset_seen = whole_frames_then_end(sock, proto)
+    assert reset_seen or frames[-1].opcode is Opcode.CLOSE, frames[-1:]
 
 
 @pytest.mark.timeout(60)
@@ -316,6 +309,54 @@ def test_a_page_on_another_name_for_loopback_gets_403(gsrv) -> None:
     wait_until(lambda: server.count_log(r"reason=host_denied") == 2, 10, "two host_denied lines")
 
 
+@pytest.mark.timeout(60)
+def test_a_last_line_the_client_is_too_slow_for_ends_in_a_reset_not_a_torn_close(gsrv) -> None:
+    code = "import sys; sys.stdout.write(('a' * 1000 + '\\n') * 2500 + 'b' * 900000); sys.stdout.flush()"
+    server = gsrv(ws_service("tail", py_child(code), {"max_message": "1MiB", "ping_interval": "0s"}))
+    with raw_client(server, "tail", rcvbuf=4096) as (sock, proto):
+        server.wait_log(r"event=session_end service=tail ", timeout=20)  # it waited LINGER_S, then gave up
+        frames, reset_seen = whole_frames_then_end(sock, proto)
+    assert reset_seen or frames[-1].opcode is Opcode.CLOSE, frames[-1:]
+
+
+@pytest.mark.timeout(60)
+def test_the_stderr_channel_is_output_the_session_waits_for(gsrv) -> None:
+    code = "import sys; print('done', flush=True); sys.stderr.write(''.join(f'{n}\\n' for n in range(30500)))"
+    server = gsrv(ws_service("noisy", py_child(code), {"ping_interval": "0s"}, stderr="websocket"))
+    with raw_client(server, "noisy", rcvbuf=4096) as (sock, proto):
+        time.sleep(3)  # the child is long done; its stderr waits in the pipe and the socket
+        frames = read_frames(sock, proto)
+    lines = [payload for opcode, payload in frames if opcode is Opcode.TEXT]
+    assert lines[:1] == ["odone"] and sorted(lines[1:]) == sorted(f"e{n}" for n in range(30500)), len(lines)
+    assert frames[-1] == (Opcode.CLOSE, (1000, "exit=0"))
+    assert "bytes_err=" in server.wait_log(r"event=session_end service=noisy .*reason=child_exit")
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_reader_that_answers_pings_is_not_taken_for_dead(gsrv) -> None:
+    code = "import sys; sys.stdout.buffer.write(b'z' * 6_000_000)"
+    server = gsrv(
+        ws_service("big", py_child(code), {"messages": "binary", "ping_interval": "1s", "ping_timeout": "2s"})
+    )
+    with raw_client(server, "big", rcvbuf=16384) as (sock, proto):
+        received, closed = 0, None
+        deadline = time.monotonic() + 40
+        while closed is None and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            assert chunk, "EOF before the close frame"
+            proto.receive_bytes(chunk)
+            for frame in proto.received_frames():
+                if frame.opcode is Opcode.PING:
+                    sock.sendall(proto.pong(frame.payload))
+                elif frame.opcode is Opcode.CLOSE:
+                    closed = frame.payload
+                else:
+                    received += len(frame.payload)
+            time.sleep(0.05)  # about 1 MB/s
+    assert received == 6_000_000 and closed == (1000, "exit=0"), (received, closed)
+    assert server.count_log(r"ping_timeout=1") == 0
+
+
 @contextlib.contextmanager
 def raw_client(server, name: str, rcvbuf: int = 0) -> Iterator[tuple[socket.socket, FrameProtocol]]:
     """An upgraded connection and a client-side frame layer (wsproto's), for frames the
@@ -339,15 +380,35 @@ def raw_client(server, name: str, rcvbuf: int = 0) -> Iterator[tuple[socket.sock
         yield sock, FrameProtocol(client=True, extensions=[])
 
 
+def whole_frames_then_end(sock: socket.socket, proto: FrameProtocol) -> tuple[list[Frame], bool]:
+    """Everything the client can still read, parsed (a torn frame followed by anything makes
+    wsproto raise), and whether it ended with a reset."""
+    raw, reset_seen = b"", False
+    try:
+        while chunk := sock.recv(1 << 20):
+            raw += chunk
+    except ConnectionResetError:
+        reset_seen = True
+    proto.receive_bytes(raw)
+    return list(proto.received_frames()), reset_seen
+
+
 def read_frames(sock: socket.socket, proto: FrameProtocol) -> list[tuple[Opcode, object]]:
-    """(opcode, payload) of each frame until the close frame."""
+    """(opcode, payload) of each message until the close frame (wsproto hands a frame's payload
+    on in parts as it arrives: joined here)."""
     frames: list[tuple[Opcode, object]] = []
+    parts: list[object] = []
     while True:
         for frame in proto.received_frames():
             payload = frame.payload
-            frames.append((frame.opcode, (int(payload[0]), payload[1]) if frame.opcode is Opcode.CLOSE else payload))
             if frame.opcode is Opcode.CLOSE:
+                frames.append((frame.opcode, (int(payload[0]), payload[1])))
                 return frames
+            parts.append(payload)
+            if frame.message_finished:
+                joined = "".join(parts) if isinstance(payload, str) else b"".join(parts)  # type: ignore[arg-type]
+                frames.append((frame.opcode, joined))
+                parts = []
         chunk = sock.recv(65536)
         assert chunk, frames
         proto.receive_bytes(chunk)
@@ -391,3 +452,5 @@ def test_judge_and_origins_without_a_socket() -> None:
     assert not origin_allowed("null", "a.example", False, ())
     assert origin_allowed("https://app.example", "a.example", False, ("https://app.example:443",))
     assert origin_allowed("http://anything", "a.example", False, ("*",))
+    assert not origin_allowed("http://[::1", "a.example", False, ())  # not a URL: no error, a refusal
+    assert judge(Request("GET", "/ws", {**upgrade, "host": "[::1"}), local, False).reason == "host_denied"

@@ -89,7 +89,7 @@ class Door:
                     arrival.websocket = upgrade(transport, ws, arrival.tls is not None, self.page)
             return True
         except Refused as e:
-            refuse(arrival, e.reason, error=str(e), answered=True)
+            refuse(arrival, e.reason, error=str(e) or None, answered=True)
         except gevent.GreenletExit:
             refuse(arrival, "shutdown")
         except ssl.SSLError as e:

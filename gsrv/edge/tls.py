@@ -113,9 +113,11 @@ class TlsStream:
             while self._out.pending:
                 data = self._out.read()
                 started = time.monotonic()
-                self.torn = True
-                self.sock.sendall(data)
-                self.torn = False
+                try:
+                    self.sock.sendall(data)
+                except BaseException:  # records taken from the BIO and not all sent: for good
+                    self.torn = True
+                    raise
                 waited += time.monotonic() - started
         return waited
 

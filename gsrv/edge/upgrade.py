@@ -127,7 +127,10 @@ def host_allowed(host: str, ws: WebSocketConfig) -> bool:
     """The Host a client asked for: any, unless the service listens on loopback (or a unix
     socket), where only loopback names and `hosts` are answered: a page whose own name
     resolves to 127.0.0.1 (DNS rebinding) sends its own name as Host and its origin matches."""
-    name = urlsplit("http://" + host.lower()).hostname or ""
+    try:
+        name = urlsplit("http://" + host.lower()).hostname or ""
+    except ValueError:  # "[::1" and the like
+        return False
     if "*" in ws.hosts or name in ws.hosts:
         return True
     if not ws.local_only:
@@ -157,6 +160,13 @@ def origin_allowed(origin: str, host: str, secure: bool, allowed: tuple[str, ...
     """A browser page's origin: the Host's own (same scheme, host and port), or one of `allowed`."""
     if "*" in allowed:
         return True
+    try:
+        return _origin_allowed(origin, host, secure, allowed)
+    except ValueError:  # not a URL ("http://[::1", a bad port)
+        return False
+
+
+def _origin_allowed(origin: str, host: str, secure: bool, allowed: tuple[str, ...]) -> bool:
     parts = urlsplit(origin.lower())
     if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
         return False  # "null" (a file or a sandboxed frame) and other schemes
@@ -206,7 +216,7 @@ def upgrade(stream: Stream, ws: WebSocketConfig, secure: bool, page: bytes) -> U
         body = page if answer.status == 200 else f"{h11_reason(answer.status)}: {answer.error}\n".encode()
         kind = b"text/html; charset=utf-8" if answer.status == 200 else b"text/plain; charset=utf-8"
         _send(stream, conn, answer.status, b"" if request.method == "HEAD" else body, kind, len(body))
-        raise Refused(answer.reason, answer.error or "the console page")
+        raise Refused(answer.reason, answer.error)  # (the console page served: no error)
     accept = generate_accept_token(headers["sec-websocket-key"].encode("ascii"))
     reply = h11.InformationalResponse(
         status_code=101, headers=[(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
@@ -254,9 +264,11 @@ class PlainStream:
     def send(self, data: bytes | bytearray | memoryview) -> float:
         started = time.monotonic()
         with self._sending:
-            self.torn = True
-            self.sock.sendall(data)
-            self.torn = False
+            try:
+                self.sock.sendall(data)
+            except BaseException:  # an error, a timeout, a kill: part of it may be out; for good
+                self.torn = True
+                raise
         return time.monotonic() - started
 
     def close_notify(self) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import socket as stdsocket
+import termios
 import time
 
 import gevent
@@ -30,8 +31,9 @@ from gsrv.config.web import WebSocketConfig
 from gsrv.edge.refusal import reset
 from gsrv.edge.tls import TlsStream
 from gsrv.edge.upgrade import Upgraded
+from gsrv.relay import kernel
 from gsrv.relay.child import Child
-from gsrv.relay.pump import Discard, End, FdSource, Meter, move
+from gsrv.relay.pump import Discard, End, FdSource, Meter, move, queued
 from gsrv.relay.relays import LINGER_S, Closing, Relay, RelayEvents, guarded
 from gsrv.relay.terminal import Pipes, Terminal
 
@@ -60,7 +62,7 @@ class WebSocketRelay(Relay):
     """Frames to and from the client over `stream`; the child's end is its pipes or its pty."""
 
     __slots__ = ("stream", "ws", "proto", "typed", "stderr_channel", "failure", "code", "out", "err", "pinged",
-                 "pong", "ping_timed_out", "leftover", "frames", "reading_since")  # fmt: skip
+                 "pong", "ping_timed_out", "leftover", "frames", "reading_since", "errors", "err_done")  # fmt: skip
 
     def __init__(self, sock: socket, chunk: int, upgraded: Upgraded, ws: WebSocketConfig,
                  child_end: Pipes | Terminal, stderr_channel: bool) -> None:  # fmt: skip
@@ -78,13 +80,21 @@ class WebSocketRelay(Relay):
         self.ping_timed_out = False
         self.frames: Frames | None = None  # the client's frames, one reader for the relay's life
         self.reading_since: float | None = None  # the input direction waits for the client since then
+        self.errors = Meter()  # the child's stderr sent as "e" messages
+        self.err_done = Event()  # the stderr channel reached its end (set now when there is none)
+        if not stderr_channel:
+            self.err_done.set()
 
     @property
     def name(self) -> str:
         return "websocket+pty" if isinstance(self.child_end, Terminal) else "websocket"
 
     def log_fields(self) -> dict[str, object]:
-        return super().log_fields() | {"ping_timeout": 1 if self.ping_timed_out else None}
+        return super().log_fields() | {"bytes_err": self.errors.total if self.stderr_channel else None,
+                                       "ping_timeout": 1 if self.ping_timed_out else None}  # fmt: skip
+
+    def last_activity(self) -> float:
+        return max(super().last_activity(), self.errors.last)
 
     def fail(self, reason: str, code: int) -> None:
         if self.failure is None:
@@ -99,6 +109,8 @@ class WebSocketRelay(Relay):
         super().start(child, events)
         if self.err is not None and child.stderr >= 0:
             self.greenlets.append(gevent.spawn(guarded, self._stderr, child, events))
+        else:
+            self.err_done.set()
         if self.ws.ping_interval:
             self.greenlets.append(gevent.spawn(guarded, self._ping, child, events))
 
@@ -107,7 +119,14 @@ class WebSocketRelay(Relay):
         return move(self.frames, self.child_end.sink(child), self.inbound, self.chunk)
 
     def _out(self, child: Child) -> End:
-        return move(self.child_end.source(child, self.chunk), self.out, self.outbound, self.chunk)
+        """The output's end is stdout's and, with the stderr channel, stderr's: both go to the
+        client, so the session is not done (nor its close frame sent) before both are."""
+        end = move(self.child_end.source(child, self.chunk), self.out, self.outbound, self.chunk)
+        if end is End.SOURCE_EOF:
+            self.err_done.wait()
+            if self.failure:
+                return End.SINK_CLOSED  # the stderr channel failed: the session ends with its reason
+        return end
 
     def _discard(self) -> End:
         return move(self.frames or Frames(self, None), Discard(), self.discarded, self.chunk)
@@ -115,7 +134,10 @@ class WebSocketRelay(Relay):
     def _stderr(self, child: Child, events: RelayEvents) -> None:
         """The child's stderr as "e" messages; a line it cannot send ends the session."""
         assert self.err is not None
-        end = move(FdSource(child.stderr, self.chunk), self.err, Meter(), self.chunk)
+        try:
+            end = move(FdSource(child.stderr, self.chunk), self.err, self.errors, self.chunk)
+        finally:
+            self.err_done.set()
         if end is End.SINK_CLOSED:
             events.abort(self.failure or "client_reset")
 
@@ -135,14 +157,24 @@ class WebSocketRelay(Relay):
                 self.stream.send(self.proto.ping(b"gsrv"))
             except OSError:
                 return  # the connection failed: the directions say so
+            progress = self._progress()  # the ping may wait behind output the client reads slowly
             if self.pong.wait(timeout) or self.client_eof:
                 continue
             waiting = self.reading_since
             if waiting is None or waiting > self.pinged or max(self.inbound.last, self.discarded.last) > self.pinged:
                 continue
+            if self._progress() > progress:
+                continue  # the client took bytes meanwhile: a slow reader that has not reached the ping yet
             self.ping_timed_out = True
             events.abort("client_reset")
             return
+
+    def _progress(self) -> int:
+        """A count that grows while the client takes gsrv's bytes: TCP's acknowledged bytes (a
+        client that stops reading closes its window, and the count stops); on a unix socket,
+        the send queue, negated."""
+        figures = kernel.figures_of(self.sock) if self.sock.family != stdsocket.AF_UNIX else None
+        return figures.acked if figures is not None else -queued(self.sock.fileno(), termios.TIOCOUTQ)
 
     # -- the end ------------------------------------------------------------------------
 
@@ -170,23 +202,30 @@ class WebSocketRelay(Relay):
 
     def _close_frame(self, closing: Closing) -> bool:
         """What is left of the output's last line (after the child's own end), then the close
-        frame (and TLS's close_notify); False if the client could not take them in time."""
+        frame (and TLS's close_notify); False if the client could not take them in time, or a
+        frame was cut short."""
         try:
-            with gevent.Timeout(LINGER_S, TimeoutError):
+            with gevent.Timeout(LINGER_S, _Late):
                 if closing.reason in CHILD_ENDS and closing.clean:
                     self.out.flush()
                     if self.err is not None:
                         self.err.flush()
+                if self.stream.torn:
+                    return False
                 code, text = (self.code, self.failure) if self.failure and self.code else close_frame(closing)
                 if not self.stream.closed:
                     self.stream.send(self.proto.close(code, text))
                     self.stream.close_notify()
-        except (OSError, TimeoutError):
+        except (OSError, _Late):
             return False
         return not self.stream.torn
 
     def _finish_output(self, closing: Closing) -> None:
         """The close frame went out already (close)."""
+
+
+class _Late(Exception):
+    """The close frame's time (LINGER_S) ran out: none of the OSErrors a send may raise."""
 
 
 class Frames:
