@@ -15,6 +15,8 @@ WELL = {"exited": True, "ended_well": True}
 ROWS = [
     ("client EOF reached the child, its output ended, it exited well: eof, FIN",
      0, 0, [(Facts(now=5, input_done=True, output_eof=True, **WELL), Verdict("eof", True))]),
+    ("pty: the client's input ended in raw mode, gsrv hung the terminal up, the child ended: hangup, FIN",
+     0, 0, [(Facts(now=5, input_done=True, hung_up=True, output_eof=True, **WELL), Verdict("hangup", True))]),
     ("output ended and the child exited before the client's input ended: child_exit, FIN",
      0, 0, [(Facts(now=5, output_eof=True, **WELL), Verdict("child_exit", True))]),
     ("non-zero exit with nonzero_exit = reset, or a signal it did not get from gsrv: a reset",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import signal
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -197,9 +196,6 @@ class Session:
     def _facts(self, child: Child, relay: Relay) -> Facts:
         relay.sample(child)
         exited = child.exited.is_set()
-        signalled = child.killed_by
-        if relay.hung_up and signalled == signal.SIGHUP:
-            signalled = None  # gsrv's own hangup ended it: the end of input a raw terminal has
         return Facts(
             now=time.monotonic(),
             aborted=self._aborted,
@@ -207,7 +203,7 @@ class Session:
             output_eof=relay.output_eof,
             exited=exited,
             hung_up=relay.hung_up,
-            ended_well=signalled is None and (child.exit_code == 0 or self.svc.nonzero_exit == "close"),
+            ended_well=self._signal(child) is None and (child.exit_code == 0 or self.svc.nonzero_exit == "close"),
             output_in_flight=exited and not relay.output_eof and relay.output_in_flight(child.stdout),
             last_activity=relay.last_activity(),
         )
@@ -280,14 +276,18 @@ class Session:
         else:
             reset(self.sock)
 
+    def _signal(self, child: Child) -> str | None:
+        """The signal that ended the child, unless it is gsrv's own hangup of its terminal (the
+        end of input a raw terminal has: a session ended by it ended well)."""
+        name = child.signal_name
+        return None if name == "HUP" and self.relay is not None and self.relay.hung_up else name
+
     def _closing(self, clean: bool) -> Closing:
         """The verdict and the child's status, as the connection's close needs them."""
         child, reason = self.child, self.reason or "internal_error"
         if child is None:
             return Closing(reason, clean)
-        signame = child.signal_name
-        if self.relay is not None and self.relay.hung_up and signame == "HUP":
-            signame = None  # gsrv's own hangup: the end of input a raw terminal has
+        signame = self._signal(child)
         bad = signame is not None or child.exit_code not in (0, None)
         return Closing(reason, clean, child.exit_code, signame, drop=bad and self.svc.nonzero_exit == "reset")
 
