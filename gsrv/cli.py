@@ -27,10 +27,11 @@ from gsrv.ops.admin import Admin
 from gsrv.ops.dump import dump
 from gsrv.ops.metrics import State
 from gsrv.ops.notify import Notifier
-from gsrv.relay.child import contain_in, track_groups
+from gsrv.relay.child import Launcher
 from gsrv.relay.guardian import Guardian
 from gsrv.relay.pump import HAS_SPLICE
 from gsrv.server import Server, longest_stop
+from gsrv.spawn.client import Spawner
 
 DEFAULT_CONFIG = "conf/gsrv.toml"
 
@@ -146,7 +147,9 @@ def serve(path: str, overrides: list[str]) -> int:
     if config is None:
         return 2
     log = Log(2, config.server.log_level, config.server.log_format)
-    server = Server(config, log)
+    spawner = Spawner(log)
+    launcher = Launcher(spawner)
+    server = Server(config, log, launcher)
     try:
         server.bind()
         admin = _admin(config, server, log)
@@ -158,7 +161,7 @@ def serve(path: str, overrides: list[str]) -> int:
     root = Root(host) if host.mode != "none" else None
     # no child outlives gsrv, even one killed with SIGKILL: the guardian ends what is left
     guardian = Guardian(host.mode, tuple(root.paths) if root else ())
-    track_groups(guardian)
+    launcher.tracker = guardian
     swept: list[str] = []
     try:
         if root is not None:
@@ -169,8 +172,16 @@ def serve(path: str, overrides: list[str]) -> int:
         server.stop_listening()
         print(f"Error: [cgroup] root: cannot make gsrv's cgroups: {e.strerror or e}", file=sys.stderr)
         return 1
-    contain_in(root)
-    server.cgroups = root
+    launcher.root = root
+    spawner.homes = root.spawner_homes if root is not None else ()
+    spawner.known = lambda pid: pid == guardian.proc.pid
+    try:
+        spawner.start()
+    except OSError as e:
+        guardian.close()
+        server.stop_listening()
+        print(f"Error: cannot start the spawner: {e.strerror or e}", file=sys.stderr)
+        return 1
     log.info("containment", cgroups=host.describe(), root=",".join(root.paths) if root else None,
              services=",".join(f"{s.name}:{s.contain.scope}" for s in config.services),
              swept=",".join(swept) or None)  # fmt: skip
@@ -194,7 +205,7 @@ def serve(path: str, overrides: list[str]) -> int:
     if admin is not None:
         admin.stop()
     guard.stop()
-    contain_in(None)
+    spawner.close()
     left = root.remove() if root is not None else []
     if left:
         log.warning("cgroups_left", cgroups=",".join(left), next="the guardian removes them once they are empty")
@@ -238,7 +249,7 @@ def _handle_signals(server: Server, guard: Guard, signals: Queue[int]) -> None:
         name = signal.Signals(signum).name
         if signum == signal.SIGUSR1:
             pending = sum(s.gate.waiting for s in server.services)
-            children = len(psutil.Process().children())  # the guardian is one of them
+            children = len(psutil.Process().children(recursive=True)) - 2  # less the guardian and the spawner
             dump(server.log, server.active_sessions, pending, children)
             continue
         if signum == signal.SIGHUP:

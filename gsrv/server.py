@@ -13,11 +13,10 @@ import gevent
 
 from gsrv.accept.listeners import BindError
 from gsrv.config.parse import Config, ServerConfig, load
-from gsrv.contain.scope import Root
 from gsrv.errors import ConfigError
 from gsrv.logs import Log
 from gsrv.ops.metrics import Metrics, ServiceState
-from gsrv.relay.child import REAP_TIMEOUT_S
+from gsrv.relay.child import REAP_TIMEOUT_S, Launcher
 from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
 from gsrv.service import Service
@@ -37,14 +36,14 @@ def longest_stop(server: ServerConfig) -> float:
 
 
 class Server:
-    def __init__(self, config: Config, log: Log) -> None:
+    def __init__(self, config: Config, log: Log, launcher: Launcher) -> None:
         self.config = config
+        self.launcher = launcher
         self.log = log
         self.lifecycle = Lifecycle(log)
         self.services = [Service(self, cfg) for cfg in config.services]
         self.retired: set[Service] = set()  # removed by a reload, their sessions draining
         self.metrics: Metrics | None = None  # set by the composer when an admin endpoint exists
-        self.cgroups: Root | None = None  # set by the composer when the host has cgroups
         self.watchdog = Watchdog()
         self.stopped = self.lifecycle.stopped
         self._ids = itertools.count(1)
@@ -157,9 +156,9 @@ class Server:
         if new.cgroup.root != running:
             return (f"{new.path}: [cgroup] root cannot change on reload (running: \"{running}\", file: "
                     f"\"{new.cgroup.root}\"): restart gsrv to change it")  # fmt: skip
-        if self.cgroups is not None:
+        if self.launcher.root is not None:
             try:
-                self.cgroups.enable(set().union(*(s.contain.limits.controllers(self.cgroups.host.mode)
+                self.launcher.root.enable(set().union(*(s.contain.limits.controllers(self.launcher.root.host.mode)
                                                   for s in new.services if s.contain.scope == "cgroup")))  # fmt: skip
             except OSError as e:
                 return f"{new.path}: [cgroup] {e.strerror or e}"

@@ -1,7 +1,8 @@
 """One configured service: its listener, its gate, and the gate's handler, which takes each
 connection along its one path: arrive (the door's screen) -> prelude (PROXY, TLS) -> start (a
-Session spawns its command) -> run. A connection refused on the way never becomes a Session:
-the edge's Refusals end it, with the same session_end line and counters.
+Session asks for its command) -> spawned (the spawner started it) -> run. A connection refused
+on the way never becomes a Session: the edge's Refusals end it, with the same session_end line
+and counters.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import socket as stdsocket
 import struct
 from typing import Any, Protocol
 
-from gsrv.accept.gate import Gate, Listener
+from gsrv.accept.gate import ENDED, Gate, Listener
 from gsrv.accept.listeners import close_listener, open_listener, tune
 from gsrv.config.address import host_port
 from gsrv.config.parse import Config, ServiceConfig
@@ -22,6 +23,7 @@ from gsrv.edge.upgrade import console_page
 from gsrv.errors import RESOURCE_ERRORS
 from gsrv.logs import Log
 from gsrv.ops.metrics import Metrics
+from gsrv.relay.child import Launcher
 from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
 from gsrv.state import Lifecycle
@@ -34,6 +36,7 @@ class Host(Protocol):
     log: Log
     lifecycle: Lifecycle
     watchdog: Watchdog
+    launcher: Launcher
     metrics: Metrics | None
 
     def next_session_id(self) -> str: ...
@@ -106,14 +109,23 @@ class Service:
 
     def start(self, arrival: Arrival) -> Session | int | None:
         server = self.server
-        session = Session(self.cfg, server.config.server, arrival, server.log, server.watchdog, on_end=self._ended)
+        session = Session(self.cfg, server.config.server, arrival, server.log, server.watchdog, server.launcher,
+                          on_end=self._ended)  # fmt: skip
         error = session.start()
         if error is None:
             return session
+        return self._kept(session, error)
+
+    def spawned(self, session: Session) -> int | None:
+        error = session.spawned()
+        return None if error is None else self._kept(session, error) or ENDED
+
+    def _kept(self, session: Session, error: int) -> int | None:
+        """An errno the gate parks the connection for, or None: the session wrote its line."""
         if error in RESOURCE_ERRORS:
-            arrival.spawn_error = session.spawn_error
+            session.arrival.spawn_error = session.spawn_error
             return error
-        return None  # it could not start: the session wrote its line
+        return None
 
     def run(self, session: Session) -> None:
         self.sessions.add(session)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -157,22 +158,32 @@ class Gsrv:
         return int(self.ps.memory_info().rss)
 
     def children(self) -> list[psutil.Process]:
-        """Processes below gsrv that sessions started (its guardian left out)."""
+        """Processes below gsrv that sessions started (its guardian and its spawner left out)."""
         try:
             found = self.ps.children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        return [p for p in found if p.pid != self.guardian_pid()]
+        own = {self.guardian_pid(), self.spawner_pid()}
+        return [p for p in found if p.pid not in own]
 
     def guardian_pid(self) -> int | None:
         if self._guardian is None:
-            for p in self.ps.children():
-                try:
-                    if "gsrv.relay.guardian" in " ".join(p.cmdline()):
-                        self._guardian = p.pid
-                except psutil.NoSuchProcess:
-                    pass
+            self._guardian = self._own_child("gsrv.relay.guardian")
         return self._guardian
+
+    def spawner_pid(self) -> int | None:
+        """The spawner running now (a new one replaces one that died)."""
+        return self._own_child("gsrv.spawn.spawner")
+
+    def _own_child(self, module: str) -> int | None:
+        try:
+            for p in self.ps.children():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if module in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                        return int(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+        return None
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

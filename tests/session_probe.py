@@ -19,11 +19,12 @@ from gsrv.config.parse import Config, parse
 from gsrv.contain.scope import Root
 from gsrv.edge.arrival import Arrival
 from gsrv.logs import Log
-from gsrv.relay.child import Child, contain_in
+from gsrv.relay.child import Child, Launcher
 from gsrv.relay.pump import End, FdSource, PipeSink, move
 from gsrv.relay.relays import Closing, Relay
 from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
+from gsrv.spawn.client import Spawner
 
 CONFIG = """
 [server]
@@ -90,18 +91,19 @@ def main(where: str, log_path: str) -> dict[str, object]:
     root = Root(config.cgroup.host) if config.cgroup.host.mode != "none" else None
     if root is not None:  # as `gsrv serve` does: sessions get their cgroups below gsrv's root
         root.create()
-    contain_in(root)
+    spawner = Spawner(Log(2), root.spawner_homes if root is not None else ())
+    spawner.start()
     seen: dict[str, object] = {}
     try:
-        _probe(where, log_path, config, seen)
+        _probe(where, log_path, config, seen, Launcher(spawner, root))
     finally:
-        contain_in(None)
+        spawner.close()
         if root is not None:
             seen["cgroups_left"] = root.remove()
     return seen
 
 
-def _probe(where: str, log_path: str, config: Config, seen: dict[str, object]) -> None:
+def _probe(where: str, log_path: str, config: Config, seen: dict[str, object], launcher: Launcher) -> None:
     svc = config.services[0]
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     log = Log(log_fd)
@@ -122,10 +124,13 @@ def _probe(where: str, log_path: str, config: Config, seen: dict[str, object]) -
             raise AssertionError("no prelude configured")
 
         def start(self, arrival: Arrival) -> Session | int | None:
-            session = Session(svc, config.server, arrival, log, Watchdog(),
+            session = Session(svc, config.server, arrival, log, Watchdog(), launcher,
                               relay=RaisingRelay(arrival.sock, svc.chunk_size, where), on_end=at_end)  # fmt: skip
             sessions.append(session)
             return session.start() or session
+
+        def spawned(self, session: Session) -> int | None:
+            return session.spawned()
 
         def run(self, session: Session) -> None:
             session.run()

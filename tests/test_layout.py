@@ -26,13 +26,15 @@ MAY_IMPORT = {
     "config": {"errors", "contain"},
     "accept": {"config"} | LEAVES,
     "edge": {"config"} | LEAVES,
-    "relay": {"edge", "config", "contain"} | LEAVES,
+    "spawn": {"errors", "logs"},
+    "relay": {"edge", "config", "contain", "spawn"} | LEAVES,
     "ops": {"accept", "config", "state"} | LEAVES,
     "clients": set(),
     "state": LEAVES,
     "service": {"accept", "edge", "relay", "ops", "config", "state"} | LEAVES,
     "server": {"service", "state", "accept", "relay", "ops", "config", "contain"} | LEAVES,
-    "cli": {"server", "state", "accept", "edge", "relay", "ops", "clients", "config", "contain", "__init__"} | LEAVES,
+    "cli": {"server", "state", "accept", "edge", "relay", "ops", "clients", "config", "contain", "spawn", "__init__"}
+    | LEAVES,
     "__main__": {"cli"},
     "__init__": set(),
 }

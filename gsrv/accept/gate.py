@@ -20,6 +20,8 @@ from gsrv.errors import RESOURCE_ERRORS
 from gsrv.logs import Log
 
 RETRY_S = 1.0
+SPAWNS_IN_FLIGHT = 8  # sessions whose command was asked for and not yet started: then accept waits
+ENDED = -1  # Handler.spawned: the session ended without a command
 RETRY_MAX_S = 30.0
 BURST_QUIET_S = 2.0  # a shortage burst ends after this long without one: one line each way per burst
 
@@ -52,8 +54,12 @@ class Handler(Protocol[C, S]):
         """In its own greenlet, no slot held: False when it ended the connection itself."""
 
     def start(self, conn: C) -> S | int | None:
-        """Spawn its command without yielding: the session; an errno when fds or memory ran
+        """Ask for its command without yielding: the session; an errno when fds or memory ran
         out (the connection is kept, to try again); None when it ended the connection."""
+
+    def spawned(self, session: S) -> int | None:
+        """Wait until its command started: None when it runs; an errno as start() gives; ENDED
+        when the session ended (its command could not start)."""
 
     def run(self, session: S) -> None:
         """The session until its child is reaped; its slot frees when this returns."""
@@ -99,11 +105,12 @@ class Listener(StreamServer):  # type: ignore[misc]
 class Gate(Generic[C, S]):
     """Counts sessions and opens or closes its listener's accept loop.
 
-    Each session's command is started inside the accept loop, so a spawn that runs out
-    of fds or memory (EMFILE and the like) stops accepting before the next accept().
-    That client is held (parked) and the others wait in the backlog; when a session
-    ends, or on a backed-off timer, the parked one is tried again, and once its command
-    runs the others follow. Nobody is refused for want of fds.
+    Each session's command is asked for inside the accept loop and started by the spawner
+    while accept goes on (at most SPAWNS_IN_FLIGHT at once). A spawn that runs out of fds
+    or memory (EMFILE and the like), whether gsrv or the spawner finds it, stops accepting;
+    that client and those accepted meanwhile are held (parked) and the others wait in the
+    backlog; when a session ends, or on a backed-off timer, a parked one is tried again, and
+    once its command runs the others follow. Nobody is refused for want of fds.
 
     With a prelude (a PROXY header to read, a TLS handshake), a connection first runs it
     in its own greenlet without a max_sessions slot, counted as pending (at most
@@ -124,7 +131,8 @@ class Gate(Generic[C, S]):
         self.paused: set[str] = set()
         self.listener: Listener | None = None
         self.short = False  # out of fds or memory
-        self._parked: C | None = None  # the accepted client whose command could not start yet
+        self._parked: deque[C] = deque()  # accepted clients whose command could not start yet
+        self.spawning = 0  # commands asked for, not started yet
         self._retry: gevent.Greenlet | None = None
         self._burst: Burst | None = None  # while fds or memory keep running out
 
@@ -137,7 +145,9 @@ class Gate(Generic[C, S]):
         return self.pending + len(self.ready)
 
     def full(self) -> bool:
-        return self.short or not may_accept(self.active, self.max_sessions, self.paused, self.waiting, self.max_pending)
+        if self.short or self.spawning >= SPAWNS_IN_FLIGHT:
+            return True
+        return not may_accept(self.active, self.max_sessions, self.paused, self.waiting, self.max_pending)
 
     def set_limits(self, max_sessions: int, max_pending: int) -> None:
         self.max_sessions, self.max_pending = max_sessions, max_pending
@@ -207,28 +217,48 @@ class Gate(Generic[C, S]):
         if started is None:
             return
         if isinstance(started, int):  # out of fds or memory
-            self._parked = conn
-            self._resources_short(started)
+            self._park(conn, started)
             return
-        if self.short:
-            self.short = False  # accept_resumed is logged when the whole burst is over
         self.active += 1
-        gevent.spawn(self._run, started)
+        self.spawning += 1
+        gevent.spawn(self._run, conn, started)
         self.update()
 
-    def _run(self, session: S) -> None:
+    def _park(self, conn: C, error: int) -> None:
+        self._parked.append(conn)
+        self._resources_short(error)
+
+    def _run(self, conn: C, session: S) -> None:
+        parked = False
         try:
-            self.handler.run(session)
+            try:
+                outcome = self.handler.spawned(session)
+            finally:
+                self.spawning -= 1
+            if outcome is None:
+                self._resources_back()
+                self.update()  # a spawn no longer in flight may reopen accept
+                self.handler.run(session)
+            elif outcome != ENDED:  # out of fds or memory: kept, and tried again later
+                parked = True
+                self._park(conn, outcome)
         finally:
             self.active -= 1
-            self._try_again()  # a session ended: its fds are free again
+            if not parked:
+                self._try_again()  # a session ended: its fds are free again
             self._start_ready()
             self.update()
 
+    def _resources_back(self) -> None:
+        """A command started: if fds or memory had run short, the parked clients go first."""
+        if self.short:
+            self.short = False  # accept_resumed is logged when the whole burst is over
+            while self._parked and not self.short and not self.closed:
+                self._start(self._parked.popleft())
+
     def _try_again(self) -> None:
-        if self.short and self._parked is not None:
-            conn, self._parked = self._parked, None
-            self._start(conn)
+        if self.short and self._parked:
+            self._start(self._parked.popleft())
         elif self.short:
             self.short = False  # accept() itself failed: let it try
 
@@ -236,9 +266,8 @@ class Gate(Generic[C, S]):
         """Take no more connections, and end those not started yet: parked, in their prelude,
         queued for a slot (a drain, a service a reload removed)."""
         self.closed = True
-        if self._parked is not None:
-            conn, self._parked = self._parked, None
-            self.handler.drop(conn, reason)
+        while self._parked:
+            self.handler.drop(self._parked.popleft(), reason)
         while self.ready:
             self.handler.drop(self.ready.popleft(), reason)
         gevent.killall(list(self._preludes), block=False)  # each ends its own (reason shutdown)

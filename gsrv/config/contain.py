@@ -3,28 +3,25 @@ max_pids, max_cpu) and the bubblewrap sandbox. Checked at load against what the 
 (gsrv/contain/host.py): a key the host cannot honour is an error naming what is missing.
 
 The sandbox is an argv prefix (`bwrap ... --`), one stage of config/launch.py's pipeline like
-prlimit and setpriv; on a v2 host the cgroup helper is the pipeline's first stage.
+prlimit and setpriv.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 
 from gsrv.config import keys
 from gsrv.config.keys import key
 from gsrv.config.table import Table
 from gsrv.config.units import describe, format_size
-from gsrv.contain import enter
 from gsrv.contain.host import Host, discover
 from gsrv.contain.scope import Limits
 
 PID_MAX_LIMIT = 4 * 1024**2  # the kernel's ceiling for pid_max on 64-bit
-MIN_MEMORY = 4 * 1024**2  # v1 charges the spawning thread's few pages of the fork to the session too
+MIN_MEMORY = 4 * 1024**2  # the spawner's pages touched while it is in the session's cgroup count there too
 SANDBOX_KEYS = ("private_tmp", "private_network", "read_only_paths", "writable_paths")
-CGROUP_SLOT = enter.SLOT  # replaced by the session's cgroup directory at each spawn
 
 
 def _root(t: Table, name: str, default: object) -> str:
@@ -137,12 +134,15 @@ class Containment:
                         example=32)  # fmt: skip
     max_cpu: float = key(_cpus, 0, "CPUs the session's tree may use, like 0.5; 0 = no limit", example=0.5,
                          show=lambda v: f"{v:g}")  # fmt: skip
+    accounting: bool = key(keys.flag(), False, "count each session's cpu_ms, mem_peak and pids_peak in its cgroups "
+                           "(on v1 three more cgroups a session: cpuacct, memory, pids); off, the line still has the "
+                           "spawner's ru_cpu_ms", example=True)  # fmt: skip
     sandbox: Sandbox | None = key(_sandbox, None, "run the command in bubblewrap: { private_tmp, private_network, "
                                   "read_only_paths, writable_paths }", value=None, show=_show_sandbox,
                                   example={"private_tmp": True, "private_network": True})  # fmt: skip
     scope: str = "group"  # derived: the kill scope in force, "cgroup" or "group"
     limits: Limits = Limits()  # derived
-    stages: tuple[tuple[str, tuple[str, ...]], ...] = ()  # derived: the cgroup helper (v2), the sandbox
+    stages: tuple[tuple[str, tuple[str, ...]], ...] = ()  # derived: the sandbox
 
 
 def parse_containment(t: Table, cgroup: CgroupConfig, environ: dict[str, str], pty: bool = False) -> Containment:
@@ -162,12 +162,14 @@ def parse_containment(t: Table, cgroup: CgroupConfig, environ: dict[str, str], p
             raise t.fail(name, f"bounds the session's cgroup, and this service has none: {why}")
         if not host.can(name):
             raise t.fail(name, f"cannot be enforced on this host: {host.missing(name)}")
+    if values["accounting"] and scope != "cgroup":
+        why = 'kill_scope is "group"' if values["kill_scope"] == "group" else host.missing("kill")
+        raise t.fail("accounting", f"counts in the session's cgroup, and this service has none: {why}")
+    if values["accounting"] and not host.can("cpu_ms"):
+        raise t.fail("accounting", f"cannot count on this host: {host.missing('cpu_ms')}")
     if limits.memory and limits.memory < MIN_MEMORY:
         raise t.fail("max_memory", f"must be 0 or at least 4MiB (got {describe(t.data['max_memory'])})")
     stages = []
-    if scope == "cgroup" and host.mode == "v2":
-        # -I -S: no site, no PYTHON* variables of the child's environment reach the helper
-        stages.append(("cgroup", (sys.executable, "-I", "-S", enter.__file__, CGROUP_SLOT)))
     sandbox = values.setdefault("sandbox", None)
     if sandbox is not None:
         path = environ.get("PATH", os.defpath)

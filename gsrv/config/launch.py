@@ -1,18 +1,17 @@
 """How a service's command starts, composed once at load: the argv prefixes in one fixed
 order, then the command. No shell: each stage is a program that applies one thing and execs
-the rest (prlimit, setpriv), so gsrv keeps spawning with vfork.
+the rest (prlimit, setpriv), so the spawner keeps starting children with posix_spawn.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The stages, in the order their prefixes compose. A stage is (name, argv prefix): the cgroup
-# helper (v2 hosts: the session's cgroup before anything of it runs), prlimit (as root, so hard
-# limits can be set), setpriv (drops to user/group), setsid --ctty (pty = true: a session
+# The stages, in the order their prefixes compose. A stage is (name, argv prefix): prlimit
+# (as root, so hard limits can be set), setpriv (drops to user/group), setsid --ctty (pty = true: a session
 # leader whose controlling terminal is its stdin, before bwrap, whose --new-session would drop
 # it), bwrap (the sandbox, as that user).
-STAGES = ("cgroup", "rlimits", "privileges", "tty", "sandbox")
+STAGES = ("rlimits", "privileges", "tty", "sandbox")
 
 
 @dataclass(frozen=True)
@@ -35,13 +34,6 @@ class Launch:
     def signal_in_exit(self) -> bool:
         """bwrap reports a command killed by signal N as its own exit 128+N."""
         return "sandbox" in self.stages
-
-    def argv_for(self, cgroup: str, slot: str) -> tuple[str, ...]:
-        """The argv with the cgroup stage's slot filled in (the session's cgroup directory)."""
-        if "cgroup" not in self.stages:
-            return self.argv
-        at = self.argv.index(slot)  # the first stage's: the command's own argv comes after it
-        return (*self.argv[:at], cgroup, *self.argv[at + 1 :])
 
 
 def compose(command: tuple[str, ...], executable: str, prefixes: dict[str, tuple[str, ...]], umask: int) -> Launch:

@@ -2,25 +2,24 @@
 one session's cgroups in it (`Scope`): made with their limits before the spawn, read for the
 accounting, removed after the reap. Plain file operations: nothing here waits or signals.
 
-gsrv writes inside its root only, with two exceptions that say where a thread or process came
-from: v1 puts the spawning thread back into the cgroup it was in, and on v2 with controllers
-to enable gsrv moves itself into a leaf beside its root (a cgroup that holds processes cannot
-enable controllers for its children) and enables them in its parent.
+gsrv writes inside its root only, with two exceptions that say where a process lives: the
+spawner (gsrv/spawn) goes back after each spawn to the cgroups gsrv came from (v1) or to a leaf
+beside the root (v2), and on v2 with controllers to enable gsrv moves itself into that leaf (a
+cgroup that holds processes cannot enable controllers for its children) and enables them in
+its parent.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import re
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gsrv.contain.host import NEEDS, V2_CORE, Host
 
-V2_SELF = "gsrv-{pid}.self"  # the leaf gsrv moves itself (and its guardian) into on v2
+V2_SELF = "gsrv-{pid}.self"  # v2: the spawner's leaf, where gsrv (and its guardian) move if they must
 CPU_PERIOD_US = 100_000
 
 
@@ -124,6 +123,14 @@ def remove_tree(top: str) -> list[str]:
     return left
 
 
+def _has_cgroups_below(top: str) -> bool:
+    try:
+        with os.scandir(top) as entries:
+            return any(entry.is_dir(follow_symlinks=False) for entry in entries)
+    except FileNotFoundError:
+        return False
+
+
 def freeze(top: str, mode: str, frozen: bool) -> None:
     """Freeze or thaw a cgroup and every cgroup below it (both freezers are hierarchical);
     freezing is asynchronous: Scope.is_frozen says when it is done."""
@@ -144,8 +151,7 @@ def _alive(pid: int) -> bool:
 
 
 def tasks(top: str) -> list[int]:
-    """Every process in a cgroup and below it (gsrv itself left out: on v1 its spawning
-    thread passes through a session's cgroups)."""
+    """Every process in a cgroup and below it (gsrv itself left out)."""
     found: list[int] = []
     for path, _dirs, _files in os.walk(top):
         found.extend(int(n) for n in _read(os.path.join(path, "cgroup.procs")).split() if n.isdigit())
@@ -164,11 +170,7 @@ class Root:
         self.dirs = {name: os.path.join(parent, f"gsrv-{os.getpid()}") for name, parent in host.parents.items()}
         self.enabled: set[str] = set()  # v2: the controllers enabled for sessions
         self.guardian_pid = 0
-        self._kept: dict[str, int] = {}  # tasks file -> a descriptor kept open (send_home)
-        # v1: where the spawning thread goes back to after each fork: the cgroup it came from
-        self._home = {
-            name: os.path.join(host.homes.get(name, parent), "tasks") for name, parent in host.parents.items()
-        }
+        self.leaf = os.path.join(host.parents.get("unified", ""), V2_SELF.format(pid=os.getpid()))
 
     @property
     def paths(self) -> list[str]:
@@ -181,10 +183,19 @@ class Root:
         swept = self._sweep()
         for path in self.paths:
             os.makedirs(path, exist_ok=True)
-        if self.host.mode == "v1":  # opened now: gsrv's fds at rest stay what they are after sessions
-            for home in unique(self._home.values()):
-                self._kept[home] = os.open(home, os.O_WRONLY | os.O_CLOEXEC)
+        if self.host.mode == "v2":
+            os.makedirs(self.leaf, exist_ok=True)
         return swept
+
+    @property
+    def spawner_homes(self) -> tuple[str, ...]:
+        """Where the spawner lives between spawns (the files it writes "0" into to go back):
+        v1, the cgroups gsrv came from, per hierarchy it enters; v2, the leaf beside the root
+        (a cgroup whose children have controllers cannot take a process back: EBUSY)."""
+        if self.host.mode == "v2":
+            return (os.path.join(self.leaf, "cgroup.procs"),)
+        homes = (os.path.join(self.host.homes.get(name, parent), "tasks") for name, parent in self.host.parents.items())
+        return tuple(unique(homes))
 
     def _sweep(self) -> list[str]:
         swept = []
@@ -215,37 +226,24 @@ class Root:
 
     def _leave_parent(self, parent: str) -> None:
         """A cgroup with processes cannot enable controllers for its children: gsrv and its
-        guardian move into a leaf of their own beside the root, if nothing else is there. The
-        leaf stays while they live (a stale one is swept at the next start)."""
+        guardian move into the leaf beside the root where the spawner lives, if nothing else
+        is there. The leaf stays while they live (a stale one is swept at the next start)."""
         ours = {str(os.getpid()), str(self.guardian_pid)}
         others = [pid for pid in _read(os.path.join(parent, "cgroup.procs")).split() if pid not in ours]
         if others:
             raise OSError(errno.EBUSY, f"{parent} also holds processes {' '.join(others[:5])}: give gsrv a cgroup "
                           "of its own (systemd: Delegate=yes)")  # fmt: skip
-        leaf = os.path.join(parent, V2_SELF.format(pid=os.getpid()))
-        os.makedirs(leaf, exist_ok=True)
+        os.makedirs(self.leaf, exist_ok=True)
         for pid in (os.getpid(), self.guardian_pid):
             if pid:
-                _write(os.path.join(leaf, "cgroup.procs"), str(pid))
-
-    def home(self, name: str) -> str:
-        return self._home[name]
-
-    def send_home(self, home: str, tid: int) -> None:
-        """The spawning thread back into a tasks file of gsrv's own cgroups, through the
-        descriptor opened at create() (each spawn writes there; each write is a move of its own)."""
-        fd = self._kept.get(home)
-        if fd is None:  # a Root used without create() (a benchmark's): open and close each time
-            _write(home, str(tid))
-            return
-        os.write(fd, str(tid).encode())
+                _write(os.path.join(self.leaf, "cgroup.procs"), str(pid))
 
     def remove(self) -> list[str]:
         """At a clean stop, every session reaped: the cgroups left are returned (busy)."""
-        for fd in self._kept.values():
-            os.close(fd)
-        self._kept.clear()
-        return [left for path in self.paths for left in remove_tree(path)]
+        left = [left for path in self.paths for left in remove_tree(path)]
+        if self.host.mode == "v2":
+            remove_tree(self.leaf)  # busy while gsrv itself lives there: swept at the next start
+        return left
 
 
 class Scope:
@@ -259,10 +257,7 @@ class Scope:
         )
         self.dirs = {h: os.path.join(path, name) for h, path in root.dirs.items() if h in wanted}
         self.paths = unique(self.dirs.values())
-        # v1: each session cgroup the spawning thread enters, and the tasks file it goes back to
-        self._homes = {self.dirs[h]: root.home(h) for h in self.dirs} if self.mode == "v1" else {}
         self.limits = limits
-        self._tid = 0
 
     @classmethod
     def create(cls, root: Root, name: str, limits: Limits) -> Scope:
@@ -281,16 +276,16 @@ class Scope:
     def _limit_files(self) -> list[tuple[str, str]]:
         limits, d = self.limits, self.dirs
         quota = str(round(limits.cpu * CPU_PERIOD_US))
+        # The spawner counts in pids.current while it is there: one more for the spawn, lowered
+        # to the limit before it leaves (placement()).
         if self.mode == "v2":
             u = d["unified"]
             swap = f"{u}/memory.swap.max"
             files = [(f"{u}/memory.max", str(limits.memory)) if limits.memory else None,
                      (swap, "0") if limits.memory and os.path.exists(swap) else None,
-                     (f"{u}/pids.max", str(limits.pids)) if limits.pids else None,
+                     (f"{u}/pids.max", str(limits.pids + 1)) if limits.pids else None,
                      (f"{u}/cpu.max", f"{quota} {CPU_PERIOD_US}") if limits.cpu else None]  # fmt: skip
         else:
-            # The spawning thread counts in pids.current while it is there: one more for the
-            # fork, lowered to the limit before it leaves (see place()).
             files = [(f"{d['memory']}/memory.limit_in_bytes", str(limits.memory)) if limits.memory else None,
                      (f"{d['pids']}/pids.max", str(limits.pids + 1)) if limits.pids else None,
                      (f"{d['cpu']}/cpu.cfs_period_us", str(CPU_PERIOD_US)) if limits.cpu else None,
@@ -300,44 +295,19 @@ class Scope:
             files.insert(1, (memsw, str(limits.memory)))  # swap is no way around the limit
         return [f for f in files if f is not None]
 
-    # -- placement (v1: the spawning thread; v2: the helper gets `entry`) ------------------
+    # -- placement: the spawner enters, spawns, goes back ---------------------------------
 
-    @property
-    def entry(self) -> str:
-        """v2: the directory whose cgroup.procs the helper writes itself into before the command."""
-        return self.dirs["unified"]
-
-    def enter(self) -> None:
-        """v1: move the calling thread into the session's cgroups; a process it forks is born
-        there. Raises OSError, with the thread back home."""
-        if self.mode != "v1":
-            return
-        self._tid = threading.get_native_id()
-        try:
-            for path in self._homes:
-                _write(os.path.join(path, "tasks"), str(self._tid))
-        except OSError:
-            self.leave()
-            raise
-
-    def leave(self) -> list[str]:
-        """v1: the thread back where it came from (the pids limit lowered to its value first:
-        with the thread gone the session never has more than the limit). Every step is tried;
-        the ones that failed are returned, not raised: the process the fork made is gsrv's to
-        watch either way (only a cgroup of gsrv's own vanishing could fail one)."""
-        if self.mode != "v1" or not self._tid:
-            return []
-        failed = []
-        steps = [functools.partial(_write, os.path.join(self.dirs["pids"], "pids.max"), str(self.limits.pids))]
-        steps = steps if self.limits.pids else []
-        steps += [functools.partial(self.root.send_home, home, self._tid) for home in unique(self._homes.values())]
-        for step in steps:
-            try:
-                step()
-            except OSError as e:
-                failed.append(f"{step.args[0]}: {e.strerror}")
-        self._tid = 0
-        return failed
+    def placement(self) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+        """The files the spawner writes "0" into before the spawn (it then counts in the
+        session's pids, hence the limit set one higher), and the writes due right after it
+        (the pids limit back to its value, before the spawner leaves)."""
+        if self.mode == "v2":
+            enter: tuple[str, ...] = (os.path.join(self.dirs["unified"], "cgroup.procs"),)
+            pids = os.path.join(self.dirs["unified"], "pids.max")
+        else:
+            enter = tuple(os.path.join(path, "tasks") for path in self.paths)
+            pids = os.path.join(self.dirs.get("pids", ""), "pids.max")
+        return enter, ((pids, str(self.limits.pids)),) if self.limits.pids else ()
 
     # -- the kill's parts (child.py decides when) --------------------------------------------
 
@@ -349,17 +319,14 @@ class Scope:
         return tasks(self._top)
 
     def populated(self) -> bool:
-        """Whether any process lives in the session's cgroups. v2: cgroup.events. v1: its own
-        cgroup.procs (one read: the usual case); only when that is empty but pids.current is
-        not (zombies, which pids.current counts until they are reaped, or cgroups the session
-        made below its own) are the cgroups below read too."""
+        """Whether any process lives in the session's cgroups (a zombie does not). v2:
+        cgroup.events. v1: its own cgroup.procs (one read: the usual case), and the cgroups
+        below it only if the session made some."""
         if self.mode == "v2":
             return _field(_read(os.path.join(self._top, "cgroup.events")), "populated") == 1
         if _read(os.path.join(self._top, "cgroup.procs")).split():
             return True
-        if "pids" in self.dirs and _number(_read(os.path.join(self.dirs["pids"], "pids.current"))) == 0:
-            return False
-        return bool(self.members())
+        return _has_cgroups_below(self._top) and bool(self.members())
 
     def freeze(self, frozen: bool) -> None:
         freeze(self._top, self.mode, frozen)

@@ -1,9 +1,11 @@
-"""A session's child process: spawn without a shell, watch its exit, and the stop ladder.
+"""A session's child process: its stdio, its start through the spawner, its exit, the stop ladder.
 
 While gsrv runs, the only module that signals a session's processes (the guardian, a process
 of its own, does so only once gsrv is gone). Each child leads its own session; the ladder
 signals its kill scope: the process group (killpg reaches a shell pipeline's parts) or, with
-a cgroup per session, every process in that cgroup, daemonized ones included.
+a cgroup per session, every process in that cgroup, daemonized ones included. The spawner
+(gsrv/spawn) starts it and keeps it a zombie until the ladder is done, so no pid or process
+group the ladder signals can be a reused one.
 """
 
 from __future__ import annotations
@@ -12,26 +14,24 @@ import contextlib
 import fcntl
 import os
 import signal
-import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import gevent
-from gevent import get_hub
-from gevent.event import Event
 
-from gsrv.config.contain import CGROUP_SLOT, Containment
+from gsrv.config.contain import Containment
 from gsrv.config.launch import Launch
 from gsrv.contain.scope import Root, Scope, Usage
 from gsrv.errors import SpawnError
+from gsrv.spawn.client import Process, Request, Spawner
 
 GROUP_POLL_S = 0.02
 REAP_TIMEOUT_S = 5.0
 FREEZE_WAIT_S = 1.0  # a task in uninterruptible sleep may delay the freeze: signal after this anyway
 FREEZE_POLL_S = 0.002
-
-_hub_ready: set[int] = set()
+STARTED_TIMEOUT_S = 30.0  # a spawner that neither answers nor dies: the session ends spawn_failed
 
 
 class GroupTracker(Protocol):
@@ -39,22 +39,94 @@ class GroupTracker(Protocol):
     def untrack(self, pgid: int) -> None: ...
 
 
-_tracker: GroupTracker | None = None
+@dataclass
+class Stdio:
+    """A child's fds 0, 1 and 2 as the spawner gets them (`theirs`, -1: /dev/null) and gsrv's
+    ends of them. The child end of a relay makes it: pipes, a pty, or the connection itself."""
+
+    theirs: tuple[int, int, int]
+    stdin: int = -1
+    stdout: int = -1
+    stderr: int = -1
+    terminal: int = -1  # a pty's master: stdin and stdout both
+    made: list[int] = field(default_factory=list)  # the child's ends gsrv made: closed once sent
+    socket: int = -1  # a connection made blocking for the child (socket handoff)
+
+    @classmethod
+    def pipes(cls, stderr: str) -> Stdio:
+        with _undone() as made:
+            stdin, theirs_in = _pipe(made, reverse=True)
+            stdout, theirs_out = _pipe(made)
+            err, theirs_err = _stderr(made, stderr, theirs_out)
+            theirs = (theirs_in, theirs_out, theirs_err)
+            return cls(theirs, stdin, stdout, err, made=_made(made, theirs))
+
+    @classmethod
+    def pty(cls, stderr: str) -> Stdio:
+        with _undone() as made:
+            master, slave = os.openpty()
+            made += [master, slave]
+            os.set_blocking(master, False)
+            err, theirs_err = _stderr(made, stderr, slave)
+            theirs = (slave, slave, theirs_err)
+            return cls(theirs, master, master, err, master, made=_made(made, theirs))
+
+    @classmethod
+    def connection(cls, fd: int, stderr: str) -> Stdio:
+        """Socket handoff: the connection as stdin and stdout, blocking as inetd programs expect
+        (gsrv does no I/O on it until the child's group is gone)."""
+        with _undone() as made:
+            err, theirs_err = _stderr(made, stderr, fd)
+            os.set_blocking(fd, True)
+            theirs = (fd, fd, theirs_err)
+            return cls(theirs, stderr=err, made=_made(made, theirs), socket=fd)
+
+    def sent(self) -> None:
+        """The spawner has its copies: gsrv's of the child's ends go."""
+        for fd in self.made:
+            os.close(fd)
+        self.made = []
+
+    def unused(self) -> None:
+        """The spawn failed: every fd made goes, and the connection is gsrv's again."""
+        self.sent()
+        for fd in {self.stdin, self.stdout, self.stderr} - {-1}:
+            os.close(fd)
+        self.stdin = self.stdout = self.stderr = self.terminal = -1
+        if self.socket >= 0:
+            os.set_blocking(self.socket, False)
 
 
-def track_groups(tracker: GroupTracker | None) -> None:
-    """Report every child's process group to tracker (the guardian), from now on."""
-    global _tracker
-    _tracker = tracker
+@contextlib.contextmanager
+def _undone() -> Iterator[list[int]]:
+    """The fds made so far, closed if making the rest raised (EMFILE: a resource error)."""
+    made: list[int] = []
+    try:
+        yield made
+    except OSError as e:
+        for fd in made:
+            os.close(fd)
+        raise SpawnError(f"cannot make the child's stdio: {e.strerror}", e.errno) from None
 
 
-_root: Root | None = None
+def _made(made: list[int], theirs: tuple[int, int, int]) -> list[int]:
+    """The child's ends that gsrv made (each once): gsrv closes them once the spawner has them."""
+    return [fd for fd in dict.fromkeys(theirs) if fd in made]
 
 
-def contain_in(root: Root | None) -> None:
-    """Sessions whose kill scope is "cgroup" get their cgroups below root, from now on."""
-    global _root
-    _root = root
+def _pipe(made: list[int], reverse: bool = False) -> tuple[int, int]:
+    """(gsrv's end, the child's end); gsrv's is non-blocking."""
+    read, write = os.pipe2(os.O_CLOEXEC)
+    made += [read, write]
+    ours, theirs = (write, read) if reverse else (read, write)
+    os.set_blocking(ours, False)
+    return ours, theirs
+
+
+def _stderr(made: list[int], stderr: str, stdout: int) -> tuple[int, int]:
+    if stderr in ("log", "websocket"):
+        return _pipe(made)
+    return -1, stdout if stderr == "stdout" else -1
 
 
 class ProcessGroup:
@@ -87,8 +159,7 @@ class ProcessGroup:
 
 class CgroupMembers:
     """kill_scope = "cgroup": every process in the session's cgroup, and its process group too
-    (a process leaves the cgroup's list when it exits, the group's only once reaped: the ladder
-    still waits for the zombies of orphans as it did). A signal other than v2's cgroup.kill
+    (safe to signal: the leader's zombie keeps the group's id taken). A signal other than v2's cgroup.kill
     reaches them frozen (freeze, signal each, thaw), so a fork cannot slip by."""
 
     def __init__(self, scope: Scope, pgid: int) -> None:
@@ -97,11 +168,12 @@ class CgroupMembers:
         self.left = False  # a cgroup of the session could not be removed
 
     def alive(self) -> bool:
+        """Whether a process of the session lives (a zombie does not: the leader's is held by
+        the spawner until the ladder is done, and orphans' are gsrv's, its subreaper's, to reap)."""
         try:
-            populated = self.scope.populated()
+            return self.scope.populated()
         except OSError:  # unreadable (out of fds): they may live
-            populated = True
-        return populated or self.group.alive()
+            return True
 
     def signal(self, sig: signal.Signals) -> bool:
         """Each member once. KILL also goes to the process group (a second KILL is harmless,
@@ -153,95 +225,101 @@ class CgroupMembers:
         return usage
 
 
-class Child:
-    """One running command with non-blocking pipes; `exited` is set once it is reaped."""
+class Launcher:
+    """What starts a session's child: the spawner, gsrv's cgroup root (None: no cgroups for
+    sessions), and the guardian that hears of every process group (None: none)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], scope: Scope | None, signal_in_exit: bool) -> None:
-        self.pid = proc.pid
-        self._proc = proc
-        self.exited = Event()
-        self.status: int | None = None
-        self.kill_scope: ProcessGroup | CgroupMembers = (
-            ProcessGroup(proc.pid) if scope is None else CgroupMembers(scope, proc.pid)
-        )
-        self.usage: Usage | None = None  # the cgroup's accounting, once the ladder is done
-        self.placement_failed: list[str] = []  # v1: where gsrv's spawning thread could not go back to
-        self._signal_in_exit = signal_in_exit
-        self.signals_sent: list[str] = []
-        self.pipe_size_error: OSError | None = None
-        self.terminal = -1  # the master side of its pty (pty = true): its stdin and stdout
-        self.stdin = proc.stdin.fileno() if proc.stdin else -1
-        self.stdout = proc.stdout.fileno() if proc.stdout else -1
-        self.stderr = proc.stderr.fileno() if proc.stderr else -1
-        for fd in (self.stdin, self.stdout, self.stderr):
-            if fd >= 0:
-                os.set_blocking(fd, False)
+    def __init__(self, spawner: Spawner, root: Root | None = None, tracker: GroupTracker | None = None) -> None:
+        self.spawner = spawner
+        self.root = root
+        self.tracker = tracker
 
-    @classmethod
     def spawn(
-        cls, launch: Launch, env: dict[str, str], cwd: str | None, stderr: str, pipe_size: int = 0,
-        connection: int = -1, contain: Containment | None = None, name: str = "", pty: bool = False,
+        self, launch: Launch, env: dict[str, str], cwd: str | None, stdio: Stdio, pipe_size: int = 0,
+        contain: Containment | None = None, name: str = "", pty: bool = False,
     ) -> Child:  # fmt: skip
-        """Start the launch's argv (no shell; its stages composed at load) in a new session,
-        and in a cgroup of its own (named `name`) when its kill scope is "cgroup".
-        Raises SpawnError with a readable reason; its errno says whether fds or memory ran out.
-
-        Its stdin and stdout are pipes, or with `connection` (a socket's fd: socket handoff)
-        that socket, made blocking as inetd programs expect (gsrv does no I/O on it until the
-        child's group is gone), or with `pty` the slave side of a new pseudo-terminal (stderr
-        too with stderr "stdout"), whose master gsrv keeps (`terminal`): the launch's tty stage
-        makes the child a session leader with it as its controlling terminal, so the child is
-        spawned in gsrv's process group (setsid would fork a group leader) and leaves it at once.
-        pipe_size (if not 0) sets the pipes' capacity; when the kernel refuses (EPERM: the
-        user's pipe budget is spent), they keep the default and `pipe_size_error` says why."""
-        hub = get_hub()
-        if id(hub.loop) not in _hub_ready:
-            hub.loop.install_sigchld()
-            _hub_ready.add(id(hub.loop))
-        err = {"log": subprocess.PIPE, "websocket": subprocess.PIPE, "discard": subprocess.DEVNULL,
-               "stdout": subprocess.STDOUT}[stderr]  # fmt: skip
-        argv, executable, umask = launch.argv, launch.executable, launch.umask
-        stdio = subprocess.PIPE if connection < 0 else connection
+        """Ask the spawner for the launch's argv (no shell; its stages composed at load) in a
+        new session, in a cgroup of its own (named `name`) when its kill scope is "cgroup",
+        without waiting: Child.started() waits for the answer. A pty child is not made a
+        session leader here: the launch's tty stage does it, with the terminal in place.
+        Raises SpawnError (its errno says whether fds or memory ran out); stdio is then closed."""
         scope = None
-        master = slave = -1
         try:
-            if pty:
-                master, slave = os.openpty()
-                stdio = slave
-                err = slave if stderr == "stdout" else err
             if contain is not None and contain.scope == "cgroup":
-                assert _root is not None, "a cgroup kill scope without gsrv's cgroup root"
-                scope = Scope.create(_root, name, contain.limits)
-                argv = launch.argv_for(scope.entry, CGROUP_SLOT) if scope.mode == "v2" else argv
-            if connection >= 0:
-                os.set_blocking(connection, True)
-            proc, stuck = _popen(argv, executable, stdio, err, env, cwd, umask, scope, new_session=not pty)
-        except (OSError, ValueError, subprocess.SubprocessError) as e:
-            if master >= 0:
-                os.close(master)
-            if connection >= 0:
-                os.set_blocking(connection, False)  # not started: the socket is gsrv's again
+                assert self.root is not None, "a cgroup kill scope without gsrv's cgroup root"
+                scope = Scope.create(self.root, name, contain.limits)
+            enter, after = scope.placement() if scope is not None else ((), ())
+            request = Request(launch.argv, launch.executable, env, cwd, launch.umask, stdio.theirs,
+                              setsid=not pty, enter=enter, after=after)  # fmt: skip
+            process = self.spawner.spawn(request)
+        except (OSError, SpawnError) as e:
+            stdio.unused()
             if scope is not None:
                 scope.remove()
-            if isinstance(e, OSError):
-                what = e.filename if e.filename is not None else argv[0]
-                raise SpawnError(f"{e.strerror or e}: {what}", e.errno) from None
-            raise SpawnError(str(e)) from None
-        finally:
-            if slave >= 0:
-                os.close(slave)  # the child's now; gsrv holding it would hide the terminal's end (EIO)
-        child = cls(proc, scope, launch.signal_in_exit)
-        if master >= 0:
-            os.set_blocking(master, False)
-            child.terminal = child.stdin = child.stdout = master
-        child.placement_failed = stuck
-        watcher = hub.loop.child(proc.pid)
-        watcher.start(child._on_exit, watcher)
-        if _tracker is not None:
-            _tracker.track(proc.pid)
+            if isinstance(e, SpawnError):
+                raise
+            raise SpawnError(f"{e.strerror or e}: {e.filename or name}", e.errno) from None
+        stdio.sent()
+        child = Child(process, stdio, scope, launch.signal_in_exit, self)
         if pipe_size:
             child._set_pipe_size(pipe_size)
         return child
+
+
+class Child:
+    """One command the spawner was asked for; `started()` waits for its answer, `exited` is set
+    at its exit (the spawner holds it as a zombie until `stop` is done)."""
+
+    def __init__(self, process: Process, stdio: Stdio, scope: Scope | None, signal_in_exit: bool,
+                 launcher: Launcher) -> None:  # fmt: skip
+        self.process = process
+        self.pid = 0
+        self.exited = process.exited
+        self.scope = scope
+        self.kill_scope: ProcessGroup | CgroupMembers = ProcessGroup(0)
+        self.usage: Usage | None = None  # the cgroup's accounting, once the ladder is done
+        self.placement_failed: list[str] = []  # where the spawner could not go back to
+        self._signal_in_exit = signal_in_exit
+        self._launcher = launcher
+        self._stdio = stdio
+        self.signals_sent: list[str] = []
+        self.pipe_size_error: OSError | None = None
+        self.terminal, self.stdin, self.stdout, self.stderr = stdio.terminal, stdio.stdin, stdio.stdout, stdio.stderr
+
+    def started(self) -> None:
+        """Wait for the spawner's answer. Raises SpawnError (the stdio and the cgroup gone)."""
+        process = self.process
+        if not process.started.wait(STARTED_TIMEOUT_S):
+            process.error = SpawnError(f"the spawner did not answer within {STARTED_TIMEOUT_S:g}s")
+        if process.error is not None:
+            self._stdio.unused()
+            self.stdin = self.stdout = self.stderr = self.terminal = -1
+            if self.scope is not None:
+                self.scope.remove()
+            raise process.error
+        self.pid = process.pid
+        self.placement_failed = process.stuck
+        scope = self.scope
+        self.kill_scope = ProcessGroup(self.pid) if scope is None else CgroupMembers(scope, self.pid)
+        if scope is None:
+            # A process group has no member list to read, and the leader's zombie would keep
+            # it alive to killpg(0): reaped at its exit (its group's id stays taken while a
+            # member lives, so the ladder still signals no other group).
+            process.exited.rawlink(lambda _: self._launcher.spawner.reap(process))
+        if self._launcher.tracker is not None:
+            self._launcher.tracker.track(self.pid)
+
+    @property
+    def status(self) -> int | None:
+        return self.process.status
+
+    @property
+    def rusage_fields(self) -> dict[str, object]:
+        """What the spawner's wait4 counted: the child's CPU and that of what it waited for (no
+        daemons). Not ru_maxrss: a child started with vfork (posix_spawn) inherits the spawner's
+        high-water mark at its exec, so every child reported the spawner's ~13 MiB."""
+        usage = self.process.rusage
+        return {} if usage is None else {"ru_cpu_ms": usage[0]}
 
     def _set_pipe_size(self, size: int) -> None:
         for fd in (self.stdin, self.stdout):
@@ -250,14 +328,6 @@ class Child:
             except OSError as e:
                 self.pipe_size_error = e
                 return
-
-    def _on_exit(self, watcher: object) -> None:
-        self.status = watcher.rstatus  # type: ignore[attr-defined]
-        watcher.stop()  # type: ignore[attr-defined]
-        # Tell the Popen object the child is reaped, so that neither its __del__ nor
-        # subprocess's cleanup ever calls waitpid on a pid the kernel may have reused.
-        self._proc.returncode = os.waitstatus_to_exitcode(self.status)
-        self.exited.set()
 
     @property
     def exit_code(self) -> int | None:
@@ -294,15 +364,19 @@ class Child:
 
     def close_stdin(self) -> None:
         """The child reads EOF; on a terminal, closing the master is a hangup (SIGHUP to its session)."""
-        if self._proc.stdin and not self._proc.stdin.closed:
-            self._proc.stdin.close()
-        self._close_terminal()
+        if self.terminal >= 0:
+            self._close_terminal()
+        elif self.stdin >= 0:
+            os.close(self.stdin)
+            self.stdin = -1
 
     def close_pipes(self) -> None:
-        for pipe in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
-            if pipe is not None and not pipe.closed:
-                pipe.close()
-        self._close_terminal()
+        self.close_stdin()
+        for name in ("stdout", "stderr"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
     def _close_terminal(self) -> None:
         if self.terminal >= 0:
@@ -318,7 +392,8 @@ class Child:
         groups = {self.pid}
         with contextlib.suppress(OSError):
             foreground = os.tcgetpgrp(self.terminal)  # on the master: the slave's foreground group
-            if foreground > 0 and foreground != os.getpgrp():  # 0: none (killpg(0) would be gsrv's own)
+            # 0: none (killpg(0) would be gsrv's own); the spawner's: a child before its tty stage
+            if foreground > 0 and foreground not in (os.getpgrp(), self._launcher.spawner.pid):
                 groups.add(foreground)
         sent = False
         for pgid in groups:
@@ -359,8 +434,9 @@ class Child:
 
     def stop(self, kill_grace: float, on_escalate: Callable[[float], None]) -> None:
         """The ladder: close stdin, TERM the kill scope if anything of it lives, KILL after
-        kill_grace, reap; then the cgroup's accounting and its removal (in a finally: a
-        step that raised still leaves no pipe, no tracked group and no cgroup it can remove)."""
+        kill_grace; then the cgroup's accounting and its removal, and the reap (in a finally:
+        a step that raised still leaves no pipe, no tracked group, no cgroup it can remove and
+        no zombie)."""
         try:
             self.close_stdin()
             if not (self.exited.is_set() and not self.group_alive()):
@@ -371,29 +447,9 @@ class Child:
                     self._wait_group_gone(REAP_TIMEOUT_S)
         finally:
             self.close_pipes()
-            if _tracker is not None:
-                _tracker.untrack(self.pid)
+            if self._launcher.tracker is not None:
+                self._launcher.tracker.untrack(self.pid)
             self.usage = self.kill_scope.finish()
-
-
-def _popen(
-    argv: tuple[str, ...], executable: str, stdio: int, err: int, env: dict[str, str], cwd: str | None, umask: int,
-    scope: Scope | None, new_session: bool = True,
-) -> tuple[subprocess.Popen[bytes], list[str]]:  # fmt: skip
-    """The stdlib constructor forks with vfork in C (well under a millisecond); gevent's Popen
-    forks in Python and blocks the loop for milliseconds. The exit status must come from
-    gevent's child watcher, registered before anything can yield. On v1 the calling thread
-    sits in the session's cgroups for the fork (the child is born there: no window); what
-    failed of its way back is returned beside the process."""
-    if scope is not None:
-        scope.enter()
-    stuck: list[str] = []
-    try:
-        proc = subprocess.Popen(
-            argv, executable=executable, stdin=stdio, stdout=stdio, stderr=err,
-            bufsize=0, close_fds=True, start_new_session=new_session, env=env, cwd=cwd, umask=umask,
-        )  # fmt: skip
-    finally:
-        if scope is not None:
-            stuck = scope.leave()
-    return proc, stuck
+            self._launcher.spawner.reap(self.process)  # one still running is reaped at its exit
+            if self.exited.is_set():
+                self.process.reaped.wait(REAP_TIMEOUT_S)

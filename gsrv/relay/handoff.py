@@ -18,7 +18,7 @@ import time
 from gevent.socket import socket
 
 from gsrv.relay import kernel
-from gsrv.relay.child import Child
+from gsrv.relay.child import Child, Stdio
 from gsrv.relay.ending import POLL_S
 from gsrv.relay.pump import Discard, Meter, move, queued
 from gsrv.relay.relays import LINGER_READ, Closing, Lingering, Relay, RelayEvents
@@ -43,8 +43,9 @@ class SocketRelay(Relay):
 
     # -- what a session reads -----------------------------------------------------------
 
-    def handoff(self) -> int:
-        return self.fd
+    def stdio(self, stderr: str) -> Stdio:
+        """The connection itself as the child's stdin and stdout."""
+        return Stdio.connection(self.fd, stderr)
 
     def meters(self) -> list[tuple[str, Meter]]:
         """The kernel's figures (a unix socket has none: nothing is counted, never a made-up 0)."""

@@ -24,7 +24,7 @@ from gevent.socket import socket
 from gsrv.edge.refusal import reset
 from gsrv.edge.tls import TlsStream
 from gsrv.relay import kernel
-from gsrv.relay.child import Child
+from gsrv.relay.child import Child, Stdio
 from gsrv.relay.ending import FAILURES
 from gsrv.relay.pump import (
     READ,
@@ -110,9 +110,9 @@ class Relay:
         """Output bytes held by the relay or waiting in the child's stdout pipe (or terminal)."""
         return self.outbound.holding or bool(queued(stdout))
 
-    def handoff(self) -> int:
-        """The fd the child gets as its stdin and stdout, or -1: pipes, which the relay moves."""
-        return -1
+    def stdio(self, stderr: str) -> Stdio:
+        """The child's stdio, made by the relay's child end (pipes, or a pty); stderr: the key."""
+        return self.child_end.stdio(stderr)
 
     def sample(self, child: Child) -> None:
         """Bring the facts up to date before the end rules read them (the directions keep them so)."""

@@ -22,7 +22,7 @@ from gsrv.edge.refusal import reset
 from gsrv.errors import RESOURCE_ERRORS, SpawnError
 from gsrv.logs import Log
 from gsrv.relay import relays
-from gsrv.relay.child import Child
+from gsrv.relay.child import Child, Launcher
 from gsrv.relay.ending import EndRules, Facts, Verdict
 from gsrv.relay.handoff import SocketRelay
 from gsrv.relay.pump import HAS_SPLICE, READ, Discard, FdSource, Meter, move
@@ -54,12 +54,15 @@ class Session:
         arrival: Arrival,
         log: Log,
         watchdog: Watchdog,
+        launcher: Launcher,
         relay: Relay | None = None,
         on_end: Callable[[Session], None] | None = None,
     ) -> None:
         self.svc, self.server, self.sid, self.log = svc, server, arrival.sid, log
         self.arrival, self.sock = arrival, arrival.sock
         self.watchdog = watchdog
+        self.launcher = launcher
+        self._started_spawn = 0.0
         self.relay = relay
         self.on_end = on_end  # after the log line (the metrics)
         self.reason: str | None = None  # why it ended, once it has
@@ -109,34 +112,47 @@ class Session:
     # -- start ----------------------------------------------------------------------------
 
     def start(self) -> int | None:
-        """Spawn the child, without yielding; None when it runs, else the errno.
-
-        Runs inside the accept loop, so the gate knows before the next accept() whether
-        fds or memory ran out. On such an error (RESOURCE_ERRORS) the client is kept for
-        the gate to try again; on any other the session has ended: client reset, line written.
+        """Ask the spawner for the child, without yielding; None when the request went out,
+        else the errno. Runs inside the accept loop: an errno in RESOURCE_ERRORS (fds, memory,
+        a spawner that cannot take it now) keeps the client for the gate to try again; any
+        other has ended the session (client reset, line written). `spawned()` waits for the answer.
         """
+        self._started_spawn = time.perf_counter()
         try:
-            started = time.perf_counter()
             svc = self.svc
             if self.relay is None:
                 self.relay = choose(svc, self.arrival, self.server.eof_grace)
             env = self.arrival.env(svc, self.sid)
-            self.child = Child.spawn(svc.launch, env, svc.cwd, svc.stderr, svc.pipe_size, self.relay.handoff(),
-                                     svc.contain, self.sid, svc.interact.pty)  # fmt: skip
-            self.spawn_seconds = time.perf_counter() - started
-            if self.child.placement_failed:
-                self.log.error("cgroup_thread_stuck", service=svc.name, session=self.sid,
-                               error="; ".join(self.child.placement_failed),
-                               next="gsrv's thread may still be in this session's cgroups: restart gsrv")  # fmt: skip
-            if self.child.pipe_size_error:
-                self._pipe_size_refused(self.child.pipe_size_error)
+            self.child = self.launcher.spawn(svc.launch, env, svc.cwd, self.relay.stdio(svc.stderr), svc.pipe_size,
+                                             svc.contain, self.sid, svc.interact.pty)  # fmt: skip
         except (SpawnError, OSError) as e:
-            if e.errno in RESOURCE_ERRORS:
-                self.spawn_error = str(e)
-                return e.errno
-            self.fail("spawn_failed", str(e))
-            return e.errno or 0
+            return self._spawn_failed(e)
         return None
+
+    def spawned(self) -> int | None:
+        """Wait for the spawner's answer: None when the child runs, else as start() says."""
+        assert self.child is not None
+        try:
+            self.child.started()
+        except SpawnError as e:
+            self.child = None
+            return self._spawn_failed(e)
+        svc = self.svc
+        self.spawn_seconds = time.perf_counter() - self._started_spawn
+        if self.child.placement_failed:
+            self.log.error("cgroup_placement_failed", service=svc.name, session=self.sid,
+                           error="; ".join(self.child.placement_failed),
+                           next="the spawner may still be in this session's cgroups: restart gsrv")  # fmt: skip
+        if self.child.pipe_size_error:
+            self._pipe_size_refused(self.child.pipe_size_error)
+        return None
+
+    def _spawn_failed(self, e: SpawnError | OSError) -> int:
+        if e.errno in RESOURCE_ERRORS:
+            self.spawn_error = str(e)
+            return e.errno
+        self.fail("spawn_failed", str(e))
+        return e.errno or 0
 
     def _pipe_size_refused(self, error: OSError) -> None:
         now = time.monotonic()
@@ -327,6 +343,7 @@ class Session:
             duration_ms=round(self.duration * 1000, 1),
             relay=relay.name if relay else None,
             **(child.usage.log_fields() if child and child.usage else {}),
+            **(child.rusage_fields if child else {}),
             exit=child.exit_code if child else None,
             signal=signame,
             stderr_dropped=self.stderr.dropped or None,

@@ -14,7 +14,7 @@ import fcntl
 import struct
 import termios
 
-from gsrv.relay.child import Child
+from gsrv.relay.child import Child, Stdio
 from gsrv.relay.pump import WRITE, Fd, FdSink, FdSource, PipeSink, Sink, Source
 
 _VDISABLE = b"\0"  # a c_cc slot holding this is switched off
@@ -26,6 +26,9 @@ class Pipes:
     name = "copy"
     __slots__ = ()
     hung_up = False
+
+    def stdio(self, stderr: str) -> Stdio:
+        return Stdio.pipes(stderr)
 
     def sink(self, child: Child) -> Sink:
         return PipeSink(child.stdin)
@@ -55,6 +58,10 @@ class Terminal:
         self.eof_grace = eof_grace
         self.hung_up = False  # gsrv hung up the terminal: the client's input ended in raw mode
         self._sink: TerminalSink | None = None
+
+    def stdio(self, stderr: str) -> Stdio:
+        """A new pty: its slave is the child's stdin and stdout (stderr too with "stdout")."""
+        return Stdio.pty(stderr)
 
     def sink(self, child: Child) -> Sink:
         self._sink = TerminalSink(child.terminal)

@@ -1,0 +1,327 @@
+"""gsrv's side of the spawner (gsrv/spawn/spawner.py): requests out, answers and exits in,
+without ever blocking the loop; a spawner that dies is replaced, and what it held is accounted.
+
+A request is one SOCK_SEQPACKET message (marshal) with the child's stdio as SCM_RIGHTS, sent
+without waiting: a full socket or no spawner is EAGAIN, a resource error the gate parks for.
+Answers arrive in batches and are dispatched from an io watcher: a `Process` learns its pid (or
+its error), its exit status, and once gsrv asked for the reap, its rusage. gsrv is the
+children's subreaper: if the spawner dies, its children become gsrv's, gsrv's own child
+watcher hears of their ends, and a child whose answer was lost is killed with its group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import marshal
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gevent
+import psutil
+from gevent import get_hub
+from gevent.event import Event
+
+from gsrv.errors import SpawnError
+from gsrv.logs import Log
+
+READ_MAX = 1 << 20
+RESTART_S = 0.1  # after a spawner died young: doubling up to RESTART_MAX_S
+RESTART_MAX_S = 5.0
+YOUNG_S = 1.0  # a spawner that dies sooner than this after its start is restarted with backoff
+CLOSE_WAIT_S = 1.0
+PR_SET_CHILD_SUBREAPER = 36
+READ = 1  # libev's EV_READ
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the spawner needs to start one child; stdio: gsrv's fds for 0, 1, 2 (-1: /dev/null)."""
+
+    argv: tuple[str, ...]
+    executable: str
+    env: dict[str, str]
+    cwd: str | None
+    umask: int
+    stdio: tuple[int, int, int]
+    setsid: bool = True
+    enter: tuple[str, ...] = ()  # cgroup files the spawner writes "0" into for the spawn
+    after: tuple[tuple[str, str], ...] = ()  # files it writes right after the spawn (pids.max back)
+
+
+class Process:
+    """One child as the spawner reports it."""
+
+    __slots__ = ("pid", "error", "stuck", "started", "exited", "status", "reaped", "rusage", "generation", "reaping")
+
+    def __init__(self, generation: int) -> None:
+        self.pid = 0
+        self.error: SpawnError | None = None
+        self.stuck: list[str] = []  # the cgroup writes of the spawner's way home that failed
+        self.started = Event()  # the spawner answered (pid or error)
+        self.exited = Event()
+        self.status: int | None = None  # the wait() status word
+        self.reaped = Event()
+        self.rusage: tuple[float, int] | None = None  # cpu ms, maxrss KiB: the child and what it waited for
+        self.generation = generation
+        self.reaping = False  # asked for once: a second ask could name a reused pid
+
+
+def _subreaper() -> None:
+    """Orphans of the sessions (and the children of a dead spawner) become gsrv's to reap."""
+    import ctypes  # here: only gsrv's own process calls this
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+class Spawner:
+    """The spawner process and gsrv's end of its socket. `homes`: the cgroup files it writes
+    "0" into to go back after a spawn (where it lives). `known` answers whether a pid is one
+    gsrv knows other than a session's child (its guardian), for the count after a death."""
+
+    def __init__(self, log: Log, homes: tuple[str, ...] = (), known: Callable[[int], bool] = lambda pid: False):
+        self.log = log
+        self.homes = homes
+        self.known = known
+        self.generation = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+        self.started_at = 0.0
+        self.deaths = 0  # spawners that died
+        self.orphans_killed = 0  # children whose answer was lost with a dead spawner
+        self._seq = itertools.count(1)
+        self._pending: dict[int, tuple[Process, float]] = {}  # seq -> the process asked for, when
+        self._processes: dict[int, Process] = {}  # pid -> a child not yet reaped
+        self._reaps: list[int] = []
+        self._reap_due = False
+        self._watch: object = None
+        self._any_child: object = None
+        self._backoff = RESTART_S
+        self._closed = False
+        self._restarting: gevent.Greenlet | None = None
+        self._gone = Event()  # the current spawner process exited (gsrv reaped it)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    @property
+    def up(self) -> bool:
+        return self.sock is not None
+
+    def start(self) -> None:
+        """Become the subreaper and start the spawner (at serve, before any session)."""
+        loop = get_hub().loop
+        loop.install_sigchld()
+        _subreaper()
+        self._any_child = loop.child(0)
+        self._any_child.start(self._child_status, self._any_child)  # type: ignore[attr-defined]
+        self._launch()
+
+    def _launch(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gsrv.spawn.spawner", str(theirs.fileno()), *self.homes],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
+                close_fds=True, start_new_session=True,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.sock = ours
+        self._gone.clear()
+        self.generation += 1
+        self.started_at = time.monotonic()
+        self._watch = get_hub().loop.io(ours.fileno(), READ)
+        self._watch.start(self._readable)  # type: ignore[attr-defined]
+        self.log.info("spawner_started", pid=self.proc.pid, generation=self.generation)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def spawn(self, request: Request) -> Process:
+        """Send one request without waiting; the answer comes to the Process returned (its
+        `started` is set). Raises SpawnError(EAGAIN) when the spawner cannot take it now."""
+        sock = self.sock
+        if sock is None:
+            raise SpawnError("no spawner is running (it is being restarted)", errno.EAGAIN)
+        fds = sorted({fd for fd in request.stdio if fd >= 0})
+        stdio = tuple(-1 if fd < 0 else fds.index(fd) for fd in request.stdio)
+        seq = next(self._seq)
+        message = marshal.dumps(("spawn", seq, request.argv, request.executable, request.env, request.cwd,
+                                 request.umask, stdio, request.setsid, request.enter, request.after))  # fmt: skip
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, memoryview(bytes(_ints(fds))))] if fds else []
+        try:
+            sock.sendmsg([message], ancillary)
+        except BlockingIOError:
+            raise SpawnError("the spawner is behind (its socket is full)", errno.EAGAIN) from None
+        except OSError as e:
+            raise SpawnError(f"cannot reach the spawner: {e.strerror}", e.errno) from None
+        process = Process(self.generation)
+        self._pending[seq] = (process, time.time())
+        return process
+
+    def reap(self, process: Process) -> None:
+        """The stop ladder is done: the spawner may reap the child (its pid is free from then
+        on). `reaped` is set once it has, or at once if that spawner is gone (gsrv reaped it)."""
+        if process.reaping:
+            return
+        process.reaping = True
+        if process.generation != self.generation or process.reaped.is_set() or not process.pid:
+            process.reaped.set()
+            self._processes.pop(process.pid, None)
+            return
+        self._reaps.append(process.pid)
+        if not self._reap_due:
+            self._reap_due = True
+            get_hub().loop.run_callback(self._send_reaps)
+
+    def _send_reaps(self) -> None:
+        self._reap_due = False
+        if not self._reaps or self.sock is None:
+            return
+        try:
+            self.sock.send(marshal.dumps(("reap", *self._reaps)))
+            self._reaps.clear()
+        except BlockingIOError:  # try again in a moment: the zombies wait
+            gevent.spawn_later(0.01, self._send_reaps)
+        except OSError:
+            pass  # the spawner is gone: _died() settles them
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        while True:
+            try:
+                data = sock.recv(READ_MAX)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._died()
+                return
+            for report in marshal.loads(data):
+                self._dispatch(report)
+
+    def _dispatch(self, report: tuple[object, ...]) -> None:
+        kind = report[0]
+        if kind == "spawned" or kind == "failed":
+            pending = self._pending.pop(int(report[1]), None)  # type: ignore[call-overload]
+            if pending is None:
+                return
+            process = pending[0]
+            if kind == "spawned":
+                process.pid = int(report[2])  # type: ignore[call-overload]
+                process.stuck = list(report[3])  # type: ignore[call-overload]
+                self._processes[process.pid] = process
+            else:
+                process.error = SpawnError(str(report[3]), int(report[2]))  # type: ignore[call-overload]
+            process.started.set()
+        elif kind == "exited":
+            found = self._processes.get(int(report[1]))  # type: ignore[call-overload]
+            if found is not None and found.status is None:
+                found.status = int(report[2])  # type: ignore[call-overload]
+                found.exited.set()
+        elif kind == "reaped":
+            found = self._processes.pop(int(report[1]), None)  # type: ignore[call-overload]
+            if found is not None:
+                found.rusage = (float(report[2]), int(report[3]))  # type: ignore[arg-type, call-overload]
+                found.reaped.set()
+
+    def _child_status(self, watcher: object) -> None:
+        """gsrv's own children: the spawner itself, and the children of a dead spawner, which
+        gsrv (their subreaper) reaps; any other orphan of a session needs nothing more."""
+        pid, status = watcher.rpid, watcher.rstatus  # type: ignore[attr-defined]
+        if pid == self.pid:
+            self._gone.set()
+        found = self._processes.pop(pid, None)
+        if found is None:
+            return
+        if found.status is None:
+            found.status = status
+            found.exited.set()
+        found.reaped.set()
+
+    # -- a spawner's death ------------------------------------------------------------------
+
+    def _died(self) -> None:
+        """Its in-flight spawns fail; its children are gsrv's now (their exits come through
+        _child_status); a child whose answer was lost is killed with its group; a new spawner."""
+        if self._watch is not None:
+            self._watch.stop()  # type: ignore[attr-defined]
+            self._watch = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self._closed:
+            return
+        self.deaths += 1
+        pending, self._pending = self._pending, {}
+        for process, _sent in pending.values():
+            process.error = SpawnError("the spawner died before it answered")
+            process.started.set()
+        lived = time.monotonic() - self.started_at
+        killed = self._kill_lost(min((sent for _, sent in pending.values()), default=None))
+        self._backoff = RESTART_S if lived >= YOUNG_S else min(self._backoff * 2, RESTART_MAX_S)
+        delay = 0.0 if lived >= YOUNG_S else self._backoff
+        self.log.error("spawner_died", pid=self.pid, lived_s=round(lived, 2), in_flight=len(pending),
+                       lost_killed=killed or None, next=f"a new spawner in {delay:g}s")  # fmt: skip
+        self._restarting = gevent.spawn_later(delay, self._restart)
+
+    def _restart(self) -> None:
+        if not self._closed and self.sock is None:
+            try:
+                self._launch()
+            except OSError as e:
+                self.log.error("spawner_failed", error=e.strerror or str(e), next=f"again in {RESTART_MAX_S:g}s")
+                self._restarting = gevent.spawn_later(RESTART_MAX_S, self._restart)
+
+    def _kill_lost(self, since: float | None) -> int:
+        """Children of gsrv that no session knows, started since the oldest request in flight
+        and leading a session of their own: spawned for a request whose answer was lost."""
+        if since is None:
+            return 0
+        killed = 0
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process().children():
+                if child.pid in self._processes or child.pid == self.pid or self.known(child.pid):
+                    continue
+                with contextlib.suppress(psutil.Error, OSError):
+                    if child.create_time() >= since - 1 and os.getsid(child.pid) == child.pid:
+                        os.killpg(child.pid, signal.SIGKILL)
+                        killed += 1
+        self.orphans_killed += killed
+        return killed
+
+    def close(self) -> None:
+        """At gsrv's stop, every session reaped: EOF ends the spawner."""
+        self._closed = True
+        if self._restarting is not None:
+            self._restarting.kill(block=False)
+        if self._watch is not None:
+            self._watch.stop()  # type: ignore[attr-defined]
+            self._watch = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            self._gone.wait(CLOSE_WAIT_S)  # out of its cgroup leaf, so the leaf can go
+        if self._any_child is not None:
+            self._any_child.stop()  # type: ignore[attr-defined]
+
+
+def _ints(values: list[int]) -> bytes:
+    import array
+
+    return array.array("i", values).tobytes()

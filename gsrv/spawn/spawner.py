@@ -1,0 +1,220 @@
+"""The spawner: the process that starts every session's child, so gsrv's event loop never forks.
+
+Run by gsrv as `python -m gsrv.spawn.spawner CONTROL_FD HOME...`; plain Python (no gevent),
+single-threaded, few fds open. Over CONTROL_FD (a SOCK_SEQPACKET socketpair) it takes spawn
+requests, their stdio arriving as SCM_RIGHTS, and answers with the pid or an errno; it reports
+each child's exit (`waitid(WNOWAIT)` on a pidfd: the child stays a zombie, so the pid and its
+process group cannot be reused) and reaps it (wait4, for its rusage) only when gsrv says its
+stop ladder is done. For a spawn it places itself in the session's cgroups ("0" to each
+tasks or cgroup.procs file) and goes back to HOME after, so the child is born inside.
+It exits at EOF on CONTROL_FD (gsrv is gone); its children then belong to gsrv's guardian.
+Imports nothing of gsrv: gsrv's side is gsrv/spawn/client.py, which holds the protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import marshal
+import os
+import select
+import signal
+import socket
+import sys
+
+MESSAGE_MAX = 1 << 20  # a request: argv and environment (the socket's buffer is the real bound)
+FDS_MAX = 3  # the child's stdin, stdout, stderr
+BATCH_MAX = 512  # reports in one message back
+DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)  # Python ignores both; a child must not inherit that
+POLL_UNWATCHED_S = 0.05  # a child without a pidfd (the spawner was out of fds) is polled this often
+
+
+def wait_status(info: os.waitid_result) -> int:
+    """A waitid() result as the status word wait() gives (what gsrv's Child reads)."""
+    if info.si_code == os.CLD_EXITED:
+        return (info.si_status & 0xFF) << 8
+    return info.si_status | (0x80 if info.si_code == os.CLD_DUMPED else 0)
+
+
+class Spawner:
+    def __init__(self, control: socket.socket, homes: list[str]) -> None:
+        self.control = control
+        self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        self.homes = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in homes]
+        self.cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.poll = select.epoll()
+        self.poll.register(control.fileno(), select.EPOLLIN)
+        self.watched: dict[int, int] = {}  # pidfd -> pid
+        self.unwatched: set[int] = set()  # pids whose pidfd could not be opened
+        self.reap_at_exit: set[int] = set()  # gsrv asked for the reap before the exit
+        self.out: list[tuple[object, ...]] = []
+        self.buffer = bytearray(MESSAGE_MAX)
+
+    def run(self) -> None:
+        self._go_home(())  # v2: into the leaf of its own, out of the cgroup gsrv may need to empty
+        while True:
+            timeout = POLL_UNWATCHED_S if self.unwatched else -1
+            for fd, _events in self.poll.poll(timeout):
+                if fd == self.control.fileno():
+                    if not self._requests():
+                        return
+                else:
+                    self._exited(fd)
+            if self.unwatched:
+                self._poll_unwatched()
+            self._flush()
+
+    def _requests(self) -> bool:
+        """Every request waiting; False at EOF (gsrv is gone)."""
+        flags = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+        space = socket.CMSG_SPACE(FDS_MAX * 4)
+        while True:
+            try:
+                size, ancillary, msg_flags, _ = self.control.recvmsg_into([self.buffer], space, flags)
+            except BlockingIOError:
+                return True
+            except InterruptedError:
+                continue
+            fds = [
+                fd
+                for level, kind, data in ancillary
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                for fd in memoryview(data).cast("i", (len(data) // 4,)).tolist()
+            ]
+            if size == 0 and not fds:
+                return False
+            try:
+                request = marshal.loads(self.buffer[:size])
+                truncated = bool(msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC))
+                self._handle(request, fds, truncated)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def _handle(self, request: tuple[object, ...], fds: list[int], truncated: bool) -> None:
+        kind = request[0]
+        if kind == "reap":
+            for pid in request[1:]:
+                self._reap(int(pid))  # type: ignore[call-overload]
+            return
+        seq = request[1]
+        if truncated:  # the kernel dropped fds it could not install here: out of fds
+            self.out.append(("failed", seq, errno.EMFILE, "the spawner is out of file descriptors"))
+            return
+        try:
+            pid, stuck = self._spawn(request, fds)
+        except OSError as e:
+            what = e.filename if e.filename is not None else request[3]
+            self.out.append(("failed", seq, e.errno or 0, f"{e.strerror or e}: {what}"))
+            return
+        self.out.append(("spawned", seq, pid, stuck))
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            self.unwatched.add(pid)
+            return
+        self.watched[pidfd] = pid
+        self.poll.register(pidfd, select.EPOLLIN)
+
+    def _spawn(self, request: tuple[object, ...], fds: list[int]) -> tuple[int, list[str]]:
+        _, _seq, argv, executable, env, cwd, umask, stdio, setsid, enter, after = request
+        assert isinstance(stdio, tuple) and isinstance(enter, tuple) and isinstance(after, tuple)
+        actions = [(os.POSIX_SPAWN_DUP2, self.devnull if i < 0 else fds[i], n) for n, i in enumerate(stdio)]
+        old_umask = os.umask(umask) if isinstance(umask, int) and umask >= 0 else -1
+        entered = False
+        try:
+            if cwd:
+                os.chdir(cwd)  # type: ignore[arg-type]
+            for path in enter:
+                entered = True
+                _write(path, b"0")  # "0": this process (single-threaded: on v1, its one thread)
+            pid = os.posix_spawn(
+                executable,  # type: ignore[arg-type]
+                argv,  # type: ignore[arg-type]
+                env,  # type: ignore[arg-type]
+                file_actions=actions,
+                setsid=bool(setsid),
+                setsigdef=DEFAULT_SIGNALS,
+            )
+        finally:
+            stuck = self._go_home(after) if entered else []
+            if old_umask >= 0:
+                os.umask(old_umask)
+            if cwd:
+                os.fchdir(self.cwd)
+        return pid, stuck
+
+    def _go_home(self, after: tuple[tuple[str, str], ...]) -> list[str]:
+        """The writes due once the child is born (pids.max back to the limit: the spawner
+        counted there), then back home; what failed is returned, never raised."""
+        failed = []
+        for path, text in after:
+            try:
+                _write(path, text.encode())
+            except OSError as e:
+                failed.append(f"{path}: {e.strerror}")
+        for fd in self.homes:
+            try:
+                os.write(fd, b"0")
+            except OSError as e:
+                failed.append(f"home {fd}: {e.strerror}")
+        return failed
+
+    def _exited(self, pidfd: int) -> None:
+        pid = self.watched.pop(pidfd)
+        self.poll.unregister(pidfd)
+        try:
+            info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+        finally:
+            os.close(pidfd)
+        if info is not None:
+            self.out.append(("exited", pid, wait_status(info)))
+            if pid in self.reap_at_exit:
+                self.reap_at_exit.discard(pid)
+                self._reap(pid)
+
+    def _poll_unwatched(self) -> None:
+        for pid in list(self.unwatched):
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+            if info is not None and info.si_pid:
+                self.unwatched.discard(pid)
+                self.out.append(("exited", pid, wait_status(info)))
+                if pid in self.reap_at_exit:
+                    self.reap_at_exit.discard(pid)
+                    self._reap(pid)
+
+    def _reap(self, pid: int) -> None:
+        """gsrv is done with it; one still running (its ladder gave up) is reaped at its exit."""
+        try:
+            found, _, usage = os.wait4(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if found == 0:
+            self.reap_at_exit.add(pid)
+            return
+        self.out.append(("reaped", pid, round((usage.ru_utime + usage.ru_stime) * 1000, 1), usage.ru_maxrss))
+
+    def _flush(self) -> None:
+        while self.out:
+            batch, self.out = self.out[:BATCH_MAX], self.out[BATCH_MAX:]
+            self.control.sendall(marshal.dumps(tuple(batch)))  # type: ignore[arg-type]
+
+
+def _write(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str]) -> int:
+    control = socket.socket(fileno=int(argv[1]))
+    os.set_inheritable(control.fileno(), False)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # gsrv is gone
+        Spawner(control, argv[2:]).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
