@@ -20,7 +20,7 @@ from gsrv.clients.send import send
 from gsrv.config import keys
 from gsrv.config.parse import TABLES, Config, ServiceConfig, load
 from gsrv.config.units import format_size
-from gsrv.contain.scope import Root
+from gsrv.contain.root import Root
 from gsrv.errors import ConfigError
 from gsrv.logs import Log
 from gsrv.ops.admin import Admin
@@ -94,9 +94,18 @@ def check(path: str, overrides: list[str], reference: bool = False) -> int:
         if svc.interact.pty:  # a terminal, not pipes
             limits.pop("pipe_size", None)
         print(f"  {'':<12} {_pairs(limits)}")
+        if svc.interact.prespawn:
+            line = (
+                "its first line on stdin is the client's (peer_line)"
+                if svc.interact.peer_line != "none"
+                else ('peer_line = "proxy-v1" gives it on stdin')
+            )
+            print(f"  {'':<12} prespawn: a child started ahead has no client address in its environment; {line}")
         policy = dict(keys.changed(svc.policy)) | dict(keys.changed(svc.contain))
         auto = svc.contain.kill_scope == "auto"
         policy["kill_scope"] = svc.contain.scope + (" (auto)" if auto else "")  # the one in force, never implied
+        if svc.contain.scope == "cgroup":  # what a session's cgroups cost follows from it
+            policy["accounting"] = "on" if svc.contain.accounting else "off"
         if svc.launch.stages:
             policy["via"] = shlex.join(svc.launch.prefix)
         if policy:

@@ -78,6 +78,7 @@ class Server:
     def _listen(self, service: Service) -> None:
         assert service.listener is not None
         service.listener.start()  # accepts only if its gate agrees (a pause may predate it)
+        service.prespawned.fill()
         via = str(service.cfg.listen) if service.cfg.listen.inherited else None
         self.log.info("listening", service=service.cfg.name, address=service.address, via=via)
 
@@ -92,11 +93,16 @@ class Server:
         self.lifecycle.pressure(False)
         for service in self.services:
             service.gate.resume("memory")
+            service.prespawned.fill()  # the guard's pause stopped the refill
 
     @property
     def active_sessions(self) -> int:
-        self.retired = {s for s in self.retired if s.sessions}
+        self.retired = {s for s in self.retired if s.sessions or s.prespawned.stopping}
         return sum(len(s.sessions) for s in self.services) + sum(len(s.sessions) for s in self.retired)
+
+    def _busy(self) -> bool:
+        """Sessions left, or children started ahead still on their way out (their ladders)."""
+        return bool(self.active_sessions) or any(s.prespawned.stopping for s in [*self.services, *self.retired])
 
     def all_sessions(self) -> list[Session]:
         return [session for s in [*self.services, *self.retired] for session in s.sessions]
@@ -205,7 +211,7 @@ class Server:
     def _retire(self, service: Service) -> None:
         """A service the reload removed or moved: no new sessions; running ones go on."""
         service.close("removed")
-        if service.sessions:
+        if service.sessions or service.prespawned.stopping:
             self.retired.add(service)
 
     # -- drain and stop ------------------------------------------------------------------
@@ -233,7 +239,7 @@ class Server:
     def _drain(self) -> None:
         deadline = time.monotonic() + self.config.server.drain_timeout
         self.log.info("draining", sessions=self.active_sessions, drain_timeout_s=self.config.server.drain_timeout)
-        while self.active_sessions and time.monotonic() < deadline:
+        while self._busy() and time.monotonic() < deadline:
             gevent.sleep(DRAIN_POLL_S)
         self._end_sessions()
 
@@ -254,7 +260,7 @@ class Server:
         # Each session now resets its client and runs its stop ladder: TERM, kill_grace, KILL,
         # then at most REAP_TIMEOUT_S for the group to be gone.
         deadline = time.monotonic() + self.config.server.kill_grace + REAP_TIMEOUT_S + STOP_MARGIN_S
-        while self.active_sessions and time.monotonic() < deadline:
+        while self._busy() and time.monotonic() < deadline:
             gevent.sleep(DRAIN_POLL_S)
         self.watchdog.stop()
         self.lifecycle.stop()  # the drainer and a forced stop may both get here

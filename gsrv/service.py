@@ -24,6 +24,7 @@ from gsrv.errors import RESOURCE_ERRORS
 from gsrv.logs import Log
 from gsrv.ops.metrics import Metrics
 from gsrv.relay.child import Launcher
+from gsrv.relay.prespawn import Prespawned
 from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
 from gsrv.state import Lifecycle
@@ -53,6 +54,7 @@ class Service:
         self.gate: Gate[Arrival, Session] = Gate(cfg.name, cfg.max_sessions, server.log, self)
         self.sessions: set[Session] = set()
         self.listener: Listener | None = None
+        self.prespawned = Prespawned(cfg, server.launcher, server.log, server.config.server.kill_grace, self._accepts)
         self.configure(cfg)
         if server.lifecycle.memory_pressure:  # a service added under pressure starts paused
             self.gate.pause("memory")
@@ -66,6 +68,12 @@ class Service:
         self.gate.set_limits(cfg.max_sessions, cfg.policy.max_pending)
         if self.listener is not None:
             tune(self.listener.socket, cfg.keepalive)
+        self.prespawned.configure(cfg, self.server.config.server.kill_grace)
+
+    def _accepts(self) -> bool:
+        """Whether children may be started ahead: listening, and no pause (memory, a drain)."""
+        listener = self.listener
+        return listener is not None and listener.started and not self.gate.paused and not self.gate.closed
 
     def bind(self) -> None:
         sock = open_listener(f"service {self.cfg.name}", self.cfg.listen, self.cfg.backlog, self.cfg.mode, os.environ)
@@ -78,6 +86,7 @@ class Service:
         once, not left to time out); an inherited one only stops accepting here."""
         self.gate.pause(why)
         self.gate.close("shutdown")
+        self.prespawned.retire(why)
         if self.listener is not None and not self.listener.closed:
             if self.cfg.listen.inherited:
                 self.listener.socket.detach()  # the fd stays open for whoever else serves it
@@ -111,7 +120,7 @@ class Service:
         server = self.server
         session = Session(self.cfg, server.config.server, arrival, server.log, server.watchdog, server.launcher,
                           on_end=self._ended)  # fmt: skip
-        error = session.start()
+        error = session.start(self.prespawned.take() if self.cfg.interact.prespawn else None)
         if error is None:
             return session
         return self._kept(session, error)

@@ -16,7 +16,7 @@ from gevent import socket
 
 from gsrv.accept.gate import Gate
 from gsrv.config.parse import Config, parse
-from gsrv.contain.scope import Root
+from gsrv.contain.root import Root
 from gsrv.edge.arrival import Arrival
 from gsrv.logs import Log
 from gsrv.relay.child import Child, Launcher

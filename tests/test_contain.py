@@ -18,8 +18,11 @@ from pathlib import Path
 import pytest
 from conftest import PY, ROOT, exchange, py_child, service_toml, wait_until
 
+from gsrv.contain.cgfiles import remove_tree
 from gsrv.contain.host import discover
-from gsrv.contain.scope import Limits, Root, Scope, remove_tree
+from gsrv.contain.root import Root
+from gsrv.contain.scope import Limits, Scope
+from gsrv.spawn.pool import READY
 
 HOST = discover()
 pytestmark = pytest.mark.timeout(120)
@@ -58,6 +61,23 @@ def _roots(pid: int) -> list[str]:
 
 def _session_dirs(pid: int) -> list[str]:
     return [d for root in _roots(pid) if os.path.isdir(root) for d in os.listdir(root) if os.path.isdir(f"{root}/{d}")]
+
+
+def _swept(server, kinds: int = 1) -> None:  # type: ignore[no-untyped-def]
+    """Every session's cgroups removed behind it: what is left below gsrv's root is the
+    spawner's pool (made ahead, never used: at most READY per kind of session, no process)."""
+    used = set(re.findall(r" cgroup=(\S+)", "\n".join(server.lines)))
+    last: list[set[str]] = [set()]
+
+    def done() -> bool:
+        names = last[0] = set(_session_dirs(server.proc.pid))
+        return not names & used and len(names) <= READY * kinds
+
+    wait_until(done, 10, lambda: f"only the pool left (used: {sorted(used)[:5]}...; found {sorted(last[0])})")
+    for root in _roots(server.proc.pid):
+        for name in last[0]:
+            with contextlib.suppress(FileNotFoundError):
+                assert Path(root, name, "cgroup.procs").read_text() == "", f"a process in pool cgroup {name}"
 
 
 def _fields(line: str) -> dict[str, str]:
@@ -101,7 +121,7 @@ def test_daemons_end_with_their_session(gsrv):
             ended += 10
             wait_until(lambda n=ended: server.count_log("event=session_end") >= n, 20, f"{ended} session_end lines")
             assert _alive_with(mark) == [], f"a daemon outlived its session (sessions {first}..{first + 9})"
-    assert _session_dirs(server.proc.pid) == []
+    _swept(server, kinds=1)  # both services' sessions have the same cgroups
 
 
 @needs_cgroups
@@ -138,7 +158,7 @@ def test_fork_bomb_is_held_at_max_pids(gsrv):
             except BlockingIOError:  # EAGAIN: the session's pids limit
                 time.sleep(0.01)
     """)
-    server = gsrv(service_toml("bomb", bomb, max_pids=32, session_timeout="3s", stderr="discard")
+    server = gsrv(service_toml("bomb", bomb, max_pids=32, session_timeout="3s", stderr="discard", accounting=True)
                   + service_toml("cat", ["cat"]))  # fmt: skip
     bomb_sock = server.connect("bomb")
     most = 0
@@ -169,7 +189,7 @@ def test_memory_limit_oom_kills_inside_the_session(gsrv):
             held.append(bytearray(1 << 20))
         print("survived", flush=True)
     """)
-    server = gsrv(service_toml("hog", hog, max_memory="64MiB") + service_toml("cat", ["cat"]))
+    server = gsrv(service_toml("hog", hog, max_memory="64MiB", accounting=True) + service_toml("cat", ["cat"]))
     rss = server.rss()
     other = server.connect("cat")
     with server.connect("hog") as hog:
@@ -195,7 +215,7 @@ def test_cpu_limit_holds_a_busy_child(gsrv):
             pass
         print(round(time.process_time(), 3), flush=True)
     """)
-    server = gsrv(service_toml("spin", spin, max_cpu=0.25))
+    server = gsrv(service_toml("spin", spin, max_cpu=0.25, accounting=True))
     used = float(_talk(server.address("spin")))
     assert 0.2 < used <= 0.9, f"the child used {used:.2f} s of CPU in 3 s"
     line = server.wait_log("event=session_end service=spin")
@@ -212,7 +232,7 @@ def test_cpu_ms_matches_the_childs_own_rusage(gsrv):
         r = resource.getrusage(resource.RUSAGE_SELF)
         print(round((r.ru_utime + r.ru_stime) * 1000, 1), flush=True)
     """)
-    server = gsrv(service_toml("burn", burn))
+    server = gsrv(service_toml("burn", burn, accounting=True))
     own_ms = float(_talk(server.address("burn")))
     line = server.wait_log("event=session_end service=burn")
     cpu_ms = float(_fields(line)["cpu_ms"])
@@ -220,41 +240,89 @@ def test_cpu_ms_matches_the_childs_own_rusage(gsrv):
     assert abs(cpu_ms - own_ms) <= 0.1 * own_ms, f"cgroup cpu_ms={cpu_ms} against the child's getrusage {own_ms}"
 
 
+@needs_v1
+def test_a_session_gets_only_the_cgroups_its_keys_need(gsrv):
+    """No limit and no accounting: the kill's hierarchy alone (freezer); accounting adds the
+    counters' (cpuacct, memory, pids), a limit its controller's. The command reads where it is."""
+    where = ["cat", "/proc/self/cgroup"]
+    server = gsrv(service_toml("plain", where) + service_toml("counted", where, accounting=True)
+                  + service_toml("capped", where, max_pids=16))  # fmt: skip
+    own = f"/gsrv-{server.proc.pid}/"
+    made = {}
+    for service in ("plain", "counted", "capped"):
+        lines = [line.split(":", 2) for line in _talk(server.address(service)).decode().splitlines()]
+        made[service] = {name for _, names, path in lines if own in path for name in names.split(",")}
+    assert made["plain"] == {"freezer"}, made
+    assert made["counted"] == {"freezer", "cpuacct", "memory", "pids"} & set(HOST.parents), made
+    assert made["capped"] == {"freezer", "pids"}, made
+
+
 @needs_cgroups
-def test_cgroups_return_to_baseline_after_500_sessions(gsrv):
+def test_a_session_reads_only_its_own_counters(gsrv):
+    """With accounting, a session that allocates 64 MiB, then one that allocates 1 MiB: the
+    second's mem_peak is its own (a pool cgroup is used once, never again)."""
+    if not HOST.can("mem_peak"):
+        pytest.skip("no memory controller for sessions here")
+    alloc = py_child("""
+        import sys
+        size = int(sys.stdin.readline())
+        held = bytearray(size)
+        held[::4096] = b"x" * len(held[::4096])
+        print(len(held), flush=True)
+    """)
+    server = gsrv(service_toml("alloc", alloc, accounting=True))
+    peaks = []
+    for size in (64 * 2**20, 2**20):
+        mark = len(server.lines)
+        assert _talk(server.address("alloc"), b"%d\n" % size) == b"%d\n" % size
+        line = server.wait_log(r"event=session_end service=alloc ", start=mark)
+        peaks.append(int(_fields(line)["mem_peak"]))
+    assert peaks[0] >= 64 * 2**20, peaks
+    assert peaks[1] < 32 * 2**20, peaks
+
+
+@needs_cgroups
+def test_cgroups_return_to_baseline_after_2000_sessions(gsrv):
     server = gsrv(service_toml("true", ["true"]))
     pid = server.proc.pid
-    assert _session_dirs(pid) == []
 
     def client(n: int) -> None:
         for _ in range(n):
             _talk(server.address("true"))
 
-    threads = [threading.Thread(target=client, args=(100,)) for _ in range(5)]
+    threads = [threading.Thread(target=client, args=(400,)) for _ in range(5)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=90)
-    wait_until(lambda: server.count_log("event=session_end") >= 500, 20, "500 session_end lines")
-    assert _session_dirs(pid) == []
+    wait_until(lambda: server.count_log("event=session_end") >= 2000, 20, "2000 session_end lines")
+    _swept(server)
     server.stop()
     assert not any(os.path.exists(root) for root in _roots(pid)), "gsrv's root left behind at its stop"
 
 
 @pytest.mark.skipif(discover(UNIFIED).mode != "v2", reason="no cgroup v2 hierarchy here")
-def test_v2_root_places_through_the_helper(gsrv):
-    """[cgroup] root on the unified hierarchy: v2 mode, the helper puts the child in its
-    cgroup before the command runs, a daemon still ends with the session, cpu_ms is counted."""
+def test_v2_root_places_with_no_helper(gsrv):
+    """[cgroup] root on the unified hierarchy: v2 mode; the spawner enters the session's
+    cgroup for the spawn, so the command's parent is the spawner, no interpreter runs in front
+    of it, and its first look at /proc/self/cgroup is the session's; a daemon still ends with
+    the session; cpu_ms is counted (accounting)."""
     mark = _marker()
-    cmd = ["sh", "-c", f"setsid sleep {mark} </dev/null >/dev/null 2>&1 & cat /proc/self/cgroup"]
-    server = gsrv(f'[cgroup]\nroot = "{UNIFIED}"\n' + service_toml("v2", cmd))
+    cmd = [
+        "sh",
+        "-c",
+        f"setsid sleep {mark} </dev/null >/dev/null 2>&1 & cat /proc/self/cgroup; grep PPid /proc/$$/status",
+    ]
+    server = gsrv(f'[cgroup]\nroot = "{UNIFIED}"\n' + service_toml("v2", cmd, accounting=True))
     assert 'cgroups="v2 ' in server.wait_log("event=containment")
     reply = _talk(server.address("v2")).decode()
-    assert re.search(rf"^0::/gsrv-{server.proc.pid}/{server.proc.pid}-1$", reply, re.M), reply
     line = server.wait_log("event=session_end service=v2")
+    name = _fields(line)["cgroup"]
+    assert re.search(rf"^0::/gsrv-{server.proc.pid}/{name}$", reply, re.M), reply
+    assert re.search(rf"^PPid:\s+{server.spawner_pid()}$", reply, re.M), reply
     assert "cpu_ms=" in line and "mem_peak" not in line, line
     wait_until(lambda: not _alive_with(mark), 10, "the daemon to end")
-    assert _session_dirs(server.proc.pid) == []
+    _swept(server)
 
 
 def _check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
@@ -279,6 +347,7 @@ def _check(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
         ),
         ({"max_memory": "64MiB"}, r"\[services.s\] max_memory bounds the session's cgroup"),
         ({"max_cpu": 0.5}, r"\[services.s\] max_cpu bounds the session's cgroup"),
+        ({"accounting": True}, r"\[services.s\] accounting counts in the session's cgroup, and this service has none"),
     ],
 )
 def test_config_errors_on_a_host_without_cgroups(tmp_path, keys, message):
@@ -286,6 +355,13 @@ def test_config_errors_on_a_host_without_cgroups(tmp_path, keys, message):
     result = _check(tmp_path, text)
     assert result.returncode == 2, result
     assert re.search(message, result.stderr), result.stderr
+
+
+def test_accounting_with_the_group_kill_scope_is_an_error(tmp_path):
+    result = _check(tmp_path, service_toml("s", ["cat"], kill_scope="group", accounting=True))
+    assert result.returncode == 2
+    assert "[services.s] accounting counts in the session's cgroup, and this service has none: " in result.stderr
+    assert 'kill_scope is "group"' in result.stderr
 
 
 def test_a_limit_needs_its_controller(tmp_path):
@@ -329,7 +405,7 @@ def test_metrics_have_each_sessions_cpu_and_peak_memory(gsrv):
             hashlib.sha256(b"x" * 65536).digest()
         print("done")
     """)
-    server = gsrv(ADMIN + service_toml("burn", burn))
+    server = gsrv(ADMIN + service_toml("burn", burn, accounting=True))
     base = _admin(server)
     for _ in range(3):
         assert _talk(server.address("burn")) == b"done\n"
@@ -352,25 +428,28 @@ def test_co_mounted_controllers_share_one_session_cgroup(tmp_path):
     assert host.mode == "v1" and host.parents["cpu"] == host.parents["cpuacct"] == f"{tmp_path}/cpu,cpuacct"
     root = Root(host)
     assert root.paths == [f"{tmp_path}/freezer/gsrv-{os.getpid()}", f"{tmp_path}/cpu,cpuacct/gsrv-{os.getpid()}"]
-    scope = Scope(root, "s-1", Limits(cpu=0.5))
+    scope = Scope.of(root, "s-1", Limits(cpu=0.5), accounting=True)
     assert scope.paths == [f"{p}/s-1" for p in root.paths]
     assert set(scope.dirs) == {"freezer", "cpu", "cpuacct"}
+    assert Scope.shape(root, Limits(cpu=0.5), accounting=True).parents == tuple(root.paths)
 
 
 @needs_v1
-def test_spawning_thread_goes_home_with_a_configured_root(gsrv):
-    """[cgroup] root given as a path: after its sessions, gsrv's thread is in the cgroups it
-    started in, not in the configured one."""
+def test_the_spawner_goes_home_with_a_configured_root(gsrv):
+    """[cgroup] root given as a path: after its sessions, the spawner is in the cgroups it
+    started in (gsrv's), not in the configured one."""
     name = f"gsrv-test-{os.getpid()}"
     made = [os.path.join(m, name) for m in ("/sys/fs/cgroup/freezer", "/sys/fs/cgroup/pids")]
     for path in made:
         os.mkdir(path)
     try:
         server = gsrv(f'[cgroup]\nroot = "{made[0]}"\n' + service_toml("cat", ["cat"]))
-        before = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/cgroup").read_text()
+        assert _talk(server.address("cat"), b"x") == b"x"
+        spawner = server.spawner_pid()
+        before = Path(f"/proc/{server.proc.pid}/cgroup").read_text()
         for _ in range(3):
             assert _talk(server.address("cat"), b"x") == b"x"
-        after = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/cgroup").read_text()
+        after = Path(f"/proc/{spawner}/cgroup").read_text()
         assert after == before and name not in after, after
         server.stop()
     finally:
@@ -380,12 +459,14 @@ def test_spawning_thread_goes_home_with_a_configured_root(gsrv):
 
 @needs_v1
 def test_a_reload_that_adds_a_limit_applies_it_to_new_sessions(gsrv):
+    """Without max_pids a session has no pids cgroup of its own (it is in gsrv's); after a
+    reload that adds one, new sessions are held at it."""
     own = py_child("""
         path = [l.split(":")[2] for l in open("/proc/self/cgroup").read().splitlines() if l.split(":")[1] == "pids"]
-        print(open(f"/sys/fs/cgroup/pids{path[0]}/pids.max").read().strip())
+        print(open(f"/sys/fs/cgroup/pids{path[0]}/pids.max").read().strip() if "/gsrv-" in path[0] else "none")
     """)
     server = gsrv(service_toml("own", own))
-    assert _talk(server.address("own")) == b"max\n"
+    assert _talk(server.address("own")) == b"none\n"
     server.config.write_text(server.config.read_text() + "max_pids = 8\n")
     server.signal(signal.SIGHUP)
     server.wait_log("event=reloaded")
@@ -402,7 +483,7 @@ def test_a_spawn_that_fails_leaves_no_cgroup(gsrv, tmp_path):
     with server.connect("gone") as sock, contextlib.suppress(ConnectionResetError):
         sock.recv(10)
     server.wait_log("event=session_end service=gone .*reason=spawn_failed")
-    assert _session_dirs(server.proc.pid) == []
+    _swept(server)
 
 
 @needs_cgroups

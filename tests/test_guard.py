@@ -104,6 +104,24 @@ def test_cgroup_v2_limit_on_a_parent_and_page_cache(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(10)
+def test_a_mount_path_with_a_space_is_read_as_the_containment_reads_it(tmp_path: Path) -> None:
+    """mountinfo escapes a space as \\040: the guard and containment read mounts with one parser."""
+    from gsrv.contain.host import mounts
+
+    mem = tmp_path / "my cgroups" / "memory"
+    _write(mem, {"box/memory.limit_in_bytes": str(GiB), "box/memory.usage_in_bytes": str(MiB),
+                 "box/memory.stat": "total_inactive_file 0\n"})  # fmt: skip
+    escaped = str(mem).replace(" ", "\\040")
+    mountinfo = f"40 20 0:30 / {escaped} rw - cgroup cgroup rw,memory\n"
+    proc = tmp_path / "proc"
+    _write(proc, {"cgroup": "5:memory:/box\n", "mountinfo": mountinfo})
+    found = discover(str(proc))
+    assert found is not None and found.dirs == (str(mem / "box"), str(mem))
+    assert found.headroom() == (GiB - MiB, GiB)
+    assert [m.point for m in mounts(mountinfo)] == [str(mem)]
+
+
+@pytest.mark.timeout(10)
 def test_cgroup_v1_no_limit_is_not_a_limit(tmp_path: Path) -> None:
     mem = tmp_path / "memory"
     _write(mem, {

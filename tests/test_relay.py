@@ -36,8 +36,8 @@ def gsrv(relay_path, gsrv):
 
     def start(text: str, read_log: bool = True):
         text = re.sub(r"^relay = .*$", "", text, flags=re.M)  # a shipped config may set it
-        if relay == "socket":  # sizes of pipes and buffers that path does not have (a config error there)
-            text = re.sub(r"^(pipe_size|chunk_size) = .*$", "", text, flags=re.M)
+        if relay == "socket":  # pipes, buffers and a stdin gsrv writes, which that path has not (config errors)
+            text = re.sub(r"^(pipe_size|chunk_size|prespawn|peer_line) = .*$", "", text, flags=re.M)
         text = re.sub(r"^(\[services\.[\w-]+\])$", rf'\1\nrelay = "{relay}"', text, flags=re.M)
         started.append(gsrv(text, read_log=read_log))
         return started[-1]

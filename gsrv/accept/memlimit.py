@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from gsrv.contain.host import below, memberships, mounts
+
 NO_LIMIT_V1 = 2**60  # v1 says "no limit" with LONG_MAX rounded down to a page
 
 
@@ -85,39 +87,21 @@ class Cgroup:
         return room, min(lv.limit for lv in limited if lv.limit is not None)
 
 
-def _mounts(proc: str) -> list[tuple[str, str, str, str]]:
-    """(fstype, root, mountpoint, super options) of each cgroup mount."""
-    found = []
-    for line in (_read(f"{proc}/mountinfo") or "").splitlines():
-        fields = line.split()
-        if "-" not in fields:
-            continue
-        dash = fields.index("-")
-        fstype, options = fields[dash + 1], fields[dash + 3] if len(fields) > dash + 3 else ""
-        if fstype in ("cgroup", "cgroup2"):
-            found.append((fstype, fields[3], fields[4], options))
-    return found
-
-
 def discover(proc: str = "/proc/self") -> Cgroup | None:
-    """This process's memory cgroup: v1's memory controller if mounted, else the v2 tree."""
-    paths = {}
-    for line in (_read(f"{proc}/cgroup") or "").splitlines():
-        ident, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            paths[1] = path
-        elif ident == "0" and controllers == "":
-            paths[2] = path
-    for fstype, root, mountpoint, options in _mounts(proc):
-        version = 2 if fstype == "cgroup2" else 1
-        if version not in paths or (version == 1 and "memory" not in options.split(",")):
-            continue
-        if version == 2 and 1 in paths:
+    """This process's memory cgroup: v1's memory controller if mounted, else the v2 tree (the
+    mounts and memberships as gsrv/contain/host.py reads them, escapes and all)."""
+    found = mounts(_read(f"{proc}/mountinfo") or "")
+    own = memberships(_read(f"{proc}/cgroup") or "")
+    v1 = "memory" in own and any(m.version == 1 and "memory" in m.controllers for m in found)
+    for mount in found:
+        if (mount.version == 1 and "memory" not in mount.controllers) or (mount.version == 2 and v1):
             continue  # hybrid: the memory controller lives on v1
-        relative = os.path.relpath(paths[version], root) if paths[version].startswith(root) else "."
-        leaf = os.path.normpath(os.path.join(mountpoint, relative))
+        leaf = below(mount, own.get("memory" if mount.version == 1 else "unified", "/"))
+        if leaf is None:
+            continue
+        point = os.path.normpath(mount.point)
         dirs = [leaf]
-        while dirs[-1] != mountpoint and dirs[-1].startswith(mountpoint + "/"):
+        while dirs[-1] != point and dirs[-1].startswith(point + "/"):
             dirs.append(os.path.dirname(dirs[-1]))
-        return Cgroup(version, tuple(dirs))
+        return Cgroup(mount.version, tuple(dirs))
     return None

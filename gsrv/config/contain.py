@@ -136,7 +136,7 @@ class Containment:
                          show=lambda v: f"{v:g}")  # fmt: skip
     accounting: bool = key(keys.flag(), False, "count each session's cpu_ms, mem_peak and pids_peak in its cgroups "
                            "(on v1 three more cgroups a session: cpuacct, memory, pids); off, the line still has the "
-                           "spawner's ru_cpu_ms", example=True)  # fmt: skip
+                           "spawner's ru_cpu_ms", show=lambda v: "on" if v else "off")  # fmt: skip
     sandbox: Sandbox | None = key(_sandbox, None, "run the command in bubblewrap: { private_tmp, private_network, "
                                   "read_only_paths, writable_paths }", value=None, show=_show_sandbox,
                                   example={"private_tmp": True, "private_network": True})  # fmt: skip

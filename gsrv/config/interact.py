@@ -1,6 +1,7 @@
 """The keys of a service that shape how its client and its command talk: a pseudo-terminal
-for interactive programs (`pty`), WebSocket clients (`transport`, the `websocket` table), and
-what follows from them for the other keys.
+for interactive programs (`pty`), WebSocket clients (`transport`, the `websocket` table),
+children started ahead (`prespawn`) and the client's address on their stdin (`peer_line`),
+and what follows from them for the other keys.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from gsrv.config.table import Table
 from gsrv.config.web import WebSocketConfig, parse_websocket
 
 TERM = "xterm-256color"  # the child's TERM on a pty unless the service's env sets one
+PRESPAWN_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,31 @@ class Interaction:
                                             "handshake_timeout, headers, console }, each documented in its own table",
                                             example={"path": "/", "messages": "text"}, value=None,
                                             show=lambda ws: _show(ws))  # fmt: skip
+    prespawn: int = key(keys.integer(0), 0, "children started ahead, each waiting on its stdin for one session "
+                        "(pipe relays only; such a child has no client address in its environment: see "
+                        "peer_line)", reload="a changed launch retires the waiting children; a new count trims "
+                        "or fills", shown=True)  # fmt: skip
+    peer_line: str = key(keys.choice("none", "proxy-v1"), "none", '"proxy-v1": the first line the child reads '
+                         "is a PROXY v1 line with the client's address (not counted in bytes_in)",
+                         shown=True)  # fmt: skip
     stages: tuple[tuple[str, tuple[str, ...]], ...] = ()  # derived: the tty stage (setsid --ctty)
+
+
+def _check_started_ahead(t: Table, found: dict[str, Any], values: dict[str, Any]) -> None:
+    """prespawn and peer_line need gsrv to write the child's stdin, through a pipe."""
+    if found["prespawn"] > PRESPAWN_MAX:
+        raise t.fail("prespawn", f"must be at most {PRESPAWN_MAX} (got {found['prespawn']})")
+    if found["prespawn"] and values["relay"] == "socket":
+        raise t.fail("prespawn", 'cannot go with relay = "socket": that child gets the connection itself as its '
+                     "stdin and stdout, and a child started before the client connected cannot (use a pipe relay: "
+                     'relay = "auto", "splice" or "copy")')  # fmt: skip
+    if found["prespawn"] and found["pty"]:
+        raise t.fail("prespawn", "cannot go with pty = true: a session's terminal is made when its child starts")
+    if found["peer_line"] != "none" and found["pty"]:
+        raise t.fail("peer_line", "cannot go with pty = true: the terminal would echo the line to the client")
+    if found["peer_line"] != "none" and values["relay"] == "socket":
+        raise t.fail("peer_line", 'cannot go with relay = "socket": the child\'s stdin is the connection itself '
+                     "(it can ask the socket for its peer)")  # fmt: skip
 
 
 def _show(ws: WebSocketConfig | None) -> str:
@@ -44,6 +70,7 @@ def parse_interaction(t: Table, values: dict[str, Any], policy: Policy, environ:
     """The keys, checked against the service's other keys (`values`, whose defaults for
     stderr and env a pty amends)."""
     found = keys.read_all(t, Interaction, skip=("websocket",))
+    _check_started_ahead(t, found, values)
     websocket = _websocket(t, found["transport"], values | {"pty": found["pty"]}, policy)
     if not found["pty"]:
         return Interaction(**found, websocket=websocket)

@@ -96,7 +96,7 @@ def memberships(text: str) -> dict[str, str]:
     return own
 
 
-def _below(mount: Mount, cgroup: str) -> str | None:
+def below(mount: Mount, cgroup: str) -> str | None:
     """The directory of a cgroup path in a mount, if the mount shows it."""
     root = mount.root.rstrip("/")
     if cgroup != root and not cgroup.startswith(root + "/"):
@@ -123,7 +123,7 @@ def discover(root: str = "auto", mountinfo: str | None = None, cgroup: str | Non
     homes = {}
     for m in found:
         for name in m.controllers or ({"unified"} if m.version == 2 else set()):
-            path = _below(m, own.get(name, "/"))
+            path = below(m, own.get(name, "/"))
             if path is not None:
                 homes[name] = path
     if root != "auto":

@@ -1,26 +1,25 @@
-"""gsrv's cgroup subtree (`Root`: gsrv-<pid> under the parent `host` found, per hierarchy) and
-one session's cgroups in it (`Scope`): made with their limits before the spawn, read for the
-accounting, removed after the reap. Plain file operations: nothing here waits or signals.
+"""One session's cgroups: the shape the spawner makes them in ahead of time (`Shape`: where,
+their limits, how a process enters), and once a session has them, the kill's parts and the
+accounting (`Scope`, one class per cgroup version). Plain file operations: nothing here waits
+or signals.
 
-gsrv writes inside its root only, with two exceptions that say where a process lives: the
-spawner (gsrv/spawn) goes back after each spawn to the cgroups gsrv came from (v1) or to a leaf
-beside the root (v2), and on v2 with controllers to enable gsrv moves itself into that leaf (a
-cgroup that holds processes cannot enable controllers for its children) and enables them in
-its parent.
+A session gets the cgroups its service's keys need, no more: the kill's (v1 freezer, or the
+v2 core), the controller of each limit, and with `accounting` the counters (v1 cpuacct,
+memory, pids).
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
-from gsrv.contain.host import NEEDS, V2_CORE, Host
+from gsrv.contain.cgfiles import field, freeze, has_cgroups_below, number, read, remove_tree, tasks, unique, write
+from gsrv.contain.host import NEEDS
+from gsrv.contain.root import Root
 
-V2_SELF = "gsrv-{pid}.self"  # v2: the spawner's leaf, where gsrv (and its guardian) move if they must
 CPU_PERIOD_US = 100_000
+V1_COUNTERS = frozenset({"cpuacct", "memory", "pids"})  # accounting: cpu_ms, mem_peak, pids_peak
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class Usage:
-    """What a session's cgroup counted; None where this host has no such counter."""
+    """What a session's cgroup counted; None where this host has no such counter or the
+    service does not count it (`accounting`)."""
 
     cpu_ms: float | None = None
     mem_peak: int | None = None
@@ -55,318 +55,167 @@ class Usage:
         }  # fmt: skip
 
 
-def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
+Write = tuple[int, str, str, bool]  # (index into Shape.parents, file, text, only if the file exists)
 
 
-class Unreadable(OSError):
-    """A cgroup file that exists but could not be read (EMFILE, ENOMEM): callers that decide
-    whether processes live must take it as "they may"."""
+@dataclass(frozen=True)
+class Shape:
+    """What the spawner makes for sessions of one kind, ahead of time: a cgroup of a name of
+    its own in each of `parents`, with `limits` written; a process enters by writing "0" into
+    `enter` in each; `after` is written right after the spawn (the pids limit back down: it
+    was one higher while the spawner was inside)."""
 
+    parents: tuple[str, ...]
+    limits: tuple[Write, ...] = ()
+    enter: str = "tasks"
+    after: tuple[Write, ...] = ()
 
-def _read(path: str) -> str:
-    """A cgroup file's text; "" if it is gone (a removed cgroup); raises Unreadable otherwise.
-    (os.open and one read: cgroup files are small, and this runs several times a session.)"""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return ""
-    except OSError as e:
-        raise Unreadable(e.errno, f"{path}: {e.strerror}") from None
-    try:
-        return os.read(fd, 65536).decode("ascii", "replace")
-    except OSError as e:
-        raise Unreadable(e.errno, f"{path}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-
-
-def _field(text: str, name: str) -> int | None:
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if key == name and value.strip().isdigit():
-            return int(value)
-    return None
-
-
-def _number(text: str) -> int | None:
-    text = text.strip()
-    return int(text) if text.isdigit() else None
-
-
-def unique(paths: Iterable[str]) -> list[str]:
-    """Each directory once, in order: co-mounted v1 controllers (cpu,cpuacct) share one."""
-    return list(dict.fromkeys(paths))
-
-
-def remove_tree(top: str) -> list[str]:
-    """rmdir a cgroup and every cgroup below it, deepest first; the ones left (busy) are returned."""
-    try:
-        os.rmdir(top)  # a session's cgroup has none below it, unless its processes made some
-        return []
-    except FileNotFoundError:
-        return []
-    except OSError:
-        pass
-    left = []
-    for path, _dirs, _files in os.walk(top, topdown=False):
-        try:
-            os.rmdir(path)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            left.append(path)
-    return left
-
-
-def _has_cgroups_below(top: str) -> bool:
-    try:
-        with os.scandir(top) as entries:
-            return any(entry.is_dir(follow_symlinks=False) for entry in entries)
-    except FileNotFoundError:
-        return False
-
-
-def freeze(top: str, mode: str, frozen: bool) -> None:
-    """Freeze or thaw a cgroup and every cgroup below it (both freezers are hierarchical);
-    freezing is asynchronous: Scope.is_frozen says when it is done."""
-    if mode == "v2":
-        _write(os.path.join(top, "cgroup.freeze"), "1" if frozen else "0")
-    else:
-        _write(os.path.join(top, "freezer.state"), "FROZEN" if frozen else "THAWED")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def tasks(top: str) -> list[int]:
-    """Every process in a cgroup and below it (gsrv itself left out)."""
-    found: list[int] = []
-    for path, _dirs, _files in os.walk(top):
-        found.extend(int(n) for n in _read(os.path.join(path, "cgroup.procs")).split() if n.isdigit())
-    own = os.getpid()
-    return [pid for pid in found if pid != own]
-
-
-STALE = re.compile(r"gsrv-(\d+)(\.self)?")
-
-
-class Root:
-    """gsrv's own cgroups: <parent>/gsrv-<pid> per hierarchy, made at start, removed at stop."""
-
-    def __init__(self, host: Host) -> None:
-        self.host = host
-        self.dirs = {name: os.path.join(parent, f"gsrv-{os.getpid()}") for name, parent in host.parents.items()}
-        self.enabled: set[str] = set()  # v2: the controllers enabled for sessions
-        self.guardian_pid = 0
-        self.leaf = os.path.join(host.parents.get("unified", ""), V2_SELF.format(pid=os.getpid()))
-
-    @property
-    def paths(self) -> list[str]:
-        return unique(self.dirs.values())
-
-    def create(self, guardian_pid: int = 0) -> list[str]:
-        """Make the root; returns the cgroups of gsrv processes that are gone, removed first
-        (a gsrv and its guardian both killed leave theirs)."""
-        self.guardian_pid = guardian_pid
-        swept = self._sweep()
-        for path in self.paths:
-            os.makedirs(path, exist_ok=True)
-        if self.host.mode == "v2":
-            os.makedirs(self.leaf, exist_ok=True)
-        return swept
-
-    @property
-    def spawner_homes(self) -> tuple[str, ...]:
-        """Where the spawner lives between spawns (the files it writes "0" into to go back):
-        v1, the cgroups gsrv came from, per hierarchy it enters; v2, the leaf beside the root
-        (a cgroup whose children have controllers cannot take a process back: EBUSY)."""
-        if self.host.mode == "v2":
-            return (os.path.join(self.leaf, "cgroup.procs"),)
-        homes = (os.path.join(self.host.homes.get(name, parent), "tasks") for name, parent in self.host.parents.items())
-        return tuple(unique(homes))
-
-    def _sweep(self) -> list[str]:
-        swept = []
-        for parent in unique(self.host.parents.values()):
-            for entry in sorted(os.listdir(parent)):
-                found = STALE.fullmatch(entry)
-                if found and not _alive(int(found.group(1))) and not remove_tree(os.path.join(parent, entry)):
-                    swept.append(os.path.join(parent, entry))
-        return swept
-
-    def enable(self, controllers: set[str]) -> None:
-        """v2: the controllers sessions need, enabled from the parent down to the root. Raises
-        OSError with a message that says what to do."""
-        wanted = controllers - self.enabled - {V2_CORE}
-        if self.host.mode != "v2" or not wanted:
-            return
-        parent, root = self.host.parents["unified"], self.dirs["unified"]
-        line = " ".join(f"+{c}" for c in sorted(wanted))
-        try:
-            _write(os.path.join(parent, "cgroup.subtree_control"), line)
-        except OSError as e:
-            if e.errno != errno.EBUSY or not self.host.own:
-                raise OSError(e.errno, f"cannot enable {line} in {parent}: {e.strerror}") from None
-            self._leave_parent(parent)
-            _write(os.path.join(parent, "cgroup.subtree_control"), line)
-        _write(os.path.join(root, "cgroup.subtree_control"), line)
-        self.enabled |= wanted
-
-    def _leave_parent(self, parent: str) -> None:
-        """A cgroup with processes cannot enable controllers for its children: gsrv and its
-        guardian move into the leaf beside the root where the spawner lives, if nothing else
-        is there. The leaf stays while they live (a stale one is swept at the next start)."""
-        ours = {str(os.getpid()), str(self.guardian_pid)}
-        others = [pid for pid in _read(os.path.join(parent, "cgroup.procs")).split() if pid not in ours]
-        if others:
-            raise OSError(errno.EBUSY, f"{parent} also holds processes {' '.join(others[:5])}: give gsrv a cgroup "
-                          "of its own (systemd: Delegate=yes)")  # fmt: skip
-        os.makedirs(self.leaf, exist_ok=True)
-        for pid in (os.getpid(), self.guardian_pid):
-            if pid:
-                _write(os.path.join(self.leaf, "cgroup.procs"), str(pid))
-
-    def remove(self) -> list[str]:
-        """At a clean stop, every session reaped: the cgroups left are returned (busy)."""
-        left = [left for path in self.paths for left in remove_tree(path)]
-        if self.host.mode == "v2":
-            remove_tree(self.leaf)  # busy while gsrv itself lives there: swept at the next start
-        return left
+    def wire(self) -> tuple[object, ...]:
+        """As the spawner's request carries it (marshal: tuples and strings)."""
+        return (self.parents, self.limits, self.enter, self.after)
 
 
 class Scope:
-    """One session's cgroups: `dirs` per hierarchy (v1) or the one of the unified tree (v2)."""
+    """One session's cgroups, named `name` (the spawner chose it) in each hierarchy its keys need."""
 
-    def __init__(self, root: Root, name: str, limits: Limits) -> None:
-        self.mode = root.host.mode
+    mode: ClassVar[str]
+    top_hierarchy: ClassVar[str]
+
+    def __init__(self, root: Root, name: str, limits: Limits, accounting: bool) -> None:
         self.root = root
-        wanted = (
-            {"freezer", "pids", "cpuacct", "memory"} | limits.controllers("v1") if self.mode == "v1" else {"unified"}
-        )
-        self.dirs = {h: os.path.join(path, name) for h, path in root.dirs.items() if h in wanted}
-        self.paths = unique(self.dirs.values())
+        self.name = name
         self.limits = limits
+        self.accounting = accounting
+        self.dirs = {h: os.path.join(path, name) for h, path in _parents(root, limits, accounting).items()}
+        self.paths = unique(self.dirs.values())
 
-    @classmethod
-    def create(cls, root: Root, name: str, limits: Limits) -> Scope:
-        """Make the session's cgroups and write its limits; raises OSError (nothing left behind)."""
-        scope = cls(root, name, limits)
-        try:
-            for path in scope.paths:
-                os.mkdir(path)
-            for path, text in scope._limit_files():
-                _write(path, text)
-        except OSError:
-            scope.remove()
-            raise
-        return scope
+    @staticmethod
+    def of(root: Root, name: str, limits: Limits, accounting: bool) -> Scope:
+        kind = V2Scope if root.host.mode == "v2" else V1Scope
+        return kind(root, name, limits, accounting)
 
-    def _limit_files(self) -> list[tuple[str, str]]:
-        limits, d = self.limits, self.dirs
-        quota = str(round(limits.cpu * CPU_PERIOD_US))
-        # The spawner counts in pids.current while it is there: one more for the spawn, lowered
-        # to the limit before it leaves (placement()).
-        if self.mode == "v2":
-            u = d["unified"]
-            swap = f"{u}/memory.swap.max"
-            files = [(f"{u}/memory.max", str(limits.memory)) if limits.memory else None,
-                     (swap, "0") if limits.memory and os.path.exists(swap) else None,
-                     (f"{u}/pids.max", str(limits.pids + 1)) if limits.pids else None,
-                     (f"{u}/cpu.max", f"{quota} {CPU_PERIOD_US}") if limits.cpu else None]  # fmt: skip
-        else:
-            files = [(f"{d['memory']}/memory.limit_in_bytes", str(limits.memory)) if limits.memory else None,
-                     (f"{d['pids']}/pids.max", str(limits.pids + 1)) if limits.pids else None,
-                     (f"{d['cpu']}/cpu.cfs_period_us", str(CPU_PERIOD_US)) if limits.cpu else None,
-                     (f"{d['cpu']}/cpu.cfs_quota_us", quota) if limits.cpu else None]  # fmt: skip
-        memsw = f"{d.get('memory')}/memory.memsw.limit_in_bytes"
-        if self.mode == "v1" and limits.memory and os.path.exists(memsw):
-            files.insert(1, (memsw, str(limits.memory)))  # swap is no way around the limit
-        return [f for f in files if f is not None]
-
-    # -- placement: the spawner enters, spawns, goes back ---------------------------------
-
-    def placement(self) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-        """The files the spawner writes "0" into before the spawn (it then counts in the
-        session's pids, hence the limit set one higher), and the writes due right after it
-        (the pids limit back to its value, before the spawner leaves)."""
-        if self.mode == "v2":
-            enter: tuple[str, ...] = (os.path.join(self.dirs["unified"], "cgroup.procs"),)
-            pids = os.path.join(self.dirs["unified"], "pids.max")
-        else:
-            enter = tuple(os.path.join(path, "tasks") for path in self.paths)
-            pids = os.path.join(self.dirs.get("pids", ""), "pids.max")
-        return enter, ((pids, str(self.limits.pids)),) if self.limits.pids else ()
-
-    # -- the kill's parts (child.py decides when) --------------------------------------------
+    @staticmethod
+    def shape(root: Root, limits: Limits, accounting: bool) -> Shape:
+        """What the spawner makes for a session of these keys (v1 or v2, as the root is)."""
+        parents = _parents(root, limits, accounting)
+        where = unique(parents.values())
+        index = {h: where.index(path) for h, path in parents.items()}
+        return (_v2_shape if root.host.mode == "v2" else _v1_shape)(tuple(where), index, limits)
 
     @property
     def _top(self) -> str:
-        return self.dirs["freezer" if self.mode == "v1" else "unified"]
+        return self.dirs[self.top_hierarchy]
 
     def members(self) -> list[int]:
         return tasks(self._top)
 
     def populated(self) -> bool:
-        """Whether any process lives in the session's cgroups (a zombie does not). v2:
-        cgroup.events. v1: its own cgroup.procs (one read: the usual case), and the cgroups
-        below it only if the session made some."""
-        if self.mode == "v2":
-            return _field(_read(os.path.join(self._top, "cgroup.events")), "populated") == 1
-        if _read(os.path.join(self._top, "cgroup.procs")).split():
-            return True
-        return _has_cgroups_below(self._top) and bool(self.members())
+        raise NotImplementedError
 
     def freeze(self, frozen: bool) -> None:
         freeze(self._top, self.mode, frozen)
 
     def is_frozen(self) -> bool:
-        if self.mode == "v2":
-            return _field(_read(os.path.join(self._top, "cgroup.events")), "frozen") == 1
-        return _read(os.path.join(self._top, "freezer.state")).strip() == "FROZEN"
+        raise NotImplementedError
 
     def kill_all(self) -> bool:
-        """v2: SIGKILL to every process below (cgroup.kill); False on v1, which has none."""
-        if self.mode != "v2":
-            return False
-        _write(os.path.join(self._top, "cgroup.kill"), "1")
-        return True
-
-    # -- the end ---------------------------------------------------------------------------
+        """SIGKILL to every process below at once, where the cgroup can (v2's cgroup.kill)."""
+        return False
 
     def usage(self) -> Usage:
-        d = self.dirs
-        if self.mode == "v2":
-            u = d["unified"]
-            enabled = self.root.enabled
-            usec = _field(_read(f"{u}/cpu.stat"), "usage_usec")
-            return Usage(
-                cpu_ms=None if usec is None else usec / 1000,
-                mem_peak=_number(_read(f"{u}/memory.peak")) if "memory" in enabled else None,
-                pids_peak=_number(_read(f"{u}/pids.peak")) if "pids" in enabled else None,
-                oom_kill=bool(_field(_read(f"{u}/memory.events"), "oom_kill")),
-                pids_limited=bool(_field(_read(f"{u}/pids.events"), "max")),
-            )
-        nsec = _number(_read(f"{d['cpuacct']}/cpuacct.usage")) if "cpuacct" in d else None
-        return Usage(
-            cpu_ms=None if nsec is None else nsec / 1e6,
-            mem_peak=_number(_read(f"{d['memory']}/memory.max_usage_in_bytes")) if "memory" in d else None,
-            pids_peak=_number(_read(f"{d['pids']}/pids.peak")) if "pids" in d else None,
-            oom_kill=bool(_field(_read(f"{d['memory']}/memory.oom_control"), "oom_kill")) if "memory" in d else False,
-            pids_limited=bool(_field(_read(f"{d['pids']}/pids.events"), "max")) if "pids" in d else False,
-        )
+        raise NotImplementedError
 
     def remove(self) -> bool:
         """rmdir the session's cgroups (empty once the ladder is done); False if one is busy."""
         return not [left for path in self.paths for left in remove_tree(path)]
+
+
+class V1Scope(Scope):
+    """A cgroup per hierarchy the session needs; the freezer's is where its processes are counted."""
+
+    mode = "v1"
+    top_hierarchy = "freezer"
+
+    def populated(self) -> bool:
+        """Whether any process lives in the session's cgroups (a zombie does not): its own
+        cgroup.procs (one read: the usual case), and the cgroups below only if it made some."""
+        if read(os.path.join(self._top, "cgroup.procs")).split():
+            return True
+        return has_cgroups_below(self._top) and bool(self.members())
+
+    def is_frozen(self) -> bool:
+        return read(os.path.join(self._top, "freezer.state")).strip() == "FROZEN"
+
+    def usage(self) -> Usage:
+        d, counting = self.dirs, self.accounting
+        memory, pids = d.get("memory"), d.get("pids")
+        nsec = number(read(f"{d['cpuacct']}/cpuacct.usage")) if counting and "cpuacct" in d else None
+        return Usage(
+            cpu_ms=None if nsec is None else nsec / 1e6,
+            mem_peak=number(read(f"{memory}/memory.max_usage_in_bytes")) if counting and memory else None,
+            pids_peak=number(read(f"{pids}/pids.peak")) if counting and pids else None,
+            oom_kill=bool(field(read(f"{memory}/memory.oom_control"), "oom_kill")) if memory else False,
+            pids_limited=bool(field(read(f"{pids}/pids.events"), "max")) if pids else False,
+        )
+
+
+class V2Scope(Scope):
+    """One cgroup of the unified tree; the limits' controllers are enabled above it (Root.enable)."""
+
+    mode = "v2"
+    top_hierarchy = "unified"
+
+    def populated(self) -> bool:
+        return field(read(os.path.join(self._top, "cgroup.events")), "populated") == 1
+
+    def is_frozen(self) -> bool:
+        return field(read(os.path.join(self._top, "cgroup.events")), "frozen") == 1
+
+    def kill_all(self) -> bool:
+        write(os.path.join(self._top, "cgroup.kill"), "1")
+        return True
+
+    def usage(self) -> Usage:
+        u, enabled, counting = self._top, self.root.enabled, self.accounting
+        usec = field(read(f"{u}/cpu.stat"), "usage_usec") if counting else None
+        return Usage(
+            cpu_ms=None if usec is None else usec / 1000,
+            mem_peak=number(read(f"{u}/memory.peak")) if counting and "memory" in enabled else None,
+            pids_peak=number(read(f"{u}/pids.peak")) if counting and "pids" in enabled else None,
+            oom_kill=bool(field(read(f"{u}/memory.events"), "oom_kill")) if "memory" in enabled else False,
+            pids_limited=bool(field(read(f"{u}/pids.events"), "max")) if "pids" in enabled else False,
+        )
+
+
+def _parents(root: Root, limits: Limits, accounting: bool) -> dict[str, str]:
+    """The root's directory in each hierarchy a session of these keys needs."""
+    if root.host.mode == "v2":
+        return {"unified": root.dirs["unified"]}
+    wanted = {"freezer"} | limits.controllers("v1") | (V1_COUNTERS if accounting else set())
+    return {h: path for h, path in root.dirs.items() if h in wanted}
+
+
+def _v1_shape(where: tuple[str, ...], index: dict[str, int], limits: Limits) -> Shape:
+    quota = str(round(limits.cpu * CPU_PERIOD_US))
+    files: list[Write | None] = [
+        (index["memory"], "memory.limit_in_bytes", str(limits.memory), False) if limits.memory else None,
+        # swap is no way around the limit (the file exists where swap accounting is on)
+        (index["memory"], "memory.memsw.limit_in_bytes", str(limits.memory), True) if limits.memory else None,
+        (index["pids"], "pids.max", str(limits.pids + 1), False) if limits.pids else None,
+        (index["cpu"], "cpu.cfs_period_us", str(CPU_PERIOD_US), False) if limits.cpu else None,
+        (index["cpu"], "cpu.cfs_quota_us", quota, False) if limits.cpu else None,
+    ]
+    after = ((index["pids"], "pids.max", str(limits.pids), False),) if limits.pids else ()
+    return Shape(where, tuple(f for f in files if f is not None), "tasks", after)
+
+
+def _v2_shape(where: tuple[str, ...], index: dict[str, int], limits: Limits) -> Shape:
+    quota = str(round(limits.cpu * CPU_PERIOD_US))
+    files: list[Write | None] = [
+        (0, "memory.max", str(limits.memory), False) if limits.memory else None,
+        (0, "memory.swap.max", "0", True) if limits.memory else None,
+        (0, "pids.max", str(limits.pids + 1), False) if limits.pids else None,
+        (0, "cpu.max", f"{quota} {CPU_PERIOD_US}", False) if limits.cpu else None,
+    ]
+    after = ((0, "pids.max", str(limits.pids), False),) if limits.pids else ()
+    return Shape(where, tuple(f for f in files if f is not None), "cgroup.procs", after)

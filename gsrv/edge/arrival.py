@@ -94,6 +94,19 @@ class Arrival:
         if not header.local and isinstance(header.source, tuple):
             self.client = header.source
 
+    def peer_line(self) -> bytes:
+        """A PROXY v1 line for the child (`peer_line = "proxy-v1"`): the client (as a trusted
+        proxy reported it, else the peer) and the address it connected to; UNKNOWN when there
+        is no client address (a unix socket, a LOCAL header)."""
+        local = self.sock.getsockname()
+        client = self.client
+        if client is None or not self.tcp and self.header is None:
+            return b"PROXY UNKNOWN\r\n"
+        family = "TCP6" if ":" in str(client[0]) else "TCP4"
+        if not self.tcp or (":" in str(local[0])) != (family == "TCP6"):
+            local = ("::" if family == "TCP6" else "0.0.0.0", 0)  # the local address of another family: none
+        return f"PROXY {family} {client[0]} {local[0]} {client[1]} {local[1]}\r\n".encode()
+
     def log_fields(self) -> dict[str, object]:
         fields: dict[str, object] = {"peer": self.peer_text}
         if self.header is not None and self.client is not None and self.client != self.peer:

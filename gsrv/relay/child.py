@@ -15,16 +15,17 @@ import fcntl
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Protocol
 
 import gevent
 
 from gsrv.config.contain import Containment
 from gsrv.config.launch import Launch
-from gsrv.contain.scope import Root, Scope, Usage
+from gsrv.contain.root import Root
+from gsrv.contain.scope import Limits, Scope, Usage
 from gsrv.errors import SpawnError
+from gsrv.relay.stdio import Stdio
 from gsrv.spawn.client import Process, Request, Spawner
 
 GROUP_POLL_S = 0.02
@@ -37,96 +38,6 @@ STARTED_TIMEOUT_S = 30.0  # a spawner that neither answers nor dies: the session
 class GroupTracker(Protocol):
     def track(self, pgid: int) -> None: ...
     def untrack(self, pgid: int) -> None: ...
-
-
-@dataclass
-class Stdio:
-    """A child's fds 0, 1 and 2 as the spawner gets them (`theirs`, -1: /dev/null) and gsrv's
-    ends of them. The child end of a relay makes it: pipes, a pty, or the connection itself."""
-
-    theirs: tuple[int, int, int]
-    stdin: int = -1
-    stdout: int = -1
-    stderr: int = -1
-    terminal: int = -1  # a pty's master: stdin and stdout both
-    made: list[int] = field(default_factory=list)  # the child's ends gsrv made: closed once sent
-    socket: int = -1  # a connection made blocking for the child (socket handoff)
-
-    @classmethod
-    def pipes(cls, stderr: str) -> Stdio:
-        with _undone() as made:
-            stdin, theirs_in = _pipe(made, reverse=True)
-            stdout, theirs_out = _pipe(made)
-            err, theirs_err = _stderr(made, stderr, theirs_out)
-            theirs = (theirs_in, theirs_out, theirs_err)
-            return cls(theirs, stdin, stdout, err, made=_made(made, theirs))
-
-    @classmethod
-    def pty(cls, stderr: str) -> Stdio:
-        with _undone() as made:
-            master, slave = os.openpty()
-            made += [master, slave]
-            os.set_blocking(master, False)
-            err, theirs_err = _stderr(made, stderr, slave)
-            theirs = (slave, slave, theirs_err)
-            return cls(theirs, master, master, err, master, made=_made(made, theirs))
-
-    @classmethod
-    def connection(cls, fd: int, stderr: str) -> Stdio:
-        """Socket handoff: the connection as stdin and stdout, blocking as inetd programs expect
-        (gsrv does no I/O on it until the child's group is gone)."""
-        with _undone() as made:
-            err, theirs_err = _stderr(made, stderr, fd)
-            os.set_blocking(fd, True)
-            theirs = (fd, fd, theirs_err)
-            return cls(theirs, stderr=err, made=_made(made, theirs), socket=fd)
-
-    def sent(self) -> None:
-        """The spawner has its copies: gsrv's of the child's ends go."""
-        for fd in self.made:
-            os.close(fd)
-        self.made = []
-
-    def unused(self) -> None:
-        """The spawn failed: every fd made goes, and the connection is gsrv's again."""
-        self.sent()
-        for fd in {self.stdin, self.stdout, self.stderr} - {-1}:
-            os.close(fd)
-        self.stdin = self.stdout = self.stderr = self.terminal = -1
-        if self.socket >= 0:
-            os.set_blocking(self.socket, False)
-
-
-@contextlib.contextmanager
-def _undone() -> Iterator[list[int]]:
-    """The fds made so far, closed if making the rest raised (EMFILE: a resource error)."""
-    made: list[int] = []
-    try:
-        yield made
-    except OSError as e:
-        for fd in made:
-            os.close(fd)
-        raise SpawnError(f"cannot make the child's stdio: {e.strerror}", e.errno) from None
-
-
-def _made(made: list[int], theirs: tuple[int, int, int]) -> list[int]:
-    """The child's ends that gsrv made (each once): gsrv closes them once the spawner has them."""
-    return [fd for fd in dict.fromkeys(theirs) if fd in made]
-
-
-def _pipe(made: list[int], reverse: bool = False) -> tuple[int, int]:
-    """(gsrv's end, the child's end); gsrv's is non-blocking."""
-    read, write = os.pipe2(os.O_CLOEXEC)
-    made += [read, write]
-    ours, theirs = (write, read) if reverse else (read, write)
-    os.set_blocking(ours, False)
-    return ours, theirs
-
-
-def _stderr(made: list[int], stderr: str, stdout: int) -> tuple[int, int]:
-    if stderr in ("log", "websocket"):
-        return _pipe(made)
-    return -1, stdout if stderr == "stdout" else -1
 
 
 class ProcessGroup:
@@ -154,7 +65,7 @@ class ProcessGroup:
     def finish(self) -> Usage | None:
         return None
 
-    left = False  # no cgroups of its own to leave behind
+    cgroups: tuple[str, ...] = ()  # none of its own
 
 
 class CgroupMembers:
@@ -165,7 +76,6 @@ class CgroupMembers:
     def __init__(self, scope: Scope, pgid: int) -> None:
         self.scope = scope
         self.group = ProcessGroup(pgid)
-        self.left = False  # a cgroup of the session could not be removed
 
     def alive(self) -> bool:
         """Whether a process of the session lives (a zombie does not: the leader's is held by
@@ -216,13 +126,15 @@ class CgroupMembers:
         return True
 
     def finish(self) -> Usage | None:
-        """The accounting, then the cgroups removed (the ladder left them empty)."""
+        """The accounting (the ladder left the cgroups empty; the spawner removes them behind)."""
         try:
-            usage: Usage | None = self.scope.usage()
+            return self.scope.usage()
         except OSError:
-            usage = None
-        self.left = not self.scope.remove()
-        return usage
+            return None
+
+    @property
+    def cgroups(self) -> tuple[str, ...]:
+        return tuple(self.scope.paths)
 
 
 class Launcher:
@@ -233,6 +145,15 @@ class Launcher:
         self.spawner = spawner
         self.root = root
         self.tracker = tracker
+        self._shapes: dict[tuple[Limits, bool], tuple[object, ...]] = {}
+
+    def _shape(self, limits: Limits, accounting: bool) -> tuple[object, ...]:
+        """The cgroups the spawner makes for sessions of these keys, as its request carries them."""
+        shape = self._shapes.get((limits, accounting))
+        if shape is None:
+            assert self.root is not None
+            shape = self._shapes[limits, accounting] = Scope.shape(self.root, limits, accounting).wire()
+        return shape
 
     def spawn(
         self, launch: Launch, env: dict[str, str], cwd: str | None, stdio: Stdio, pipe_size: int = 0,
@@ -243,24 +164,20 @@ class Launcher:
         without waiting: Child.started() waits for the answer. A pty child is not made a
         session leader here: the launch's tty stage does it, with the terminal in place.
         Raises SpawnError (its errno says whether fds or memory ran out); stdio is then closed."""
-        scope = None
+        limits, accounting = (contain.limits, contain.accounting) if contain is not None else (Limits(), False)
+        shape: tuple[object, ...] = ()
         try:
             if contain is not None and contain.scope == "cgroup":
                 assert self.root is not None, "a cgroup kill scope without gsrv's cgroup root"
-                scope = Scope.create(self.root, name, contain.limits)
-            enter, after = scope.placement() if scope is not None else ((), ())
-            request = Request(launch.argv, launch.executable, env, cwd, launch.umask, stdio.theirs,
-                              setsid=not pty, enter=enter, after=after)  # fmt: skip
+                shape = self._shape(limits, accounting)
+            request = Request(launch.argv, launch.executable, env, cwd, launch.umask, stdio.theirs, setsid=not pty,
+                              cgroup=shape)  # fmt: skip
             process = self.spawner.spawn(request)
-        except (OSError, SpawnError) as e:
+        except SpawnError:
             stdio.unused()
-            if scope is not None:
-                scope.remove()
-            if isinstance(e, SpawnError):
-                raise
-            raise SpawnError(f"{e.strerror or e}: {e.filename or name}", e.errno) from None
+            raise
         stdio.sent()
-        child = Child(process, stdio, scope, launch.signal_in_exit, self)
+        child = Child(process, stdio, (limits, accounting) if shape else None, launch.signal_in_exit, self)
         if pipe_size:
             child._set_pipe_size(pipe_size)
         return child
@@ -270,12 +187,12 @@ class Child:
     """One command the spawner was asked for; `started()` waits for its answer, `exited` is set
     at its exit (the spawner holds it as a zombie until `stop` is done)."""
 
-    def __init__(self, process: Process, stdio: Stdio, scope: Scope | None, signal_in_exit: bool,
+    def __init__(self, process: Process, stdio: Stdio, contained: tuple[Limits, bool] | None, signal_in_exit: bool,
                  launcher: Launcher) -> None:  # fmt: skip
         self.process = process
         self.pid = 0
         self.exited = process.exited
-        self.scope = scope
+        self._contained = contained  # the limits and accounting of its cgroups, if it has some
         self.kill_scope: ProcessGroup | CgroupMembers = ProcessGroup(0)
         self.usage: Usage | None = None  # the cgroup's accounting, once the ladder is done
         self.placement_failed: list[str] = []  # where the spawner could not go back to
@@ -294,14 +211,14 @@ class Child:
         if process.error is not None:
             self._stdio.unused()
             self.stdin = self.stdout = self.stderr = self.terminal = -1
-            if self.scope is not None:
-                self.scope.remove()
             raise process.error
         self.pid = process.pid
         self.placement_failed = process.stuck
-        scope = self.scope
-        self.kill_scope = ProcessGroup(self.pid) if scope is None else CgroupMembers(scope, self.pid)
-        if scope is None:
+        root, contained = self._launcher.root, self._contained
+        if contained is not None and root is not None:
+            self.kill_scope = CgroupMembers(Scope.of(root, process.cgroup, *contained), self.pid)
+        else:
+            self.kill_scope = ProcessGroup(self.pid)
             # A process group has no member list to read, and the leader's zombie would keep
             # it alive to killpg(0): reaped at its exit (its group's id stays taken while a
             # member lives, so the ladder still signals no other group).
@@ -406,6 +323,8 @@ class Child:
 
     def group_alive(self) -> bool:
         """Whether anything of the kill scope (the process group, or the session's cgroup) lives."""
+        if self._contained is None and self.exited.is_set():
+            self.process.reaped.wait(REAP_TIMEOUT_S)  # asked for at the exit: its zombie answers killpg(0)
         return self.kill_scope.alive()
 
     def _signal_group(self, sig: signal.Signals) -> None:
@@ -434,9 +353,10 @@ class Child:
 
     def stop(self, kill_grace: float, on_escalate: Callable[[float], None]) -> None:
         """The ladder: close stdin, TERM the kill scope if anything of it lives, KILL after
-        kill_grace; then the cgroup's accounting and its removal, and the reap (in a finally:
-        a step that raised still leaves no pipe, no tracked group, no cgroup it can remove and
-        no zombie)."""
+        kill_grace; then the cgroup's accounting, and the reap and the cgroup's removal asked
+        of the spawner (in a finally: a step that raised still leaves no pipe, no tracked
+        group, no cgroup and no zombie). Nothing yields once the pipes are closed: a freed fd
+        number must not wake a watcher of the session's (`wait_reaped` waits for the reap)."""
         try:
             self.close_stdin()
             if not (self.exited.is_set() and not self.group_alive()):
@@ -450,6 +370,10 @@ class Child:
             if self._launcher.tracker is not None:
                 self._launcher.tracker.untrack(self.pid)
             self.usage = self.kill_scope.finish()
-            self._launcher.spawner.reap(self.process)  # one still running is reaped at its exit
-            if self.exited.is_set():
-                self.process.reaped.wait(REAP_TIMEOUT_S)
+            # a child still running is reaped at its exit; its cgroups are removed behind
+            self._launcher.spawner.reap(self.process, self.kill_scope.cgroups)
+
+    def wait_reaped(self) -> None:
+        """Until the spawner reaped it (its rusage is then known), if it has exited."""
+        if self.exited.is_set():
+            self.process.reaped.wait(REAP_TIMEOUT_S)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from gsrv.contain.scope import freeze, remove_tree, tasks
+from gsrv.contain.cgfiles import freeze, remove_tree, tasks
 
 GRACE_S = 2.0
 POLL_S = 0.1

@@ -18,10 +18,11 @@ import time
 from gevent.socket import socket
 
 from gsrv.relay import kernel
-from gsrv.relay.child import Child, Stdio
+from gsrv.relay.child import Child
 from gsrv.relay.ending import POLL_S
 from gsrv.relay.pump import Discard, Meter, move, queued
 from gsrv.relay.relays import LINGER_READ, Closing, Lingering, Relay, RelayEvents
+from gsrv.relay.stdio import Stdio
 
 
 class SocketRelay(Relay):

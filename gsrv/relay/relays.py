@@ -24,7 +24,7 @@ from gevent.socket import socket
 from gsrv.edge.refusal import reset
 from gsrv.edge.tls import TlsStream
 from gsrv.relay import kernel
-from gsrv.relay.child import Child, Stdio
+from gsrv.relay.child import Child
 from gsrv.relay.ending import FAILURES
 from gsrv.relay.pump import (
     READ,
@@ -39,6 +39,7 @@ from gsrv.relay.pump import (
     queued,
     splice,
 )
+from gsrv.relay.stdio import Stdio
 from gsrv.relay.terminal import Pipes, Terminal
 
 LINGER_S = 2.0  # how long a closing session waits for the client's EOF once the reply is acked

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -111,17 +112,20 @@ class Session:
 
     # -- start ----------------------------------------------------------------------------
 
-    def start(self) -> int | None:
-        """Ask the spawner for the child, without yielding; None when the request went out,
-        else the errno. Runs inside the accept loop: an errno in RESOURCE_ERRORS (fds, memory,
-        a spawner that cannot take it now) keeps the client for the gate to try again; any
-        other has ended the session (client reset, line written). `spawned()` waits for the answer.
-        """
+    def start(self, prespawned: Child | None = None) -> int | None:
+        """Ask the spawner for the child, without yielding (or take one started ahead:
+        `prespawned`); None when the request went out, else the errno. Runs inside the accept
+        loop: an errno in RESOURCE_ERRORS (fds, memory, a spawner that cannot take it now) keeps
+        the client for the gate to try again; any other has ended the session (client reset,
+        line written). `spawned()` waits for the answer."""
         self._started_spawn = time.perf_counter()
         try:
             svc = self.svc
             if self.relay is None:
                 self.relay = choose(svc, self.arrival, self.server.eof_grace)
+            if prespawned is not None:
+                self.child = prespawned
+                return None
             env = self.arrival.env(svc, self.sid)
             self.child = self.launcher.spawn(svc.launch, env, svc.cwd, self.relay.stdio(svc.stderr), svc.pipe_size,
                                              svc.contain, self.sid, svc.interact.pty)  # fmt: skip
@@ -139,6 +143,8 @@ class Session:
             return self._spawn_failed(e)
         svc = self.svc
         self.spawn_seconds = time.perf_counter() - self._started_spawn
+        if svc.interact.peer_line == "proxy-v1":  # its stdin is an empty pipe: the line fits at once
+            os.write(self.child.stdin, self.arrival.peer_line())
         if self.child.placement_failed:
             self.log.error("cgroup_placement_failed", service=svc.name, session=self.sid,
                            error="; ".join(self.child.placement_failed),
@@ -238,7 +244,7 @@ class Session:
         else:
             order = [close, self._stop_child, self._end_stderr_reader]
         first: BaseException | None = None
-        for step in (self._last_stderr, self._stop_relay, *order, self._closed_anyway, self._stderr_tail):
+        for step in (self._last_stderr, self._stop_relay, *order, self._reaped, self._closed_anyway, self._stderr_tail):
             try:
                 step()
             except BaseException as e:  # kept, and raised once every step has run
@@ -262,12 +268,13 @@ class Session:
         child = self.child
         if child is None:
             return
-        try:
-            child.stop(self.server.kill_grace, self._escalated)
-        finally:
-            if child.kill_scope.left:
-                self.log.warning("cgroup_left", service=self.svc.name, session=self.sid,
-                                 next="removed at gsrv's stop, or by its guardian, once empty")  # fmt: skip
+        child.stop(self.server.kill_grace, self._escalated)
+
+    def _reaped(self) -> None:
+        """After the stderr reader's end: the wait for the reap yields, and the closed pipes'
+        fd numbers may be a new connection's by then."""
+        if self.child is not None:
+            self.child.wait_reaped()
 
     def _end_stderr_reader(self) -> None:
         self._stop_stderr_watch()
@@ -342,6 +349,7 @@ class Session:
             **(relay.log_fields() if relay else {"bytes_in": 0, "bytes_out": 0}),
             duration_ms=round(self.duration * 1000, 1),
             relay=relay.name if relay else None,
+            cgroup=child.process.cgroup or None if child else None,
             **(child.usage.log_fields() if child and child.usage else {}),
             **(child.rusage_fields if child else {}),
             exit=child.exit_code if child else None,

@@ -29,6 +29,7 @@ import psutil
 from gevent import get_hub
 from gevent.event import Event
 
+from gsrv.contain.cgfiles import remove_tree
 from gsrv.errors import SpawnError
 from gsrv.logs import Log
 
@@ -52,19 +53,20 @@ class Request:
     umask: int
     stdio: tuple[int, int, int]
     setsid: bool = True
-    enter: tuple[str, ...] = ()  # cgroup files the spawner writes "0" into for the spawn
-    after: tuple[tuple[str, str], ...] = ()  # files it writes right after the spawn (pids.max back)
+    cgroup: tuple[object, ...] = ()  # the Shape (gsrv/contain/scope.py) of the cgroups to start it in
 
 
 class Process:
     """One child as the spawner reports it."""
 
-    __slots__ = ("pid", "error", "stuck", "started", "exited", "status", "reaped", "rusage", "generation", "reaping")
+    __slots__ = ("pid", "error", "stuck", "cgroup", "started", "exited", "status", "reaped", "rusage", "generation",
+                 "reaping")  # fmt: skip
 
     def __init__(self, generation: int) -> None:
         self.pid = 0
         self.error: SpawnError | None = None
         self.stuck: list[str] = []  # the cgroup writes of the spawner's way home that failed
+        self.cgroup = ""  # the name of the cgroups it was started in (made ahead by the spawner)
         self.started = Event()  # the spawner answered (pid or error)
         self.exited = Event()
         self.status: int | None = None  # the wait() status word
@@ -101,7 +103,7 @@ class Spawner:
         self._seq = itertools.count(1)
         self._pending: dict[int, tuple[Process, float]] = {}  # seq -> the process asked for, when
         self._processes: dict[int, Process] = {}  # pid -> a child not yet reaped
-        self._reaps: list[int] = []
+        self._reaps: list[tuple[int, tuple[str, ...]]] = []
         self._reap_due = False
         self._watch: object = None
         self._any_child: object = None
@@ -131,7 +133,8 @@ class Spawner:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gsrv.spawn.spawner", str(theirs.fileno()), *self.homes],
+                [sys.executable, "-m", "gsrv.spawn.spawner", str(theirs.fileno()), str(self.generation + 1),
+                 *self.homes],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
                 close_fds=True, start_new_session=True,
             )  # fmt: skip
@@ -158,7 +161,7 @@ class Spawner:
         stdio = tuple(-1 if fd < 0 else fds.index(fd) for fd in request.stdio)
         seq = next(self._seq)
         message = marshal.dumps(("spawn", seq, request.argv, request.executable, request.env, request.cwd,
-                                 request.umask, stdio, request.setsid, request.enter, request.after))  # fmt: skip
+                                 request.umask, stdio, request.setsid, request.cgroup))  # type: ignore[arg-type]  # fmt: skip
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, memoryview(bytes(_ints(fds))))] if fds else []
         try:
             sock.sendmsg([message], ancillary)
@@ -170,17 +173,22 @@ class Spawner:
         self._pending[seq] = (process, time.time())
         return process
 
-    def reap(self, process: Process) -> None:
+    def reap(self, process: Process, cgroups: tuple[str, ...] = ()) -> None:
         """The stop ladder is done: the spawner may reap the child (its pid is free from then
-        on). `reaped` is set once it has, or at once if that spawner is gone (gsrv reaped it)."""
+        on) and remove its cgroups behind. `reaped` is set once it has, or at once if that
+        spawner is gone (gsrv reaped the child; the cgroups are removed here)."""
         if process.reaping:
             return
         process.reaping = True
-        if process.generation != self.generation or process.reaped.is_set() or not process.pid:
+        if process.generation != self.generation or not process.pid:
             process.reaped.set()
             self._processes.pop(process.pid, None)
+            left = [left for path in cgroups for left in remove_tree(path)]
+            if left:
+                self.log.warning("cgroup_left", cgroups=",".join(left), next="removed at gsrv's stop, or by its "
+                                 "guardian, once empty")  # fmt: skip
             return
-        self._reaps.append(process.pid)
+        self._reaps.append((process.pid, cgroups))
         if not self._reap_due:
             self._reap_due = True
             get_hub().loop.run_callback(self._send_reaps)
@@ -225,6 +233,7 @@ class Spawner:
             if kind == "spawned":
                 process.pid = int(report[2])  # type: ignore[call-overload]
                 process.stuck = list(report[3])  # type: ignore[call-overload]
+                process.cgroup = str(report[4])
                 self._processes[process.pid] = process
             else:
                 process.error = SpawnError(str(report[3]), int(report[2]))  # type: ignore[call-overload]
@@ -234,6 +243,9 @@ class Spawner:
             if found is not None and found.status is None:
                 found.status = int(report[2])  # type: ignore[call-overload]
                 found.exited.set()
+        elif kind == "left":
+            self.log.warning("cgroup_left", cgroups=",".join(map(str, report[1])),  # type: ignore[call-overload]
+                             next="removed at gsrv's stop, or by its guardian, once empty")  # fmt: skip
         elif kind == "reaped":
             found = self._processes.pop(int(report[1]), None)  # type: ignore[call-overload]
             if found is not None:

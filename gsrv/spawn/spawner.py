@@ -1,6 +1,6 @@
 """The spawner: the process that starts every session's child, so gsrv's event loop never forks.
 
-Run by gsrv as `python -m gsrv.spawn.spawner CONTROL_FD HOME...`; plain Python (no gevent),
+Run by gsrv as `python -m gsrv.spawn.spawner CONTROL_FD GENERATION HOME...`; plain Python (no gevent),
 single-threaded, few fds open. Over CONTROL_FD (a SOCK_SEQPACKET socketpair) it takes spawn
 requests, their stdio arriving as SCM_RIGHTS, and answers with the pid or an errno; it reports
 each child's exit (`waitid(WNOWAIT)` on a pidfd: the child stays a zombie, so the pid and its
@@ -8,7 +8,9 @@ process group cannot be reused) and reaps it (wait4, for its rusage) only when g
 stop ladder is done. For a spawn it places itself in the session's cgroups ("0" to each
 tasks or cgroup.procs file) and goes back to HOME after, so the child is born inside.
 It exits at EOF on CONTROL_FD (gsrv is gone); its children then belong to gsrv's guardian.
-Imports nothing of gsrv: gsrv's side is gsrv/spawn/client.py, which holds the protocol.
+Its session cgroups come from a pool it fills when idle (gsrv/spawn/pool.py), and it removes
+them once gsrv says a session is done. Imports only cgroup file operations of gsrv: gsrv's side
+is gsrv/spawn/client.py, which holds the protocol.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import select
 import signal
 import socket
 import sys
+from typing import Any  # a request: marshal's tuples, as gsrv/spawn/client.py wrote them
+
+from gsrv.spawn.pool import Pool
 
 MESSAGE_MAX = 1 << 20  # a request: argv and environment (the socket's buffer is the real bound)
 FDS_MAX = 3  # the child's stdin, stdout, stderr
@@ -37,7 +42,7 @@ def wait_status(info: os.waitid_result) -> int:
 
 
 class Spawner:
-    def __init__(self, control: socket.socket, homes: list[str]) -> None:
+    def __init__(self, control: socket.socket, generation: int, homes: list[str]) -> None:
         self.control = control
         self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         self.homes = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in homes]
@@ -49,12 +54,18 @@ class Spawner:
         self.reap_at_exit: set[int] = set()  # gsrv asked for the reap before the exit
         self.out: list[tuple[object, ...]] = []
         self.buffer = bytearray(MESSAGE_MAX)
+        self.pool = Pool(generation)
 
     def run(self) -> None:
+        """Requests and exits first; when none wait, one step of the pool's idle work."""
         self._go_home(())  # v2: into the leaf of its own, out of the cgroup gsrv may need to empty
+        idle: float | None = None
         while True:
-            timeout = POLL_UNWATCHED_S if self.unwatched else -1
-            for fd, _events in self.poll.poll(timeout):
+            timeout = -1.0 if idle is None else idle
+            if self.unwatched:
+                timeout = POLL_UNWATCHED_S if timeout < 0 else min(timeout, POLL_UNWATCHED_S)
+            events = self.poll.poll(timeout)
+            for fd, _events in events:
                 if fd == self.control.fileno():
                     if not self._requests():
                         return
@@ -62,7 +73,11 @@ class Spawner:
                     self._exited(fd)
             if self.unwatched:
                 self._poll_unwatched()
+            if self.pool.left:
+                self.out.append(("left", tuple(self.pool.left)))
+                self.pool.left.clear()
             self._flush()
+            idle = self.pool.idle_work() if not events else 0.0
 
     def _requests(self) -> bool:
         """Every request waiting; False at EOF (gsrv is gone)."""
@@ -91,23 +106,31 @@ class Spawner:
                 for fd in fds:
                     os.close(fd)
 
-    def _handle(self, request: tuple[object, ...], fds: list[int], truncated: bool) -> None:
+    def _handle(self, request: Any, fds: list[int], truncated: bool) -> None:
         kind = request[0]
         if kind == "reap":
-            for pid in request[1:]:
-                self._reap(int(pid))  # type: ignore[call-overload]
+            for pid, cgroups in request[1:]:
+                self._reap(pid)
+                if cgroups:
+                    self.pool.remove(cgroups)
             return
         seq = request[1]
         if truncated:  # the kernel dropped fds it could not install here: out of fds
             self.out.append(("failed", seq, errno.EMFILE, "the spawner is out of file descriptors"))
             return
+        shape = request[-1]
+        cgroup = ""
         try:
-            pid, stuck = self._spawn(request, fds)
+            if shape:
+                cgroup = self.pool.take(shape)
+            pid, stuck = self._spawn(request, fds, cgroup)
         except OSError as e:
+            if cgroup:
+                self.pool.remove(self.pool.paths(shape, cgroup))
             what = e.filename if e.filename is not None else request[3]
             self.out.append(("failed", seq, e.errno or 0, f"{e.strerror or e}: {what}"))
             return
-        self.out.append(("spawned", seq, pid, stuck))
+        self.out.append(("spawned", seq, pid, stuck, cgroup))
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
@@ -116,22 +139,25 @@ class Spawner:
         self.watched[pidfd] = pid
         self.poll.register(pidfd, select.EPOLLIN)
 
-    def _spawn(self, request: tuple[object, ...], fds: list[int]) -> tuple[int, list[str]]:
-        _, _seq, argv, executable, env, cwd, umask, stdio, setsid, enter, after = request
-        assert isinstance(stdio, tuple) and isinstance(enter, tuple) and isinstance(after, tuple)
+    def _spawn(self, request: Any, fds: list[int], cgroup: str) -> tuple[int, list[str]]:
+        _, _seq, argv, executable, env, cwd, umask, stdio, setsid, shape = request
+        assert isinstance(stdio, tuple)
+        parents, _limits, entry, after_writes = shape if cgroup else ((), (), "", ())
+        enter = [os.path.join(parent, cgroup, entry) for parent in parents]
+        after = [(os.path.join(parents[i], cgroup, file), text) for i, file, text, _ in after_writes]
         actions = [(os.POSIX_SPAWN_DUP2, self.devnull if i < 0 else fds[i], n) for n, i in enumerate(stdio)]
         old_umask = os.umask(umask) if isinstance(umask, int) and umask >= 0 else -1
         entered = False
         try:
             if cwd:
-                os.chdir(cwd)  # type: ignore[arg-type]
+                os.chdir(cwd)
             for path in enter:
                 entered = True
                 _write(path, b"0")  # "0": this process (single-threaded: on v1, its one thread)
             pid = os.posix_spawn(
-                executable,  # type: ignore[arg-type]
-                argv,  # type: ignore[arg-type]
-                env,  # type: ignore[arg-type]
+                executable,
+                argv,
+                env,
                 file_actions=actions,
                 setsid=bool(setsid),
                 setsigdef=DEFAULT_SIGNALS,
@@ -144,7 +170,7 @@ class Spawner:
                 os.fchdir(self.cwd)
         return pid, stuck
 
-    def _go_home(self, after: tuple[tuple[str, str], ...]) -> list[str]:
+    def _go_home(self, after: list[tuple[str, str]] | tuple[()]) -> list[str]:
         """The writes due once the child is born (pids.max back to the limit: the spawner
         counted there), then back home; what failed is returned, never raised."""
         failed = []
@@ -212,7 +238,7 @@ def main(argv: list[str]) -> int:
     control = socket.socket(fileno=int(argv[1]))
     os.set_inheritable(control.fileno(), False)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # gsrv is gone
-        Spawner(control, argv[2:]).run()
+        Spawner(control, int(argv[2]), argv[3:]).run()
     return 0
 
 

@@ -103,7 +103,8 @@ def account(server: Gsrv, outcomes: list[Outcome], also: tuple[str, ...] = ()) -
         reason = line["reason"]
         reasons[reason] += 1
         if reason not in (*expected, *also):
-            problems.append(f"{o.service} port {o.port}: reason={reason}, expected {expected} ({o.detail})")
+            why = f" error={line['error']}" if line.get("error") else ""
+            problems.append(f"{o.service} port {o.port}: reason={reason}{why}, expected {expected} ({o.detail})")
         elif reason in expected and not o.ok:
             problems.append(f"{o.service} port {o.port}: bytes not exact ({o.detail}); log: {line}")
     extra = {name: [port for port, left in ports.items() if left] for name, ports in lines.items()}
