@@ -79,9 +79,9 @@ def remove_tree(top: str) -> list[str]:
 
 
 def has_cgroups_below(top: str) -> bool:
+    """One stat: a cgroup directory's link count is 2 plus its child cgroups (kernfs keeps it)."""
     try:
-        with os.scandir(top) as entries:
-            return any(entry.is_dir(follow_symlinks=False) for entry in entries)
+        return os.stat(top).st_nlink > 2
     except FileNotFoundError:
         return False
 

@@ -53,10 +53,10 @@ class Pool:
 
     def _make(self, shape: Wire) -> str:
         parents, limits, _enter, _after = shape
-        made: list[str] = []
-        name = self._name(parents[0])
+        name = self._name(parents)
+        made = [os.path.join(parents[0], name)]
         try:
-            for parent in parents:
+            for parent in parents[1:]:
                 os.mkdir(os.path.join(parent, name))
                 made.append(os.path.join(parent, name))
             for index, file, text, optional in limits:
@@ -69,13 +69,17 @@ class Pool:
             raise
         return name
 
-    def _name(self, parent: str) -> str:
-        """The next name not taken (a spawner of an earlier gsrv run may have left one)."""
+    def _name(self, parents: tuple[str, ...]) -> str:
+        """The next name not taken, made in the first parent (an earlier spawner of this gsrv
+        may have left one: a new spawner counts from 1 again)."""
         while True:
             self.count += 1
             name = f"{self.prefix}{self.count}"
-            if not os.path.exists(os.path.join(parent, name)):
-                return name
+            try:
+                os.mkdir(os.path.join(parents[0], name))
+            except FileExistsError:
+                continue
+            return name
 
     @staticmethod
     def paths(shape: Wire, name: str) -> tuple[str, ...]:

@@ -31,6 +31,7 @@ MESSAGE_MAX = 1 << 20  # a request: argv and environment (the socket's buffer is
 FDS_MAX = 3  # the child's stdin, stdout, stderr
 BATCH_MAX = 512  # reports in one message back
 DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)  # Python ignores both; a child must not inherit that
+RECV_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
 POLL_UNWATCHED_S = 0.05  # a child without a pidfd (the spawner was out of fds) is polled this often
 
 
@@ -81,7 +82,7 @@ class Spawner:
 
     def _requests(self) -> bool:
         """Every request waiting; False at EOF (gsrv is gone)."""
-        flags = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+        flags = RECV_FLAGS
         space = socket.CMSG_SPACE(FDS_MAX * 4)
         while True:
             try:
