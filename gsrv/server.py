@@ -97,12 +97,13 @@ class Server:
 
     @property
     def active_sessions(self) -> int:
-        self.retired = {s for s in self.retired if s.sessions or s.prespawned.stopping}
+        self.retired = {s for s in self.retired if s.sessions or s.prespawned.stopping or s.gate.spawning}
         return sum(len(s.sessions) for s in self.services) + sum(len(s.sessions) for s in self.retired)
 
     def _busy(self) -> bool:
         """Sessions left, or children started ahead still on their way out (their ladders)."""
-        return bool(self.active_sessions) or any(s.prespawned.stopping for s in [*self.services, *self.retired])
+        services = [*self.services, *self.retired]
+        return bool(self.active_sessions) or any(s.prespawned.stopping or s.gate.spawning for s in services)
 
     def all_sessions(self) -> list[Session]:
         return [session for s in [*self.services, *self.retired] for session in s.sessions]
@@ -211,7 +212,7 @@ class Server:
     def _retire(self, service: Service) -> None:
         """A service the reload removed or moved: no new sessions; running ones go on."""
         service.close("removed")
-        if service.sessions or service.prespawned.stopping:
+        if service.sessions or service.prespawned.stopping or service.gate.spawning:
             self.retired.add(service)
 
     # -- drain and stop ------------------------------------------------------------------
@@ -255,6 +256,8 @@ class Server:
     def _end_sessions(self) -> None:
         if self.stopped.is_set():
             return
+        for service in [*self.services, *self.retired]:
+            service.ending = True  # a session whose spawn is still in flight ends as it starts
         for session in self.all_sessions():
             session.abort("shutdown")
         # Each session now resets its client and runs its stop ladder: TERM, kill_grace, KILL,

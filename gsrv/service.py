@@ -53,6 +53,7 @@ class Service:
         self.door = Door(cfg.policy, self.refusals)  # configure() gives it the rest
         self.gate: Gate[Arrival, Session] = Gate(cfg.name, cfg.max_sessions, server.log, self)
         self.sessions: set[Session] = set()
+        self.ending = False  # the stop ended the sessions: one that starts now ends at once
         self.listener: Listener | None = None
         self.prespawned = Prespawned(cfg, server.launcher, server.log, server.config.server.kill_grace, self._accepts)
         self.configure(cfg)
@@ -137,6 +138,8 @@ class Service:
         return None
 
     def run(self, session: Session) -> None:
+        if self.ending:
+            session.abort("shutdown")
         self.sessions.add(session)
         try:
             session.run()

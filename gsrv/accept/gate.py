@@ -225,6 +225,9 @@ class Gate(Generic[C, S]):
         self.update()
 
     def _park(self, conn: C, error: int) -> None:
+        if self.closed:  # a spawn in flight when the drain began: no retry now
+            self.handler.drop(conn, "shutdown")
+            return
         self._parked.append(conn)
         self._resources_short(error)
 
@@ -253,10 +256,13 @@ class Gate(Generic[C, S]):
         """A command started: if fds or memory had run short, the parked clients go first."""
         if self.short:
             self.short = False  # accept_resumed is logged when the whole burst is over
-            while self._parked and not self.short and not self.closed:
+            while (self._parked and not self.short and not self.closed and self.active < self.max_sessions
+                   and self.spawning < SPAWNS_IN_FLIGHT):  # fmt: skip
                 self._start(self._parked.popleft())
 
     def _try_again(self) -> None:
+        if self.closed:
+            return
         if self.short and self._parked:
             self._start(self._parked.popleft())
         elif self.short:

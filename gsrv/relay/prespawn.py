@@ -65,6 +65,7 @@ class Prespawned:
             if not candidate.exited.is_set():
                 child = candidate
                 break
+            self._stop(candidate)  # it ended in this turn of the loop, before _ended heard of it
         self.fill()
         return child
 
@@ -145,9 +146,7 @@ class Prespawned:
 
     def retire(self, why: str) -> None:
         """A drain or a removed service: the waiting children end, none is started again."""
-        self._retired = True
-        if self._filler is not None:
-            self._filler.kill(block=False)
+        self._retired = True  # the filler stops, and stops the child it may be starting
         self._end_waiting(why)
 
     def _end_waiting(self, why: str) -> None:

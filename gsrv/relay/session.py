@@ -6,6 +6,7 @@ the child's stop ladder and reap, and writes the session_end line: exactly one, 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -144,7 +145,8 @@ class Session:
         svc = self.svc
         self.spawn_seconds = time.perf_counter() - self._started_spawn
         if svc.interact.peer_line == "proxy-v1":  # its stdin is an empty pipe: the line fits at once
-            os.write(self.child.stdin, self.arrival.peer_line())
+            with contextlib.suppress(OSError):  # a child that closed its stdin (or ended) does not read it
+                os.write(self.child.stdin, self.arrival.peer_line())
         if self.child.placement_failed:
             self.log.error("cgroup_placement_failed", service=svc.name, session=self.sid,
                            error="; ".join(self.child.placement_failed),

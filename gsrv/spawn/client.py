@@ -167,8 +167,8 @@ class Spawner:
             sock.sendmsg([message], ancillary)
         except BlockingIOError:
             raise SpawnError("the spawner is behind (its socket is full)", errno.EAGAIN) from None
-        except OSError as e:
-            raise SpawnError(f"cannot reach the spawner: {e.strerror}", e.errno) from None
+        except OSError as e:  # it died, and its EOF is not read yet: a new one comes
+            raise SpawnError(f"cannot reach the spawner ({e.strerror}): waiting for a new one", errno.EAGAIN) from None
         process = Process(self.generation)
         self._pending[seq] = (process, time.time())
         return process
@@ -182,7 +182,8 @@ class Spawner:
         process.reaping = True
         if process.generation != self.generation or not process.pid:
             process.reaped.set()
-            self._processes.pop(process.pid, None)
+            if self._processes.get(process.pid) is process:
+                del self._processes[process.pid]
             left = [left for path in cgroups for left in remove_tree(path)]
             if left:
                 self.log.warning("cgroup_left", cgroups=",".join(left), next="removed at gsrv's stop, or by its "
@@ -235,6 +236,11 @@ class Spawner:
                 process.stuck = list(report[3])  # type: ignore[call-overload]
                 process.cgroup = str(report[4])
                 self._processes[process.pid] = process
+                if process.error is not None:  # its session gave up waiting: nobody runs its ladder
+                    with contextlib.suppress(OSError):
+                        os.kill(process.pid, signal.SIGKILL)
+                    self.reap(process)  # at its exit
+                    return
             else:
                 process.error = SpawnError(str(report[3]), int(report[2]))  # type: ignore[call-overload]
             process.started.set()
@@ -258,6 +264,8 @@ class Spawner:
         pid, status = watcher.rpid, watcher.rstatus  # type: ignore[attr-defined]
         if pid == self.pid:
             self._gone.set()
+        if pid not in self._processes and self.sock is not None:
+            self._readable()  # the dead spawner's last answers may name it (child watchers run first)
         found = self._processes.pop(pid, None)
         if found is None:
             return
@@ -271,15 +279,11 @@ class Spawner:
     def _died(self) -> None:
         """Its in-flight spawns fail; its children are gsrv's now (their exits come through
         _child_status); a child whose answer was lost is killed with its group; a new spawner."""
-        if self._watch is not None:
-            self._watch.stop()  # type: ignore[attr-defined]
-            self._watch = None
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        self._disconnect()
         if self._closed:
             return
         self.deaths += 1
+        self._reaps.clear()  # its children are gsrv's now: gsrv's own watcher reaps them
         pending, self._pending = self._pending, {}
         for process, _sent in pending.values():
             process.error = SpawnError("the spawner died before it answered")
@@ -291,6 +295,17 @@ class Spawner:
         self.log.error("spawner_died", pid=self.pid, lived_s=round(lived, 2), in_flight=len(pending),
                        lost_killed=killed or None, next=f"a new spawner in {delay:g}s")  # fmt: skip
         self._restarting = gevent.spawn_later(delay, self._restart)
+
+    def _disconnect(self) -> bool:
+        """gsrv's end of the socket closed and unwatched; whether it was open."""
+        if self._watch is not None:
+            self._watch.stop()  # type: ignore[attr-defined]
+            self._watch = None
+        if self.sock is None:
+            return False
+        self.sock.close()
+        self.sock = None
+        return True
 
     def _restart(self) -> None:
         if not self._closed and self.sock is None:
@@ -318,16 +333,16 @@ class Spawner:
         return killed
 
     def close(self) -> None:
-        """At gsrv's stop, every session reaped: EOF ends the spawner."""
+        """At gsrv's stop, every session reaped: EOF ends the spawner (a spawn still asked
+        for fails; its child, if it started, ends with the spawner's cgroups by the guardian)."""
         self._closed = True
+        pending, self._pending = self._pending, {}
+        for process, _sent in pending.values():
+            process.error = SpawnError("gsrv is stopping")
+            process.started.set()
         if self._restarting is not None:
             self._restarting.kill(block=False)
-        if self._watch is not None:
-            self._watch.stop()  # type: ignore[attr-defined]
-            self._watch = None
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        if self._disconnect():
             self._gone.wait(CLOSE_WAIT_S)  # out of its cgroup leaf, so the leaf can go
         if self._any_child is not None:
             self._any_child.stop()  # type: ignore[attr-defined]

@@ -53,6 +53,7 @@ class Spawner:
         self.watched: dict[int, int] = {}  # pidfd -> pid
         self.unwatched: set[int] = set()  # pids whose pidfd could not be opened
         self.reap_at_exit: set[int] = set()  # gsrv asked for the reap before the exit
+        self.pidfds: dict[int, int] = {}  # pid -> its pidfd, while watched
         self.out: list[tuple[object, ...]] = []
         self.buffer = bytearray(MESSAGE_MAX)
         self.pool = Pool(generation)
@@ -125,11 +126,14 @@ class Spawner:
             if shape:
                 cgroup = self.pool.take(shape)
             pid, stuck = self._spawn(request, fds, cgroup)
-        except OSError as e:
+        except Exception as e:  # one request's (a NUL in its environment: ValueError), never the spawner's
             if cgroup:
                 self.pool.remove(self.pool.paths(shape, cgroup))
-            what = e.filename if e.filename is not None else request[3]
-            self.out.append(("failed", seq, e.errno or 0, f"{e.strerror or e}: {what}"))
+            if isinstance(e, OSError):
+                what = e.filename if e.filename is not None else request[3]
+                self.out.append(("failed", seq, e.errno or 0, f"{e.strerror or e}: {what}"))
+            else:
+                self.out.append(("failed", seq, errno.EINVAL, f"{type(e).__name__}: {e}"))
             return
         self.out.append(("spawned", seq, pid, stuck, cgroup))
         try:
@@ -138,6 +142,7 @@ class Spawner:
             self.unwatched.add(pid)
             return
         self.watched[pidfd] = pid
+        self.pidfds[pid] = pidfd
         self.poll.register(pidfd, select.EPOLLIN)
 
     def _spawn(self, request: Any, fds: list[int], cgroup: str) -> tuple[int, list[str]]:
@@ -187,13 +192,28 @@ class Spawner:
                 failed.append(f"home {fd}: {e.strerror}")
         return failed
 
+    def _unwatch(self, pid: int) -> int:
+        pidfd = self.pidfds.pop(pid, -1)
+        if pidfd >= 0:
+            del self.watched[pidfd]
+            self.poll.unregister(pidfd)
+        return pidfd
+
     def _exited(self, pidfd: int) -> None:
-        pid = self.watched.pop(pidfd)
-        self.poll.unregister(pidfd)
+        """A pidfd became readable: its child exited. An event of a batch may be stale (the
+        pidfd closed by a reap in the same batch, its number a new child's): then nothing."""
+        pid = self.watched.get(pidfd)
+        if pid is None:
+            return
         try:
             info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOWAIT | os.WNOHANG)
-        finally:
-            os.close(pidfd)
+        except ChildProcessError:  # reaped already: its exit was reported with the reap
+            info = None
+        else:
+            if info is None:
+                return  # not exited: still watched
+        self._unwatch(pid)
+        os.close(pidfd)
         if info is not None:
             self.out.append(("exited", pid, wait_status(info)))
             if pid in self.reap_at_exit:
@@ -202,7 +222,11 @@ class Spawner:
 
     def _poll_unwatched(self) -> None:
         for pid in list(self.unwatched):
-            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+            try:
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+            except ChildProcessError:
+                self.unwatched.discard(pid)
+                continue
             if info is not None and info.si_pid:
                 self.unwatched.discard(pid)
                 self.out.append(("exited", pid, wait_status(info)))
@@ -213,12 +237,18 @@ class Spawner:
     def _reap(self, pid: int) -> None:
         """gsrv is done with it; one still running (its ladder gave up) is reaped at its exit."""
         try:
-            found, _, usage = os.wait4(pid, os.WNOHANG)
+            found, status, usage = os.wait4(pid, os.WNOHANG)
         except ChildProcessError:
             return
         if found == 0:
             self.reap_at_exit.add(pid)
             return
+        pidfd = self._unwatch(pid)  # its exit not reported yet (it came with this request): now
+        if pidfd >= 0 or pid in self.unwatched:
+            self.unwatched.discard(pid)
+            if pidfd >= 0:
+                os.close(pidfd)
+            self.out.append(("exited", pid, status))
         self.out.append(("reaped", pid, round((usage.ru_utime + usage.ru_stime) * 1000, 1), usage.ru_maxrss))
 
     def _flush(self) -> None:
