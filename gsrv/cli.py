@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -151,46 +152,61 @@ def key_reference() -> str:
     return "\n".join(rows)
 
 
+class _CannotStart(Exception):
+    """A start that failed after something was made: the message for the user (exit 1)."""
+
+
 def serve(path: str, overrides: list[str]) -> int:
+    """Serve until stopped. What each step makes is undone by the ExitStack, in reverse, on
+    every way out: a start that fails halfway leaves no listener, guardian or cgroup behind."""
     config = _load(path, overrides)
     if config is None:
         return 2
     log = Log(2, config.server.log_level, config.server.log_format)
+    try:
+        with contextlib.ExitStack() as undo:
+            _serve(config, log, undo)
+    except _CannotStart as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    log.info("stopped")
+    log.flush()
+    return 0
+
+
+def _serve(config: Config, log: Log, undo: contextlib.ExitStack) -> None:
     spawner = Spawner(log)
     launcher = Launcher(spawner)
     server = Server(config, log, launcher)
+    starting = [True]
+    undo.callback(lambda: server.stop_listening() if starting[0] else None)  # a start that failed: its listeners
     try:
         server.bind()
         admin = _admin(config, server, log)
     except BindError as e:
-        server.stop_listening()
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
+        raise _CannotStart(str(e)) from None
     host = config.cgroup.host
     root = Root(host) if host.mode != "none" else None
     # no child outlives gsrv, even one killed with SIGKILL: the guardian ends what is left
     guardian = Guardian(host.mode, tuple(root.paths) if root else ())
+    undo.callback(guardian.close)
     launcher.tracker = guardian
     swept: list[str] = []
     try:
         if root is not None:
             swept = root.create(guardian.proc.pid)
+            undo.callback(_remove_root, root, log)
             root.enable(set().union(*(s.contain.limits.controllers(host.mode) for s in config.services)))
     except OSError as e:
-        guardian.close()
-        server.stop_listening()
-        print(f"Error: [cgroup] root: cannot make gsrv's cgroups: {e.strerror or e}", file=sys.stderr)
-        return 1
+        raise _CannotStart(f"[cgroup] root: cannot make gsrv's cgroups: {e.strerror or e}") from None
     launcher.root = root
     spawner.homes = root.spawner_homes if root is not None else ()
     spawner.known = lambda pid: pid == guardian.proc.pid
     try:
         spawner.start()
     except OSError as e:
-        guardian.close()
-        server.stop_listening()
-        print(f"Error: cannot start the spawner: {e.strerror or e}", file=sys.stderr)
-        return 1
+        raise _CannotStart(f"cannot start the spawner: {e.strerror or e}") from None
+    undo.callback(spawner.close)
     log.info("containment", cgroups=host.describe(), root=",".join(root.paths) if root else None,
              services=",".join(f"{s.name}:{s.contain.scope}" for s in config.services),
              swept=",".join(swept) or None)  # fmt: skip
@@ -201,29 +217,26 @@ def serve(path: str, overrides: list[str]) -> int:
     notifier = Notifier.from_environ(os.environ, log)  # under systemd's Type=notify
     if notifier is not None:
         server.lifecycle.observers.append(notifier.changed)
+        undo.callback(notifier.close)
     signals: Queue[int] = Queue()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         gevent.signal_handler(signum, signals.put, signum)  # handlers only record
     worker = gevent.spawn(_handle_signals, server, guard, signals)
     server.start()
+    starting[0] = False  # from here on the drain closes the listeners
     guard.start()
+    undo.callback(guard.stop)
     if admin is not None:
         admin.start(server.flush_metrics)
+        undo.callback(admin.stop)
+    undo.callback(worker.kill)  # first of all: no signal is handled from here on (a reload would open listeners)
     server.stopped.wait()
-    worker.kill()  # no signal is handled from here on: a reload now would open listeners
-    if admin is not None:
-        admin.stop()
-    guard.stop()
-    spawner.close()
-    left = root.remove() if root is not None else []
+
+
+def _remove_root(root: Root, log: Log) -> None:
+    left = root.remove()
     if left:
         log.warning("cgroups_left", cgroups=",".join(left), next="the guardian removes them once they are empty")
-    guardian.close()
-    if notifier is not None:
-        notifier.close()
-    log.info("stopped")
-    log.flush()
-    return 0
 
 
 def _admin(config: Config, server: Server, log: Log) -> Admin | None:
