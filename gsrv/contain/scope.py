@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
-from gsrv.contain.cgfiles import field, freeze, has_cgroups_below, number, read, remove_tree, tasks, unique, write
+from gsrv.contain.cgfiles import field, freeze, has_cgroups_below, number, read, tasks, unique, write
 from gsrv.contain.host import NEEDS
 from gsrv.contain.root import Root
 
@@ -124,10 +124,6 @@ class Scope:
 
     def usage(self) -> Usage:
         raise NotImplementedError
-
-    def remove(self) -> bool:
-        """rmdir the session's cgroups (empty once the ladder is done); False if one is busy."""
-        return not [left for path in self.paths for left in remove_tree(path)]
 
 
 class V1Scope(Scope):

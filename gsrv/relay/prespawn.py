@@ -155,6 +155,3 @@ class Prespawned:
         while self.waiting:
             child, _ = self.waiting.popleft()
             self._stop(child)
-
-    def waiting_pids(self) -> list[int]:
-        return [child.pid for child, _ in self.waiting]

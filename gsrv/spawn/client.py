@@ -98,8 +98,6 @@ class Spawner:
         self.proc: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
         self.started_at = 0.0
-        self.deaths = 0  # spawners that died
-        self.orphans_killed = 0  # children whose answer was lost with a dead spawner
         self._seq = itertools.count(1)
         self._pending: dict[int, tuple[Process, float]] = {}  # seq -> the process asked for, when
         self._processes: dict[int, Process] = {}  # pid -> a child not yet reaped
@@ -115,10 +113,6 @@ class Spawner:
     @property
     def pid(self) -> int:
         return self.proc.pid if self.proc is not None else 0
-
-    @property
-    def up(self) -> bool:
-        return self.sock is not None
 
     def start(self) -> None:
         """Become the subreaper and start the spawner (at serve, before any session)."""
@@ -282,7 +276,6 @@ class Spawner:
         self._disconnect()
         if self._closed:
             return
-        self.deaths += 1
         self._reaps.clear()  # its children are gsrv's now: gsrv's own watcher reaps them
         pending, self._pending = self._pending, {}
         for process, _sent in pending.values():
@@ -329,7 +322,6 @@ class Spawner:
                     if child.create_time() >= since - 1 and os.getsid(child.pid) == child.pid:
                         os.killpg(child.pid, signal.SIGKILL)
                         killed += 1
-        self.orphans_killed += killed
         return killed
 
     def close(self) -> None:
