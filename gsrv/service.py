@@ -18,6 +18,8 @@ from gsrv.config.address import host_port
 from gsrv.config.parse import Config, ServiceConfig
 from gsrv.edge.arrival import Arrival
 from gsrv.edge.door import Door
+from gsrv.edge.keepalive import KeepAlive
+from gsrv.edge.keepalive import close as close_between
 from gsrv.edge.refusal import Refusals
 from gsrv.edge.upgrade import console_page
 from gsrv.errors import RESOURCE_ERRORS
@@ -52,6 +54,7 @@ class Service:
         self.refusals = Refusals(cfg.name, server.log, self._refused)
         self.door = Door(cfg.policy, self.refusals)  # configure() gives it the rest
         self.gate: Gate[Arrival, Session] = Gate(cfg.name, cfg.max_sessions, server.log, self)
+        self.keepalive = KeepAlive(self._next_request)  # HTTP connections between requests
         self.sessions: set[Session] = set()
         self.ending = False  # the stop ended the sessions: one that starts now ends at once
         self.listener: Listener | None = None
@@ -65,7 +68,7 @@ class Service:
         self.cfg = cfg
         ws = cfg.interact.websocket
         page = console_page(ws, cfg.interact.pty or cfg.stderr == "websocket") if ws and ws.console else b""
-        self.door.update(cfg.policy, ws, page)
+        self.door.update(cfg.policy, ws, page, cfg.interact.http)
         self.gate.set_limits(cfg.max_sessions, cfg.policy.max_pending)
         if self.listener is not None:
             tune(self.listener.socket, cfg.keepalive)
@@ -87,6 +90,7 @@ class Service:
         once, not left to time out); an inherited one only stops accepting here."""
         self.gate.pause(why)
         self.gate.close("shutdown")
+        self.keepalive.close_all()
         self.prespawned.retire(why)
         if self.listener is not None and not self.listener.closed:
             if self.cfg.listen.inherited:
@@ -145,6 +149,16 @@ class Service:
             session.run()
         finally:
             self.sessions.discard(session)
+        if session.kept:
+            http = self.cfg.interact.http
+            if self.gate.closed or http is None:  # a drain, or a reload that ended HTTP here
+                close_between(session.arrival)
+            else:
+                self.keepalive.wait(session.arrival, http.between_requests)
+
+    def _next_request(self, arrival: Arrival) -> None:
+        arrival.next_request(self.server.next_session_id())
+        self.gate.knock(arrival)
 
     def drop(self, arrival: Arrival, reason: str, error: str | None = None) -> None:
         self.refusals.drop(arrival, reason, error)
@@ -157,7 +171,8 @@ class Service:
 
     def _refused(self, arrival: Arrival, reason: str) -> None:
         if self.server.metrics is not None:
-            self.server.metrics.refused(self.cfg.name, reason, arrival.age())
+            status = arrival.http.status if arrival.http is not None else None
+            self.server.metrics.refused(self.cfg.name, reason, arrival.age(), status)
 
     def listen_queue(self) -> int | None:
         """Connections waiting in the backlog (TCP_INFO's unacked on a listening socket)."""

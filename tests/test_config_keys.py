@@ -45,12 +45,13 @@ def documented(text: str) -> dict[str, dict[str, tuple[bool, Any, Any]]]:
 
 def drift(text: str) -> list[str]:
     """Where the file and the declarations disagree (the first service documents services.NAME,
-    the first websocket table services.NAME.websocket; a value other than its default must say
-    "# default X:" with the declared X)."""
+    the first websocket table services.NAME.websocket, the first http table services.NAME.http;
+    a value other than its default must say "# default X:" with the declared X)."""
     found = documented(text)
     services = [t for t in found if t.count(".") == 1 and t.startswith("services.")]
-    websockets = [t for t in found if t.startswith("services.") and t.endswith(".websocket")]
-    first = {"services.NAME": services[:1], "services.NAME.websocket": websockets[:1]}
+    first = {"services.NAME": services[:1]}
+    for sub in ("websocket", "http"):
+        first[f"services.NAME.{sub}"] = [t for t in found if t.startswith("services.") and t.endswith(f".{sub}")][:1]
     problems = []
     for table, classes in TABLES.items():
         where = (first.get(table) or [table])[0]

@@ -124,6 +124,7 @@ class Gate(Generic[C, S]):
         self.handler = handler
         self.pending = 0  # in their prelude
         self.ready: deque[C] = deque()  # prelude done, waiting for a slot
+        self.knocking: deque[C] = deque()  # kept-alive connections whose next request came, waiting for room
         self._preludes: set[gevent.Greenlet] = set()
         self.closed = False
         self.log = log
@@ -163,6 +164,7 @@ class Gate(Generic[C, S]):
         self.update()
 
     def update(self) -> None:
+        self._let_in()
         listener = self.listener
         if listener is None or listener.closed or not listener.started:
             return
@@ -185,11 +187,29 @@ class Gate(Generic[C, S]):
         if not self.handler.has_prelude:
             self._start(conn)
             return
+        self._prelude(conn)
+        self.update()
+
+    def knock(self, conn: C) -> None:
+        """A kept-alive connection's next request began: it runs its prelude (the head) once
+        the gate would accept a new connection (kept-alive ones first), so a service that is
+        full or paused reads none of it meanwhile."""
+        if self.closed:
+            self.handler.drop(conn, "shutdown")
+            return
+        self.knocking.append(conn)
+        self.update()
+
+    def _let_in(self) -> None:
+        while self.knocking and not self.closed and not self.short and self.spawning < SPAWNS_IN_FLIGHT and may_accept(
+                self.active, self.max_sessions, self.paused, self.waiting, self.max_pending):  # fmt: skip
+            self._prelude(self.knocking.popleft())
+
+    def _prelude(self, conn: C) -> None:
         self.pending += 1
         greenlet = gevent.spawn(self.handler.prelude, conn)
         greenlet.link(lambda done: self._prelude_done(conn, done))  # also when killed before it ran
         self._preludes.add(greenlet)
-        self.update()
 
     def _prelude_done(self, conn: C, greenlet: gevent.Greenlet) -> None:
         """True: queue for a slot. False: the prelude ended the connection itself. Anything
@@ -276,6 +296,8 @@ class Gate(Generic[C, S]):
             self.handler.drop(self._parked.popleft(), reason)
         while self.ready:
             self.handler.drop(self.ready.popleft(), reason)
+        while self.knocking:
+            self.handler.drop(self.knocking.popleft(), reason)
         gevent.killall(list(self._preludes), block=False)  # each ends its own (reason shutdown)
 
     def accept_failed(self, error: OSError) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gsrv.config import keys
+from gsrv.config.http import HttpConfig, parse_http
 from gsrv.config.keys import key
 from gsrv.config.policy import Policy, util_linux
 from gsrv.config.table import Table
@@ -27,14 +28,19 @@ class Interaction:
     pty: bool = key(keys.flag(), False, "the child's stdin, stdout and stderr are a new pseudo-terminal, its "
                     "controlling terminal (TERM from env, default xterm-256color; stderr defaults to \"stdout\": "
                     "the terminal)", shown=True)  # fmt: skip
-    transport: str = key(keys.choice("tcp", "websocket"), "tcp", '"tcp": the bytes as they come | "websocket": '
-                         "an HTTP upgrade, then messages (after PROXY and TLS: wss:// with tls)",
-                         shown=True)  # fmt: skip
+    transport: str = key(keys.choice("tcp", "websocket", "http"), "tcp", '"tcp": the bytes as they come | '
+                         '"websocket": an HTTP upgrade, then messages (after PROXY and TLS: wss:// with tls) | '
+                         '"http": a child per HTTP request, CGI/1.1 (https:// with tls)', shown=True)  # fmt: skip
     websocket: WebSocketConfig | None = key(lambda t, name, default: None, None, "with transport = \"websocket\": "
                                             "{ path, messages, origins, max_message, ping_interval, ping_timeout, "
                                             "handshake_timeout, headers, console }, each documented in its own table",
                                             example={"path": "/", "messages": "text"}, value=None,
                                             show=lambda ws: _show(ws))  # fmt: skip
+    http: HttpConfig | None = key(lambda t, name, default: None, None, 'with transport = "http": { path, methods, '
+                                  "output, content_type, max_body, handshake_timeout, between_requests, "
+                                  "max_requests, hosts }, each documented in its own table",
+                                  example={"path": "/", "output": "cgi"}, value=None,
+                                  show=lambda http: _show(http))  # fmt: skip
     prespawn: int = key(keys.integer(0), 0, "children started ahead, each waiting on its stdin for one session "
                         "(pipe relays only; such a child has no client address in its environment: see "
                         "peer_line)", reload="a changed launch retires the waiting children; a new count trims "
@@ -62,18 +68,19 @@ def _check_started_ahead(t: Table, found: dict[str, Any], values: dict[str, Any]
                      "(it can ask the socket for its peer)")  # fmt: skip
 
 
-def _show(ws: WebSocketConfig | None) -> str:
-    return "{" + " ".join(f"{k}={v}" for k, v in keys.changed(ws)) + "}" if ws else "none"
+def _show(table: WebSocketConfig | HttpConfig | None) -> str:
+    return "{" + " ".join(f"{k}={v}" for k, v in keys.changed(table)) + "}" if table else "none"
 
 
 def parse_interaction(t: Table, values: dict[str, Any], policy: Policy, environ: dict[str, str]) -> Interaction:
     """The keys, checked against the service's other keys (`values`, whose defaults for
     stderr and env a pty amends)."""
-    found = keys.read_all(t, Interaction, skip=("websocket",))
+    found = keys.read_all(t, Interaction, skip=("websocket", "http"))
     _check_started_ahead(t, found, values)
     websocket = _websocket(t, found["transport"], values | {"pty": found["pty"]}, policy)
+    http = _http(t, found, values, policy)
     if not found["pty"]:
-        return Interaction(**found, websocket=websocket)
+        return Interaction(**found, websocket=websocket, http=http)
     relay = values["relay"]
     if relay in ("splice", "socket"):
         what = "needs pipes" if relay == "splice" else "gives the child the connection itself"
@@ -110,6 +117,38 @@ def _websocket(t: Table, transport: str, values: dict[str, Any], policy: Policy)
     listen = values["listen"]
     local_only = listen.kind == "unix" or (listen.kind == "tcp" and _loopback(listen.host))
     return parse_websocket(t, "websocket", values["chunk_size"], values["pty"], local_only)
+
+
+def _http(t: Table, found: dict[str, Any], values: dict[str, Any], policy: Policy) -> HttpConfig | None:
+    """The http table, with transport = "http" only; what cannot go with it."""
+    if found["transport"] != "http":
+        if "http" in t.data:
+            raise t.fail("http", f'applies only with transport = "http" (this service\'s transport is '
+                         f'"{found["transport"]}")')  # fmt: skip
+        return None
+    why = {
+        "pty": (found["pty"], "a request's child writes a response, not a terminal's screen"),
+        "prespawn": (found["prespawn"], "a request's child gets the request in its environment, known only "
+                     "once the request came"),
+        "peer_line": (found["peer_line"] != "none", "the child's stdin is the request body (REMOTE_ADDR and "
+                      "REMOTE_PORT name the client)"),
+        "reject_banner": (bool(policy.reject_banner), "its raw text would reach the client in place of an HTTP "
+                          "answer"),
+    }  # fmt: skip
+    for name, (on, reason) in why.items():
+        if on:
+            raise t.fail(name, f'cannot go with transport = "http": {reason}')
+    if values["relay"] == "socket":
+        raise t.fail("relay", 'is "socket", which cannot go with transport = "http": gsrv reads the request and '
+                     'frames the response itself (use relay = "auto" or "copy")')  # fmt: skip
+    if values["stderr"] in ("stdout", "websocket"):
+        raise t.fail("stderr", f'is "{values["stderr"]}", which cannot go with transport = "http": the child\'s '
+                     'stdout is the response (use "log" or "discard")')  # fmt: skip
+    if "nonzero_exit" not in t.data:  # an HTTP client learns of a failed child only from a reset
+        values["nonzero_exit"] = "reset"
+    listen = values["listen"]
+    local_only = listen.kind == "unix" or (listen.kind == "tcp" and _loopback(listen.host))
+    return parse_http(t, "http", local_only)
 
 
 def _loopback(host: str) -> bool:

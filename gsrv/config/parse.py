@@ -17,6 +17,7 @@ import psutil
 from gsrv.config import keys
 from gsrv.config.address import Address, collide, parse_address
 from gsrv.config.contain import CgroupConfig, Containment, parse_cgroup, parse_containment
+from gsrv.config.http import HttpConfig
 from gsrv.config.interact import Interaction, parse_interaction
 from gsrv.config.keys import AT_ONCE, key, required
 from gsrv.config.launch import Launch, compose
@@ -170,7 +171,7 @@ class Config:
 TABLES: dict[str, tuple[type, ...]] = {
     "server": (ServerConfig,), "guard": (GuardConfig,), "admin": (AdminConfig,), "cgroup": (CgroupConfig,),
     "services.NAME": (ServiceConfig, Policy, Containment, Interaction),
-    "services.NAME.websocket": (WebSocketConfig,),
+    "services.NAME.websocket": (WebSocketConfig,), "services.NAME.http": (HttpConfig,),
 }  # fmt: skip
 
 

@@ -16,6 +16,8 @@ from gevent.socket import socket
 
 from gsrv.config.address import host_port
 from gsrv.config.parse import ServiceConfig
+from gsrv.edge.http import HttpConnection
+from gsrv.edge.httphead import cgi_env
 from gsrv.edge.proxy import ProxyHeader
 from gsrv.edge.tls import TlsStream
 from gsrv.edge.upgrade import Upgraded
@@ -66,6 +68,12 @@ class Arrival:
         self.header: ProxyHeader | None = None
         self.tls: TlsStream | None = None
         self.websocket: Upgraded | None = None  # after its WebSocket upgrade
+        self.http: HttpConnection | None = None  # transport = "http": the connection across its requests
+        self.connection_sid = sid  # the first request's: each next request on it gets a sid of its own
+
+    def next_request(self, sid: str) -> None:
+        """A kept-alive connection's next request: a session id and a start of its own."""
+        self.sid, self.started, self.spawn_error = sid, time.monotonic(), None
 
     def age(self) -> float:
         """Seconds since accept."""
@@ -113,6 +121,8 @@ class Arrival:
             fields = {"peer": address_text(self.client), "proxy": self.peer_text}
         if self.tls is not None:
             fields["tls"] = self.tls.version
+        if self.http is not None and self.sid != self.connection_sid:
+            fields["conn"] = self.connection_sid
         return fields
 
     def env(self, svc: ServiceConfig, sid: str) -> dict[str, str]:
@@ -135,4 +145,8 @@ class Arrival:
             extra |= self.tls.env()
         if self.websocket is not None and svc.interact.websocket is not None:
             extra |= self.websocket.env(svc.interact.websocket, self.client or (self.peer if self.tcp else None))
+        http, request = svc.interact.http, self.http.request if self.http is not None else None
+        if http is not None and request is not None:
+            remote = self.client or (self.peer if self.tcp else None)
+            extra |= cgi_env(request, http, local if self.tcp else None, remote, self.tls is not None)
         return build_env(os.environ, svc.pass_env, svc.env, extra)

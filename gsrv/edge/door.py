@@ -14,11 +14,13 @@ import time
 import gevent
 from gevent.socket import socket
 
+from gsrv.config.http import HttpConfig
 from gsrv.config.policy import Policy
 from gsrv.config.web import WebSocketConfig
 from gsrv.edge import proxy
 from gsrv.edge.access import Admission, allowed
 from gsrv.edge.arrival import Arrival
+from gsrv.edge.http import HttpConnection, Quiet
 from gsrv.edge.proxy import ProxyError, ProxyHeader
 from gsrv.edge.refusal import Refusals
 from gsrv.edge.tls import TlsStream
@@ -34,22 +36,24 @@ class Door:
     """One service's door; the policy follows reloads, the per-address counts stay."""
 
     def __init__(self, policy: Policy, refusals: Refusals, websocket: WebSocketConfig | None = None,
-                 page: bytes = b"") -> None:  # fmt: skip
+                 page: bytes = b"", http: HttpConfig | None = None) -> None:  # fmt: skip
         self.admission = Admission(policy)
         self.refusals = refusals
-        self.websocket, self.page = websocket, page
+        self.websocket, self.page, self.http = websocket, page, http
 
     @property
     def policy(self) -> Policy:
         return self.admission.policy
 
-    def update(self, policy: Policy, websocket: WebSocketConfig | None = None, page: bytes = b"") -> None:
+    def update(self, policy: Policy, websocket: WebSocketConfig | None = None, page: bytes = b"",
+               http: HttpConfig | None = None) -> None:  # fmt: skip
         self.admission.policy = policy
-        self.websocket, self.page = websocket, page
+        self.websocket, self.page, self.http = websocket, page, http
 
     @property
     def has_prelude(self) -> bool:
-        return self.policy.tls is not None or self.policy.proxy_protocol != "off" or self.websocket is not None
+        p = self.policy
+        return p.tls is not None or p.proxy_protocol != "off" or self.websocket is not None or self.http is not None
 
     def screen(self, arrival: Arrival) -> bool:
         """At accept, without yielding; False when the connection was refused."""
@@ -62,11 +66,14 @@ class Door:
         return self._admit(arrival, arrival.peer_ip, arrival.peer_ip)
 
     def prelude(self, arrival: Arrival) -> bool:
-        """The header, its client's rules and limits, the TLS handshake, the WebSocket upgrade.
+        """The header, its client's rules and limits, the TLS handshake, the WebSocket upgrade
+        or the HTTP request's head (a kept-alive connection's next request: the head alone).
         Never raises; False when the connection was refused or the server is stopping."""
         p, refuse = self.policy, self.refusals.refuse
         reason = "proxy_failed"
         try:
+            if arrival.http is not None:  # a kept-alive connection's next request
+                return self._request(arrival, arrival.http)
             if p.proxy_protocol != "off":
                 with gevent.Timeout(p.proxy_timeout, TooSlow(f"no complete PROXY header within {p.proxy_timeout:g}s")):
                     arrival.proxied(read_header(arrival.sock, p.proxy_protocol))
@@ -87,6 +94,9 @@ class Door:
                 transport = arrival.tls or PlainStream(arrival.sock)
                 with gevent.Timeout(timeout, TooSlow(f"no complete WebSocket upgrade within {timeout:g}s")):
                     arrival.websocket = upgrade(transport, ws, arrival.tls is not None, self.page)
+            if self.http is not None:
+                arrival.http = HttpConnection(arrival.tls or PlainStream(arrival.sock), arrival.tls is not None)
+                return self._request(arrival, arrival.http)
             return True
         except Refused as e:
             refuse(arrival, e.reason, error=str(e) or None, answered=True)
@@ -98,6 +108,29 @@ class Door:
             refuse(arrival, reason, error=str(e))
         except OSError as e:
             refuse(arrival, reason, error=e.strerror or str(e))
+        return False
+
+    def _request(self, arrival: Arrival, conn: HttpConnection) -> bool:
+        """An HTTP request's head, read under handshake_timeout (then 408) and judged."""
+        http = self.http
+        if http is None:  # a reload changed the transport: this connection ends here
+            self.refusals.refuse(arrival, "shutdown", error="the service no longer speaks HTTP")
+            return False
+        try:
+            try:
+                with gevent.Timeout(http.handshake_timeout, TooSlow()):
+                    conn.read_request(http)
+            except TooSlow:
+                conn.timed_out()
+            return True
+        except Refused as e:
+            self.refusals.refuse(arrival, e.reason, error=str(e) or None, answered=True)
+        except Quiet:
+            self.refusals.quiet(arrival)
+        except gevent.GreenletExit:
+            self.refusals.refuse(arrival, "shutdown")
+        except OSError as e:
+            self.refusals.refuse(arrival, "client_reset", error=e.strerror or str(e))
         return False
 
     def _admit(self, arrival: Arrival, rule_ip: str | None, ip: str | None) -> bool:

@@ -40,6 +40,11 @@ class Refusals:
         sock.close()
         self._ended(arrival, reason, error)
 
+    def quiet(self, arrival: Arrival) -> None:
+        """A kept-alive connection its client closed between requests: no request, no line."""
+        arrival.sock.close()
+        arrival.ended()
+
     def drop(self, arrival: Arrival, reason: str, error: str | None = None) -> None:
         """A connection that cannot go on (a drain, a failed start, a bug): a reset."""
         reset(arrival.sock)

@@ -20,6 +20,7 @@ from gevent.lock import Semaphore
 from gevent.socket import socket
 from wsproto.utilities import generate_accept_token
 
+from gsrv.config.http import HttpConfig
 from gsrv.config.web import WebSocketConfig
 from gsrv.errors import GsrvError
 
@@ -123,7 +124,7 @@ def judge(request: Request, ws: WebSocketConfig, secure: bool) -> Answer:
     return Answer(101)
 
 
-def host_allowed(host: str, ws: WebSocketConfig) -> bool:
+def host_allowed(host: str, ws: WebSocketConfig | HttpConfig) -> bool:
     """The Host a client asked for: any, unless the service listens on loopback (or a unix
     socket), where only loopback names and `hosts` are answered: a page whose own name
     resolves to 127.0.0.1 (DNS rebinding) sends its own name as Host and its origin matches."""

@@ -47,6 +47,9 @@ class Ended(Protocol):
     spawn_seconds: float | None
 
     @property
+    def http_status(self) -> int | None: ...
+
+    @property
     def child(self) -> Child | None: ...
     @property
     def duration(self) -> float: ...
@@ -54,7 +57,8 @@ class Ended(Protocol):
 
 
 REFUSALS = ("spawn_failed", "denied", "per_ip_limit", "rate_limited", "proxy_failed", "tls_failed", "bad_request",
-            "origin_denied", "host_denied")  # fmt: skip
+            "origin_denied", "host_denied", "smuggling", "head_too_large", "uri_too_long", "not_implemented",
+            "method_not_allowed", "not_found", "head_timeout", "body_too_large")  # fmt: skip
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
 SPAWN_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1)
 CPU_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300)
@@ -110,6 +114,8 @@ class Metrics:
                                     registry=r)  # fmt: skip
         self.rejected = Counter("gsrv_rejected", "Connections accepted then closed by a rule", ["service", "reason"],
                                 registry=r)  # fmt: skip
+        self.responses = Counter("gsrv_http_responses", "HTTP responses by status class (2xx, 4xx, ...; transport "
+                                 '"http")', ["service", "status"], registry=r)  # fmt: skip
         self.registry.register(_StateCollector(state))
 
     def flush(self, service: str, meters: Sequence[tuple[str, Meter]]) -> None:
@@ -129,7 +135,7 @@ class Metrics:
 
     def ended(self, service: str, session: Ended) -> None:
         """Once per session, after its log line."""
-        self._ending(service, session.reason or "unknown", session.duration)
+        self._ending(service, session.reason or "unknown", session.duration, session.http_status)
         if session.spawn_seconds is not None:
             self.spawn.labels(service).observe(session.spawn_seconds)
         child = session.child
@@ -144,11 +150,13 @@ class Metrics:
             self.session_memory.labels(service).observe(usage.mem_peak)
         self.flush(service, session.meters())
 
-    def refused(self, service: str, reason: str, duration: float) -> None:
+    def refused(self, service: str, reason: str, duration: float, http_status: int | None = None) -> None:
         """Once per connection that ended without a session (the edge refused or dropped it)."""
-        self._ending(service, reason, duration)
+        self._ending(service, reason, duration, http_status)
 
-    def _ending(self, service: str, reason: str, duration: float) -> None:
+    def _ending(self, service: str, reason: str, duration: float, http_status: int | None) -> None:
+        if http_status is not None:
+            self.responses.labels(service, f"{http_status // 100}xx").inc()
         if reason in REFUSALS:
             self.rejected.labels(service, reason).inc()
         self.sessions.labels(service, reason).inc()

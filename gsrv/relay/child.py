@@ -351,16 +351,22 @@ class Child:
             else:
                 self.exited.wait(left)
 
-    def stop(self, kill_grace: float, on_escalate: Callable[[float], None]) -> None:
+    def stop(self, kill_grace: float, on_escalate: Callable[[float], None], signal_first: bool = False) -> None:
         """The ladder: close stdin, TERM the kill scope if anything of it lives, KILL after
         kill_grace; then the cgroup's accounting, and the reap and the cgroup's removal asked
         of the spawner (in a finally: a step that raised still leaves no pipe, no tracked
         group, no cgroup and no zombie). Nothing yields once the pipes are closed: a freed fd
-        number must not wake a watcher of the session's (`wait_reaped` waits for the reap)."""
+        number must not wake a watcher of the session's (`wait_reaped` waits for the reap).
+        `signal_first`: its input was cut short, so TERM goes before stdin closes (the child
+        must never take the cut for the end of its input)."""
         try:
-            self.close_stdin()
-            if not (self.exited.is_set() and not self.group_alive()):
+            alive = not (self.exited.is_set() and not self.group_alive())
+            if signal_first and alive:
                 self._signal_group(signal.SIGTERM)
+            self.close_stdin()
+            if alive:
+                if not signal_first:
+                    self._signal_group(signal.SIGTERM)
                 if not self._wait_group_gone(kill_grace):
                     on_escalate(kill_grace)
                     self._signal_group(signal.SIGKILL)

@@ -306,16 +306,22 @@ def copy(src: int, dst: int, chunk: int, meter: Meter, sink_is_pipe: bool = Fals
     return move(FdSource(src, chunk), PipeSink(dst) if sink_is_pipe else FdSink(dst), meter, chunk)
 
 
-def splice(src: int, dst: int, meter: Meter, source_is_socket: bool) -> End:
+def splice(src: int, dst: int, meter: Meter, source_is_socket: bool, limit: int | None = None) -> End:
     """Move bytes src -> dst with splice(2), one side being a pipe, until src's EOF (or
-    error) or dst closes. Nothing is held in userland: while one side waits, the bytes sit
-    in the kernel's socket and pipe buffers, as they would with the copy path."""
+    error) or dst closes, or `limit` bytes moved (an HTTP body's Content-Length: SOURCE_EOF).
+    Nothing is held in userland: while one side waits, the bytes sit in the kernel's socket
+    and pipe buffers, as they would with the copy path."""
     source, sink = Fd(src, READ), Fd(dst, WRITE)
     flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
     count = min(SPLICE_MAX, meter.yield_every)
+    left = limit
     source_ended = False
     try:
         while True:
+            if left is not None:
+                if left <= 0:
+                    return End.SOURCE_EOF
+                count = min(count, left)
             try:
                 n = os.splice(src, dst, count, flags=flags)
             except BlockingIOError:
@@ -340,6 +346,8 @@ def splice(src: int, dst: int, meter: Meter, source_is_socket: bool) -> End:
                 return End.SOURCE_EOF if _socket_at_eof(src) else End.SINK_CLOSED
             if n == 0:
                 return End.SOURCE_EOF
+            if left is not None:
+                left -= n
             meter.moved(n)
     finally:
         source.close()

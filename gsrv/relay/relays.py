@@ -77,6 +77,8 @@ class Relay:
     session sees only the facts below."""
 
     closes_after_stop = False  # the connection closes before the child's stop ladder runs
+    kept = False  # the connection stays open for its next request (HTTP keep-alive)
+    cut_input = False  # the client's input was cut short: the child is signalled before its stdin closes
     __slots__ = ("sock", "chunk", "child_end", "inbound", "outbound", "discarded", "input_done", "client_eof",
                  "output_eof", "greenlets")  # fmt: skip
 

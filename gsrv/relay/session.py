@@ -27,6 +27,7 @@ from gsrv.relay import relays
 from gsrv.relay.child import Child, Launcher
 from gsrv.relay.ending import EndRules, Facts, Verdict
 from gsrv.relay.handoff import SocketRelay
+from gsrv.relay.http import HttpRelay
 from gsrv.relay.pump import HAS_SPLICE, READ, Discard, FdSource, Meter, move
 from gsrv.relay.relays import Closing, Relay
 from gsrv.relay.stderr import StderrLines
@@ -270,7 +271,8 @@ class Session:
         child = self.child
         if child is None:
             return
-        child.stop(self.server.kill_grace, self._escalated)
+        cut = self.relay is not None and self.relay.cut_input
+        child.stop(self.server.kill_grace, self._escalated, signal_first=cut)
 
     def _reaped(self) -> None:
         """After the stderr reader's end: the wait for the reap yields, and the closed pipes'
@@ -283,8 +285,17 @@ class Session:
         if self._stderr_reader is not None:
             self._stderr_reader.kill()
 
+    @property
+    def kept(self) -> bool:
+        """The connection stays open for its next request (HTTP keep-alive)."""
+        return self.relay is not None and self.relay.kept
+
+    @property
+    def http_status(self) -> int | None:
+        return self.relay.status if isinstance(self.relay, HttpRelay) else None
+
     def _closed_anyway(self) -> None:
-        if self.sock.fileno() >= 0:  # a close that raised must not leave the connection open
+        if self.sock.fileno() >= 0 and not self.kept:  # a close that raised must not leave the connection open
             reset(self.sock)
 
     def _stderr_tail(self) -> None:
@@ -362,7 +373,8 @@ class Session:
         )
         if self.on_end is not None:
             self.on_end(self)
-        self.arrival.ended()
+        if not self.kept:
+            self.arrival.ended()
 
 
 def choose(svc: ServiceConfig, arrival: Arrival, eof_grace: float) -> Relay:
@@ -371,6 +383,9 @@ def choose(svc: ServiceConfig, arrival: Arrival, eof_grace: float) -> Relay:
     connection to the child."""
     sock, relay, chunk = arrival.sock, svc.relay, svc.chunk_size
     child_end = Terminal(eof_grace) if svc.interact.pty else Pipes()
+    if arrival.http is not None and svc.interact.http is not None:
+        splice_body = relay != "copy" and HAS_SPLICE and arrival.tls is None
+        return HttpRelay(sock, chunk, arrival.http, svc.interact.http, splice_body)
     upgraded = arrival.websocket
     if upgraded is not None and svc.interact.websocket is not None:
         stderr_channel = svc.stderr == "websocket"

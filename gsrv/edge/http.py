@@ -1,0 +1,76 @@
+"""An HTTP connection (`transport = "http"`) across its requests: the bytes read past the last
+request, how many it served, and the head of the one it is in, read under handshake_timeout
+and judged (edge/httphead.py) before any child starts; a refusal is answered here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import h11
+
+from gsrv.config.http import HttpConfig
+from gsrv.edge.httphead import HeadError, Request, answer, head_end, judge, parse
+from gsrv.edge.upgrade import Refused, Stream
+
+READ = 4096
+
+
+class Quiet(Exception):  # noqa: N818 (not an error: a kept-alive client closed between requests)
+    """The client closed a kept-alive connection before a byte of its next request."""
+
+
+class HttpConnection:
+    """One HTTP connection's state between its requests (on the Arrival)."""
+
+    __slots__ = ("stream", "secure", "buffered", "served", "request", "parser", "status")
+
+    def __init__(self, stream: Stream, secure: bool) -> None:
+        self.stream, self.secure = stream, secure
+        self.buffered = b""  # read from the client, not yet used: the next request's bytes
+        self.served = 0  # requests whose child ran
+        self.request: Request | None = None
+        self.parser: h11.Connection | None = None  # reads the request's chunked body
+        self.status: int | None = None  # the status sent for the request (refusals included)
+
+    def take(self, most: int) -> bytes:
+        """Up to most of the bytes already read."""
+        data, self.buffered = self.buffered[:most], self.buffered[most:]
+        return data
+
+    def read_request(self, cfg: HttpConfig) -> Request | None:
+        """The next request's head, judged. Raises Refused once gsrv answered it itself, Quiet
+        when a kept-alive client closed first (OSError: the connection failed)."""
+        self.request, self.parser, self.status = None, None, None
+        buffer = self.buffered
+        try:
+            while True:
+                while buffer.startswith(b"\r\n"):  # empty lines before a request line are ignored
+                    buffer = buffer[2:]
+                end = head_end(buffer)
+                if end:
+                    break
+                data = self.stream.recv(READ)
+                if not data:
+                    if not buffer and self.served:
+                        raise Quiet()
+                    raise Refused("bad_request", "the connection closed before a complete HTTP request")
+                buffer += data
+            self.buffered = buffer[end:]
+            self.request, self.parser = parse(buffer[:end])
+            judge(self.request, cfg)
+        except HeadError as e:
+            self.refuse(e.status, e.reason, str(e))
+        return self.request
+
+    def refuse(self, status: int, reason: str, error: str) -> None:
+        """Answer with status (Connection: close) and raise Refused: the connection ends."""
+        self.status = status
+        head_only = self.request is not None and self.request.method == "HEAD"
+        with contextlib.suppress(OSError):
+            self.stream.send(answer(status, error, head_only=head_only))
+        raise Refused(reason, error)
+
+    def timed_out(self) -> None:
+        """handshake_timeout passed inside a head: 408, and the connection ends."""
+        self.refuse(408, "head_timeout", "the request head was not complete in time")

@@ -1,0 +1,214 @@
+"""An HTTP request head (`transport = "http"`), without I/O: where it ends, what gsrv refuses on
+the raw bytes before h11 sees them (request smuggling's forms h11 accepts), the parse, the
+judgement against the service's `http` table, and the request as a CGI/1.1 environment.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes, urlsplit
+
+import h11
+
+from gsrv.config.http import HttpConfig
+from gsrv.edge.upgrade import host_allowed, under
+from gsrv.errors import GsrvError
+
+MAX_HEAD = 16 * 1024  # the request line and headers, counted by gsrv: more is 431
+MAX_TARGET = 8 * 1024  # the request target: more is 414
+PASSABLE = re.compile(r"^[A-Za-z0-9-]+$")  # a field name that maps to one HTTP_* name only
+# Never in the child's environment: hop-by-hop fields, the body's framing (CONTENT_LENGTH says
+# it), Proxy (HTTP_PROXY would steer the child's own HTTP clients: httpoxy, CVE-2016-5385),
+# Authorization (RFC 3875 §4.1.18: the server's business).
+NOT_PASSED = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+                        "upgrade", "expect", "proxy", "authorization", "proxy-authorization", "content-type",
+                        "content-length"})  # fmt: skip
+STATUS_TEXT = {
+    100: "Continue", 200: "OK", 302: "Found", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+}  # fmt: skip
+
+
+class HeadError(GsrvError):
+    """A request gsrv answers itself, before any child: the status, the log's reason, why."""
+
+    def __init__(self, status: int, reason: str, error: str) -> None:
+        super().__init__(error)
+        self.status, self.reason = status, reason
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    target: str  # as sent
+    version: str  # "1.0" | "1.1"
+    fields: tuple[tuple[str, str], ...]  # lower-case names, in order
+    path: str  # the target's path, still %-encoded
+    query: str
+
+    def header(self, name: str) -> str | None:
+        """A field's value, repeats joined by ", " (None: absent)."""
+        values = [value for key, value in self.fields if key == name]
+        return ", ".join(values) if values else None
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.header("content-length")
+        return int(value) if value is not None else None
+
+    @property
+    def chunked(self) -> bool:
+        return self.header("transfer-encoding") is not None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    @property
+    def wants_close(self) -> bool:
+        """HTTP/1.0 (keep-alive not supported there) or Connection: close."""
+        return self.version != "1.1" or "close" in tokens(self.header("connection") or "")
+
+    @property
+    def expects_continue(self) -> bool:
+        return self.version == "1.1" and "100-continue" in tokens(self.header("expect") or "")
+
+    @property
+    def takes_trailers(self) -> bool:
+        return "trailers" in tokens(self.header("te") or "")
+
+
+def tokens(value: str) -> set[str]:
+    return {part.strip().lower() for part in value.split(",")}
+
+
+def head_end(buffer: bytes | bytearray) -> int:
+    """Where the head in buffer ends (after its empty line), or 0 when it is not complete
+    yet. Raises HeadError: a bare CR or LF (h11 takes a bare LF), a head over MAX_HEAD."""
+    end = buffer.find(b"\r\n\r\n")
+    region = bytes(buffer[: end + 4] if end >= 0 else buffer[: MAX_HEAD + 4])
+    bare = region.replace(b"\r\n", b"")
+    if b"\n" in bare or b"\r" in bare[:-1] or (end >= 0 and b"\r" in bare):
+        raise HeadError(400, "smuggling", "a bare CR or LF in the request head")
+    if end < 0 and len(buffer) <= MAX_HEAD:
+        return 0
+    if end < 0 or end + 4 > MAX_HEAD:
+        raise HeadError(431, "head_too_large", f"the request head is over {MAX_HEAD // 1024} KiB")
+    return end + 4
+
+
+def screen(head: bytes) -> None:
+    """What gsrv refuses on the raw head (h11 would accept each): obs-fold, a repeated
+    Content-Length, Content-Length with Transfer-Encoding, a coding other than chunked, a
+    target over MAX_TARGET."""
+    lines = head[:-4].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) == 3 and len(parts[1]) > MAX_TARGET:
+        raise HeadError(414, "uri_too_long", f"the request target is over {MAX_TARGET // 1024} KiB")
+    lengths = codings = 0
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise HeadError(400, "smuggling", "a folded header line (obs-fold)")
+        name, _, value = line.partition(b":")
+        name = name.lower()
+        if name == b"content-length":
+            lengths += 1
+        elif name == b"transfer-encoding":
+            codings += 1
+            if value.strip().lower() != b"chunked":
+                raise HeadError(501, "not_implemented", f"Transfer-Encoding {value.strip().decode('latin-1')!r}: "
+                                "only chunked is supported")  # fmt: skip
+    if lengths > 1 or codings > 1:
+        raise HeadError(400, "smuggling", "a repeated Content-Length or Transfer-Encoding")
+    if lengths and codings:
+        raise HeadError(400, "smuggling", "both Content-Length and Transfer-Encoding")
+
+
+def parse(head: bytes) -> tuple[Request, h11.Connection]:
+    """The request (h11), and the h11 connection that reads a chunked body after it."""
+    screen(head)
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD + 1)
+    conn.receive_data(head)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError as e:
+        raise HeadError(400, "bad_request", f"not an HTTP/1.1 request: {e}") from None
+    if not isinstance(event, h11.Request):
+        raise HeadError(400, "bad_request", "not an HTTP request")
+    target = event.target.decode("latin-1")
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        path = path.partition("#")[0]
+    elif target.startswith(("http://", "https://")):  # absolute-form
+        parts = urlsplit(target)
+        path, query = parts.path or "/", parts.query
+    else:  # "*" (OPTIONS) or an authority: nothing this server serves
+        path, query = target, ""
+    fields = tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in event.headers)
+    version = event.http_version.decode("ascii")
+    return Request(event.method.decode("ascii"), target, version, fields, path, query), conn
+
+
+def judge(request: Request, cfg: HttpConfig) -> None:
+    """Raises HeadError for a request no child runs for: CONNECT and methods not listed (405),
+    a path outside `path` (404) or with %00 or a dot-segment (400), a Host a loopback listener
+    does not answer (403), a Content-Length over max_body (413)."""
+    if request.method == "CONNECT" or "*" not in cfg.methods and request.method not in cfg.methods:
+        raise HeadError(405, "method_not_allowed", f"method {request.method} is not run here")
+    if not request.path.startswith("/") or not under(request.path, cfg.path):
+        raise HeadError(404, "not_found", f"path {request.path} is not under {cfg.path}")
+    decoded = unquote_to_bytes(request.path)
+    if b"\0" in decoded or any(segment in (b".", b"..") for segment in decoded.split(b"/")):
+        raise HeadError(400, "bad_request", "a %00 or a dot-segment in the path")
+    host = request.header("host") or ""
+    if not host_allowed(host, cfg):
+        raise HeadError(403, "host_denied", f"Host {host!r} is not one this service answers to (hosts)")
+    length = request.content_length
+    if cfg.max_body and length is not None and length > cfg.max_body:
+        raise HeadError(413, "body_too_large", f"Content-Length {length} is over max_body ({cfg.max_body})")
+
+
+def cgi_env(request: Request, cfg: HttpConfig, local: tuple[str, int] | None, remote: tuple[str, int] | None,
+            secure: bool) -> dict[str, str]:  # fmt: skip
+    """RFC 3875's meta-variables for the request (REQUEST_URI, REMOTE_PORT, HTTPS: extensions;
+    a chunked body has no CONTENT_LENGTH). Paths decode to the bytes sent (surrogateescape)."""
+    path_info = request.path[len(cfg.script_name) :]
+    host = request.header("host") or ""
+    name = urlsplit("//" + host).hostname or (str(local[0]) if local else "")
+    env = {
+        "GATEWAY_INTERFACE": "CGI/1.1", "SERVER_PROTOCOL": f"HTTP/{request.version}", "SERVER_SOFTWARE": "gsrv",
+        "SERVER_NAME": name, "SERVER_PORT": str(local[1]) if local else "", "REQUEST_METHOD": request.method,
+        "SCRIPT_NAME": cfg.script_name, "PATH_INFO": unquote_to_bytes(path_info).decode("utf-8", "surrogateescape"),
+        "QUERY_STRING": request.query, "REQUEST_URI": request.target,
+    }  # fmt: skip
+    if request.content_length is not None:
+        env["CONTENT_LENGTH"] = str(request.content_length)
+    kind = request.header("content-type")
+    if kind is not None:
+        env["CONTENT_TYPE"] = kind
+    if remote is not None:
+        env |= {"REMOTE_ADDR": str(remote[0]), "REMOTE_PORT": str(remote[1])}
+    if secure:
+        env["HTTPS"] = "on"
+    for field, value in request.fields:
+        if field in NOT_PASSED or not PASSABLE.match(field):
+            continue
+        meta = "HTTP_" + field.upper().replace("-", "_")
+        env[meta] = f"{env[meta]}, {value}" if meta in env else value
+    return env
+
+
+def answer(status: int, text: str, version: str = "1.1", head_only: bool = False,
+           fields: tuple[tuple[str, str], ...] = ()) -> bytes:  # fmt: skip
+    """A short response of gsrv's own, ending its connection (Connection: close)."""
+    body = f"{STATUS_TEXT.get(status, 'Error')}: {text}\n".encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in fields)
+    head = (
+        f"HTTP/{version} {status} {STATUS_TEXT.get(status, 'Error')}\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n{extra}"
+        "Connection: close\r\nCache-Control: no-store\r\n\r\n"
+    )
+    return head.encode() + (b"" if head_only else body)

@@ -1,0 +1,92 @@
+"""HTTP connections between requests: each waits for its next request's first byte with an io
+watcher and a timer, no greenlet, no slot and no child (thousands cost memory only). Readable,
+it goes back to its service's gate (`knock`); after `between_requests`, or at a drain, it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket as stdsocket
+from collections.abc import Callable
+
+from gevent import get_hub
+
+from gsrv.edge.arrival import Arrival
+
+READ = 1  # libev's EV_READ
+
+DRAIN_READS = 4  # what the client may have sent is read first: close() over unread input is a reset
+
+
+class Waiting:
+    """One kept-alive connection's watchers."""
+
+    __slots__ = ("arrival", "io", "timer")
+
+    def __init__(self, arrival: Arrival, seconds: float) -> None:
+        loop = get_hub().loop
+        self.arrival = arrival
+        self.io = loop.io(arrival.sock.fileno(), READ)
+        self.timer = loop.timer(seconds)
+
+    def stop(self) -> None:
+        for watcher in (self.io, self.timer):
+            watcher.stop()
+            watcher.close()
+
+
+class KeepAlive:
+    """A service's connections between requests; `knock(arrival)` when a request comes."""
+
+    def __init__(self, knock: Callable[[Arrival], None]) -> None:
+        self.knock = knock
+        self.waiting: dict[Arrival, Waiting] = {}
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def wait(self, arrival: Arrival, seconds: float) -> None:
+        """Until the next request's first byte (at once if the client already sent it)."""
+        http = arrival.http
+        if http is not None and http.buffered:
+            self.knock(arrival)
+            return
+        waiting = Waiting(arrival, seconds)
+        self.waiting[arrival] = waiting
+        waiting.io.start(self._readable, arrival)
+        waiting.timer.start(self._expired, arrival)
+
+    def _readable(self, arrival: Arrival) -> None:
+        waiting = self.waiting.pop(arrival, None)
+        if waiting is not None:
+            waiting.stop()
+            self.knock(arrival)
+
+    def _expired(self, arrival: Arrival) -> None:
+        waiting = self.waiting.pop(arrival, None)
+        if waiting is not None:
+            waiting.stop()
+            close(arrival)
+
+    def close_all(self) -> None:
+        """A drain: every connection between requests ends now (a FIN)."""
+        while self.waiting:
+            arrival, waiting = self.waiting.popitem()
+            waiting.stop()
+            close(arrival)
+
+
+def close(arrival: Arrival) -> None:
+    """End a connection between requests: a FIN, what it sent meanwhile read, then close."""
+    sock = arrival.sock
+    fd = sock.fileno()
+    with contextlib.suppress(OSError):
+        if arrival.http is not None and arrival.http.secure and arrival.tls is not None:
+            arrival.tls.close_notify()
+        sock.shutdown(stdsocket.SHUT_WR)
+        for _ in range(DRAIN_READS):
+            if not os.read(fd, 65536):
+                break
+    sock.close()
+    arrival.ended()
