@@ -21,7 +21,7 @@ from gsrv.edge.arrival import Arrival
 from gsrv.logs import Log
 from gsrv.relay.child import Child, Launcher
 from gsrv.relay.pump import End, FdSource, PipeSink, move
-from gsrv.relay.relays import Closing, Relay
+from gsrv.relay.relays import Closing, PipeRelay
 from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
 from gsrv.spawn.client import Spawner
@@ -53,7 +53,7 @@ class RaisingSource(FdSource):
         return data
 
 
-class RaisingRelay(Relay):
+class RaisingRelay(PipeRelay):
     """The copy relay with a bug where `where` says: in the upload direction, in a fact the
     session reads from its own greenlet (last_activity) once bytes have moved, or in the
     close that its teardown calls."""

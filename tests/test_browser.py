@@ -4,9 +4,12 @@ gave. The browser is started so that it opens no connection off this machine."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import py_child, service_toml
@@ -20,17 +23,13 @@ pytestmark = pytest.mark.skipif(
 UPPER_ONCE = "import sys; print(sys.stdin.readline().upper(), end='', flush=True); sys.exit(3)"
 
 
-@pytest.mark.timeout(120)
-def test_chromium_on_the_console_page_sends_a_line_and_sees_the_close_code(gsrv, tmp_path: Path) -> None:
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[Any]:
+    """Headless chromium through chromedriver, opening no connection off this machine."""
     os.environ["SE_AVOID_STATS"] = "true"  # selenium: no usage statistics sent anywhere
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    service = service_toml("upper", py_child(UPPER_ONCE), transport="websocket")
-    server = gsrv(service + "[services.upper.websocket]\nconsole = true\n")
-    host, port = server.address("upper")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM or "/usr/bin/chromium"
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -38,20 +37,79 @@ def test_chromium_on_the_console_page_sends_a_line_and_sees_the_close_code(gsrv,
                  "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(DRIVER or "/usr/bin/chromedriver"))
+    driver.set_page_load_timeout(30)
+    driver.set_script_timeout(90)
     try:
-        driver.set_page_load_timeout(30)
-        driver.get(f"http://{host}:{port}/")
-        wait = WebDriverWait(driver, 30)
-        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("open: "))
-        box = driver.find_element(By.ID, "line")
-        box.send_keys("hello from a browser")
-        driver.find_element(By.CSS_SELECTOR, "form button").click()
-        wait.until(lambda d: "HELLO FROM A BROWSER" in [e.text for e in d.find_elements(By.CSS_SELECTOR, "#log .out")])
-        body = driver.find_element(By.TAG_NAME, "body")
-        wait.until(lambda d: body.get_attribute("data-close-code"))
-        assert (body.get_attribute("data-close-code"), body.get_attribute("data-close-reason")) == ("1011", "exit=3")
+        yield driver
     finally:
         driver.quit()
+
+
+@pytest.mark.timeout(120)
+def test_chromium_on_the_console_page_sends_a_line_and_sees_the_close_code(gsrv, chromium) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    service = service_toml("upper", py_child(UPPER_ONCE), transport="websocket")
+    server = gsrv(service + "[services.upper.websocket]\nconsole = true\n")
+    host, port = server.address("upper")
+    driver = chromium
+    driver.get(f"http://{host}:{port}/")
+    wait = WebDriverWait(driver, 30)
+    wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("open: "))
+    box = driver.find_element(By.ID, "line")
+    box.send_keys("hello from a browser")
+    driver.find_element(By.CSS_SELECTOR, "form button").click()
+    wait.until(lambda d: "HELLO FROM A BROWSER" in [e.text for e in d.find_elements(By.CSS_SELECTOR, "#log .out")])
+    body = driver.find_element(By.TAG_NAME, "body")
+    wait.until(lambda d: body.get_attribute("data-close-code"))
+    assert (body.get_attribute("data-close-code"), body.get_attribute("data-close-reason")) == ("1011", "exit=3")
     page = server.wait_log(r"event=session_end service=upper .*reason=console")
     session = server.wait_log(r"event=session_end service=upper .*relay=websocket")
     assert "exit=3" in session and "reason=child_exit" in session, (page, session)
+
+
+# One CGI script, three paths: GET / a page (a form, and a button that fetch()es a Blob);
+# POST /sum the body's sha256; POST /form the form's fields back.
+SITE = """
+import hashlib, os, sys, urllib.parse
+out, path = sys.stdout.buffer, os.environ["PATH_INFO"]
+if path == "/sum":
+    digest = hashlib.sha256()
+    while chunk := sys.stdin.buffer.read(1 << 16):
+        digest.update(chunk)
+    out.write(b"Content-Type: text/plain\\n\\n" + digest.hexdigest().encode())
+elif path == "/form":
+    fields = urllib.parse.parse_qs(sys.stdin.buffer.read().decode())
+    out.write(b"Content-Type: text/html\\n\\n<p id=got>" + fields["name"][0].upper().encode() + b"</p>")
+else:
+    out.write(b"Content-Type: text/html\\n\\n<form method=post action=/form><input id=name name=name>"
+              b"<button id=send>send</button></form>")
+"""
+UPLOAD = """
+const done = arguments[arguments.length - 1];
+const bytes = new Uint8Array(64 * 1024 * 1024);
+for (let i = 0; i < bytes.length; i += 4096) bytes[i] = (i / 4096) & 255;
+fetch("/sum", {method: "POST", body: new Blob([bytes])})
+  .then(r => r.text().then(t => done(r.status + " " + t)), e => done("error " + e));
+"""
+
+
+@pytest.mark.timeout(180)
+def test_chromium_fetch_uploads_a_64_mib_blob_and_a_form_post_reaches_a_cgi_script(gsrv, chromium) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = gsrv(service_toml("site", py_child(SITE), transport="http"))
+    host, port = server.address("site")
+    chromium.get(f"http://{host}:{port}/")
+    expected = bytearray(64 * 1024 * 1024)
+    expected[::4096] = bytes(n & 255 for n in range(len(expected) // 4096))
+    assert chromium.execute_async_script(UPLOAD) == "200 " + hashlib.sha256(expected).hexdigest()
+    chromium.find_element(By.ID, "name").send_keys("from a form")
+    chromium.find_element(By.ID, "send").click()
+    WebDriverWait(chromium, 30).until(lambda d: d.find_elements(By.ID, "got"))
+    assert chromium.find_element(By.ID, "got").text == "FROM A FORM"
+    sums = [line for line in server.lines if "path=/sum" in line]
+    assert len(sums) == 1 and f"bytes_in={64 * 1024 * 1024} " in sums[0] and "status=200" in sums[0], sums
+    assert server.count_log(r"method=POST path=/form status=200") == 1

@@ -9,8 +9,7 @@ import re
 import time
 from dataclasses import dataclass
 from email.utils import formatdate
-
-from gsrv.edge.httphead import STATUS_TEXT
+from http import HTTPStatus
 
 MAX_BLOCK = 16 * 1024  # the child's header block: more is a 502
 FIELD_NAME = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -79,8 +78,15 @@ def parse_block(block: bytes) -> Head:
         raise BadHead(f"Content-Length {b', '.join(sorted(lengths))!r} is not one number")
     if status is None:
         status = 302 if b"location" in named else 200
-    return Head(status, reason or STATUS_TEXT.get(status, ""), tuple(fields),
+    return Head(status, reason or phrase(status), tuple(fields),
                 int(next(iter(lengths))) if lengths else None)  # fmt: skip
+
+
+def phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
 
 
 def head_bytes(version: str, head: Head, framing: str, close: bool, trailer: bool) -> bytes:

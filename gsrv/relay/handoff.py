@@ -15,25 +15,37 @@ import socket as stdsocket
 import termios
 import time
 
+import gevent
 from gevent.socket import socket
 
+from gsrv.edge.refusal import reset
 from gsrv.relay import kernel
 from gsrv.relay.child import Child
 from gsrv.relay.ending import POLL_S
 from gsrv.relay.pump import Discard, Meter, move, queued
-from gsrv.relay.relays import LINGER_READ, Closing, Lingering, Relay, RelayEvents
+from gsrv.relay.relays import LINGER_READ, Closing, Lingering, RelayEvents
 from gsrv.relay.stdio import Stdio
 
 
-class SocketRelay(Relay):
-    """The child holds the connection; the facts come from the kernel when sampled."""
+class SocketRelay:
+    """The child holds the connection; the facts come from the kernel when sampled (a Relay,
+    relay/relays.py, that runs no greenlet and moves no byte)."""
 
     name = "socket"
     closes_after_stop = True  # the ladder first: nothing of the group may still hold the socket
-    __slots__ = ("fd", "header_length", "rwnd", "events", "reset_seen", "held", "tcp")
+    kept = False
+    cut_input = False
+    hung_up = False  # no terminal
+    __slots__ = ("sock", "fd", "header_length", "inbound", "outbound", "rwnd", "events", "reset_seen", "held", "tcp",
+                 "input_done", "client_eof", "output_eof", "greenlets")  # fmt: skip
 
     def __init__(self, sock: socket, header_length: int) -> None:
-        super().__init__(sock, LINGER_READ)
+        self.sock = sock
+        self.inbound, self.outbound = Meter(), Meter()
+        self.input_done = False  # the client's FIN (TCP_INFO's state; a unix socket: POLLRDHUP)
+        self.client_eof = False
+        self.output_eof = False  # the child exited and its group is gone
+        self.greenlets: list[gevent.Greenlet] = []  # none: the child moves the bytes
         self.fd: int = sock.fileno()
         self.header_length = header_length  # the PROXY header's bytes: received, but never the child's
         self.rwnd = Meter()  # its `blocked`: time the client's receive window limited sending
@@ -64,6 +76,9 @@ class SocketRelay(Relay):
         self.output_eof = child.exited.is_set() and not child.group_alive()
         if self.reset_seen and self.events is not None:
             self.events.abort("client_reset")
+
+    def last_activity(self) -> float:
+        return max(self.inbound.last, self.outbound.last)
 
     def output_in_flight(self, stdout: int) -> bool:
         """A grandchild still moving bytes, or reply bytes not yet sent."""
@@ -105,6 +120,13 @@ class SocketRelay(Relay):
 
     def start(self, child: Child, events: RelayEvents) -> None:
         self.events = events  # no greenlets: the child moves the bytes
+
+    def stop(self) -> None:
+        """Nothing runs."""
+
+    def close_at_once(self, closing: Closing) -> None:
+        """Its child never started: a reset (the connection was never the child's)."""
+        reset(self.sock)
 
     def close(self, closing: Closing) -> None:
         """After the stop ladder. Clean: a FIN (shutdown acts on the connection, whoever else

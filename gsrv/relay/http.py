@@ -27,7 +27,7 @@ from gsrv.edge.refusal import reset
 from gsrv.relay.cgi import EXIT_FIELD, MAX_BLOCK, BadHead, Head, block_end, failure_status, head_bytes, parse_block
 from gsrv.relay.child import Child
 from gsrv.relay.pump import WRITE, Discard, End, Fd, FdSource, Meter, Source, move, splice
-from gsrv.relay.relays import Closing, Lingering, Relay, RelayEvents, TlsSource
+from gsrv.relay.relays import Closing, Lingering, PipeRelay, RelayEvents, TlsSource
 from gsrv.relay.terminal import Pipes
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -42,7 +42,7 @@ class Broken(OSError):
     """The body or the output broke a rule (relay.failure says which): the direction stops."""
 
 
-class HttpRelay(Relay):
+class HttpRelay(PipeRelay):
     """One request: its body to the child, the child's output as its response."""
 
     __slots__ = ("conn", "http", "request", "splice_body", "failure", "error", "status", "framing", "sent", "length",
@@ -127,7 +127,7 @@ class HttpRelay(Relay):
     def _body_ended(self, end: End) -> None:
         if end is End.SOURCE_EOF:
             self.body_done = True
-        elif end is End.SOURCE_ERROR and self.failure is None:
+        elif end is End.SOURCE_ERROR:  # cut short, broken, or over max_body: never an EOF for the child
             self.cut_input = True
 
     def _discard(self) -> End:

@@ -1,5 +1,6 @@
-"""How a session's bytes travel between its client and its child: the relay interface, and
-its splice, copy and TLS implementations, one chosen when the session starts.
+"""How a session's bytes travel between its client and its child: the relay interface (the
+`Relay` protocol), the base of the relays that pump (`PipeRelay`, the copy relay), and its
+splice and TLS variants, one chosen when the session starts.
 
 A relay runs both directions in greenlets of its own and leaves the facts a session's end
 rules need (relay/ending.py): bytes each way, last activity, time blocked (the meters), the
@@ -68,17 +69,47 @@ class RelayEvents(Protocol):
     def bug(self, error: Exception) -> None: ...  # a direction raised: end as internal_error
 
 
-class Relay:
-    """The copy relay, and the base of the others: each direction through one pooled buffer.
+class Relay(Protocol):
+    """What a session reads of its relay (trio's Stream is the model: the session needs no
+    more): the facts for its end rules, the child's stdio, the start and stop of the
+    directions, and the connection's close."""
+
+    closes_after_stop: bool  # the stop ladder runs before the connection closes (socket handoff)
+    kept: bool  # after close(): the connection stays open for its next request (HTTP keep-alive)
+    cut_input: bool  # the client's input was cut short: the child is signalled before its stdin closes
+    input_done: bool  # the client's EOF reached the child
+    output_eof: bool  # the child's output reached its end, and all of it the client
+    greenlets: list[gevent.Greenlet]
+
+    @property
+    def name(self) -> str: ...  # how bytes move, for the log's relay=
+    @property
+    def hung_up(self) -> bool: ...  # gsrv hung up the child's terminal
+    def stdio(self, stderr: str) -> Stdio: ...
+    def meters(self) -> list[tuple[str, Meter]]: ...
+    def last_activity(self) -> float: ...
+    def output_in_flight(self, stdout: int) -> bool: ...
+    def sample(self, child: Child) -> None: ...  # the facts brought up to date before the rules read them
+    def peer_is_dead(self) -> bool: ...  # the watchdog's check
+    def log_fields(self) -> dict[str, object]: ...
+    def start(self, child: Child, events: RelayEvents) -> None: ...
+    def stop(self) -> None: ...
+    def close_at_once(self, closing: Closing) -> None: ...  # a session that never ran, from the accept loop
+    def close(self, closing: Closing) -> None: ...
+
+
+class PipeRelay:
+    """The copy relay, and the base of the relays that pump the child's pipes or terminal
+    (splice, TLS, WebSocket, HTTP): each direction in a greenlet, through one pooled buffer.
 
     Its client side is the socket (TLS: TlsRelay); its child side (`child_end`) the child's
     pipes or its terminal (relay/terminal.py). A subclass changes how a direction moves (`_in`,
     `_out`, `_discard`) or what the client is told before the FIN (`_finish_output`); the
-    session sees only the facts below."""
+    session sees only the Relay protocol."""
 
-    closes_after_stop = False  # the connection closes before the child's stop ladder runs
-    kept = False  # the connection stays open for its next request (HTTP keep-alive)
-    cut_input = False  # the client's input was cut short: the child is signalled before its stdin closes
+    closes_after_stop = False
+    kept = False
+    cut_input = False
     __slots__ = ("sock", "chunk", "child_end", "inbound", "outbound", "discarded", "input_done", "client_eof",
                  "output_eof", "greenlets")  # fmt: skip
 
@@ -216,7 +247,7 @@ def guarded(direction: Callable[[Child, RelayEvents], None], child: Child, event
         events.bug(e)
 
 
-class SpliceRelay(Relay):
+class SpliceRelay(PipeRelay):
     """Both directions with splice(2): the bytes stay in the kernel, gsrv holds no buffer."""
 
     name = "splice"
@@ -229,7 +260,7 @@ class SpliceRelay(Relay):
         return splice(child.stdout, self.sock.fileno(), self.outbound, source_is_socket=False)
 
 
-class TlsRelay(Relay):
+class TlsRelay(PipeRelay):
     """Plain bytes to and from the child, records to and from the client (edge/tls.py)."""
 
     __slots__ = ("stream",)  # the log's relay= says how bytes moved; TLS is logged on its own (tls=)

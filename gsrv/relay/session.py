@@ -396,7 +396,7 @@ def choose(svc: ServiceConfig, arrival: Arrival, eof_grace: float) -> Relay:
         return SocketRelay(sock, arrival.header.length if arrival.header else 0)
     if relay != "copy" and HAS_SPLICE and not svc.interact.pty:
         return relays.SpliceRelay(sock, chunk)
-    return Relay(sock, chunk, child_end)
+    return relays.PipeRelay(sock, chunk, child_end)
 
 
 class StderrLog(Discard):

@@ -34,7 +34,7 @@ from gsrv.edge.upgrade import Upgraded
 from gsrv.relay import kernel
 from gsrv.relay.child import Child
 from gsrv.relay.pump import Discard, End, FdSource, Meter, move, queued
-from gsrv.relay.relays import LINGER_S, Closing, Relay, RelayEvents, guarded
+from gsrv.relay.relays import LINGER_S, Closing, PipeRelay, RelayEvents, guarded
 from gsrv.relay.terminal import Pipes, Terminal
 
 # After the upgrade, how each end that is not the child's own is told (code, and the reason's text).
@@ -58,7 +58,7 @@ def close_frame(closing: Closing) -> tuple[int, str]:
     return CLOSE_CODES.get(closing.reason, 1011), closing.reason
 
 
-class WebSocketRelay(Relay):
+class WebSocketRelay(PipeRelay):
     """Frames to and from the client over `stream`; the child's end is its pipes or its pty."""
 
     __slots__ = ("stream", "ws", "proto", "typed", "stderr_channel", "failure", "code", "out", "err", "pinged",
