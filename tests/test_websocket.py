@@ -414,6 +414,24 @@ def read_frames(sock: socket.socket, proto: FrameProtocol) -> list[tuple[Opcode,
         proto.receive_bytes(chunk)
 
 
+@pytest.mark.timeout(120)
+def test_a_1_gib_single_frame_message_streams_through_in_bounded_memory(gsrv) -> None:
+    server = gsrv(ws_service("count", ["wc", "-c"], {"messages": "binary"}))
+    before = server.rss()
+    block = os.urandom(MiB)  # a zero masking key: the payload goes out as it is (RFC 6455 allows any key)
+    with raw_client(server, "count") as (sock, proto):
+        sock.sendall(bytes([0x82, 0x80 | 127]) + (1024 * MiB).to_bytes(8, "big") + b"\0\0\0\0")
+        most = before
+        for n in range(1024):
+            sock.sendall(block)
+            if n % 64 == 0:
+                most = max(most, server.rss())
+        sock.sendall(proto.close(1000, "done"))
+        frames = read_frames(sock, proto)
+    assert frames == [(Opcode.BINARY, f"{1024 * MiB}\n".encode()), (Opcode.CLOSE, (1000, "exit=0"))], frames
+    assert most - before < 16 * MiB
+
+
 @pytest.mark.timeout(60)
 def test_the_shipped_upper_ws_demo_answers_as_the_readme_says(gsrv, tmp_path: Path) -> None:
     text = (ROOT / "conf" / "gsrv.toml").read_text()

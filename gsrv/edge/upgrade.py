@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ipaddress
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,6 @@ from urllib.parse import unquote, urlsplit
 import h11
 from gevent.lock import Semaphore
 from gevent.socket import socket
-from wsproto.utilities import generate_accept_token
 
 from gsrv.config.http import HttpConfig
 from gsrv.config.web import WebSocketConfig
@@ -27,6 +27,7 @@ from gsrv.errors import GsrvError
 MAX_HEAD = 16 * 1024  # the request line and headers; a longer head is a bad request
 READ = 4096
 DEFAULT_PORTS = {"http": 80, "https": 443}
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
 
 class Stream(Protocol):
@@ -218,12 +219,17 @@ def upgrade(stream: Stream, ws: WebSocketConfig, secure: bool, page: bytes) -> U
         kind = b"text/html; charset=utf-8" if answer.status == 200 else b"text/plain; charset=utf-8"
         _send(stream, conn, answer.status, b"" if request.method == "HEAD" else body, kind, len(body))
         raise Refused(answer.reason, answer.error)  # (the console page served: no error)
-    accept = generate_accept_token(headers["sec-websocket-key"].encode("ascii"))
+    accept = accept_token(headers["sec-websocket-key"])
     reply = h11.InformationalResponse(
         status_code=101, headers=[(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
                                   (b"Sec-WebSocket-Accept", accept)])  # fmt: skip
     stream.send(conn.send(reply) or b"")
     return Upgraded(request, conn.trailing_data[0], stream)
+
+
+def accept_token(key: str) -> bytes:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 §4.2.2)."""
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest())
 
 
 def _send(stream: Stream, conn: h11.Connection, status: int, body: bytes, kind: bytes = b"text/plain; charset=utf-8",

@@ -1,5 +1,5 @@
 """The WebSocket relay (`transport = "websocket"`): the child's bytes to and from frames
-(wsproto's frame layer), over the plain connection or TLS, after the upgrade (edge/upgrade.py).
+(relay/wsframes.py), over the plain connection or TLS, after the upgrade (edge/upgrade.py).
 
 - text: a message per line each way (a newline appended to each message on its way in,
   stripped with a CR before it on its way out; output that is not UTF-8 closes with 1007, a
@@ -25,7 +25,6 @@ import time
 import gevent
 from gevent.event import Event
 from gevent.socket import socket
-from wsproto.frame_protocol import CloseReason, Frame, FrameProtocol, Opcode, ParseFailed
 
 from gsrv.config.web import WebSocketConfig
 from gsrv.edge.refusal import reset
@@ -36,6 +35,7 @@ from gsrv.relay.child import Child
 from gsrv.relay.pump import Discard, End, FdSource, Meter, move, queued
 from gsrv.relay.relays import LINGER_S, Closing, PipeRelay, RelayEvents, guarded
 from gsrv.relay.terminal import Pipes, Terminal
+from gsrv.relay.wsframes import Control, Data, FrameReader, Opcode, ProtocolError, close, frame
 
 # After the upgrade, how each end that is not the child's own is told (code, and the reason's text).
 CLOSE_CODES = {
@@ -68,7 +68,7 @@ class WebSocketRelay(PipeRelay):
                  child_end: Pipes | Terminal, stderr_channel: bool) -> None:  # fmt: skip
         super().__init__(sock, chunk, child_end)
         self.stream, self.ws, self.leftover = upgraded.stream, ws, upgraded.leftover
-        self.proto = FrameProtocol(client=False, extensions=[])
+        self.proto = FrameReader()
         self.stderr_channel = stderr_channel
         self.typed = stderr_channel or isinstance(child_end, Terminal)
         self.failure: str | None = None  # why a direction failed, when it is the protocol's business
@@ -154,7 +154,7 @@ class WebSocketRelay(PipeRelay):
             self.pong.clear()
             self.pinged = time.monotonic()
             try:
-                self.stream.send(self.proto.ping(b"gsrv"))
+                self.stream.send(frame(Opcode.PING, b"gsrv"))
             except OSError:
                 return  # the connection failed: the directions say so
             progress = self._progress()  # the ping may wait behind output the client reads slowly
@@ -196,7 +196,7 @@ class WebSocketRelay(PipeRelay):
             code, text = close_frame(closing)
             self.sock.setblocking(False)
             if not self.stream.torn and not isinstance(self.stream, TlsStream):
-                self.sock.send(self.proto.close(code, text))
+                self.sock.send(close(code, text))
             self.sock.shutdown(stdsocket.SHUT_WR)
         self.sock.close()
 
@@ -214,7 +214,7 @@ class WebSocketRelay(PipeRelay):
                     return False
                 code, text = (self.code, self.failure) if self.failure and self.code else close_frame(closing)
                 if not self.stream.closed:
-                    self.stream.send(self.proto.close(code, text))
+                    self.stream.send(close(code, text))
                     self.stream.close_notify()
         except (OSError, _Late):
             return False
@@ -246,13 +246,13 @@ class Frames:
         relay = self.relay
         while not self.data:
             try:
-                frame = next(relay.proto.received_frames(), None)
-                if frame is None:
+                event = relay.proto.next()
+                if event is None:
                     self._feed()
-                elif self._frame(frame):
+                elif self._event(event):
                     return b""
-            except ParseFailed as e:
-                relay.fail("protocol_error", int(e.code))
+            except ProtocolError as e:
+                relay.fail("protocol_error", e.code)
                 raise OSError(str(e)) from None
         data, self.data = self.data[:limit], self.data[limit:]
         return data
@@ -270,33 +270,32 @@ class Frames:
         if not raw:
             relay.fail("client_reset", 0)  # a TCP end without a close frame: the client went away
             raise OSError("the connection ended without a close frame")
-        relay.proto.receive_bytes(raw)
+        relay.proto.feed(raw)
 
-    def _frame(self, frame: Frame) -> bool:
-        """One frame; True at the client's close frame."""
+    def _event(self, event: Data | Control) -> bool:
+        """One frame's event; True at the client's close frame."""
         relay = self.relay
-        opcode, payload, finished = frame.opcode, frame.payload, frame.message_finished
-        if opcode is Opcode.CLOSE:
-            return True
-        if opcode is Opcode.PING:
-            relay.stream.send(relay.proto.pong(payload if isinstance(payload, bytes) else b""))
+        if isinstance(event, Control):
+            if event.opcode is Opcode.CLOSE:
+                return True
+            if event.opcode is Opcode.PING:
+                relay.stream.send(frame(Opcode.PONG, event.payload))
+            else:
+                relay.pong.set()
             return False
-        if opcode is Opcode.PONG:
-            relay.pong.set()
-            return False
-        data = payload.encode() if isinstance(payload, str) else payload if isinstance(payload, bytes) else b""
+        data, finished = event.payload, event.last
         if not self.message:
             self.message = True
             self.kind = "" if relay.typed else "i"  # typed: the message's first byte, which may come later
         if not self.kind and data:
             self.kind, data = chr(data[0]), data[1:]
             if self.kind not in "ir":
-                raise ParseFailed(f'unknown message type "{self.kind}" (typed framing: "i" input, "r" resize)',
-                                  CloseReason.UNSUPPORTED_DATA)  # fmt: skip
+                raise ProtocolError(f'unknown message type "{self.kind}" (typed framing: "i" input, "r" resize)',
+                                    1003)  # fmt: skip
         if self.kind == "r":
             self.resize += data
             if len(self.resize) > RESIZE_MAX:
-                raise ParseFailed("a resize longer than COLSxROWS", CloseReason.POLICY_VIOLATION)
+                raise ProtocolError("a resize longer than COLSxROWS", 1008)
         elif self.kind == "i":
             self.data += data
         if finished:
@@ -311,8 +310,7 @@ class Frames:
         text, self.resize = self.resize.decode("ascii", "replace"), b""
         columns, _, rows = text.partition("x")
         if not (columns.isdigit() and rows.isdigit() and 0 < int(columns) < 65536 and 0 < int(rows) < 65536):
-            raise ParseFailed(f'a resize must be "rCOLSxROWS" like "r120x40" (got "r{text}")',
-                              CloseReason.POLICY_VIOLATION)  # fmt: skip
+            raise ProtocolError(f'a resize must be "rCOLSxROWS" like "r120x40" (got "r{text}")', 1008)
         if self.child is not None:
             self.relay.child_end.resize(self.child, int(columns), int(rows))
 
@@ -343,7 +341,7 @@ class Messages:
         if relay.stream.closed:
             return 0.0
         if relay.ws.messages == "binary":
-            return relay.stream.send(relay.proto.send_data(self.prefix + bytes(data)))
+            return relay.stream.send(frame(Opcode.BINARY, self.prefix + data if self.prefix else data))
         self.line += data
         waited = 0.0
         while (end := self.line.find(b"\n")) >= 0:
@@ -374,7 +372,7 @@ class Messages:
         except UnicodeDecodeError as e:
             relay.fail("invalid_text", 1007)
             raise OSError(f"output that is not UTF-8 in text mode: {e}") from None
-        return relay.stream.send(relay.proto.send_data(self.prefix.decode() + text))
+        return relay.stream.send(frame(Opcode.TEXT, self.prefix + text.encode()))
 
     def close(self) -> None:
         pass

@@ -10,7 +10,7 @@ interleaved run (each round: every server in turn), each on 127.0.0.1 and a port
   what it wrote to disk (its processes' write_bytes);
 - gsrv alone: 1,000 idle keep-alive connections, its RSS growth per connection.
 
-Usage: python bench/http.py [--rounds 3] [--out bench/results/http.md] [--skip-put]
+Usage: python bench/cgi_hosts.py [--rounds 3] [--out bench/results/cgi_hosts.md] [--skip-put]
 Only processes this script started are ended (by PID); temp files are under one temp dir.
 """
 
@@ -299,7 +299,7 @@ def main() -> int:
     print(table)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"# bench/http.py, {time.strftime('%Y-%m-%d')}, {args.rounds} rounds\n\n{table}\n")
+            f.write(f"# bench/cgi_hosts.py, {time.strftime('%Y-%m-%d')}, {args.rounds} rounds\n\n{table}\n")
     return 0
 
 
