@@ -23,8 +23,9 @@ from gsrv.edge.arrival import Arrival
 from gsrv.edge.http import HttpConnection, Quiet
 from gsrv.edge.proxy import ProxyError, ProxyHeader
 from gsrv.edge.refusal import Refusals
+from gsrv.edge.stream import PlainStream, Refused
 from gsrv.edge.tls import TlsStream
-from gsrv.edge.upgrade import PlainStream, Refused, upgrade
+from gsrv.edge.upgrade import upgrade
 from gsrv.errors import GsrvError
 
 

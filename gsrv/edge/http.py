@@ -1,17 +1,19 @@
-"""An HTTP connection (`transport = "http"`) across its requests: the bytes read past the last
-request, how many it served, and the head of the one it is in, read under handshake_timeout
-and judged (edge/httphead.py) before any child starts; a refusal is answered here.
+"""gsrv's HTTP/1.1 front: a connection across its requests (`transport = "http"`): the bytes
+read past the last request, how many it served, the head of the one it is in, read and checked
+(edge/httphead.py: the raw bytes, then h11) before any child starts, and a refusal answered
+here. The WebSocket upgrade reads its request with the same `read_head`.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import NoReturn
 
 import h11
 
 from gsrv.config.http import HttpConfig
 from gsrv.edge.httphead import HeadError, Request, answer, head_end, judge, parse
-from gsrv.edge.upgrade import Refused, Stream
+from gsrv.edge.stream import Refused, Stream
 
 READ = 4096
 
@@ -38,9 +40,20 @@ class HttpConnection:
         data, self.buffered = self.buffered[:most], self.buffered[most:]
         return data
 
-    def read_request(self, cfg: HttpConfig) -> Request | None:
-        """The next request's head, judged. Raises Refused once gsrv answered it itself, Quiet
-        when a kept-alive client closed first (OSError: the connection failed)."""
+    def read_request(self, cfg: HttpConfig) -> Request:
+        """The next request's head, judged against the service's http table. Raises Refused
+        once gsrv answered it itself, Quiet when a kept-alive client closed first (OSError: the
+        connection failed)."""
+        request = self.read_head()
+        try:
+            judge(request, cfg)
+        except HeadError as e:
+            self.refuse(e.status, e.reason, str(e))
+        return request
+
+    def read_head(self) -> Request:
+        """The next request's head (the HTTP front transport = "http" and the WebSocket upgrade
+        share): its end found and its raw bytes checked by gsrv, then parsed by h11."""
         self.request, self.parser, self.status = None, None, None
         buffer = self.buffered
         try:
@@ -57,13 +70,13 @@ class HttpConnection:
                     raise Refused("bad_request", "the connection closed before a complete HTTP request")
                 buffer += data
             self.buffered = buffer[end:]
-            self.request, self.parser = parse(buffer[:end])
-            judge(self.request, cfg)
+            request, self.parser = parse(buffer[:end])
         except HeadError as e:
             self.refuse(e.status, e.reason, str(e))
-        return self.request
+        self.request = request
+        return request
 
-    def refuse(self, status: int, reason: str, error: str) -> None:
+    def refuse(self, status: int, reason: str, error: str) -> NoReturn:
         """Answer with status (Connection: close) and raise Refused: the connection ends."""
         self.status = status
         head_only = self.request is not None and self.request.method == "HEAD"
@@ -71,6 +84,15 @@ class HttpConnection:
             self.stream.send(answer(status, error, head_only=head_only))
         raise Refused(reason, error)
 
-    def timed_out(self) -> None:
+    def send_page(self, page: bytes) -> None:
+        """A 200 with an HTML page (the WebSocket console), then the connection ends."""
+        head_only = self.request is not None and self.request.method == "HEAD"
+        self.status = 200
+        with contextlib.suppress(OSError):
+            self.stream.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: "
+                             + str(len(page)).encode() + b"\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n"
+                             + (b"" if head_only else page))  # fmt: skip
+
+    def timed_out(self) -> NoReturn:
         """handshake_timeout passed inside a head: 408, and the connection ends."""
         self.refuse(408, "head_timeout", "the request head was not complete in time")

@@ -5,6 +5,7 @@ judgement against the service's `http` table, and the request as a CGI/1.1 envir
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes, urlsplit
@@ -12,11 +13,12 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import h11
 
 from gsrv.config.http import HttpConfig
-from gsrv.edge.upgrade import host_allowed, under
+from gsrv.config.web import WebSocketConfig
 from gsrv.errors import GsrvError
 
 MAX_HEAD = 16 * 1024  # the request line and headers, counted by gsrv: more is 431
 MAX_TARGET = 8 * 1024  # the request target: more is 414
+DEFAULT_PORTS = {"http": 80, "https": 443}
 PASSABLE = re.compile(r"^[A-Za-z0-9-]+$")  # a field name that maps to one HTTP_* name only
 # Never in the child's environment: hop-by-hop fields, the body's framing (CONTENT_LENGTH says
 # it), Proxy (HTTP_PROXY would steer the child's own HTTP clients: httpoxy, CVE-2016-5385),
@@ -79,6 +81,35 @@ class Request:
     @property
     def takes_trailers(self) -> bool:
         return "trailers" in tokens(self.header("te") or "")
+
+
+def host_allowed(host: str, ws: WebSocketConfig | HttpConfig) -> bool:
+    """The Host a client asked for: any, unless the service listens on loopback (or a unix
+    socket), where only loopback names and `hosts` are answered: a page whose own name
+    resolves to 127.0.0.1 (DNS rebinding) sends its own name as Host and its origin matches."""
+    try:
+        name = urlsplit("http://" + host.lower()).hostname or ""
+    except ValueError:  # "[::1" and the like
+        return False
+    if "*" in ws.hosts or name in ws.hosts:
+        return True
+    if not ws.local_only:
+        return not ws.hosts
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def under(path: str, prefix: str) -> bool:
+    return prefix == "/" or path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
+def path_info(path: str, prefix: str) -> str:
+    """What follows the service's path, as a CGI script's PATH_INFO."""
+    return path if prefix == "/" else path[len(prefix.rstrip("/")) :]
 
 
 def tokens(value: str) -> set[str]:

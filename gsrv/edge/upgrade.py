@@ -9,44 +9,17 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import ipaddress
-import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
-import h11
-from gevent.lock import Semaphore
-from gevent.socket import socket
-
-from gsrv.config.http import HttpConfig
 from gsrv.config.web import WebSocketConfig
-from gsrv.errors import GsrvError
+from gsrv.edge.http import HttpConnection
+from gsrv.edge.httphead import DEFAULT_PORTS, path_info, tokens, under
+from gsrv.edge.httphead import host_allowed as host_allowed
+from gsrv.edge.stream import Refused, Stream
 
-MAX_HEAD = 16 * 1024  # the request line and headers; a longer head is a bad request
-READ = 4096
-DEFAULT_PORTS = {"http": 80, "https": 443}
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
-
-
-class Stream(Protocol):
-    """The bytes of a connection, plain or decrypted (edge/tls.py's TlsStream)."""
-
-    closed: bool  # it sends no more (TLS: our close_notify went out)
-    torn: bool  # a send stopped inside its bytes (a direction killed mid-write): no frame can follow
-
-    def recv(self, size: int) -> bytes: ...
-    def send(self, data: bytes | bytearray | memoryview) -> float: ...
-    def close_notify(self) -> None: ...
-
-
-class Refused(GsrvError):
-    """The upgrade did not happen: `reason` for the log (bad_request, origin_denied, console)."""
-
-    def __init__(self, reason: str, error: str) -> None:
-        super().__init__(error)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -125,39 +98,6 @@ def judge(request: Request, ws: WebSocketConfig, secure: bool) -> Answer:
     return Answer(101)
 
 
-def host_allowed(host: str, ws: WebSocketConfig | HttpConfig) -> bool:
-    """The Host a client asked for: any, unless the service listens on loopback (or a unix
-    socket), where only loopback names and `hosts` are answered: a page whose own name
-    resolves to 127.0.0.1 (DNS rebinding) sends its own name as Host and its origin matches."""
-    try:
-        name = urlsplit("http://" + host.lower()).hostname or ""
-    except ValueError:  # "[::1" and the like
-        return False
-    if "*" in ws.hosts or name in ws.hosts:
-        return True
-    if not ws.local_only:
-        return not ws.hosts
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def under(path: str, prefix: str) -> bool:
-    return prefix == "/" or path == prefix or path.startswith(prefix.rstrip("/") + "/")
-
-
-def path_info(path: str, prefix: str) -> str:
-    """What follows the service's path, as a CGI script's PATH_INFO."""
-    return path if prefix == "/" else path[len(prefix.rstrip("/")) :]
-
-
-def tokens(value: str) -> set[str]:
-    return {part.strip().lower() for part in value.split(",")}
-
-
 def origin_allowed(origin: str, host: str, secure: bool, allowed: tuple[str, ...]) -> bool:
     """A browser page's origin: the Host's own (same scheme, host and port), or one of `allowed`."""
     if "*" in allowed:
@@ -193,38 +133,24 @@ def _normal(origin: str) -> str:
 
 
 def upgrade(stream: Stream, ws: WebSocketConfig, secure: bool, page: bytes) -> Upgraded:
-    """Read the request and answer it; raises Refused once an answer other than 101 is sent."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-    try:
-        event = conn.next_event()
-        while event is h11.NEED_DATA:
-            data = stream.recv(READ)
-            if not data:
-                raise Refused("bad_request", "the connection closed before a complete HTTP request")
-            conn.receive_data(data)
-            event = conn.next_event()
-    except h11.RemoteProtocolError as e:
-        _send(stream, conn, 400, b"Bad request\n")
-        raise Refused("bad_request", f"not an HTTP request: {e}") from None
-    if not isinstance(event, h11.Request):
-        raise Refused("bad_request", "not an HTTP request")
+    """Read the request (edge/http.py: the same head reader and raw checks as transport =
+    "http") and answer it; raises Refused once an answer other than 101 is sent."""
+    conn = HttpConnection(stream, secure)
+    head = conn.read_head()
     headers: dict[str, str] = {}
-    for name, value in event.headers:
-        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+    for key, text in head.fields:
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
-    request = Request(event.method.decode("ascii", "replace"), event.target.decode("latin-1"), headers)
+    request = Request(head.method, head.target, headers)
     answer = judge(request, ws, secure)
     if answer.status != 101:
-        body = page if answer.status == 200 else f"{h11_reason(answer.status)}: {answer.error}\n".encode()
-        kind = b"text/html; charset=utf-8" if answer.status == 200 else b"text/plain; charset=utf-8"
-        _send(stream, conn, answer.status, b"" if request.method == "HEAD" else body, kind, len(body))
+        if answer.status != 200:
+            conn.refuse(answer.status, answer.reason, answer.error)
+        conn.send_page(page)
         raise Refused(answer.reason, answer.error)  # (the console page served: no error)
-    accept = accept_token(headers["sec-websocket-key"])
-    reply = h11.InformationalResponse(
-        status_code=101, headers=[(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
-                                  (b"Sec-WebSocket-Accept", accept)])  # fmt: skip
-    stream.send(conn.send(reply) or b"")
-    return Upgraded(request, conn.trailing_data[0], stream)
+    accept = accept_token(headers["sec-websocket-key"]).decode()
+    stream.send(f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode())  # fmt: skip
+    return Upgraded(request, conn.buffered, stream)
 
 
 def accept_token(key: str) -> bytes:
@@ -232,52 +158,7 @@ def accept_token(key: str) -> bytes:
     return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest())
 
 
-def _send(stream: Stream, conn: h11.Connection, status: int, body: bytes, kind: bytes = b"text/plain; charset=utf-8",
-          length: int | None = None) -> None:  # fmt: skip
-    head = h11.Response(status_code=status, headers=[
-        (b"Content-Type", kind), (b"Content-Length", str(len(body) if length is None else length).encode()),
-        (b"Connection", b"close"), (b"Cache-Control", b"no-store")])  # fmt: skip
-    try:
-        stream.send(b"".join(part or b"" for part in (conn.send(head), conn.send(h11.Data(data=body)) if body else b"",
-                                                       conn.send(h11.EndOfMessage()))))  # fmt: skip
-    except h11.LocalProtocolError:  # h11 refuses to answer a request it could not parse: answer it by hand
-        stream.send(f"HTTP/1.1 {status} {h11_reason(status)}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
-                    f"\r\n".encode() + body)  # fmt: skip
-
-
-def h11_reason(status: int) -> str:
-    return {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed"}[status]
-
-
 def console_page(ws: WebSocketConfig, typed: bool) -> bytes:
     """The page a plain browser GET gets with console = true (gsrv/edge/console.html)."""
     text = resources.files("gsrv.edge").joinpath("console.html").read_text(encoding="utf-8")
     return text.replace("__MESSAGES__", ws.messages).replace("__TYPED__", "true" if typed else "false").encode()
-
-
-class PlainStream:
-    """A plain connection as a Stream; whole writes under a lock, since both directions of a
-    WebSocket session send frames on it (TlsStream does the same for records)."""
-
-    def __init__(self, sock: socket) -> None:
-        self.sock = sock
-        self._sending = Semaphore()
-        self.closed = False
-        self.torn = False  # a send stopped inside its bytes: the peer holds part of a frame
-
-    def recv(self, size: int) -> bytes:
-        return bytes(self.sock.recv(size))
-
-    def send(self, data: bytes | bytearray | memoryview) -> float:
-        started = time.monotonic()
-        with self._sending:
-            try:
-                self.sock.sendall(data)
-            except BaseException:  # an error, a timeout, a kill: part of it may be out; for good
-                self.torn = True
-                raise
-        return time.monotonic() - started
-
-    def close_notify(self) -> None:
-        """Nothing to say below the WebSocket close frame on a plain connection: it sends no more."""
-        self.closed = True

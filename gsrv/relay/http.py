@@ -46,7 +46,8 @@ class HttpRelay(PipeRelay):
     """One request: its body to the child, the child's output as its response."""
 
     __slots__ = ("conn", "http", "request", "splice_body", "failure", "error", "status", "framing", "sent", "length",
-                 "held", "body_read", "body_done", "cut_input", "kept", "close_after", "head_sent")  # fmt: skip
+                 "held", "body_read", "body_done", "cut_input", "kept", "close_after", "head_sent",
+                 "unsent")  # fmt: skip
 
     def __init__(self, sock: socket, chunk: int, conn: HttpConnection, http: HttpConfig, splice_body: bool) -> None:
         super().__init__(sock, chunk, Pipes())
@@ -66,6 +67,7 @@ class HttpRelay(PipeRelay):
         self.kept = False  # the connection stays for the next request
         self.close_after = self._must_close()
         self.head_sent = False
+        self.unsent = b""  # the head, until the body's first bytes go out with it
 
     @property
     def name(self) -> str:
@@ -155,10 +157,12 @@ class HttpRelay(PipeRelay):
                 source.close()
                 return End.SOURCE_EOF  # no head: close() answers for the child
             head, rest = first
-            self._send_head(head)
+            self._send_head(head)  # with the body's first bytes when they came with it: one send
             if rest and not self.drops_body:
                 ResponseBody(self).write(rest)
                 self.outbound.moved(len(rest))
+            elif self.unsent:
+                self._send(b"")
             end = move(source, ResponseBody(self), self.outbound, self.chunk)
         except BadHead as e:
             source.close()
@@ -208,10 +212,11 @@ class HttpRelay(PipeRelay):
         data = head_bytes(version, head, self.framing, self.close_after, self.request.takes_trailers)
         if self.framing == "none" or self.request.method == "HEAD" or head.status in NO_BODY or head.length == 0:
             data, self.held = data[:-1], data[-1:]  # complete at its head: the last byte waits for the exit
-        self.head_sent = True
-        self._send(data)
+        self.head_sent, self.unsent = True, data
 
     def _send(self, data: bytes | memoryview) -> float:
+        if self.unsent:
+            data, self.unsent = self.unsent + data, b""
         return self.conn.stream.send(data)
 
     @property

@@ -1,0 +1,37 @@
+"""The relay a session gets, chosen once at its start from its service's keys and its
+connection: the relay protocol's implementations in one place (relay/relays.py says what
+each does)."""
+
+from __future__ import annotations
+
+from gsrv.config.parse import ServiceConfig
+from gsrv.edge.arrival import Arrival
+from gsrv.relay import relays
+from gsrv.relay.handoff import SocketRelay
+from gsrv.relay.http import HttpRelay
+from gsrv.relay.pump import HAS_SPLICE
+from gsrv.relay.relays import Relay
+from gsrv.relay.terminal import Pipes, Terminal
+from gsrv.relay.websocket import WebSocketRelay
+
+
+def choose(svc: ServiceConfig, arrival: Arrival, eof_grace: float) -> Relay:
+    """The service's relay key for this connection: TLS needs the bytes in userland, and so
+    does a pty (the master is no pipe); splice needs a platform that has it; "socket" hands the
+    connection to the child."""
+    sock, relay, chunk = arrival.sock, svc.relay, svc.chunk_size
+    child_end = Terminal(eof_grace) if svc.interact.pty else Pipes()
+    if arrival.http is not None and svc.interact.http is not None:
+        splice_body = relay != "copy" and HAS_SPLICE and arrival.tls is None
+        return HttpRelay(sock, chunk, arrival.http, svc.interact.http, splice_body)
+    upgraded = arrival.websocket
+    if upgraded is not None and svc.interact.websocket is not None:
+        stderr_channel = svc.stderr == "websocket"
+        return WebSocketRelay(sock, chunk, upgraded, svc.interact.websocket, child_end, stderr_channel)
+    if arrival.tls is not None:
+        return relays.TlsRelay(sock, chunk, arrival.tls, child_end)
+    if relay == "socket":
+        return SocketRelay(sock, arrival.header.length if arrival.header else 0)
+    if relay != "copy" and HAS_SPLICE and not svc.interact.pty:
+        return relays.SpliceRelay(sock, chunk)
+    return relays.PipeRelay(sock, chunk, child_end)
