@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+import trustme
 from conftest import ROOT, py_child, service_toml, toml_value, wait_until
 
 MiB = 1024 * 1024
@@ -424,3 +425,48 @@ def test_shipped_http_demos_answer_as_the_readme_says(gsrv) -> None:
         rest = lines.stdout.read()
         assert lines.wait(10) == 0
     assert rest == b"step 2 of 3\nstep 3 of 3\ndone (the body you sent: 0 bytes)\n", rest
+
+
+@pytest.mark.timeout(60)
+def test_nph_passes_the_childs_whole_response_and_a_silent_failure_is_a_502(gsrv) -> None:
+    teapot = cgi('out.write(b"HTTP/1.1 418 I\'m a teapot\\r\\nContent-Length: 3\\r\\n\\r\\ntea")')
+    server = gsrv(http_service("teapot", teapot, {"output": "nph"})
+                  + http_service("silent", cgi("sys.exit(4)"), {"output": "nph"}))  # fmt: skip
+    got = curl("-i", url(server, "teapot"))
+    assert got.returncode == 0 and got.stdout == b"HTTP/1.1 418 I'm a teapot\r\nContent-Length: 3\r\n\r\ntea", got
+    assert "status=418" in server.wait_log(r"event=session_end service=teapot ")
+    silent = curl("-i", url(server, "silent"))
+    assert silent.stdout.startswith(b"HTTP/1.1 502 ") and b"Gsrv-Exit: 4" in silent.stdout, silent.stdout
+
+
+@pytest.mark.timeout(90)
+def test_https_is_tls_plus_http_uploads_and_keeps_alive(gsrv, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    tls = {"cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")}
+    child = cgi("out.write(b'Content-Type: text/plain\\n\\n' + os.environ.get('HTTPS', '-').encode() + b' '"
+                " + str(len(sys.stdin.buffer.read())).encode())")  # fmt: skip
+    server = gsrv(http_service("secure", child, tls=tls))
+    body = tmp_path / "body"
+    pattern_file(body, 32 * MiB)
+    secure = url(server, "secure").replace("http://", "https://")
+    got = curl("--cacert", str(tmp_path / "ca.pem"), "-T", str(body), secure, "-T", str(body), secure, timeout=60)
+    assert got.returncode == 0 and got.stdout == f"on {32 * MiB}".encode() * 2, got
+    wait_until(lambda: server.count_log(r"event=session_end service=secure ") == 2, 10, "two requests")
+    second = [line for line in server.lines if "event=session_end service=secure " in line][1]
+    assert "conn=" in second and "tls=TLSv1.3" in second and f"bytes_in={32 * MiB} " in second, second
+
+
+@pytest.mark.timeout(60)
+def test_the_exit_as_a_trailer_and_the_client_a_proxy_header_names(gsrv) -> None:
+    child = cgi("out.write(b'Content-Type: text/plain\\n\\n' + os.environ['REMOTE_ADDR'].encode())")
+    server = gsrv(http_service("proxied", child, proxy_protocol="v1", proxy_trusted=["127.0.0.1/32"]))
+    head = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nTE: trailers\r\nConnection: close\r\n\r\n"
+    reply = ask(server, "proxied", b"PROXY TCP4 203.0.113.7 127.0.0.1 4242 80\r\n" + head)
+    assert b"\r\nTrailer: Gsrv-Exit\r\n" in reply and reply.endswith(
+        b"\r\n\r\nb\r\n203.0.113.7\r\n0\r\nGsrv-Exit: 0\r\n\r\n"
+    ), reply
+    assert "peer=203.0.113.7:4242" in server.wait_log(r"event=session_end service=proxied ")

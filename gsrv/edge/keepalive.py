@@ -10,6 +10,7 @@ import os
 import socket as stdsocket
 from collections.abc import Callable
 
+import gevent
 from gevent import get_hub
 
 from gsrv.edge.arrival import Arrival
@@ -67,7 +68,7 @@ class KeepAlive:
         waiting = self.waiting.pop(arrival, None)
         if waiting is not None:
             waiting.stop()
-            close(arrival)
+            gevent.spawn(close, arrival)  # in a greenlet: TLS's close_notify may wait to send
 
     def close_all(self) -> None:
         """A drain: every connection between requests ends now (a FIN)."""

@@ -149,8 +149,8 @@ class HttpRelay(PipeRelay):
         source = FdSource(child.stdout, self.chunk)
         output = self.http.output
         try:
-            if output == "nph":
-                self.head_sent, self.framing, self.close_after = True, "close", True
+            if output == "nph":  # the child's own status line and head: passed on, then the FIN
+                self.framing, self.close_after = "close", True
                 return move(source, ResponseBody(self), self.outbound, self.chunk)
             first = self._first_output(source, output)
             if first is None:
@@ -393,6 +393,10 @@ class ResponseBody:
             if n == left:  # the response would be complete: its last byte waits for the exit
                 data, relay.held = data[:-1], bytes(data[-1:])
                 n -= 1
+        if not relay.head_sent:  # nph: the child's status line, for the log
+            relay.head_sent = True
+            status = bytes(data[9:12])
+            relay.status = int(status) if bytes(data[:5]) == b"HTTP/" and status.isdigit() else None
         relay.sent += n
         return relay._send(data) if n else 0.0
 
