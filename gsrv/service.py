@@ -21,7 +21,7 @@ from gsrv.edge.door import Door
 from gsrv.edge.keepalive import KeepAlive
 from gsrv.edge.keepalive import close as close_between
 from gsrv.edge.refusal import Refusals
-from gsrv.edge.upgrade import console_page
+from gsrv.edge.upgrade import console_site
 from gsrv.errors import RESOURCE_ERRORS
 from gsrv.logs import Log
 from gsrv.ops.metrics import Metrics
@@ -67,8 +67,9 @@ class Service:
         """Take a (reloaded) config: limits, rules and certificates apply to new connections."""
         self.cfg = cfg
         ws = cfg.interact.websocket
-        page = console_page(ws, cfg.interact.pty or cfg.stderr == "websocket") if ws and ws.console else b""
-        self.door.update(cfg.policy, ws, page, cfg.interact.http)
+        typed = cfg.interact.pty or cfg.stderr == "websocket"
+        site = console_site(ws, typed, cfg.interact.pty) if ws and ws.console else {}
+        self.door.update(cfg.policy, ws, site, cfg.interact.http)
         self.gate.set_limits(cfg.max_sessions, cfg.policy.max_pending)
         if self.listener is not None:
             tune(self.listener.socket, cfg.keepalive)

@@ -36,6 +36,7 @@ def chromium(tmp_path: Path) -> Iterator[Any]:
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
                  "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console: CSP reports
     driver = webdriver.Chrome(options=options, service=Service(DRIVER or "/usr/bin/chromedriver"))
     driver.set_page_load_timeout(30)
     driver.set_script_timeout(90)
@@ -113,3 +114,47 @@ def test_chromium_fetch_uploads_a_64_mib_blob_and_a_form_post_reaches_a_cgi_scri
     sums = [line for line in server.lines if "path=/sum" in line]
     assert len(sums) == 1 and f"bytes_in={64 * 1024 * 1024} " in sums[0] and "status=200" in sums[0], sums
     assert server.count_log(r"method=POST path=/form status=200") == 1
+
+
+SCREEN = """
+const buffer = window.gsrvTerm.buffer.active, lines = [];
+for (let i = 0; i < buffer.length; i++) lines.push(buffer.getLine(i).translateToString(true));
+return lines.join("\\n");
+"""
+
+
+@pytest.mark.timeout(120)
+def test_chromium_terminal_shows_bash_answers_tput_cols_after_a_resize_and_draws_top(gsrv, chromium) -> None:
+    import re
+    import subprocess
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bash = service_toml("shell", ["bash", "--norc", "--noprofile", "-i"], transport="websocket", pty=True,
+                        env={"PS1": "gsrv$ "})  # fmt: skip
+    server = gsrv(bash + "[services.shell.websocket]\nconsole = true\n")
+    host, port = server.address("shell")
+    page = subprocess.run(["curl", "-sS", "-i", f"http://{host}:{port}/"], capture_output=True, timeout=20).stdout
+    assert b"\r\nContent-Security-Policy: default-src 'self'; style-src 'self' 'unsafe-inline'\r\n" in page
+    chromium.set_window_size(800, 600)
+    chromium.get(f"http://{host}:{port}/")
+    wait = WebDriverWait(chromium, 30)
+    wait.until(lambda d: "gsrv$ " in d.execute_script(SCREEN))
+    keys = chromium.find_element(By.CSS_SELECTOR, ".xterm-helper-textarea")
+    before = chromium.execute_script("return window.gsrvTerm.cols")
+    chromium.set_window_size(1100, 700)
+    wait.until(lambda d: d.execute_script("return window.gsrvTerm.cols") != before)
+    cols = chromium.execute_script("return window.gsrvTerm.cols")
+    keys.send_keys("tput cols\n")
+    wait.until(lambda d: re.search(rf"^{cols}$", d.execute_script(SCREEN), re.M))
+    keys.send_keys("top -d 0.5\n")
+    wait.until(lambda d: "load average" in d.execute_script(SCREEN) and "PID" in d.execute_script(SCREEN))
+    keys.send_keys("q")
+    keys.send_keys("exit\n")
+    body = chromium.find_element(By.TAG_NAME, "body")
+    wait.until(lambda d: body.get_attribute("data-close-code"))
+    assert (body.get_attribute("data-close-code"), body.get_attribute("data-close-reason")) == ("1000", "exit=0")
+    blocked = [e["message"] for e in chromium.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not blocked, "\n".join(blocked)
+    assert "exit=0" in server.wait_log(r"event=session_end service=shell .*relay=websocket\+pty")

@@ -25,7 +25,7 @@ from gsrv.edge.proxy import ProxyError, ProxyHeader
 from gsrv.edge.refusal import Refusals
 from gsrv.edge.stream import PlainStream, Refused
 from gsrv.edge.tls import TlsStream
-from gsrv.edge.upgrade import upgrade
+from gsrv.edge.upgrade import Site, upgrade
 from gsrv.errors import GsrvError
 
 
@@ -37,19 +37,19 @@ class Door:
     """One service's door; the policy follows reloads, the per-address counts stay."""
 
     def __init__(self, policy: Policy, refusals: Refusals, websocket: WebSocketConfig | None = None,
-                 page: bytes = b"", http: HttpConfig | None = None) -> None:  # fmt: skip
+                 site: Site | None = None, http: HttpConfig | None = None) -> None:  # fmt: skip
         self.admission = Admission(policy)
         self.refusals = refusals
-        self.websocket, self.page, self.http = websocket, page, http
+        self.websocket, self.site, self.http = websocket, site or {}, http
 
     @property
     def policy(self) -> Policy:
         return self.admission.policy
 
-    def update(self, policy: Policy, websocket: WebSocketConfig | None = None, page: bytes = b"",
+    def update(self, policy: Policy, websocket: WebSocketConfig | None = None, site: Site | None = None,
                http: HttpConfig | None = None) -> None:  # fmt: skip
         self.admission.policy = policy
-        self.websocket, self.page, self.http = websocket, page, http
+        self.websocket, self.site, self.http = websocket, site or {}, http
 
     @property
     def has_prelude(self) -> bool:
@@ -94,7 +94,7 @@ class Door:
                 timeout = ws.handshake_timeout
                 transport = arrival.tls or PlainStream(arrival.sock)
                 with gevent.Timeout(timeout, TooSlow(f"no complete WebSocket upgrade within {timeout:g}s")):
-                    arrival.websocket = upgrade(transport, ws, arrival.tls is not None, self.page)
+                    arrival.websocket = upgrade(transport, ws, arrival.tls is not None, self.site)
             if self.http is not None:
                 arrival.http = HttpConnection(arrival.tls or PlainStream(arrival.sock), arrival.tls is not None)
                 return self._request(arrival, arrival.http)

@@ -84,14 +84,16 @@ class HttpConnection:
             self.stream.send(answer(status, error, head_only=head_only))
         raise Refused(reason, error)
 
-    def send_page(self, page: bytes) -> None:
-        """A 200 with an HTML page (the WebSocket console), then the connection ends."""
+    def send_page(self, body: bytes, kind: str, policy: str | None = None) -> None:
+        """A 200 with a file of gsrv's (the WebSocket console's page and its assets), with a
+        Content-Security-Policy when given, then the connection ends."""
         head_only = self.request is not None and self.request.method == "HEAD"
         self.status = 200
+        csp = f"Content-Security-Policy: {policy}\r\nX-Content-Type-Options: nosniff\r\n" if policy else ""
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n{csp}"
+                "Connection: close\r\nCache-Control: no-store\r\n\r\n")  # fmt: skip
         with contextlib.suppress(OSError):
-            self.stream.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: "
-                             + str(len(page)).encode() + b"\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n"
-                             + (b"" if head_only else page))  # fmt: skip
+            self.stream.send(head.encode() + (b"" if head_only else body))
 
     def timed_out(self) -> NoReturn:
         """handshake_timeout passed inside a head: 408, and the connection ends."""

@@ -132,7 +132,16 @@ def _normal(origin: str) -> str:
     return f"{parts.scheme}://{parts.hostname}:{parts.port or DEFAULT_PORTS.get(parts.scheme, 0)}"
 
 
-def upgrade(stream: Stream, ws: WebSocketConfig, secure: bool, page: bytes) -> Upgraded:
+Site = dict[str, tuple[bytes, str]]  # what follows the service's path -> (body, Content-Type)
+# The terminal page's Content-Security-Policy: nothing loads from anywhere but gsrv. Inline
+# styles are allowed (xterm.js's renderer writes its cell sizes and theme into <style> elements
+# it makes); scripts, images, fonts and connections stay 'self' only.
+TERMINAL = "default-src 'self'; style-src 'self' 'unsafe-inline'"
+TERM_FILES = {"xterm.js": "text/javascript", "addon-fit.js": "text/javascript", "term.js": "text/javascript",
+              "xterm.css": "text/css", "term.css": "text/css"}  # fmt: skip
+
+
+def upgrade(stream: Stream, ws: WebSocketConfig, secure: bool, site: Site) -> Upgraded:
     """Read the request (edge/http.py: the same head reader and raw checks as transport =
     "http") and answer it; raises Refused once an answer other than 101 is sent."""
     conn = HttpConnection(stream, secure)
@@ -145,7 +154,8 @@ def upgrade(stream: Stream, ws: WebSocketConfig, secure: bool, page: bytes) -> U
     if answer.status != 101:
         if answer.status != 200:
             conn.refuse(answer.status, answer.reason, answer.error)
-        conn.send_page(page)
+        body, kind = site.get(path_info(request.path, ws.path).rstrip("/"), site[""])
+        conn.send_page(body, kind, TERMINAL if "/_term/xterm.js" in site else None)
         raise Refused(answer.reason, answer.error)  # (the console page served: no error)
     accept = accept_token(headers["sec-websocket-key"]).decode()
     stream.send(f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -158,7 +168,17 @@ def accept_token(key: str) -> bytes:
     return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest())
 
 
-def console_page(ws: WebSocketConfig, typed: bool) -> bytes:
-    """The page a plain browser GET gets with console = true (gsrv/edge/console.html)."""
-    text = resources.files("gsrv.edge").joinpath("console.html").read_text(encoding="utf-8")
-    return text.replace("__MESSAGES__", ws.messages).replace("__TYPED__", "true" if typed else "false").encode()
+def console_site(ws: WebSocketConfig, typed: bool, pty: bool) -> Site:
+    """What a plain browser GET gets with console = true: with a pty a terminal (xterm.js, its
+    files at PATH/_term/NAME, all of them gsrv's: gsrv/edge/term/), else a page that sends
+    lines and shows what comes back (gsrv/edge/console.html)."""
+    files = resources.files("gsrv.edge")
+    if not pty:
+        text = files.joinpath("console.html").read_text(encoding="utf-8")
+        page = text.replace("__MESSAGES__", ws.messages).replace("__TYPED__", "true" if typed else "false")
+        return {"": (page.encode(), "text/html; charset=utf-8")}
+    term = files.joinpath("term")
+    site = {"": (term.joinpath("terminal.html").read_bytes(), "text/html; charset=utf-8")}
+    for name, kind in TERM_FILES.items():
+        site[f"/_term/{name}"] = (term.joinpath(name).read_bytes(), f"{kind}; charset=utf-8")
+    return site
