@@ -158,3 +158,34 @@ def test_chromium_terminal_shows_bash_answers_tput_cols_after_a_resize_and_draws
     blocked = [e["message"] for e in chromium.get_log("browser") if "Content Security Policy" in e["message"]]
     assert not blocked, "\n".join(blocked)
     assert "exit=0" in server.wait_log(r"event=session_end service=shell .*relay=websocket\+pty")
+
+
+@pytest.mark.timeout(180)
+def test_a_flood_into_a_throttled_terminal_page_stays_bounded_in_the_page_and_in_gsrv(gsrv, chromium) -> None:
+    import re
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bash = service_toml("shell", ["bash", "--norc", "--noprofile", "-i"], transport="websocket", pty=True,
+                        env={"PS1": "gsrv$ "})  # fmt: skip
+    server = gsrv(bash + "[services.shell.websocket]\nconsole = true\n")
+    host, port = server.address("shell")
+    chromium.get(f"http://{host}:{port}/")
+    wait = WebDriverWait(chromium, 120)
+    wait.until(lambda d: "gsrv$ " in d.execute_script(SCREEN))
+    chromium.execute_cdp_cmd("Emulation.setCPUThrottlingRate", {"rate": 6})
+    before = server.rss()
+    most = before
+    chromium.find_element(By.CSS_SELECTOR, ".xterm-helper-textarea").send_keys("seq 1 400000; echo flood-done\n")
+
+    def finished(d: object) -> bool:
+        nonlocal most
+        most = max(most, server.rss())
+        return re.search(r"^flood-done$", chromium.execute_script(SCREEN), re.M) is not None
+
+    wait.until(finished)
+    pending = chromium.execute_script("return window.gsrvPendingMost")
+    assert 0 < pending <= 256 * 1024 + 65536, pending  # the window (reattach_buffer) and one read
+    assert most - before < 16 * 1024 * 1024
+    assert re.search(r"^399999\n400000\nflood-done$", chromium.execute_script(SCREEN), re.M)

@@ -433,6 +433,34 @@ def test_a_1_gib_single_frame_message_streams_through_in_bounded_memory(gsrv) ->
 
 
 @pytest.mark.timeout(60)
+def test_a_client_that_acknowledges_gets_at_most_the_window_and_the_child_waits(gsrv) -> None:
+    server = gsrv(ws_service("flood", ["yes"], {"reattach_buffer": "64KiB"}, pty=True))
+    with raw_client(server, "flood") as (sock, proto):
+        sock.sendall(proto.send_data(b"r80x24") + proto.send_data(b"a0"))
+
+        def received_until_quiet() -> int:
+            got = 0
+            sock.settimeout(1.0)
+            try:
+                while chunk := sock.recv(65536):
+                    proto.receive_bytes(chunk)
+                    got += sum(len(f.payload) - 1 for f in proto.received_frames() if f.opcode is Opcode.BINARY)
+            except TimeoutError:
+                return got
+            raise AssertionError("the connection ended")
+
+        first = received_until_quiet()  # what was sent before the "a0" arrived, then the window
+        assert 64 * 1024 <= first <= 64 * 1024 + 2 * 65536, first
+        child = next(p for p in server.children() if p.name() == "yes")
+        cpu = sum(child.cpu_times()[:2])
+        time.sleep(0.5)
+        assert sum(child.cpu_times()[:2]) - cpu < 0.1  # blocked on its write, not spinning
+        sock.sendall(proto.send_data(f"a{first}".encode()))
+        more = received_until_quiet()
+        assert 0 < more <= 64 * 1024 + 65536, more
+
+
+@pytest.mark.timeout(60)
 def test_the_shipped_upper_ws_demo_answers_as_the_readme_says(gsrv, tmp_path: Path) -> None:
     text = (ROOT / "conf" / "gsrv.toml").read_text()
     text = re.sub(r'listen = "127\.0\.0\.1:\d+"', 'listen = "127.0.0.1:0"', text)

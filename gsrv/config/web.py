@@ -88,6 +88,9 @@ class WebSocketConfig:
     hosts: tuple[str, ...] = key(_hosts, [], "Host names answered besides loopback ones on a loopback listener "
                                  '(elsewhere, when set: only these); "*" = any; another Host gets 403',
                                  shown=True)  # fmt: skip
+    reattach_buffer: int = key(keys.size(64 * 1024, 64 * 1024 * 1024), "256KiB", "typed framing, a client that "
+                               'acknowledges ("a" messages; the terminal page does): output sent and not yet '
+                               "acknowledged, at most this; then gsrv stops reading the child", shown=True)  # fmt: skip
     local_only: bool = False  # derived: the service listens on loopback or a unix socket
 
 

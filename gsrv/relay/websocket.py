@@ -35,6 +35,7 @@ from gsrv.relay.child import Child
 from gsrv.relay.pump import Discard, End, FdSource, Meter, move, queued
 from gsrv.relay.relays import LINGER_S, Closing, PipeRelay, RelayEvents, guarded
 from gsrv.relay.terminal import Pipes, Terminal
+from gsrv.relay.window import Window
 from gsrv.relay.wsframes import Control, Data, FrameReader, Opcode, ProtocolError, close, frame
 
 # After the upgrade, how each end that is not the child's own is told (code, and the reason's text).
@@ -62,7 +63,8 @@ class WebSocketRelay(PipeRelay):
     """Frames to and from the client over `stream`; the child's end is its pipes or its pty."""
 
     __slots__ = ("stream", "ws", "proto", "typed", "stderr_channel", "failure", "code", "out", "err", "pinged",
-                 "pong", "ping_timed_out", "leftover", "frames", "reading_since", "errors", "err_done")  # fmt: skip
+                 "pong", "ping_timed_out", "leftover", "frames", "reading_since", "errors", "err_done",
+                 "window")  # fmt: skip
 
     def __init__(self, sock: socket, chunk: int, upgraded: Upgraded, ws: WebSocketConfig,
                  child_end: Pipes | Terminal, stderr_channel: bool) -> None:  # fmt: skip
@@ -82,6 +84,7 @@ class WebSocketRelay(PipeRelay):
         self.reading_since: float | None = None  # the input direction waits for the client since then
         self.errors = Meter()  # the child's stderr sent as "e" messages
         self.err_done = Event()  # the stderr channel reached its end (set now when there is none)
+        self.window = Window(ws.reattach_buffer)  # output acknowledged by the client, when it does
         if not stderr_channel:
             self.err_done.set()
 
@@ -289,19 +292,22 @@ class Frames:
             self.kind = "" if relay.typed else "i"  # typed: the message's first byte, which may come later
         if not self.kind and data:
             self.kind, data = chr(data[0]), data[1:]
-            if self.kind not in "ir":
-                raise ProtocolError(f'unknown message type "{self.kind}" (typed framing: "i" input, "r" resize)',
-                                    1003)  # fmt: skip
-        if self.kind == "r":
-            self.resize += data
+            if self.kind not in "ira":
+                raise ProtocolError(f'unknown message type "{self.kind}" (typed framing: "i" input, "r" resize, '
+                                    '"a" acknowledged output)', 1003)  # fmt: skip
+        if self.kind in "ra":
+            self.resize += data  # a control message's payload, whole before it acts
             if len(self.resize) > RESIZE_MAX:
-                raise ProtocolError("a resize longer than COLSxROWS", 1008)
+                raise ProtocolError("a resize or acknowledgement longer than its digits", 1008)
         elif self.kind == "i":
             self.data += data
         if finished:
             self.message = False
             if self.kind == "r":
                 self._resized()
+            elif self.kind == "a":
+                text, self.resize = self.resize, b""
+                relay.window.ack(text)
             elif self.kind == "i" and relay.ws.messages == "text":
                 self.data += b"\n"
         return False
@@ -334,12 +340,19 @@ class Messages:
         self.line = bytearray()
 
     def room(self, meter: Meter, chunk: int) -> int:
-        return chunk
+        if self.prefix != b"o":
+            return chunk
+        relay = self.relay
+        room, waited = relay.window.room(chunk, lambda: relay.inbound.holding)
+        meter.blocked += waited
+        return room
 
     def write(self, data: memoryview | bytes) -> float:
         relay = self.relay
         if relay.stream.closed:
             return 0.0
+        if self.prefix == b"o":
+            relay.window.sent += len(data)
         if relay.ws.messages == "binary":
             return relay.stream.send(frame(Opcode.BINARY, self.prefix + data if self.prefix else data))
         self.line += data

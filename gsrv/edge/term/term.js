@@ -25,9 +25,37 @@
     resized();
     term.focus();
   };
+  // Flow control: the page acknowledges the output xterm.js has parsed ("a" + the byte count of
+  // "o" messages so far), so gsrv keeps at most its reattach_buffer sent and not rendered, and
+  // a flood (yes, seq) waits in the program instead of piling up here. gsrvPending: bytes given
+  // to xterm.js and not parsed yet (and its highest, for tests and the curious).
+  let received = 0, rendered = 0, reported = -1;
+  window.gsrvPending = 0;
+  window.gsrvPendingMost = 0;
+  const ACK_EVERY = 16384;
+  const acknowledge = () => {
+    if (rendered - reported >= ACK_EVERY || rendered === received) {
+      reported = rendered;
+      send("a", String(rendered));
+    }
+  };
   ws.onmessage = (event) => {
     const bytes = new Uint8Array(event.data);
-    if (bytes.length > 1) term.write(bytes.subarray(1));  // "o" and "e" alike: both are the screen's
+    if (bytes.length < 2) return;
+    const output = bytes[0] === 0x6f;  // "o"; "e" (stderr) is the screen's too, and not counted
+    const data = bytes.subarray(1);
+    if (!output) {
+      term.write(data);
+      return;
+    }
+    received += data.length;
+    window.gsrvPending = received - rendered;
+    window.gsrvPendingMost = Math.max(window.gsrvPendingMost, window.gsrvPending);
+    term.write(data, () => {
+      rendered += data.length;
+      window.gsrvPending = received - rendered;
+      acknowledge();
+    });
   };
   ws.onclose = (event) => {
     const why = event.reason ? " (" + event.reason + ")" : "";
