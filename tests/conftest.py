@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -45,6 +46,27 @@ def service_toml(name: str, command: list[str], **keys: object) -> str:
     for key, value in keys.items():
         lines.append(f"{key} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def service_with(name: str, command: list[str], table: str, values: dict[str, object] | None,
+                 **keys: object) -> str:  # fmt: skip
+    """A service and, when given, its sub-table [services.NAME.TABLE] (websocket, http)."""
+    text = service_toml(name, command, **keys)
+    if values:
+        text += f"[services.{name}.{table}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
+    return text
+
+
+def tls_files(tmp_path: Path) -> tuple[Any, dict[str, str]]:
+    """A trustme CA (its cert also in ca.pem) and a tls table for a 127.0.0.1 certificate it signed."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    return ca, {"cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")}
 
 
 def toml_list(items: list[str]) -> str:

@@ -116,6 +116,17 @@ def test_chromium_fetch_uploads_a_64_mib_blob_and_a_form_post_reaches_a_cgi_scri
     assert server.count_log(r"method=POST path=/form status=200") == 1
 
 
+BASH = ["bash", "--norc", "--noprofile", "-i"]
+
+
+def shell_page(gsrv: Any) -> tuple[Any, str]:
+    """gsrv serving bash on a pty behind the terminal page; the page's address."""
+    bash = service_toml("shell", BASH, transport="websocket", pty=True, env={"PS1": "gsrv$ "})
+    server = gsrv(bash + "[services.shell.websocket]\nconsole = true\n")
+    host, port = server.address("shell")
+    return server, f"http://{host}:{port}/"
+
+
 SCREEN = """
 const buffer = window.gsrvTerm.buffer.active, lines = [];
 for (let i = 0; i < buffer.length; i++) lines.push(buffer.getLine(i).translateToString(true));
@@ -131,14 +142,11 @@ def test_chromium_terminal_shows_bash_answers_tput_cols_after_a_resize_and_draws
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    bash = service_toml("shell", ["bash", "--norc", "--noprofile", "-i"], transport="websocket", pty=True,
-                        env={"PS1": "gsrv$ "})  # fmt: skip
-    server = gsrv(bash + "[services.shell.websocket]\nconsole = true\n")
-    host, port = server.address("shell")
-    page = subprocess.run(["curl", "-sS", "-i", f"http://{host}:{port}/"], capture_output=True, timeout=20).stdout
+    server, address = shell_page(gsrv)
+    page = subprocess.run(["curl", "-sS", "-i", address], capture_output=True, timeout=20).stdout
     assert b"\r\nContent-Security-Policy: default-src 'self'; style-src 'self' 'unsafe-inline'\r\n" in page
     chromium.set_window_size(800, 600)
-    chromium.get(f"http://{host}:{port}/")
+    chromium.get(address)
     wait = WebDriverWait(chromium, 30)
     wait.until(lambda d: "gsrv$ " in d.execute_script(SCREEN))
     keys = chromium.find_element(By.CSS_SELECTOR, ".xterm-helper-textarea")
@@ -167,11 +175,8 @@ def test_a_flood_into_a_throttled_terminal_page_stays_bounded_in_the_page_and_in
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    bash = service_toml("shell", ["bash", "--norc", "--noprofile", "-i"], transport="websocket", pty=True,
-                        env={"PS1": "gsrv$ "})  # fmt: skip
-    server = gsrv(bash + "[services.shell.websocket]\nconsole = true\n")
-    host, port = server.address("shell")
-    chromium.get(f"http://{host}:{port}/")
+    server, address = shell_page(gsrv)
+    chromium.get(address)
     wait = WebDriverWait(chromium, 120)
     wait.until(lambda d: "gsrv$ " in d.execute_script(SCREEN))
     chromium.execute_cdp_cmd("Emulation.setCPUThrottlingRate", {"rate": 6})

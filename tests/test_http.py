@@ -18,8 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-import trustme
-from conftest import ROOT, py_child, service_toml, toml_value, wait_until
+from conftest import ROOT, py_child, service_with, tls_files, wait_until
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -27,10 +26,7 @@ HTTP = {"transport": "http"}
 
 
 def http_service(name: str, command: list[str], http: dict[str, object] | None = None, **keys: object) -> str:
-    text = service_toml(name, command, **HTTP, **keys)
-    if http:
-        text += f"[services.{name}.http]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in http.items())
-    return text
+    return service_with(name, command, "http", http, **HTTP, **keys)
 
 
 def cgi(body: str) -> list[str]:
@@ -441,12 +437,7 @@ def test_nph_passes_the_childs_whole_response_and_a_silent_failure_is_a_502(gsrv
 
 @pytest.mark.timeout(90)
 def test_https_is_tls_plus_http_uploads_and_keeps_alive(gsrv, tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    tls = {"cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")}
+    _, tls = tls_files(tmp_path)
     child = cgi("out.write(b'Content-Type: text/plain\\n\\n' + os.environ.get('HTTPS', '-').encode() + b' '"
                 " + str(len(sys.stdin.buffer.read())).encode())")  # fmt: skip
     server = gsrv(http_service("secure", child, tls=tls))

@@ -16,8 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trustme
-from conftest import ROOT, py_child, service_toml, toml_value, wait_until
+from conftest import ROOT, py_child, service_with, tls_files, wait_until
 from websockets.asyncio.client import connect as aconnect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
@@ -31,10 +30,7 @@ WS = {"transport": "websocket"}
 
 
 def ws_service(name: str, command: list[str], websocket: dict[str, object] | None = None, **keys: object) -> str:
-    text = service_toml(name, command, **WS, **keys)
-    if websocket:
-        text += f"[services.{name}.websocket]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in websocket.items())
-    return text
+    return service_with(name, command, "websocket", websocket, **WS, **keys)
 
 
 def url(server, name: str, path: str = "/", scheme: str = "ws") -> str:
@@ -177,11 +173,7 @@ def test_a_client_that_answers_pings_stays(gsrv) -> None:
 
 @pytest.mark.timeout(60)
 def test_wss_with_a_trustme_ca(gsrv, tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    tls = {"cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")}
+    ca, tls = tls_files(tmp_path)
     server = gsrv(ws_service("secure", ["cat"], tls=tls))
     context = ssl.create_default_context()
     ca.configure_trust(context)
