@@ -50,8 +50,8 @@ class KeepAlive:
     def wait(self, arrival: Arrival, seconds: float) -> None:
         """Until the next request's first byte (at once if the client already sent it)."""
         http = arrival.http
-        if http is not None and http.buffered:
-            self.knock(arrival)
+        if http is not None and http.buffered or arrival.tls is not None and arrival.tls.buffered:
+            self.knock(arrival)  # pipelined: the next request is read already (TLS: in its buffers)
             return
         waiting = Waiting(arrival, seconds)
         self.waiting[arrival] = waiting

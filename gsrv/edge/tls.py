@@ -76,6 +76,12 @@ class TlsStream:
             got += len(more)
         return data if len(parts) == 1 else b"".join(parts)
 
+    @property
+    def buffered(self) -> bool:
+        """Bytes of the client's already read from the socket, not yet taken by recv (the
+        socket may not be readable while they wait here)."""
+        return bool(self._in.pending or self.obj.pending())
+
     def send(self, data: bytes | bytearray | memoryview) -> float:
         """Encrypt and send all of data; the seconds spent waiting for the client."""
         self.obj.write(data)
