@@ -7,6 +7,7 @@ and what follows from them for the other keys.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,10 +16,20 @@ from gsrv.config.http import HttpConfig, parse_http
 from gsrv.config.keys import key
 from gsrv.config.policy import Policy, util_linux
 from gsrv.config.table import Table
+from gsrv.config.units import describe
 from gsrv.config.web import WebSocketConfig, parse_websocket
 
 TERM = "xterm-256color"  # the child's TERM on a pty unless the service's env sets one
 PRESPAWN_MAX = 1024
+
+
+def _record_dir(t: Table, name: str, default: object) -> str | None:
+    value = t.data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not os.path.isabs(value) or not os.path.isdir(value):
+        raise t.fail(name, f"must be an existing directory, as an absolute path (got {describe(value)})")
+    return value
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,13 @@ class Interaction:
     peer_line: str = key(keys.choice("none", "proxy-v1"), "none", '"proxy-v1": the first line the child reads '
                          "is a PROXY v1 line with the client's address (not counted in bytes_in)",
                          shown=True)  # fmt: skip
+    record: str | None = key(_record_dir, None, "a directory: each session "
+                             "recorded there as an asciicast v2 file, SESSION.cast, mode 0600 (output; input "
+                             "with record_input; resizes)", example="/var/log/gsrv/casts")  # fmt: skip
+    record_input: bool = key(keys.flag(), False, "with record: the client's input recorded too (passwords "
+                             "typed included)", shown=False)  # fmt: skip
+    record_max: int = key(keys.size(4096, 1 << 40), "64MiB", "with record: a file's largest size; the recording "
+                          "is cut there (record_cut=record_max in the log), the session goes on")  # fmt: skip
     stages: tuple[tuple[str, tuple[str, ...]], ...] = ()  # derived: the tty stage (setsid --ctty)
 
 
@@ -68,6 +86,15 @@ def _check_started_ahead(t: Table, found: dict[str, Any], values: dict[str, Any]
                      "(it can ask the socket for its peer)")  # fmt: skip
 
 
+def _check_recorded(t: Table, found: dict[str, Any], values: dict[str, Any]) -> None:
+    """A recording needs the bytes in gsrv: not the child's own socket, not splice."""
+    if found.get("record") is None:
+        return
+    if values["relay"] in ("socket", "splice"):
+        raise t.fail("record", f'cannot go with relay = "{values["relay"]}": gsrv must see the bytes to record them '
+                     '(use relay = "auto", which then copies, or "copy")')  # fmt: skip
+
+
 def _show(table: WebSocketConfig | HttpConfig | None) -> str:
     return "{" + " ".join(f"{k}={v}" for k, v in keys.changed(table)) + "}" if table else "none"
 
@@ -77,6 +104,7 @@ def parse_interaction(t: Table, values: dict[str, Any], policy: Policy, environ:
     stderr and env a pty amends)."""
     found = keys.read_all(t, Interaction, skip=("websocket", "http"))
     _check_started_ahead(t, found, values)
+    _check_recorded(t, found, values)
     websocket = _websocket(t, found["transport"], values | {"pty": found["pty"]}, policy)
     http = _http(t, found, values, policy)
     if not found["pty"]:

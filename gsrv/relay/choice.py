@@ -18,11 +18,12 @@ from gsrv.relay.websocket import WebSocketRelay
 def choose(svc: ServiceConfig, arrival: Arrival, eof_grace: float) -> Relay:
     """The service's relay key for this connection: TLS needs the bytes in userland, and so
     does a pty (the master is no pipe); splice needs a platform that has it; "socket" hands the
-    connection to the child."""
+    connection to the child; a recording needs the bytes too (record = DIR: copy)."""
     sock, relay, chunk = arrival.sock, svc.relay, svc.chunk_size
+    splice_ok = relay != "copy" and HAS_SPLICE and not svc.interact.record
     child_end = Terminal(eof_grace) if svc.interact.pty else Pipes()
     if arrival.http is not None and svc.interact.http is not None:
-        splice_body = relay != "copy" and HAS_SPLICE and arrival.tls is None
+        splice_body = splice_ok and arrival.tls is None
         return HttpRelay(sock, chunk, arrival.http, svc.interact.http, splice_body)
     upgraded = arrival.websocket
     if upgraded is not None and svc.interact.websocket is not None:
@@ -32,6 +33,6 @@ def choose(svc: ServiceConfig, arrival: Arrival, eof_grace: float) -> Relay:
         return relays.TlsRelay(sock, chunk, arrival.tls, child_end)
     if relay == "socket":
         return SocketRelay(sock, arrival.header.length if arrival.header else 0)
-    if relay != "copy" and HAS_SPLICE and not svc.interact.pty:
+    if splice_ok and not svc.interact.pty:
         return relays.SpliceRelay(sock, chunk)
     return relays.PipeRelay(sock, chunk, child_end)

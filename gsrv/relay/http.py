@@ -94,7 +94,7 @@ class HttpRelay(PipeRelay):
             return End.SOURCE_EOF
         if self.splice_body:
             return self._splice_in(child)
-        end = move(self._body(), self.child_end.sink(child), self.inbound, self.chunk)
+        end = move(self._body(), self._child_sink(child), self.inbound, self.chunk)
         self._body_ended(end)
         return end
 
@@ -146,7 +146,7 @@ class HttpRelay(PipeRelay):
     # -- the response: child -> client -----------------------------------------------------
 
     def _out(self, child: Child) -> End:
-        source = FdSource(child.stdout, self.chunk)
+        source = self._child_source(child, FdSource(child.stdout, self.chunk))
         output = self.http.output
         try:
             if output == "nph":  # the child's own status line and head: passed on, then the FIN
@@ -178,7 +178,7 @@ class HttpRelay(PipeRelay):
             return End.SOURCE_ERROR
         return end
 
-    def _first_output(self, source: FdSource, output: str) -> tuple[Head, bytes] | None:
+    def _first_output(self, source: Source, output: str) -> tuple[Head, bytes] | None:
         """The child's header block (cgi) or first bytes (body), None at its EOF before one."""
         block = bytearray()
         while True:

@@ -35,11 +35,14 @@ from gsrv.relay.pump import (
     FdSink,
     FdSource,
     Meter,
+    Sink,
+    Source,
     move,
     pool,
     queued,
     splice,
 )
+from gsrv.relay.record import RecordedSink, RecordedSource, Recording
 from gsrv.relay.stdio import Stdio
 from gsrv.relay.terminal import Pipes, Terminal
 
@@ -111,7 +114,7 @@ class PipeRelay:
     kept = False
     cut_input = False
     __slots__ = ("sock", "chunk", "child_end", "inbound", "outbound", "discarded", "input_done", "client_eof",
-                 "output_eof", "greenlets")  # fmt: skip
+                 "output_eof", "greenlets", "recording")  # fmt: skip
 
     def __init__(self, sock: socket, chunk: int, child_end: Pipes | Terminal | None = None) -> None:
         self.sock, self.chunk = sock, chunk
@@ -121,6 +124,7 @@ class PipeRelay:
         self.client_eof = False  # the client finished sending (to the child, or discarded)
         self.output_eof = False  # the child's output reached its end and all of it the client
         self.greenlets: list[gevent.Greenlet] = []
+        self.recording: Recording | None = None  # record = DIR: the child's bytes as an asciicast file
 
     @property
     def name(self) -> str:
@@ -164,7 +168,8 @@ class PipeRelay:
 
     def log_fields(self) -> dict[str, object]:
         return {"bytes_in": self.inbound.total, "bytes_out": self.outbound.total,
-                "discarded": self.discarded.total or None}  # fmt: skip
+                "discarded": self.discarded.total or None,
+                **(self.recording.log_fields() if self.recording else {})}  # fmt: skip
 
     # -- running ------------------------------------------------------------------------
 
@@ -227,11 +232,20 @@ class PipeRelay:
         return FAILURES[(direction, end)]
 
     def _in(self, child: Child) -> End:
-        return move(FdSource(self.sock.fileno(), self.chunk), self.child_end.sink(child), self.inbound, self.chunk)
+        return move(FdSource(self.sock.fileno(), self.chunk), self._child_sink(child), self.inbound, self.chunk)
 
     def _out(self, child: Child) -> End:
-        source = self.child_end.source(child, self.chunk)
-        return move(source, FdSink(self.sock.fileno()), self.outbound, self.chunk)
+        return move(self._child_source(child), FdSink(self.sock.fileno()), self.outbound, self.chunk)
+
+    def _child_sink(self, child: Child) -> Sink:
+        """The child's input (recorded with record_input)."""
+        sink = self.child_end.sink(child)
+        return RecordedSink(sink, self.recording.input) if self.recording and self.recording.record_input else sink
+
+    def _child_source(self, child: Child, source: Source | None = None) -> Source:
+        """The child's output (recorded with record)."""
+        source = source or self.child_end.source(child, self.chunk)
+        return RecordedSource(source, self.recording.output) if self.recording else source
 
     def _discard(self) -> End:
         return move(FdSource(self.sock.fileno(), self.chunk), Discard(), self.discarded, self.chunk)
@@ -271,13 +285,12 @@ class TlsRelay(PipeRelay):
 
     def _in(self, child: Child) -> End:
         """SOURCE_EOF at the client's close_notify."""
-        return move(TlsSource(self.stream), self.child_end.sink(child), self.inbound, self.chunk)
+        return move(TlsSource(self.stream), self._child_sink(child), self.inbound, self.chunk)
 
     def _out(self, child: Child) -> End:
         """After a TLS 1.2 client's close_notify (both ways closed) the child's output is read
         and dropped, so the child can finish."""
-        source = self.child_end.source(child, self.chunk)
-        return move(source, TlsSink(self.stream), self.outbound, self.chunk)
+        return move(self._child_source(child), TlsSink(self.stream), self.outbound, self.chunk)
 
     def _finish_output(self, closing: Closing) -> None:
         self.stream.close_notify()

@@ -28,7 +28,8 @@ from gsrv.relay.choice import choose
 from gsrv.relay.ending import EndRules, Facts, Verdict
 from gsrv.relay.http import HttpRelay
 from gsrv.relay.pump import READ, Discard, FdSource, Meter, move
-from gsrv.relay.relays import Closing, Relay
+from gsrv.relay.record import Recording
+from gsrv.relay.relays import Closing, PipeRelay, Relay
 from gsrv.relay.stderr import StderrLines
 
 if TYPE_CHECKING:
@@ -122,6 +123,9 @@ class Session:
             svc = self.svc
             if self.relay is None:
                 self.relay = choose(svc, self.arrival, self.server.eof_grace)
+                if svc.interact.record and isinstance(self.relay, PipeRelay):
+                    self.relay.recording = Recording(svc.interact.record, self.sid, svc.interact.record_max,
+                                                     svc.interact.record_input, self._record_cut)  # fmt: skip
             if prespawned is not None:
                 self.child = prespawned
                 return None
@@ -263,6 +267,8 @@ class Session:
     def _stop_relay(self) -> None:
         if self.relay is not None:
             self.relay.stop()
+            if isinstance(self.relay, PipeRelay) and self.relay.recording is not None:
+                self.relay.recording.close()  # what is queued is written, off the loop
 
     def _stop_child(self) -> None:
         child = self.child
@@ -340,6 +346,10 @@ class Session:
 
     def stderr_line(self, line: str) -> None:
         self.log.info("child_stderr", service=self.svc.name, session=self.sid, line=line)
+
+    def _record_cut(self, why: str, error: str) -> None:
+        self.log.warning("record_cut", service=self.svc.name, session=self.sid, why=why, error=error or None,
+                         next="the session goes on, no longer recorded")  # fmt: skip
 
     def _escalated(self, after: float) -> None:
         assert self.child is not None

@@ -119,12 +119,12 @@ class WebSocketRelay(PipeRelay):
 
     def _in(self, child: Child) -> End:
         self.frames = Frames(self, child)
-        return move(self.frames, self.child_end.sink(child), self.inbound, self.chunk)
+        return move(self.frames, self._child_sink(child), self.inbound, self.chunk)
 
     def _out(self, child: Child) -> End:
         """The output's end is stdout's and, with the stderr channel, stderr's: both go to the
         client, so the session is not done (nor its close frame sent) before both are."""
-        end = move(self.child_end.source(child, self.chunk), self.out, self.outbound, self.chunk)
+        end = move(self._child_source(child), self.out, self.outbound, self.chunk)
         if end is End.SOURCE_EOF:
             self.err_done.wait()
             if self.failure:
@@ -319,6 +319,8 @@ class Frames:
             raise ProtocolError(f'a resize must be "rCOLSxROWS" like "r120x40" (got "r{text}")', 1008)
         if self.child is not None:
             self.relay.child_end.resize(self.child, int(columns), int(rows))
+        if self.relay.recording is not None:
+            self.relay.recording.resize(int(columns), int(rows))
 
     def done(self) -> None:
         pass
