@@ -69,7 +69,7 @@ class Service:
         ws = cfg.interact.websocket
         typed = cfg.interact.pty or cfg.stderr == "websocket"
         site = console_site(ws, typed, cfg.interact.pty) if ws and ws.console else {}
-        self.door.update(cfg.policy, ws, site, cfg.interact.http)
+        self.door.update(cfg.policy, ws, site, cfg.interact.http, cfg.interact.auth)
         self.gate.set_limits(cfg.max_sessions, cfg.policy.max_pending)
         if self.listener is not None:
             tune(self.listener.socket, cfg.keepalive)

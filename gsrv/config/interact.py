@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gsrv.config import keys
+from gsrv.config.auth import Credentials, parse_auth
 from gsrv.config.http import HttpConfig, parse_http
 from gsrv.config.keys import key
 from gsrv.config.policy import Policy, util_linux
@@ -59,6 +60,12 @@ class Interaction:
     peer_line: str = key(keys.choice("none", "proxy-v1"), "none", '"proxy-v1": the first line the child reads '
                          "is a PROXY v1 line with the client's address (not counted in bytes_in)",
                          shown=True)  # fmt: skip
+    auth: Credentials | None = key(parse_auth, None, 'HTTP and WebSocket: { basic = "/etc/gsrv/htpasswd" } '
+                                   '(bcrypt or SHA-crypt entries) or { bearer = "/etc/gsrv/tokens" } (a token a '
+                                   "line), optional realm and failures_per_minute (10); 401 before any child, 429 "
+                                   "over the limit", example={"basic": "/etc/gsrv/htpasswd"}, value=None,
+                                   reload="the file is read again (a broken one keeps the running config)",
+                                   show=lambda c: f"{c.kind} {c.path}" if c else "none")  # fmt: skip
     record: str | None = key(_record_dir, None, "a directory: each session "
                              "recorded there as an asciicast v2 file, SESSION.cast, mode 0600 (output; input "
                              "with record_input; resizes)", example="/var/log/gsrv/casts")  # fmt: skip
@@ -105,6 +112,8 @@ def parse_interaction(t: Table, values: dict[str, Any], policy: Policy, environ:
     found = keys.read_all(t, Interaction, skip=("websocket", "http"))
     _check_started_ahead(t, found, values)
     _check_recorded(t, found, values)
+    if found.get("auth") is not None and found["transport"] == "tcp":
+        raise t.fail("auth", 'needs transport = "http" or "websocket" (a raw TCP client sends no credentials)')
     websocket = _websocket(t, found["transport"], values | {"pty": found["pty"]}, policy)
     http = _http(t, found, values, policy)
     if not found["pty"]:

@@ -70,6 +70,7 @@ class Arrival:
         self.websocket: Upgraded | None = None  # after its WebSocket upgrade
         self.http: HttpConnection | None = None  # transport = "http": the connection across its requests
         self.connection_sid = sid  # the first request's: each next request on it gets a sid of its own
+        self.user: tuple[str, str] | None = None  # (REMOTE_USER, AUTH_TYPE) once auth let it in
 
     def next_request(self, sid: str) -> None:
         """A kept-alive connection's next request: a session id and a start of its own."""
@@ -123,6 +124,8 @@ class Arrival:
             fields["tls"] = self.tls.version
         if self.http is not None and self.sid != self.connection_sid:
             fields["conn"] = self.connection_sid
+        if self.user is not None:
+            fields["user"] = self.user[0]
         return fields
 
     def env(self, svc: ServiceConfig, sid: str) -> dict[str, str]:
@@ -149,4 +152,6 @@ class Arrival:
         if http is not None and request is not None:
             remote = self.client or (self.peer if self.tcp else None)
             extra |= cgi_env(request, http, local if self.tcp else None, remote, self.tls is not None)
+        if self.user is not None:
+            extra |= {"REMOTE_USER": self.user[0], "AUTH_TYPE": self.user[1]}
         return build_env(os.environ, svc.pass_env, svc.env, extra)

@@ -14,13 +14,16 @@ import time
 import gevent
 from gevent.socket import socket
 
+from gsrv.config.auth import Credentials
 from gsrv.config.http import HttpConfig
 from gsrv.config.policy import Policy
 from gsrv.config.web import WebSocketConfig
 from gsrv.edge import proxy
 from gsrv.edge.access import Admission, allowed
 from gsrv.edge.arrival import Arrival
+from gsrv.edge.auth import Gatekeeper
 from gsrv.edge.http import HttpConnection, Quiet
+from gsrv.edge.httphead import HeadError
 from gsrv.edge.proxy import ProxyError, ProxyHeader
 from gsrv.edge.refusal import Refusals
 from gsrv.edge.stream import PlainStream, Refused
@@ -41,15 +44,17 @@ class Door:
         self.admission = Admission(policy)
         self.refusals = refusals
         self.websocket, self.site, self.http = websocket, site or {}, http
+        self.gatekeeper = Gatekeeper()
 
     @property
     def policy(self) -> Policy:
         return self.admission.policy
 
     def update(self, policy: Policy, websocket: WebSocketConfig | None = None, site: Site | None = None,
-               http: HttpConfig | None = None) -> None:  # fmt: skip
+               http: HttpConfig | None = None, credentials: Credentials | None = None) -> None:  # fmt: skip
         self.admission.policy = policy
         self.websocket, self.site, self.http = websocket, site or {}, http
+        self.gatekeeper.update(credentials)
 
     @property
     def has_prelude(self) -> bool:
@@ -94,7 +99,8 @@ class Door:
                 timeout = ws.handshake_timeout
                 transport = arrival.tls or PlainStream(arrival.sock)
                 with gevent.Timeout(timeout, TooSlow(f"no complete WebSocket upgrade within {timeout:g}s")):
-                    arrival.websocket = upgrade(transport, ws, arrival.tls is not None, self.site)
+                    arrival.websocket = upgrade(transport, ws, arrival.tls is not None, self.site,
+                                                lambda conn: self._authorize(arrival, conn))  # fmt: skip
             if self.http is not None:
                 arrival.http = HttpConnection(arrival.tls or PlainStream(arrival.sock), arrival.tls is not None)
                 return self._request(arrival, arrival.http)
@@ -121,6 +127,7 @@ class Door:
             try:
                 with gevent.Timeout(http.handshake_timeout, TooSlow()):
                     conn.read_request(http)
+                    self._authorize(arrival, conn)
             except TooSlow:
                 conn.timed_out()
             return True
@@ -133,6 +140,16 @@ class Door:
         except OSError as e:
             self.refusals.refuse(arrival, "client_reset", error=e.strerror or str(e))
         return False
+
+    def _authorize(self, arrival: Arrival, conn: HttpConnection) -> None:
+        """The request's credentials (auth): the user on the arrival, or 401/429 answered."""
+        request = conn.request
+        assert request is not None
+        try:
+            arrival.user = self.gatekeeper.check(request.header("authorization"), arrival.client_ip)
+        except HeadError as e:
+            fields = self.gatekeeper.challenge() if e.status == 401 else (("Retry-After", "60"),)
+            conn.refuse(e.status, e.reason, str(e), fields)
 
     def _admit(self, arrival: Arrival, rule_ip: str | None, ip: str | None) -> bool:
         refused = self.admission.check(rule_ip, ip, time.monotonic())

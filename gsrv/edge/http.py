@@ -76,12 +76,12 @@ class HttpConnection:
         self.request = request
         return request
 
-    def refuse(self, status: int, reason: str, error: str) -> NoReturn:
+    def refuse(self, status: int, reason: str, error: str, fields: tuple[tuple[str, str], ...] = ()) -> NoReturn:
         """Answer with status (Connection: close) and raise Refused: the connection ends."""
         self.status = status
         head_only = self.request is not None and self.request.method == "HEAD"
         with contextlib.suppress(OSError):
-            self.stream.send(answer(status, error, head_only=head_only))
+            self.stream.send(answer(status, error, head_only=head_only, fields=fields))
         raise Refused(reason, error)
 
     def send_page(self, body: bytes, kind: str, policy: str | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from urllib.parse import unquote, urlsplit
@@ -141,7 +142,8 @@ TERM_FILES = {"xterm.js": "text/javascript", "addon-fit.js": "text/javascript", 
               "xterm.css": "text/css", "term.css": "text/css"}  # fmt: skip
 
 
-def upgrade(stream: Stream, ws: WebSocketConfig, secure: bool, site: Site) -> Upgraded:
+def upgrade(stream: Stream, ws: WebSocketConfig, secure: bool, site: Site,
+            authorize: Callable[[HttpConnection], None] | None = None) -> Upgraded:  # fmt: skip
     """Read the request (edge/http.py: the same head reader and raw checks as transport =
     "http") and answer it; raises Refused once an answer other than 101 is sent."""
     conn = HttpConnection(stream, secure)
@@ -157,6 +159,8 @@ def upgrade(stream: Stream, ws: WebSocketConfig, secure: bool, site: Site) -> Up
         body, kind = site.get(path_info(request.path, ws.path).rstrip("/"), site[""])
         conn.send_page(body, kind, TERMINAL if "/_term/xterm.js" in site else None)
         raise Refused(answer.reason, answer.error)  # (the console page served: no error)
+    if authorize is not None:
+        authorize(conn)  # raises Refused once it answered 401 or 429
     accept = accept_token(headers["sec-websocket-key"]).decode()
     stream.send(f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode())  # fmt: skip
