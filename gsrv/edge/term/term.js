@@ -33,8 +33,9 @@
   window.gsrvPending = 0;
   window.gsrvPendingMost = 0;
   const ACK_EVERY = 16384;
+  const acks = new URLSearchParams(location.search).get("acks") !== "0";  // ?acks=0: none (to compare)
   const acknowledge = () => {
-    if (rendered - reported >= ACK_EVERY || rendered === received) {
+    if (acks && (rendered - reported >= ACK_EVERY || rendered === received)) {
       reported = rendered;
       send("a", String(rendered));
     }
