@@ -50,7 +50,7 @@ def test_basic_auth_with_htpasswds_entries_and_a_new_file_on_sighup(gsrv, tmp_pa
     assert curl("-u", "alice:wrong", url)[1] == "401"
     assert marker.read_text().split() == ["alice", "bob", "carol"]
     assert "user=alice" in server.wait_log(r"event=session_end service=app .*status=200")
-    assert server.count_log(r"reason=unauthorized") == 3
+    wait_until(lambda: server.count_log(r"reason=unauthorized") == 3, 10, "three unauthorized lines")
     users.write_text("")
     htpasswd(users, "B", "dave", "dave-secret")
     server.signal(signal.SIGHUP)
@@ -72,7 +72,7 @@ def test_bearer_tokens_and_429_after_repeated_failures(gsrv, tmp_path: Path) -> 
     assert codes == ["401", "401", "401", "429"]
     assert curl("-H", "Authorization: Bearer first-token-0123456789", url)[1] == "429"  # the address waits now
     assert marker.read_text().split() == ["token-2"]
-    assert server.count_log(r"reason=auth_limited") == 2
+    wait_until(lambda: server.count_log(r"reason=auth_limited") == 2, 10, "two auth_limited lines")
 
 
 @pytest.mark.timeout(60)
