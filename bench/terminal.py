@@ -4,7 +4,7 @@ page's acknowledgements on and off (`?acks=0`), in interleaved rounds: MB/s from
 its marker on the screen, the page's JS heap at its highest (CDP Runtime.getHeapUsage, sampled),
 the most output the page held unparsed (window.gsrvPendingMost), gsrv's RSS growth.
 
-Usage: python bench/terminal.py [--rounds 3] [--mib 64] [--out bench/results/terminal.md]
+Usage: python bench/terminal.py [--rounds 3] [--mib 64] [--window 256KiB] [--out bench/results/terminal.md]
 Everything stays on 127.0.0.1; the script ends only the gsrv and the browser it started.
 """
 
@@ -23,19 +23,18 @@ import time
 import psutil
 
 SCREEN_TAIL = """
-const buffer = window.gsrvTerm.buffer.active, lines = [];
-for (let i = Math.max(0, buffer.length - 5); i < buffer.length; i++)
-  lines.push(buffer.getLine(i).translateToString(true));
+const buffer = window.gsrvTerm.buffer.active, lines = [], cursor = buffer.baseY + buffer.cursorY;
+for (let i = Math.max(0, cursor - 4); i <= cursor; i++) lines.push(buffer.getLine(i).translateToString(true));
 return lines.join("\\n");
 """
 
 
-def start_gsrv(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_gsrv(tmp: str, window: str) -> tuple[subprocess.Popen[bytes], str]:
     config = os.path.join(tmp, "term.toml")
     with open(config, "w") as f:
         f.write('[services.shell]\nlisten = "127.0.0.1:0"\ncommand = ["bash", "--norc", "--noprofile", "-i"]\n'
                 'pty = true\ntransport = "websocket"\nkill_scope = "group"\nenv = { PS1 = "gsrv$ " }\n'
-                "websocket = { console = true }\n")  # fmt: skip
+                f'websocket = {{ console = true, reattach_buffer = "{window}" }}\n')  # fmt: skip
     log = open(os.path.join(tmp, "gsrv.log"), "w+")  # noqa: SIM115 (the process writes it)
     proc = subprocess.Popen([sys.executable, "-m", "gsrv", "serve", "-c", config], stderr=log)
     deadline = time.monotonic() + 20
@@ -50,6 +49,8 @@ def start_gsrv(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
 
 def browser(tmp: str):  # type: ignore[no-untyped-def]
     os.environ["SE_AVOID_STATS"] = "true"
+    here = os.path.dirname(os.path.abspath(__file__))  # bench/websocket.py would shadow selenium's websocket
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -97,6 +98,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--window", default="256KiB", help="the service's reattach_buffer (default: its default)")
     parser.add_argument("--out")
     args = parser.parse_args()
     results: dict[str, list[dict[str, float]]] = {"acks on": [], "acks off": []}
@@ -106,15 +108,17 @@ def main() -> int:
         with open(path, "wb") as f:
             for _ in range(args.mib * 1024 * 1024 // len(line)):
                 f.write(line)
-        proc, address = start_gsrv(tmp)
-        driver = browser(tmp)
+        proc, address = start_gsrv(tmp, args.window)
+        driver = None
         try:
+            driver = browser(tmp)
             for _ in range(args.rounds):
                 for name in results:
                     results[name].append(one(driver, address, path, name == "acks on", proc.pid))
                     print(name, results[name][-1], file=sys.stderr)
         finally:
-            driver.quit()
+            if driver is not None:
+                driver.quit()
             proc.terminate()
             proc.wait(20)
     rows = ["| measure | acks on | acks off | on / off |", "|---|---:|---:|---:|"]
@@ -128,8 +132,9 @@ def main() -> int:
     print(table)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"# bench/terminal.py, {time.strftime('%Y-%m-%d')}: cat of {args.mib} MiB into the terminal "
-                    f"page, {args.rounds} interleaved rounds, medians\n\n{table}\n")  # fmt: skip
+            title = (f"# bench/terminal.py, {time.strftime('%Y-%m-%d')}: cat of {args.mib} MiB into the terminal page, "
+                     f"reattach_buffer {args.window}, {args.rounds} interleaved rounds, medians")  # fmt: skip
+            f.write(f"{title}\n\n{table}\n")
     return 0
 
 
