@@ -382,7 +382,7 @@ class ResponseBody:
         n = len(data)
         if relay.framing == "chunked":
             relay.sent += n
-            return relay._send(b"%x\r\n%b\r\n" % (n, bytes(data)))
+            return relay._send(b"".join((b"%x\r\n" % n, data, b"\r\n")))  # one copy of the chunk
         if relay.framing == "length":
             assert relay.length is not None
             left = relay.length - relay.sent

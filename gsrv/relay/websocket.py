@@ -356,7 +356,7 @@ class Messages:
         if self.prefix == b"o":
             relay.window.sent += len(data)
         if relay.ws.messages == "binary":
-            return relay.stream.send(frame(Opcode.BINARY, self.prefix + data if self.prefix else data))
+            return relay.stream.send(frame(Opcode.BINARY, data, self.prefix))
         self.line += data
         waited = 0.0
         while (end := self.line.find(b"\n")) >= 0:

@@ -171,16 +171,17 @@ def check_close(payload: bytes) -> None:
         raise ProtocolError("a close reason that is not UTF-8", 1007) from None
 
 
-def frame(opcode: Opcode, payload: bytes | bytearray | memoryview) -> bytes:
-    """A server frame (unmasked, whole)."""
-    n = len(payload)
+def frame(opcode: Opcode, payload: bytes | bytearray | memoryview, prefix: bytes = b"") -> bytes:
+    """A server frame (unmasked, whole), its payload `prefix` + payload (typed framing's type
+    byte), copied once."""
+    n = len(prefix) + len(payload)
     if n < 126:
         head = struct.pack("!BB", 0x80 | opcode, n)
     elif n < 65536:
         head = struct.pack("!BBH", 0x80 | opcode, 126, n)
     else:
         head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
-    return head + payload
+    return b"".join((head, prefix, payload))
 
 
 def close(code: int, reason: str) -> bytes:
