@@ -118,6 +118,7 @@ class Server:
                 s.gate.active >= s.gate.max_sessions,
                 s.listen_queue(),
                 s.gate.waiting,
+                s.detached,
             )  # fmt: skip
             for s in self.services
         ]

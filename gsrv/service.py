@@ -18,6 +18,7 @@ from gsrv.config.address import host_port
 from gsrv.config.parse import Config, ServiceConfig
 from gsrv.edge.arrival import Arrival
 from gsrv.edge.door import Door
+from gsrv.edge.hello import Declined, Hello
 from gsrv.edge.keepalive import KeepAlive
 from gsrv.edge.keepalive import close as close_between
 from gsrv.edge.refusal import Refusals
@@ -27,8 +28,10 @@ from gsrv.logs import Log
 from gsrv.ops.metrics import Metrics
 from gsrv.relay.child import Launcher
 from gsrv.relay.prespawn import Prespawned
+from gsrv.relay.reattach import Link
 from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
+from gsrv.relay.websocket import WebSocketRelay
 from gsrv.state import Lifecycle
 
 
@@ -52,10 +55,11 @@ class Service:
         self.server = server
         self.cfg = cfg
         self.refusals = Refusals(cfg.name, server.log, self._refused)
-        self.door = Door(cfg.policy, self.refusals)  # configure() gives it the rest
+        self.door = Door(cfg.policy, self.refusals, self._resume)  # configure() gives it the rest
         self.gate: Gate[Arrival, Session] = Gate(cfg.name, cfg.max_sessions, server.log, self)
         self.keepalive = KeepAlive(self._next_request)  # HTTP connections between requests
         self.sessions: set[Session] = set()
+        self.seated: dict[str, tuple[Session, WebSocketRelay]] = {}  # reattach: a session by its token
         self.ending = False  # the stop ended the sessions: one that starts now ends at once
         self.listener: Listener | None = None
         self.prespawned = Prespawned(cfg, server.launcher, server.log, server.config.server.kill_grace, self._accepts)
@@ -146,16 +150,42 @@ class Service:
         if self.ending:
             session.abort("shutdown")
         self.sessions.add(session)
+        relay = session.relay
+        token = relay.seat.token if isinstance(relay, WebSocketRelay) and relay.seat else None
+        if token is not None and isinstance(relay, WebSocketRelay):
+            self.seated[token] = (session, relay)
         try:
             session.run()
         finally:
             self.sessions.discard(session)
+            self.seated.pop(token or "", None)
         if session.kept:
             http = self.cfg.interact.http
             if self.gate.closed or http is None:  # a drain, or a reload that ended HTTP here
                 close_between(session.arrival)
             else:
                 self.keepalive.wait(session.arrival, http.between_requests)
+
+    def _resume(self, arrival: Arrival, hello: Hello) -> None:
+        """A terminal page's reattach (edge/door.py's hello): its session takes the connection.
+        Raises Declined (a token no session has, another user's session) or ProtocolError."""
+        found = self.seated.get(hello.resume or "")
+        if found is None:
+            raise Declined("no_session", "no session of this service has that token (it ended, or never was)")
+        session, relay = found
+        owner, user = session.arrival.user, arrival.user
+        if (owner[0] if owner else None) != (user[0] if user else None):
+            raise Declined("wrong_user", "the session is another user's")
+        upgraded = arrival.websocket
+        assert upgraded is not None and upgraded.reader is not None
+        peer = str(arrival.log_fields()["peer"])
+        link = Link(arrival.sock, upgraded.stream, upgraded.reader, arrival.sid, peer, arrival.ended)
+        relay.attach(link, hello.offset)
+
+    @property
+    def detached(self) -> int:
+        """Sessions whose client's connection dropped, kept for a reattach."""
+        return sum(1 for _, relay in self.seated.values() if relay.detached_since is not None)
 
     def _next_request(self, arrival: Arrival) -> None:
         arrival.next_request(self.server.next_session_id())

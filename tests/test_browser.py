@@ -4,9 +4,12 @@ gave. The browser is started so that it opens no connection off this machine."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,10 +122,10 @@ def test_chromium_fetch_uploads_a_64_mib_blob_and_a_form_post_reaches_a_cgi_scri
 BASH = ["bash", "--norc", "--noprofile", "-i"]
 
 
-def shell_page(gsrv: Any) -> tuple[Any, str]:
+def shell_page(gsrv: Any, websocket: str = "") -> tuple[Any, str]:
     """gsrv serving bash on a pty behind the terminal page; the page's address."""
     bash = service_toml("shell", BASH, transport="websocket", pty=True, env={"PS1": "gsrv$ "})
-    server = gsrv(bash + "[services.shell.websocket]\nconsole = true\n")
+    server = gsrv(bash + "[services.shell.websocket]\nconsole = true\n" + websocket)
     host, port = server.address("shell")
     return server, f"http://{host}:{port}/"
 
@@ -194,3 +197,86 @@ def test_a_flood_into_a_throttled_terminal_page_stays_bounded_in_the_page_and_in
     assert 0 < pending <= 256 * 1024 + 65536, pending  # the window (reattach_buffer) and one read
     assert most - before < 16 * 1024 * 1024
     assert re.search(r"^399999\n400000\nflood-done$", chromium.execute_script(SCREEN), re.M)
+
+
+class Cutter:
+    """A TCP proxy on 127.0.0.1 in front of `target` that can cut every connection through it
+    at once, without a close frame (what a laptop's sleep or a Wi-Fi change does to a page;
+    Chromium's offline emulation leaves open WebSockets up). New connections pass after a cut."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.open: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(self.target, timeout=10)
+            upstream.settimeout(None)
+            with self.lock:
+                self.open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        with self.lock:
+            cut, self.open = self.open, []
+        for sock in cut:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+@pytest.mark.timeout(150)
+def test_a_cut_connection_reattaches_the_page_to_its_shell_with_no_byte_lost_or_doubled(gsrv, chromium) -> None:
+    import re
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, _ = shell_page(gsrv, 'reattach = "5m"\n')
+    cutter = Cutter(server.address("shell"))
+    try:
+        chromium.get(f"http://127.0.0.1:{cutter.address[1]}/")
+        wait = WebDriverWait(chromium, 60)
+        wait.until(lambda d: "gsrv$ " in d.execute_script(SCREEN))
+        assert "#session=" in chromium.current_url  # the token: in the fragment, never sent to a server
+        keys = chromium.find_element(By.CSS_SELECTOR, ".xterm-helper-textarea")
+        keys.send_keys("echo pid=$$\n")
+        wait.until(lambda d: re.search(r"^pid=\d+$", d.execute_script(SCREEN), re.M))
+        pid = re.findall(r"^pid=(\d+)$", chromium.execute_script(SCREEN), re.M)[0]
+        keys.send_keys("for i in $(seq 1 3000); do echo n$i; sleep 0.001; done; sleep 3; echo back\n")
+        wait.until(lambda d: re.search(r"^n500$", d.execute_script(SCREEN), re.M))
+        cutter.cut()  # mid-stream: bytes in flight are lost to the page, not to gsrv
+        server.wait_log(r"event=session_detached service=shell .*why=client_reset")
+        wait.until(lambda d: d.execute_script("return window.gsrvConnects") == 2)
+        wait.until(lambda d: re.search(r"^back$", d.execute_script(SCREEN), re.M))
+        screen = chromium.execute_script(SCREEN)
+        assert re.findall(r"^n(\d+)$", screen, re.M) == [str(i) for i in range(1, 3001)]
+        keys.send_keys("echo pid=$$\n")
+        wait.until(lambda d: len(re.findall(r"^pid=\d+$", d.execute_script(SCREEN), re.M)) == 2)
+        assert re.findall(r"^pid=(\d+)$", chromium.execute_script(SCREEN), re.M) == [pid, pid]
+        assert server.count_log(r"event=session_reattached service=shell") == 1
+        assert server.count_log(r"event=session_end .*relay=") == 0  # one session (and the page's files)
+    finally:
+        cutter.close()

@@ -62,6 +62,15 @@ def test_end_rules(name: str, idle: float, limit: float, steps: list[tuple[Facts
         assert rules.decide(facts) == expected, f"{name}: at {facts}"
 
 
+def test_a_detached_session_ends_when_its_reattach_window_passes() -> None:
+    rules = EndRules(started=0.0, eof_grace=GRACE, idle_timeout=0, session_timeout=0, reattach=300)
+    assert rules.decide(Facts(now=5)) is None  # attached: nothing to wait for
+    assert rules.decide(Facts(now=10, detached_since=10)) == 300
+    assert rules.decide(Facts(now=109, detached_since=10)) == 201
+    assert rules.decide(Facts(now=310, detached_since=10)) == Verdict("reattach_expired", False)
+    assert rules.decide(Facts(now=320)) is None  # (reattached meanwhile: the window counts from the next drop)
+
+
 def test_failures_name_the_side_that_failed() -> None:
     assert FAILURES == {
         ("in", End.SOURCE_ERROR): "client_reset",

@@ -91,7 +91,12 @@ class WebSocketConfig:
     reattach_buffer: int = key(keys.size(64 * 1024, 64 * 1024 * 1024), "256KiB", "typed framing, a client that "
                                'acknowledges ("a" messages; the terminal page does): output sent and not yet '
                                "acknowledged, at most this; then gsrv stops reading the child", shown=True)  # fmt: skip
+    reattach: float = key(keys.duration("off"), "0s", "pty = true: a terminal page's session outlives a "
+                          "connection that drops without a close this long, its output kept (reattach_buffer) "
+                          "for the page to reconnect to with the session's token; 0s = off", example="5m",
+                          shown=True)  # fmt: skip
     local_only: bool = False  # derived: the service listens on loopback or a unix socket
+    pty: bool = False  # derived: the service's pty key
 
 
 def parse_websocket(t: Table, name: str, chunk_size: int, pty: bool, local_only: bool) -> WebSocketConfig:
@@ -108,8 +113,11 @@ def parse_websocket(t: Table, name: str, chunk_size: int, pty: bool, local_only:
                              'without a newline and would never arrive (use "binary", the default with a pty)',
                              )  # fmt: skip
         values["messages"] = "binary"
+    if values["reattach"] and not pty:
+        raise inner.fail("reattach", "keeps a terminal's session for its page to reconnect to: it needs pty = "
+                         "true (a stream without a terminal has no screen to come back to)")  # fmt: skip
     if "max_message" in data and values["messages"] == "binary":
         raise inner.fail("max_message", 'bounds a text line; with messages = "binary" output goes out as it comes '
                          "(remove the key)")  # fmt: skip
     values.setdefault("max_message", chunk_size)
-    return WebSocketConfig(**values, local_only=local_only)
+    return WebSocketConfig(**values, local_only=local_only, pty=pty)

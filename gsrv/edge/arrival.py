@@ -16,6 +16,7 @@ from gevent.socket import socket
 
 from gsrv.config.address import host_port
 from gsrv.config.parse import ServiceConfig
+from gsrv.edge.hello import Hello
 from gsrv.edge.http import HttpConnection
 from gsrv.edge.httphead import cgi_env
 from gsrv.edge.proxy import ProxyHeader
@@ -71,6 +72,7 @@ class Arrival:
         self.http: HttpConnection | None = None  # transport = "http": the connection across its requests
         self.connection_sid = sid  # the first request's: each next request on it gets a sid of its own
         self.user: tuple[str, str] | None = None  # (REMOTE_USER, AUTH_TYPE) once auth let it in
+        self.hello: Hello | None = None  # the terminal page's first message (edge/hello.py)
 
     def next_request(self, sid: str) -> None:
         """A kept-alive connection's next request: a session id and a start of its own."""

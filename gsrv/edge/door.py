@@ -10,6 +10,8 @@ from __future__ import annotations
 import socket as stdsocket
 import ssl
 import time
+from collections.abc import Callable
+from dataclasses import replace
 
 import gevent
 from gevent.socket import socket
@@ -22,13 +24,15 @@ from gsrv.edge import proxy
 from gsrv.edge.access import Admission, allowed
 from gsrv.edge.arrival import Arrival
 from gsrv.edge.auth import Gatekeeper
+from gsrv.edge.hello import Declined, Hello, read_hello
 from gsrv.edge.http import HttpConnection, Quiet
 from gsrv.edge.httphead import HeadError
 from gsrv.edge.proxy import ProxyError, ProxyHeader
 from gsrv.edge.refusal import Refusals
 from gsrv.edge.stream import PlainStream, Refused
 from gsrv.edge.tls import TlsStream
-from gsrv.edge.upgrade import Site, upgrade
+from gsrv.edge.upgrade import Site, speaks_term, upgrade
+from gsrv.edge.wsframes import FrameReader, ProtocolError, close
 from gsrv.errors import GsrvError
 
 
@@ -36,15 +40,20 @@ class TooSlow(GsrvError):
     """A client did not finish its PROXY header or TLS handshake in time."""
 
 
+Resume = Callable[[Arrival, Hello], None]  # a reattach handed to its session; raises Declined
+
+
 class Door:
     """One service's door; the policy follows reloads, the per-address counts stay."""
 
-    def __init__(self, policy: Policy, refusals: Refusals, websocket: WebSocketConfig | None = None,
-                 site: Site | None = None, http: HttpConfig | None = None) -> None:  # fmt: skip
+    def __init__(self, policy: Policy, refusals: Refusals, resume: Resume | None = None) -> None:
         self.admission = Admission(policy)
         self.refusals = refusals
-        self.websocket, self.site, self.http = websocket, site or {}, http
+        self.websocket: WebSocketConfig | None = None
+        self.site: Site = {}
+        self.http: HttpConfig | None = None
         self.gatekeeper = Gatekeeper()
+        self.resume = resume  # a terminal page's hello with a session's token: the service hands it over
 
     @property
     def policy(self) -> Policy:
@@ -101,6 +110,8 @@ class Door:
                 with gevent.Timeout(timeout, TooSlow(f"no complete WebSocket upgrade within {timeout:g}s")):
                     arrival.websocket = upgrade(transport, ws, arrival.tls is not None, self.site,
                                                 lambda conn: self._authorize(arrival, conn))  # fmt: skip
+                    if arrival.websocket.term and not self._hello(arrival):
+                        return False  # a reattach: the connection is its session's now
             if self.http is not None:
                 arrival.http = HttpConnection(arrival.tls or PlainStream(arrival.sock), arrival.tls is not None)
                 return self._request(arrival, arrival.http)
@@ -142,14 +153,49 @@ class Door:
         return False
 
     def _authorize(self, arrival: Arrival, conn: HttpConnection) -> None:
-        """The request's credentials (auth): the user on the arrival, or 401/429 answered."""
+        """The request's credentials (auth): the user on the arrival, or 401/429 answered. The
+        terminal page's upgrade without Authorization brings its token in the hello (_hello)."""
         request = conn.request
         assert request is not None
+        ws, protocols = self.websocket, request.header("sec-websocket-protocol") or ""
+        if ws and request.header("authorization") is None and speaks_term(ws, protocols):
+            return
         try:
             arrival.user = self.gatekeeper.check(request.header("authorization"), arrival.client_ip)
         except HeadError as e:
             fields = self.gatekeeper.challenge() if e.status == 401 else (("Retry-After", "60"),)
             conn.refuse(e.status, e.reason, str(e), fields)
+
+    def _hello(self, arrival: Arrival) -> bool:
+        """The terminal page's first message (edge/hello.py): its bearer token checked when the
+        upgrade brought no credentials; a reattach handed to its session (False: the connection
+        is that session's now). A hello refused closes with its code (Refused)."""
+        upgraded = arrival.websocket
+        assert upgraded is not None
+        reader, stream = FrameReader(), upgraded.stream
+        try:
+            hello = read_hello(stream, reader, upgraded.leftover)
+            arrival.websocket, arrival.hello = replace(upgraded, leftover=b"", reader=reader), hello
+            if self.gatekeeper.credentials is not None and arrival.user is None:
+                bearer = f"Bearer {hello.bearer}" if hello.bearer else None
+                try:
+                    arrival.user = self.gatekeeper.check(bearer, arrival.client_ip)
+                except HeadError as e:
+                    raise Declined(e.reason, str(e)) from None
+            if hello.resume is None:
+                return True
+            if self.resume is None:
+                raise Declined("no_session", "this service keeps no session to reattach to")
+            self.resume(arrival, hello)
+            return False
+        except ProtocolError as e:
+            stream.send(close(e.code, str(e)))
+            stream.close_notify()
+            raise Refused("protocol_error", str(e)) from None
+        except Declined as e:
+            stream.send(close(e.code, e.reason))
+            stream.close_notify()
+            raise Refused(e.reason, str(e)) from None
 
     def _admit(self, arrival: Arrival, rule_ip: str | None, ip: str | None) -> bool:
         refused = self.admission.check(rule_ip, ip, time.monotonic())

@@ -15,10 +15,12 @@ from importlib import resources
 from urllib.parse import unquote, urlsplit
 
 from gsrv.config.web import WebSocketConfig
+from gsrv.edge.hello import SUBPROTOCOL
 from gsrv.edge.http import HttpConnection
 from gsrv.edge.httphead import DEFAULT_PORTS, path_info, tokens, under
 from gsrv.edge.httphead import host_allowed as host_allowed
 from gsrv.edge.stream import Refused, Stream
+from gsrv.edge.wsframes import FrameReader
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
@@ -46,6 +48,8 @@ class Upgraded:
     request: Request
     leftover: bytes
     stream: Stream
+    term: bool = False  # the terminal page's protocol (edge/hello.py) was agreed: a hello comes first
+    reader: FrameReader | None = None  # after the hello: the frames reader, holding what followed it
 
     def env(self, ws: WebSocketConfig, remote: tuple[str, int] | None) -> dict[str, str]:
         """The request as CGI names it, for the child; headers only when `headers` names them."""
@@ -162,9 +166,16 @@ def upgrade(stream: Stream, ws: WebSocketConfig, secure: bool, site: Site,
     if authorize is not None:
         authorize(conn)  # raises Refused once it answered 401 or 429
     accept = accept_token(headers["sec-websocket-key"]).decode()
+    term = speaks_term(ws, headers.get("sec-websocket-protocol", ""))
+    protocol = f"Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n" if term else ""
     stream.send(f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode())  # fmt: skip
-    return Upgraded(request, conn.buffered, stream)
+                f"Sec-WebSocket-Accept: {accept}\r\n{protocol}\r\n".encode())  # fmt: skip
+    return Upgraded(request, conn.buffered, stream, term)
+
+
+def speaks_term(ws: WebSocketConfig, protocols: str) -> bool:
+    """The terminal page's protocol: asked for (Sec-WebSocket-Protocol), on a pty service."""
+    return ws.pty and SUBPROTOCOL in tokens(protocols)
 
 
 def accept_token(key: str) -> bytes:

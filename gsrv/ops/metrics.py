@@ -75,6 +75,7 @@ class ServiceState:
     full: bool
     listen_queue: int | None
     pending: int = 0  # in their TLS handshake or PROXY header, or waiting for a slot after it
+    detached: int = 0  # reattach: running, their client's connection gone
 
 
 @dataclass
@@ -171,6 +172,12 @@ class _StateCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         s = self.state()
         yield _gauge("gsrv_sessions_active", "Sessions running now", [(x.name, x.active) for x in s.services])
+        yield _gauge(
+            "gsrv_sessions_detached",
+            "Sessions running without their client's connection, kept for a "
+            "reattach (counted in gsrv_sessions_active too)",
+            [(x.name, x.detached) for x in s.services],
+        )
         yield _gauge(
             "gsrv_service_full", "1 while a service is at max_sessions", [(x.name, int(x.full)) for x in s.services]
         )

@@ -35,6 +35,7 @@ class Facts:
     ended_well: bool = False  # exit 0 (or any exit, with nonzero_exit = "close"), not a signal
     output_in_flight: bool = False  # output bytes held by the relay or queued in the stdout pipe
     last_activity: float = 0.0  # the latest byte either way (discarded input included)
+    detached_since: float | None = None  # reattach: the client's connection dropped then, none since
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,13 @@ class EndRules:
     """One session's end rules and the two moments they remember: when its output ended, and
     since when nothing has flowed after its child exited."""
 
-    __slots__ = ("started", "eof_grace", "idle_timeout", "session_timeout", "output_ended_at", "quiet_since")
+    __slots__ = ("started", "eof_grace", "idle_timeout", "session_timeout", "reattach", "output_ended_at",
+                 "quiet_since")  # fmt: skip
 
-    def __init__(self, started: float, eof_grace: float, idle_timeout: float, session_timeout: float) -> None:
+    def __init__(self, started: float, eof_grace: float, idle_timeout: float, session_timeout: float,
+                 reattach: float = 0.0) -> None:  # fmt: skip
         self.started, self.eof_grace = started, eof_grace
-        self.idle_timeout, self.session_timeout = idle_timeout, session_timeout
+        self.idle_timeout, self.session_timeout, self.reattach = idle_timeout, session_timeout, reattach
         self.output_ended_at: float | None = None
         self.quiet_since: float | None = None
 
@@ -85,6 +88,11 @@ class EndRules:
             if f.now >= idle_until:
                 return Verdict("idle_timeout", clean=False)
             waits.append(idle_until - f.now)
+        if f.detached_since is not None:
+            ends_at = f.detached_since + self.reattach
+            if f.now >= ends_at:
+                return Verdict("reattach_expired", clean=False)
+            waits.append(ends_at - f.now)
         if self.session_timeout:
             ends_at = self.started + self.session_timeout
             if f.now >= ends_at:

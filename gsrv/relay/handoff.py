@@ -39,6 +39,10 @@ class SocketRelay:
     __slots__ = ("sock", "fd", "header_length", "inbound", "outbound", "rwnd", "events", "reset_seen", "held", "tcp",
                  "input_done", "client_eof", "output_eof", "greenlets")  # fmt: skip
 
+    @property
+    def detached_since(self) -> float | None:
+        return None  # the child holds the connection
+
     def __init__(self, sock: socket, header_length: int) -> None:
         self.sock = sock
         self.inbound, self.outbound = Meter(), Meter()

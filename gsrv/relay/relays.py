@@ -70,6 +70,7 @@ class RelayEvents(Protocol):
     def abort(self, reason: str) -> None: ...  # a direction failed: end with this reason (a reset)
     def changed(self) -> None: ...  # a fact changed: decide again
     def bug(self, error: Exception) -> None: ...  # a direction raised: end as internal_error
+    def note(self, event: str, **fields: object) -> None: ...  # a log line of the session's (a reattach)
 
 
 class Relay(Protocol):
@@ -88,6 +89,8 @@ class Relay(Protocol):
     def name(self) -> str: ...  # how bytes move, for the log's relay=
     @property
     def hung_up(self) -> bool: ...  # gsrv hung up the child's terminal
+    @property
+    def detached_since(self) -> float | None: ...  # reattach: the client's connection dropped then, none since
     def stdio(self, stderr: str) -> Stdio: ...
     def meters(self) -> list[tuple[str, Meter]]: ...
     def last_activity(self) -> float: ...
@@ -143,6 +146,11 @@ class PipeRelay:
     def hung_up(self) -> bool:
         """gsrv hung up the child's terminal (its input ended in raw mode, the child ran on)."""
         return self.child_end.hung_up
+
+    @property
+    def detached_since(self) -> float | None:
+        """Its client's connection is the session's (reattach is WebSocketRelay's)."""
+        return None
 
     def output_in_flight(self, stdout: int) -> bool:
         """Output bytes held by the relay or waiting in the child's stdout pipe (or terminal)."""

@@ -106,6 +106,9 @@ class Session:
                        error=f"{type(error).__name__}: {error}")  # fmt: skip
         self.abort("internal_error")
 
+    def note(self, event: str, **fields: object) -> None:
+        self.log.info(event, service=self.svc.name, session=self.sid, **fields)
+
     def peer_is_dead(self) -> bool:
         """The watchdog's check (the relay knows what it may read without stealing the child's errors)."""
         return self.relay.peer_is_dead() if self.relay is not None else False
@@ -211,7 +214,9 @@ class Session:
             self._stderr_watch = get_hub().loop.io(child.stderr, READ)
             self._stderr_watch.start(self._read_stderr)
         self.watchdog.add(self)
-        rules = EndRules(self._started, self.server.eof_grace, svc.idle_timeout, svc.session_timeout)
+        ws = svc.interact.websocket
+        rules = EndRules(self._started, self.server.eof_grace, svc.idle_timeout, svc.session_timeout,
+                         ws.reattach if ws else 0.0)  # fmt: skip
         while True:
             self._wake.clear()
             decision = rules.decide(self._facts(child, relay))
@@ -232,6 +237,7 @@ class Session:
             ended_well=self._signal(child) is None and (child.exit_code == 0 or self.svc.nonzero_exit == "close"),
             output_in_flight=exited and not relay.output_eof and relay.output_in_flight(child.stdout),
             last_activity=relay.last_activity(),
+            detached_since=relay.detached_since,
         )
 
     def _teardown(self, clean: bool) -> None:

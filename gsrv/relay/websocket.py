@@ -1,5 +1,5 @@
 """The WebSocket relay (`transport = "websocket"`): the child's bytes to and from frames
-(relay/wsframes.py), over the plain connection or TLS, after the upgrade (edge/upgrade.py).
+(edge/wsframes.py), over the plain connection or TLS, after the upgrade (edge/upgrade.py).
 
 - text: a message per line each way (a newline appended to each message on its way in,
   stripped with a CR before it on its way out; output that is not UTF-8 closes with 1007, a
@@ -27,16 +27,20 @@ from gevent.event import Event
 from gevent.socket import socket
 
 from gsrv.config.web import WebSocketConfig
+from gsrv.edge.hello import Declined, answer
 from gsrv.edge.refusal import reset
+from gsrv.edge.stream import Stream
 from gsrv.edge.tls import TlsStream
 from gsrv.edge.upgrade import Upgraded
+from gsrv.edge.wsframes import FrameReader, Opcode, close, frame
 from gsrv.relay import kernel
 from gsrv.relay.child import Child
+from gsrv.relay.messages import Frames, Messages
 from gsrv.relay.pump import Discard, End, FdSource, Meter, move, queued
+from gsrv.relay.reattach import Link, Seat
 from gsrv.relay.relays import LINGER_S, Closing, PipeRelay, RelayEvents, guarded
 from gsrv.relay.terminal import Pipes, Terminal
 from gsrv.relay.window import Window
-from gsrv.relay.wsframes import Control, Data, FrameReader, Opcode, ProtocolError, close, frame
 
 # After the upgrade, how each end that is not the child's own is told (code, and the reason's text).
 CLOSE_CODES = {
@@ -44,7 +48,6 @@ CLOSE_CODES = {
     "message_too_big": 1009, "invalid_text": 1007, "protocol_error": 1002,
 }  # fmt: skip
 CHILD_ENDS = ("eof", "child_exit", "hangup")
-RESIZE_MAX = 32  # "r" + "COLSxROWS": anything longer is not a resize
 
 
 def close_frame(closing: Closing) -> tuple[int, str]:
@@ -64,13 +67,13 @@ class WebSocketRelay(PipeRelay):
 
     __slots__ = ("stream", "ws", "proto", "typed", "stderr_channel", "failure", "code", "out", "err", "pinged",
                  "pong", "ping_timed_out", "leftover", "frames", "reading_since", "errors", "err_done",
-                 "window")  # fmt: skip
+                 "window", "term", "seat", "events")  # fmt: skip
 
     def __init__(self, sock: socket, chunk: int, upgraded: Upgraded, ws: WebSocketConfig,
                  child_end: Pipes | Terminal, stderr_channel: bool) -> None:  # fmt: skip
         super().__init__(sock, chunk, child_end)
         self.stream, self.ws, self.leftover = upgraded.stream, ws, upgraded.leftover
-        self.proto = FrameReader()
+        self.proto = upgraded.reader or FrameReader()
         self.stderr_channel = stderr_channel
         self.typed = stderr_channel or isinstance(child_end, Terminal)
         self.failure: str | None = None  # why a direction failed, when it is the protocol's business
@@ -85,6 +88,13 @@ class WebSocketRelay(PipeRelay):
         self.errors = Meter()  # the child's stderr sent as "e" messages
         self.err_done = Event()  # the stderr channel reached its end (set now when there is none)
         self.window = Window(ws.reattach_buffer)  # output acknowledged by the client, when it does
+        self.term = upgraded.term  # the terminal page's protocol (edge/hello.py): its hello answered first
+        self.seat = Seat(Link(sock, self.stream, self.proto), ws.reattach) if self.term and ws.reattach else None
+        self.events: RelayEvents | None = None
+        if self.seat is not None:
+            self.window.keep()
+        elif self.term:
+            self.window.on = True  # the page acknowledges what it rendered
         if not stderr_channel:
             self.err_done.set()
 
@@ -94,7 +104,21 @@ class WebSocketRelay(PipeRelay):
 
     def log_fields(self) -> dict[str, object]:
         return super().log_fields() | {"bytes_err": self.errors.total if self.stderr_channel else None,
-                                       "ping_timeout": 1 if self.ping_timed_out else None}  # fmt: skip
+                                       "ping_timeout": 1 if self.ping_timed_out else None,
+                                       "drops": self.seat.drops if self.seat else None}  # fmt: skip
+
+    @property
+    def detached_since(self) -> float | None:
+        return self.seat.detached_since if self.seat else None
+
+    def peer_is_dead(self) -> bool:
+        """The watchdog's check; a seated session's dead peer detaches it instead."""
+        seat = self.seat
+        if seat is None:
+            return super().peer_is_dead()
+        if not seat.detached and super().peer_is_dead():
+            self.lost(self.stream)
+        return False
 
     def last_activity(self) -> float:
         return max(super().last_activity(), self.errors.last)
@@ -109,6 +133,11 @@ class WebSocketRelay(PipeRelay):
     # -- running ------------------------------------------------------------------------
 
     def start(self, child: Child, events: RelayEvents) -> None:
+        self.events = events
+        if self.term:  # the hello's answer before any output
+            seat = self.seat
+            with contextlib.suppress(OSError):  # (a failed send: the directions find out)
+                self.send(answer({"offset": 0} | ({"token": seat.token, "reattach": seat.reattach} if seat else {})))
         super().start(child, events)
         if self.err is not None and child.stderr >= 0:
             self.greenlets.append(gevent.spawn(guarded, self._stderr, child, events))
@@ -130,6 +159,11 @@ class WebSocketRelay(PipeRelay):
             if self.failure:
                 return End.SINK_CLOSED  # the stderr channel failed: the session ends with its reason
         return end
+
+    def stop(self) -> None:
+        if self.seat is not None:
+            self.seat.ended = True
+        super().stop()
 
     def _discard(self) -> End:
         return move(self.frames or Frames(self, None), Discard(), self.discarded, self.chunk)
@@ -154,10 +188,12 @@ class WebSocketRelay(PipeRelay):
             gevent.sleep(interval)
             if self.stream.closed or self.client_eof:
                 return
+            if self.seat is not None and self.seat.detached:
+                continue
             self.pong.clear()
             self.pinged = time.monotonic()
             try:
-                self.stream.send(frame(Opcode.PING, b"gsrv"))
+                self.send(frame(Opcode.PING, b"gsrv"))
             except OSError:
                 return  # the connection failed: the directions say so
             progress = self._progress()  # the ping may wait behind output the client reads slowly
@@ -169,8 +205,10 @@ class WebSocketRelay(PipeRelay):
             if self._progress() > progress:
                 continue  # the client took bytes meanwhile: a slow reader that has not reached the ping yet
             self.ping_timed_out = True
-            events.abort("client_reset")
-            return
+            if self.seat is None:
+                events.abort("client_reset")
+                return
+            self.lost(self.stream, "ping_timeout")
 
     def _progress(self) -> int:
         """A count that grows while the client takes gsrv's bytes: TCP's acknowledged bytes (a
@@ -186,6 +224,10 @@ class WebSocketRelay(PipeRelay):
         code says whether the session finished, so the TCP close after it is a FIN. A reset
         when a frame was cut short (a direction stopped inside a send) or the close frame could
         not go out within LINGER_S."""
+        if self.seat is not None:
+            self.seat.finish()
+            if self.seat.detached:
+                return  # its last connection is closed already
         framed = not (closing.reason == "client_reset" or closing.drop or self.stream.torn)
         if not (framed and self._close_frame(closing)):
             reset(self.sock)
@@ -217,7 +259,7 @@ class WebSocketRelay(PipeRelay):
                     return False
                 code, text = (self.code, self.failure) if self.failure and self.code else close_frame(closing)
                 if not self.stream.closed:
-                    self.stream.send(close(code, text))
+                    self.send(close(code, text))
                     self.stream.close_notify()
         except (OSError, _Late):
             return False
@@ -226,168 +268,67 @@ class WebSocketRelay(PipeRelay):
     def _finish_output(self, closing: Closing) -> None:
         """The close frame went out already (close)."""
 
+    # -- the client's connection: one, or with reattach, one at a time --------------------
+
+    def send(self, data: bytes, output: memoryview | bytes | None = None) -> float:
+        """A frame to the client (`output`: the child's bytes in it, counted by the window).
+        Seated: in order with a replay, and a connection found gone detaches instead of failing."""
+        seat = self.seat
+        if seat is None:
+            if output is not None:
+                self.window.sending(output)
+            return self.stream.send(data)
+        with seat.sending:
+            if output is not None:
+                self.window.sending(output)
+            if seat.detached:
+                return 0.0
+            stream = self.stream
+            try:
+                return stream.send(data)
+            except OSError:
+                self.lost(stream)
+                return 0.0
+
+    def lost(self, stream: Stream, why: str = "client_reset") -> bool:
+        """The client's connection ended without a close frame: True when the session goes on
+        detached (reattach) instead of ending; its input then waits for the next connection."""
+        seat = self.seat
+        if seat is None:
+            return False
+        if seat.lost(stream, why) and self.events is not None:
+            self.events.note("session_detached", why=why, kept=self.window.sent - self.window.base,
+                             reattach_s=seat.reattach)  # fmt: skip
+            self.events.changed()
+        return True
+
+    def attach(self, link: Link, offset: int) -> None:
+        """A reconnected page (from its hello, in its connection's prelude): the old connection
+        closed (4409 if it still lived), the hello answered, the output from `offset` sent again,
+        then the live stream. ProtocolError: an offset past what was sent."""
+        seat, events = self.seat, self.events
+        assert seat is not None and events is not None
+        if seat.ended:
+            raise Declined("no_session", "the session is ending")
+        start = self.window.resume(offset)
+        took_over = not seat.detached
+        seat.lost(self.stream, "taken_over")
+        replayed = 0
+        with seat.sending:
+            seat.take(link)
+            self.sock, self.stream, self.proto, self.leftover = link.sock, link.stream, link.reader, b""
+            try:
+                link.stream.send(answer({"offset": start, "token": seat.token, "reattach": seat.reattach}))
+                for piece in self.window.since(start):
+                    link.stream.send(frame(Opcode.BINARY, piece, b"o"))
+                    replayed += len(piece)
+            except OSError:
+                self.lost(link.stream)
+        seat.ready()
+        events.note("session_reattached", conn=link.conn, peer=link.peer, offset=start, replayed=replayed,
+                    took_over=1 if took_over else None)  # fmt: skip
+        events.changed()
+
 
 class _Late(Exception):
     """The close frame's time (LINGER_S) ran out: none of the OSErrors a send may raise."""
-
-
-class Frames:
-    """The client's frames as the child's bytes: data as it arrives (a frame's payload may be
-    partial), control frames answered, the close frame as the end. In text mode a newline
-    ends each message; with typed framing a message's first character says what it is."""
-
-    __slots__ = ("relay", "child", "data", "message", "kind", "resize")
-
-    def __init__(self, relay: WebSocketRelay, child: Child | None) -> None:
-        self.relay, self.child = relay, child
-        self.data = b""  # decoded payload not yet handed on (at most one read's worth)
-        self.message = False  # inside a message
-        self.kind = "i"
-        self.resize = b""
-
-    def read(self, limit: int) -> bytes:
-        relay = self.relay
-        while not self.data:
-            try:
-                event = relay.proto.next()
-                if event is None:
-                    self._feed()
-                elif self._event(event):
-                    return b""
-            except ProtocolError as e:
-                relay.fail("protocol_error", e.code)
-                raise OSError(str(e)) from None
-        data, self.data = self.data[:limit], self.data[limit:]
-        return data
-
-    def _feed(self) -> None:
-        relay = self.relay
-        if relay.leftover:  # frames the client sent with its upgrade request
-            raw, relay.leftover = relay.leftover, b""
-        else:
-            relay.reading_since = time.monotonic()
-            try:
-                raw = relay.stream.recv(relay.chunk)
-            finally:
-                relay.reading_since = None
-        if not raw:
-            relay.fail("client_reset", 0)  # a TCP end without a close frame: the client went away
-            raise OSError("the connection ended without a close frame")
-        relay.proto.feed(raw)
-
-    def _event(self, event: Data | Control) -> bool:
-        """One frame's event; True at the client's close frame."""
-        relay = self.relay
-        if isinstance(event, Control):
-            if event.opcode is Opcode.CLOSE:
-                return True
-            if event.opcode is Opcode.PING:
-                relay.stream.send(frame(Opcode.PONG, event.payload))
-            else:
-                relay.pong.set()
-            return False
-        data, finished = event.payload, event.last
-        if not self.message:
-            self.message = True
-            self.kind = "" if relay.typed else "i"  # typed: the message's first byte, which may come later
-        if not self.kind and data:
-            self.kind, data = chr(data[0]), data[1:]
-            if self.kind not in "ira":
-                raise ProtocolError(f'unknown message type "{self.kind}" (typed framing: "i" input, "r" resize, '
-                                    '"a" acknowledged output)', 1003)  # fmt: skip
-        if self.kind in "ra":
-            self.resize += data  # a control message's payload, whole before it acts
-            if len(self.resize) > RESIZE_MAX:
-                raise ProtocolError("a resize or acknowledgement longer than its digits", 1008)
-        elif self.kind == "i":
-            self.data += data
-        if finished:
-            self.message = False
-            if self.kind == "r":
-                self._resized()
-            elif self.kind == "a":
-                text, self.resize = self.resize, b""
-                relay.window.ack(text)
-            elif self.kind == "i" and relay.ws.messages == "text":
-                self.data += b"\n"
-        return False
-
-    def _resized(self) -> None:
-        text, self.resize = self.resize.decode("ascii", "replace"), b""
-        columns, _, rows = text.partition("x")
-        if not (columns.isdigit() and rows.isdigit() and 0 < int(columns) < 65536 and 0 < int(rows) < 65536):
-            raise ProtocolError(f'a resize must be "rCOLSxROWS" like "r120x40" (got "r{text}")', 1008)
-        if self.child is not None:
-            self.relay.child_end.resize(self.child, int(columns), int(rows))
-        if self.relay.recording is not None:
-            self.relay.recording.resize(int(columns), int(rows))
-
-    def done(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class Messages:
-    """The child's output (or stderr) as messages: one per chunk in binary mode; in text mode
-    one per line, a line kept until its end up to max_message, and UTF-8 or nothing."""
-
-    __slots__ = ("relay", "prefix", "line")
-    dropping = False
-
-    def __init__(self, relay: WebSocketRelay, channel: str) -> None:
-        self.relay = relay
-        self.prefix = channel.encode() if relay.typed else b""
-        self.line = bytearray()
-
-    def room(self, meter: Meter, chunk: int) -> int:
-        if self.prefix != b"o":
-            return chunk
-        relay = self.relay
-        room, waited = relay.window.room(chunk, lambda: relay.inbound.holding)
-        meter.blocked += waited
-        return room
-
-    def write(self, data: memoryview | bytes) -> float:
-        relay = self.relay
-        if relay.stream.closed:
-            return 0.0
-        if self.prefix == b"o":
-            relay.window.sent += len(data)
-        if relay.ws.messages == "binary":
-            return relay.stream.send(frame(Opcode.BINARY, data, self.prefix))
-        self.line += data
-        waited = 0.0
-        while (end := self.line.find(b"\n")) >= 0:
-            self._bounded(end)
-            waited += self._send(bytes(self.line[:end]))
-            del self.line[: end + 1]
-        self._bounded(len(self.line))
-        return waited
-
-    def _bounded(self, length: int) -> None:
-        limit = self.relay.ws.max_message
-        if length > limit + 1:  # (a CR before the newline is not the line's)
-            self.relay.fail("message_too_big", 1009)
-            raise OSError(f"a line longer than max_message ({limit} bytes)")
-
-    def flush(self) -> None:
-        """The last line, if the output ended without a newline."""
-        if self.line and not self.relay.failure:
-            line, self.line = bytes(self.line), bytearray()
-            with contextlib.suppress(OSError):  # a failure is recorded: the close frame says it
-                self._send(line)
-
-    def _send(self, line: bytes) -> float:
-        relay = self.relay
-        line = line[:-1] if line.endswith(b"\r") else line
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            relay.fail("invalid_text", 1007)
-            raise OSError(f"output that is not UTF-8 in text mode: {e}") from None
-        return relay.stream.send(frame(Opcode.TEXT, self.prefix + text.encode()))
-
-    def close(self) -> None:
-        pass

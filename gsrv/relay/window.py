@@ -3,16 +3,20 @@ what it rendered ("a" messages: the count of output bytes so far) gets at most `
 sent and not acknowledged; then gsrv stops reading the child, which blocks on its write
 (backpressure into the program, not a pile of pending writes in the page). A client that never
 acknowledges gets no window: today's typed framing, unchanged.
+
+With reattach (relay/reattach.py) the window also keeps the bytes it counts: the output sent and
+not acknowledged, for a page that reconnects to get again from the offset it has.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 
 from gevent.event import Event
 
-from gsrv.relay.wsframes import ProtocolError
+from gsrv.edge.wsframes import ProtocolError
 
 POLL_S = 0.1  # while the window is full: how often to look whether the client's input is stuck
 ACK_MAX = 20  # "a" + the digits of a byte count
@@ -21,14 +25,30 @@ ACK_MAX = 20  # "a" + the digits of a byte count
 class Window:
     """Output bytes sent ("o" messages, the type byte not counted) and acknowledged."""
 
-    __slots__ = ("size", "sent", "acked", "on", "_acked")
+    __slots__ = ("size", "sent", "acked", "on", "_acked", "kept", "base", "_skip")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.sent = 0
         self.acked = 0
-        self.on = False  # the client acknowledges: from its first "a" message on
+        self.on = False  # the client acknowledges: from its first "a" message on (the terminal page: its hello)
         self._acked = Event()
+        self.kept: deque[bytes] | None = None  # with reattach: the output from `base` on, as sent
+        self.base = 0  # the offset of the first byte kept: `acked`, unless the window could not hold (room)
+        self._skip = 0  # bytes of kept[0] before `base`
+
+    def keep(self) -> None:
+        """Keep the bytes from now on (reattach), and hold the window from the start."""
+        self.on, self.kept = True, deque()
+
+    def sending(self, data: memoryview | bytes) -> None:
+        """Output about to go to the client (or, detached, nowhere yet): counted, and kept; at
+        most `size` bytes kept, whatever room() let through."""
+        self.sent += len(data)
+        if self.kept is not None:
+            self.kept.append(bytes(data))
+            if self.sent - self.base > self.size:
+                self._forget(self.sent - self.size)
 
     def ack(self, text: bytes) -> None:
         """An "a" message's payload: the output rendered so far, in bytes."""
@@ -40,7 +60,35 @@ class Window:
         self.on = True
         if offset > self.acked:
             self.acked = offset
+            self._forget(offset)
             self._acked.set()
+
+    def resume(self, offset: int) -> int:
+        """A reconnected page has the output up to `offset`: where what follows starts (from
+        the oldest byte kept, for a page that has less than that: a reloaded one)."""
+        if offset > self.sent:
+            raise ProtocolError(f"a reattach at offset {offset}, past the {self.sent} bytes of output sent", 1008)
+        if offset > self.acked:
+            self.ack(str(offset).encode())
+        return max(offset, self.base)
+
+    def since(self, offset: int) -> Iterator[memoryview]:
+        """The kept output from `offset` (at least `base`) on."""
+        skip = self._skip + offset - self.base
+        for piece in list(self.kept or ()):
+            if skip < len(piece):
+                yield memoryview(piece)[skip:]
+            skip = max(skip - len(piece), 0)
+
+    def _forget(self, offset: int) -> None:
+        """Drop what is kept before `offset`."""
+        kept = self.kept
+        if kept is None or offset <= self.base:
+            return
+        count, self.base = self._skip + offset - self.base, offset
+        while kept and count >= len(kept[0]):
+            count -= len(kept.popleft())
+        self._skip = count if kept else 0
 
     def room(self, chunk: int, stuck: Callable[[], bool]) -> tuple[int, float]:
         """How much output to read now, and the seconds it waited for an acknowledgement. A

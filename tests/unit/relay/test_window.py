@@ -5,8 +5,8 @@ from __future__ import annotations
 import gevent
 import pytest
 
+from gsrv.edge.wsframes import ProtocolError
 from gsrv.relay.window import Window
-from gsrv.relay.wsframes import ProtocolError
 
 
 def test_no_window_until_the_first_acknowledgement() -> None:
@@ -36,3 +36,26 @@ def test_an_acknowledgement_that_is_no_count_or_past_the_output_is_a_1008(text: 
     with pytest.raises(ProtocolError) as e:
         window.ack(text)
     assert e.value.code == 1008
+
+
+def test_with_reattach_the_window_keeps_the_bytes_it_counts_and_gives_them_from_an_offset() -> None:
+    window = Window(10)
+    window.keep()
+    for data in (b"abcd", b"efgh", b"ij"):
+        window.sending(data)
+    assert b"".join(window.since(3)) == b"defghij"
+    window.ack(b"5")
+    assert window.base == 5 and b"".join(window.since(6)) == b"ghij"
+    assert window.resume(7) == 7 and window.acked == 7  # a reconnected page that has 7 bytes
+    assert window.resume(2) == 7  # one that has less than what is kept (a reload): from the oldest kept
+    with pytest.raises(ProtocolError):
+        window.resume(11)  # past what was sent
+
+
+def test_what_is_kept_stays_within_the_window_even_when_it_could_not_hold() -> None:
+    window = Window(10)
+    window.keep()
+    window.sending(b"0123456789")
+    window.sending(b"abcdef")  # the window let it through (input stuck behind a child that does not read)
+    assert window.base == 6 and b"".join(window.since(6)) == b"6789abcdef"
+    assert window.resume(3) == 6

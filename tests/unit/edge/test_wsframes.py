@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol
 
-from gsrv.relay.wsframes import Control, Data, FrameReader, Opcode, ProtocolError, close, frame
+from gsrv.edge.wsframes import Control, Data, FrameReader, Opcode, ProtocolError, close, frame
 
 
 def client_frames(*messages: bytes | str) -> bytes:
