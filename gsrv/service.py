@@ -55,11 +55,11 @@ class Service:
         self.server = server
         self.cfg = cfg
         self.refusals = Refusals(cfg.name, server.log, self._refused)
-        self.door = Door(cfg.policy, self.refusals, self._resume)  # configure() gives it the rest
+        self.door = Door(cfg.policy, self.refusals, self._join)  # configure() gives it the rest
         self.gate: Gate[Arrival, Session] = Gate(cfg.name, cfg.max_sessions, server.log, self)
         self.keepalive = KeepAlive(self._next_request)  # HTTP connections between requests
         self.sessions: set[Session] = set()
-        self.seated: dict[str, tuple[Session, WebSocketRelay]] = {}  # reattach: a session by its token
+        self.tokens: dict[str, tuple[Session, WebSocketRelay]] = {}  # reattach, share: a session by its tokens
         self.ending = False  # the stop ended the sessions: one that starts now ends at once
         self.listener: Listener | None = None
         self.prespawned = Prespawned(cfg, server.launcher, server.log, server.config.server.kill_grace, self._accepts)
@@ -150,15 +150,16 @@ class Service:
         if self.ending:
             session.abort("shutdown")
         self.sessions.add(session)
-        relay = session.relay
-        token = relay.seat.token if isinstance(relay, WebSocketRelay) and relay.seat else None
-        if token is not None and isinstance(relay, WebSocketRelay):
-            self.seated[token] = (session, relay)
+        relay, tokens = session.relay, tuple[str, ...]()
+        if isinstance(relay, WebSocketRelay):
+            tokens = relay.tokens
+            self.tokens.update(dict.fromkeys(tokens, (session, relay)))
         try:
             session.run()
         finally:
             self.sessions.discard(session)
-            self.seated.pop(token or "", None)
+            for token in tokens:
+                del self.tokens[token]
         if session.kept:
             http = self.cfg.interact.http
             if self.gate.closed or http is None:  # a drain, or a reload that ended HTTP here
@@ -166,26 +167,35 @@ class Service:
             else:
                 self.keepalive.wait(session.arrival, http.between_requests)
 
-    def _resume(self, arrival: Arrival, hello: Hello) -> None:
-        """A terminal page's reattach (edge/door.py's hello): its session takes the connection.
-        Raises Declined (a token no session has, another user's session) or ProtocolError."""
-        found = self.seated.get(hello.resume or "")
+    def _join(self, arrival: Arrival, hello: Hello) -> None:
+        """A terminal page's hello that names a running session (edge/door.py): its reattach
+        (the session takes the connection) or a watcher. Raises Declined (a token no session
+        has, a reattach by another user than the session's) or ProtocolError."""
+        token = hello.resume if hello.resume is not None else hello.watch
+        found = self.tokens.get(token or "")
         if found is None:
             raise Declined("no_session", "no session of this service has that token (it ended, or never was)")
         session, relay = found
-        owner, user = session.arrival.user, arrival.user
-        if (owner[0] if owner else None) != (user[0] if user else None):
-            raise Declined("wrong_user", "the session is another user's")
         upgraded = arrival.websocket
         assert upgraded is not None and upgraded.reader is not None
         peer = str(arrival.log_fields()["peer"])
         link = Link(arrival.sock, upgraded.stream, upgraded.reader, arrival.sid, peer, arrival.ended)
+        if hello.resume is None:
+            if relay.watchers is None or token != relay.watchers.token:
+                raise Declined("no_session", "that token is no session's watch token")
+            relay.watch(link)
+            return
+        owner, user = session.arrival.user, arrival.user
+        if relay.seat is None or token != relay.seat.token:
+            raise Declined("no_session", "that token is no session's own (a watch token watches)")
+        if (owner[0] if owner else None) != (user[0] if user else None):
+            raise Declined("wrong_user", "the session is another user's")
         relay.attach(link, hello.offset)
 
     @property
     def detached(self) -> int:
         """Sessions whose client's connection dropped, kept for a reattach."""
-        return sum(1 for _, relay in self.seated.values() if relay.detached_since is not None)
+        return sum(1 for s in self.sessions if s.relay is not None and s.relay.detached_since is not None)
 
     def _next_request(self, arrival: Arrival) -> None:
         arrival.next_request(self.server.next_session_id())

@@ -24,6 +24,8 @@ import psutil
 import pytest
 
 PY = sys.executable
+pytest_plugins = ["termclient"]  # the `term` fixture: gsrv-term protocol clients
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

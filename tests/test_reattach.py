@@ -5,18 +5,14 @@ window's end, the bearer token in the hello, the detached gauge."""
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import re
-import socket
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import py_child, service_with, wait_until
-from wsproto.frame_protocol import FrameProtocol, Opcode
+from termclient import answered
 
 from gsrv.contain.host import discover
 
@@ -39,94 +35,6 @@ def term_service(name: str, command: list[str], websocket: dict[str, object] | N
                         transport="websocket", pty=True, **keys)  # fmt: skip
 
 
-class TermClient:
-    """One connection in the gsrv-term protocol: the hello sent, "o" output gathered and
-    acknowledged as a page does, gsrv's answer and close frame kept."""
-
-    def __init__(self, server, name: str, hello: dict[str, object], headers: str = "") -> None:  # type: ignore[no-untyped-def]
-        host, port = server.address(name)
-        self.sock = socket.create_connection((host, port), timeout=20)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                          f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                          f"Sec-WebSocket-Protocol: gsrv-term\r\n{headers}\r\n".encode())  # fmt: skip
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(1)
-            assert chunk, head
-            head += chunk
-        assert head.startswith(b"HTTP/1.1 101 ") and b"Sec-WebSocket-Protocol: gsrv-term\r\n" in head, head
-        self.proto = FrameProtocol(client=True, extensions=[])
-        self.output = bytearray()
-        self.answer: dict[str, object] | None = None
-        self.closed: tuple[int, str] | None = None
-        self.acked = 0
-        self._kind: int | None = None  # the message in progress (its type byte)
-        self._hello = b""
-        self.send(b"h" + json.dumps(hello).encode())
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(self.proto.send_data(data))
-
-    def pump(self, until: Callable[[], bool], timeout: float = 20.0) -> None:
-        """Read, acknowledge every 16 KiB (as the page does), until `until` or the close frame."""
-        deadline = time.monotonic() + timeout
-        while not until() and self.closed is None:
-            assert time.monotonic() < deadline, (len(self.output), self.answer, self.closed)
-            self.sock.settimeout(max(deadline - time.monotonic(), 0.01))
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return
-            self.proto.receive_bytes(chunk)
-            for frame in self.proto.received_frames():
-                if frame.opcode is Opcode.CLOSE:
-                    self.closed = (int(frame.payload[0]), str(frame.payload[1]))
-                    break
-                if frame.opcode is Opcode.PING:
-                    self.sock.sendall(self.proto.pong(frame.payload))
-                    continue
-                self._piece(bytes(frame.payload), frame.message_finished)
-            if len(self.output) - self.acked >= 16384:
-                self.acked = len(self.output)
-                self.send(b"a%d" % self.acked)
-
-    def _piece(self, payload: bytes, finished: bool) -> None:
-        if self._kind is None and payload:
-            self._kind, payload = payload[0], payload[1:]
-        if self._kind == ord("o"):
-            self.output += payload
-        elif self._kind == ord("h"):
-            self._hello += payload
-            if finished:
-                self.answer, self._hello = json.loads(self._hello), b""
-        if finished:
-            self._kind = None
-
-    def drop(self) -> None:
-        """The connection ends without a close frame (a laptop's sleep, a Wi-Fi change)."""
-        self.sock.close()
-
-
-@pytest.fixture
-def term() -> Iterator[Callable[..., TermClient]]:
-    """TermClients, each closed at the test's end."""
-    made: list[TermClient] = []
-
-    def open_one(*args: object, **kwargs: object) -> TermClient:
-        made.append(TermClient(*args, **kwargs))  # type: ignore[arg-type]
-        return made[-1]
-
-    yield open_one
-    for client in made:
-        client.sock.close()
-
-
-def _answered(client: TermClient) -> dict[str, object]:
-    client.pump(lambda: client.answer is not None)
-    assert client.answer is not None, client.closed
-    return client.answer
-
-
 def _cgroup_gone(server, line: str) -> None:  # type: ignore[no-untyped-def]
     name = re.search(r" cgroup=(\S+)", line)
     if name is None:
@@ -139,7 +47,7 @@ def _cgroup_gone(server, line: str) -> None:  # type: ignore[no-untyped-def]
 def test_a_dropped_connection_reattaches_and_gets_every_byte_once(gsrv, term) -> None:
     server = gsrv(term_service("count", COUNTER))
     first = term(server, "count", {})
-    answer = _answered(first)
+    answer = answered(first)
     assert answer["offset"] == 0 and isinstance(answer["token"], str) and len(answer["token"]) >= 22, answer
     first.send(b"igo\r")
     first.pump(lambda: first.output.count(b"\r\n") >= 12_000)
@@ -150,7 +58,7 @@ def test_a_dropped_connection_reattaches_and_gets_every_byte_once(gsrv, term) ->
     assert [p.pid for p in server.children() if "python" in p.name()] == [pid]  # the session runs on
     offset = len(first.output)
     second = term(server, "count", {"resume": answer["token"], "offset": offset})
-    assert _answered(second)["offset"] == offset
+    assert answered(second)["offset"] == offset
     second.acked = 0
     second.pump(lambda: False, timeout=60)
     assert second.closed == (1000, "exit=0"), second.closed
@@ -166,11 +74,11 @@ def test_a_dropped_connection_reattaches_and_gets_every_byte_once(gsrv, term) ->
 def test_a_second_connection_with_the_token_takes_the_session_over(gsrv, term) -> None:
     server = gsrv(term_service("shell", ["cat"]))
     first = term(server, "shell", {})
-    token = _answered(first)["token"]
+    token = answered(first)["token"]
     first.send(b"ione\r")
     first.pump(lambda: first.output.count(b"one\r\n") == 2)  # the terminal's echo, then cat's
     second = term(server, "shell", {"resume": token, "offset": len(first.output)})
-    _answered(second)
+    answered(second)
     first.pump(lambda: False)
     assert first.closed == (4409, "taken_over"), first.closed
     second.send(b"itwo\r")
@@ -183,7 +91,7 @@ def test_a_second_connection_with_the_token_takes_the_session_over(gsrv, term) -
 def test_tokens_that_name_no_session_here_are_refused_with_4404_and_start_nothing(gsrv, term) -> None:
     server = gsrv(term_service("shell", ["cat"]))
     ended = term(server, "shell", {})
-    token = _answered(ended)["token"]
+    token = answered(ended)["token"]
     ended.send(b"i\x04")  # ^D: cat ends, and its session
     ended.pump(lambda: False)
     assert ended.closed is not None and ended.closed[0] == 1000
@@ -200,7 +108,7 @@ def test_tokens_that_name_no_session_here_are_refused_with_4404_and_start_nothin
 def test_the_reattach_window_passes_the_session_ends_with_its_reason_and_its_cgroup_goes(gsrv, term) -> None:
     server = gsrv(ADMIN + term_service("shell", ["sleep", "300"], {"reattach": "2s"}))
     client = term(server, "shell", {})
-    _answered(client)
+    answered(client)
     client.drop()
     server.wait_log(r"event=session_detached")
     admin = "http://" + server.wait_log(r"event=admin_listening address=\S+").split("address=")[1].split()[0]
@@ -229,7 +137,7 @@ def test_a_bearer_token_in_the_hello_and_the_same_user_to_reattach(gsrv, term, t
         assert refused.closed == (4401, "unauthorized"), refused.closed
     assert not marker.exists()  # no child started
     client = term(server, "shell", {"bearer": "first-secret-token"})
-    token = _answered(client)["token"]
+    token = answered(client)["token"]
     client.pump(lambda: b"Bearer" in client.output)
     assert b"token-1 Bearer" in client.output and marker.read_text() == "x"
     client.drop()
@@ -238,5 +146,5 @@ def test_a_bearer_token_in_the_hello_and_the_same_user_to_reattach(gsrv, term, t
     other.pump(lambda: False)
     assert other.closed == (4403, "wrong_user"), other.closed
     again = term(server, "shell", {"bearer": "first-secret-token", "resume": token, "offset": 0})
-    assert _answered(again)["offset"] <= len(client.output)
+    assert answered(again)["offset"] <= len(client.output)
     assert "first-secret-token" not in "\n".join(server.lines)

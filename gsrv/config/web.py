@@ -95,6 +95,9 @@ class WebSocketConfig:
                           "connection that drops without a close this long, its output kept (reattach_buffer) "
                           "for the page to reconnect to with the session's token; 0s = off", example="5m",
                           shown=True)  # fmt: skip
+    share: str = key(keys.choice("off", "read-only", "read-write"), "off", 'pty = true: the terminal page\'s '
+                     "driver gets a watch token; a page with it sees the session live (read-write: types too); "
+                     "one that falls reattach_buffer behind is closed (4413)", shown=True)  # fmt: skip
     local_only: bool = False  # derived: the service listens on loopback or a unix socket
     pty: bool = False  # derived: the service's pty key
 
@@ -113,6 +116,8 @@ def parse_websocket(t: Table, name: str, chunk_size: int, pty: bool, local_only:
                              'without a newline and would never arrive (use "binary", the default with a pty)',
                              )  # fmt: skip
         values["messages"] = "binary"
+    if values["share"] != "off" and not pty:
+        raise inner.fail("share", "lets others watch a terminal's session: it needs pty = true")
     if values["reattach"] and not pty:
         raise inner.fail("reattach", "keeps a terminal's session for its page to reconnect to: it needs pty = "
                          "true (a stream without a terminal has no screen to come back to)")  # fmt: skip

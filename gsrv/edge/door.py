@@ -7,10 +7,11 @@ the service's proxy_timeout and handshake_timeout, while the gate counts it as p
 
 from __future__ import annotations
 
+import contextlib
 import socket as stdsocket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import gevent
@@ -29,18 +30,20 @@ from gsrv.edge.http import HttpConnection, Quiet
 from gsrv.edge.httphead import HeadError
 from gsrv.edge.proxy import ProxyError, ProxyHeader
 from gsrv.edge.refusal import Refusals
-from gsrv.edge.stream import PlainStream, Refused
+from gsrv.edge.stream import PlainStream, Refused, Stream
 from gsrv.edge.tls import TlsStream
 from gsrv.edge.upgrade import Site, speaks_term, upgrade
 from gsrv.edge.wsframes import FrameReader, ProtocolError, close
 from gsrv.errors import GsrvError
+
+CLOSE_FRAME_S = 2.0  # a refused hello's close frame: how long it may take to go out
 
 
 class TooSlow(GsrvError):
     """A client did not finish its PROXY header or TLS handshake in time."""
 
 
-Resume = Callable[[Arrival, Hello], None]  # a reattach handed to its session; raises Declined
+Resume = Callable[[Arrival, Hello], None]  # a reattach or a watcher handed to its session; raises Declined
 
 
 class Door:
@@ -107,11 +110,15 @@ class Door:
                 reason = "bad_request"
                 timeout = ws.handshake_timeout
                 transport = arrival.tls or PlainStream(arrival.sock)
-                with gevent.Timeout(timeout, TooSlow(f"no complete WebSocket upgrade within {timeout:g}s")):
+                with gevent.Timeout(timeout, TooSlow(f"no complete WebSocket upgrade (and hello) within {timeout:g}s")):
                     arrival.websocket = upgrade(transport, ws, arrival.tls is not None, self.site,
                                                 lambda conn: self._authorize(arrival, conn))  # fmt: skip
-                    if arrival.websocket.term and not self._hello(arrival):
-                        return False  # a reattach: the connection is its session's now
+                    if arrival.websocket.term:
+                        self._hello(arrival)
+                hello = arrival.hello
+                if hello is not None and (hello.resume is not None or hello.watch is not None):
+                    self._join(arrival, hello)  # (its replay has no deadline: a slow page is backpressure)
+                    return False  # the connection is that session's now
             if self.http is not None:
                 arrival.http = HttpConnection(arrival.tls or PlainStream(arrival.sock), arrival.tls is not None)
                 return self._request(arrival, arrival.http)
@@ -166,14 +173,13 @@ class Door:
             fields = self.gatekeeper.challenge() if e.status == 401 else (("Retry-After", "60"),)
             conn.refuse(e.status, e.reason, str(e), fields)
 
-    def _hello(self, arrival: Arrival) -> bool:
-        """The terminal page's first message (edge/hello.py): its bearer token checked when the
-        upgrade brought no credentials; a reattach handed to its session (False: the connection
-        is that session's now). A hello refused closes with its code (Refused)."""
+    def _hello(self, arrival: Arrival) -> None:
+        """The terminal page's first message (edge/hello.py), its bearer token checked when
+        the upgrade brought no credentials. A hello refused closes with its code (Refused)."""
         upgraded = arrival.websocket
         assert upgraded is not None
         reader, stream = FrameReader(), upgraded.stream
-        try:
+        with self._declining(stream):
             hello = read_hello(stream, reader, upgraded.leftover)
             arrival.websocket, arrival.hello = replace(upgraded, leftover=b"", reader=reader), hello
             if self.gatekeeper.credentials is not None and arrival.user is None:
@@ -182,20 +188,27 @@ class Door:
                     arrival.user = self.gatekeeper.check(bearer, arrival.client_ip)
                 except HeadError as e:
                     raise Declined(e.reason, str(e)) from None
-            if hello.resume is None:
-                return True
+
+    def _join(self, arrival: Arrival, hello: Hello) -> None:
+        """A hello that names a running session (a reattach, a watcher): the service hands the
+        connection to it, or it is refused with its close code (Refused)."""
+        assert arrival.websocket is not None
+        with self._declining(arrival.websocket.stream):
             if self.resume is None:
-                raise Declined("no_session", "this service keeps no session to reattach to")
+                raise Declined("no_session", "this service keeps no session to reattach to or watch")
             self.resume(arrival, hello)
-            return False
-        except ProtocolError as e:
-            stream.send(close(e.code, str(e)))
-            stream.close_notify()
-            raise Refused("protocol_error", str(e)) from None
-        except Declined as e:
-            stream.send(close(e.code, e.reason))
-            stream.close_notify()
-            raise Refused(e.reason, str(e)) from None
+
+    @contextlib.contextmanager
+    def _declining(self, stream: Stream) -> Iterator[None]:
+        """A hello gsrv will not follow: its close frame, then Refused for the prelude's line."""
+        try:
+            yield
+        except (ProtocolError, Declined) as e:
+            reason, text = ("protocol_error", str(e)) if isinstance(e, ProtocolError) else (e.reason, e.reason)
+            with gevent.Timeout(CLOSE_FRAME_S, False):
+                stream.send(close(e.code, text))
+                stream.close_notify()
+            raise Refused(reason, str(e)) from None
 
     def _admit(self, arrival: Arrival, rule_ip: str | None, ip: str | None) -> bool:
         refused = self.admission.check(rule_ip, ip, time.monotonic())

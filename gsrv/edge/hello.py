@@ -4,10 +4,12 @@ and what it wants, and gsrv's first message answers it. Sans-I/O but for `read_h
 
 - the hello, "h" + a JSON object: {} for a new session; "bearer": a token for `auth = { bearer
   = FILE }` (a browser cannot set Authorization on a WebSocket); "resume": a session's token
-  and "offset": the output bytes the page has (it reattaches instead of starting a child).
-- gsrv's answer, "h" + a JSON object: "session" (its id), "token" (with reattach: 128 random
-  bits, sent only here, never logged), "offset" (the output offset the "o" messages that
-  follow continue from: 0 for a new session).
+  and "offset": the output bytes the page has (it reattaches instead of starting a child);
+  "watch": a session's watch token (it watches the session: share).
+- gsrv's answer, "h" + a JSON object: "offset" (where the output in the "o" messages that
+  follow continues from: 0 for a new session), with reattach "token" and "reattach" (seconds),
+  with share "watch" (to a watcher: "share", its mode). Tokens are 128 random bits, sent only
+  here, never logged.
 - a hello gsrv refuses ends with a close code of gsrv's own (CLOSE_CODES, 4000-4999).
 """
 
@@ -31,6 +33,7 @@ CLOSE_CODES = {
     "no_session": 4404,  # a token no session here has (wrong, expired, or its session ended)
     "taken_over": 4409,  # a new connection with the session's token took it over
     "auth_limited": 4429,  # over failures_per_minute from this address
+    "fell_behind": 4413,  # a watcher whose queue (reattach_buffer) filled: it reads slower than the output comes
 }
 
 
@@ -47,6 +50,7 @@ class Hello:
     bearer: str | None = None
     resume: str | None = None  # a session's token: reattach to it
     offset: int = 0  # with resume: the output bytes the page has
+    watch: str | None = None  # a session's watch token (share): watch it
 
 
 def new_token() -> str:
@@ -63,12 +67,13 @@ def parse_hello(message: bytes) -> Hello:
         raise ProtocolError("a hello that is not a JSON object", 1008) from None
     if not isinstance(fields, dict):
         raise ProtocolError("a hello that is not a JSON object", 1008)
-    bearer, resume, offset = fields.get("bearer"), fields.get("resume"), fields.get("offset", 0)
-    if not (bearer is None or isinstance(bearer, str)) or not (resume is None or isinstance(resume, str)):
-        raise ProtocolError('a hello\'s "bearer" and "resume" are strings', 1008)
+    bearer, resume, offset, watch = (fields.get(name) for name in ("bearer", "resume", "offset", "watch"))
+    if not all(value is None or isinstance(value, str) for value in (bearer, resume, watch)):
+        raise ProtocolError('a hello\'s "bearer", "resume" and "watch" are strings', 1008)
+    offset = 0 if offset is None else offset
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
         raise ProtocolError('a hello\'s "offset" is a byte count', 1008)
-    return Hello(bearer, resume, offset)
+    return Hello(bearer, resume, offset, watch)
 
 
 def answer(fields: dict[str, object]) -> bytes:

@@ -47,6 +47,12 @@ class Pipes:
     def resize(self, child: Child, columns: int, rows: int) -> None:
         """Pipes have no size."""
 
+    def nudge(self, child: Child) -> None:
+        """Nothing to redraw."""
+
+    def type(self, child: Child, data: bytes) -> None:
+        """Watchers need a terminal (share = ... needs pty = true)."""
+
 
 class Terminal:
     """The master side of the session's pty, one fd both ways (the copy path: splice needs a
@@ -98,6 +104,25 @@ class Terminal:
         if child.terminal >= 0:
             with contextlib.suppress(OSError):
                 fcntl.ioctl(child.terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+    def nudge(self, child: Child) -> None:
+        """A full-screen program redraws (a new watcher): a row less, then the size again."""
+        if child.terminal >= 0:
+            with contextlib.suppress(OSError):
+                rows, columns, _, _ = struct.unpack("HHHH", fcntl.ioctl(child.terminal, termios.TIOCGWINSZ, bytes(8)))
+                if rows > 1:
+                    self.resize(child, columns, rows - 1)
+                    self.resize(child, columns, rows)
+
+    def type(self, child: Child, data: bytes) -> None:
+        """A watcher's typing (share = "read-write"), beside the driver's input."""
+        fd = Fd(child.terminal, WRITE)
+        try:
+            fd.write_all(data)
+        except OSError:
+            pass  # the child closed the terminal: the session ends anyway
+        finally:
+            fd.close()
 
 
 def eof_input(attrs: list[object], last: bytes) -> bytes:

@@ -40,6 +40,7 @@ from gsrv.relay.pump import Discard, End, FdSource, Meter, move, queued
 from gsrv.relay.reattach import Link, Seat
 from gsrv.relay.relays import LINGER_S, Closing, PipeRelay, RelayEvents, guarded
 from gsrv.relay.terminal import Pipes, Terminal
+from gsrv.relay.watchers import Watchers
 from gsrv.relay.window import Window
 
 # After the upgrade, how each end that is not the child's own is told (code, and the reason's text).
@@ -67,7 +68,7 @@ class WebSocketRelay(PipeRelay):
 
     __slots__ = ("stream", "ws", "proto", "typed", "stderr_channel", "failure", "code", "out", "err", "pinged",
                  "pong", "ping_timed_out", "leftover", "frames", "reading_since", "errors", "err_done",
-                 "window", "term", "seat", "events")  # fmt: skip
+                 "window", "term", "seat", "events", "watchers", "child")  # fmt: skip
 
     def __init__(self, sock: socket, chunk: int, upgraded: Upgraded, ws: WebSocketConfig,
                  child_end: Pipes | Terminal, stderr_channel: bool) -> None:  # fmt: skip
@@ -91,8 +92,11 @@ class WebSocketRelay(PipeRelay):
         self.term = upgraded.term  # the terminal page's protocol (edge/hello.py): its hello answered first
         self.seat = Seat(Link(sock, self.stream, self.proto), ws.reattach) if self.term and ws.reattach else None
         self.events: RelayEvents | None = None
-        if self.seat is not None:
-            self.window.keep()
+        self.child: Child | None = None
+        share = ws.share if self.term else "off"
+        self.watchers = Watchers(share, ws.reattach_buffer, self._note) if share != "off" else None
+        if self.seat is not None or self.watchers is not None:
+            self.window.keep()  # (for a reattach, for a new watcher)
         elif self.term:
             self.window.on = True  # the page acknowledges what it rendered
         if not stderr_channel:
@@ -105,7 +109,13 @@ class WebSocketRelay(PipeRelay):
     def log_fields(self) -> dict[str, object]:
         return super().log_fields() | {"bytes_err": self.errors.total if self.stderr_channel else None,
                                        "ping_timeout": 1 if self.ping_timed_out else None,
-                                       "drops": self.seat.drops if self.seat else None}  # fmt: skip
+                                       "drops": self.seat.drops if self.seat else None,
+                                       "watchers": self.watchers.joined if self.watchers else None}  # fmt: skip
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """The tokens a hello may name this session by: its own (reattach), its watchers' (share)."""
+        return tuple(t.token for t in (self.seat, self.watchers) if t is not None)
 
     @property
     def detached_since(self) -> float | None:
@@ -133,11 +143,16 @@ class WebSocketRelay(PipeRelay):
     # -- running ------------------------------------------------------------------------
 
     def start(self, child: Child, events: RelayEvents) -> None:
-        self.events = events
+        self.events, self.child = events, child
         if self.term:  # the hello's answer before any output
-            seat = self.seat
+            seat, watchers = self.seat, self.watchers
+            fields: dict[str, object] = {"offset": 0}
+            if seat is not None:
+                fields |= {"token": seat.token, "reattach": seat.reattach}
+            if watchers is not None:
+                fields |= {"watch": watchers.token, "share": watchers.share}
             with contextlib.suppress(OSError):  # (a failed send: the directions find out)
-                self.send(answer({"offset": 0} | ({"token": seat.token, "reattach": seat.reattach} if seat else {})))
+                self.send(answer(fields))
         super().start(child, events)
         if self.err is not None and child.stderr >= 0:
             self.greenlets.append(gevent.spawn(guarded, self._stderr, child, events))
@@ -224,6 +239,8 @@ class WebSocketRelay(PipeRelay):
         code says whether the session finished, so the TCP close after it is a FIN. A reset
         when a frame was cut short (a direction stopped inside a send) or the close frame could
         not go out within LINGER_S."""
+        if self.watchers is not None:
+            self.watchers.close(*self._close_code(closing))
         if self.seat is not None:
             self.seat.finish()
             if self.seat.detached:
@@ -257,13 +274,16 @@ class WebSocketRelay(PipeRelay):
                         self.err.flush()
                 if self.stream.torn:
                     return False
-                code, text = (self.code, self.failure) if self.failure and self.code else close_frame(closing)
+                code, text = self._close_code(closing)
                 if not self.stream.closed:
                     self.send(close(code, text))
                     self.stream.close_notify()
         except (OSError, _Late):
             return False
         return not self.stream.torn
+
+    def _close_code(self, closing: Closing) -> tuple[int, str]:
+        return (self.code, self.failure) if self.failure and self.code else close_frame(closing)
 
     def _finish_output(self, closing: Closing) -> None:
         """The close frame went out already (close)."""
@@ -275,27 +295,34 @@ class WebSocketRelay(PipeRelay):
         Seated: in order with a replay, and a connection found gone detaches instead of failing."""
         seat = self.seat
         if seat is None:
-            if output is not None:
-                self.window.sending(output)
+            self._counted(output)
             return self.stream.send(data)
         with seat.sending:
-            if output is not None:
-                self.window.sending(output)
+            self._counted(output)
             if seat.detached:
                 return 0.0
             stream = self.stream
             try:
                 return stream.send(data)
             except OSError:
-                self.lost(stream)
+                if not self.lost(stream):
+                    raise
                 return 0.0
+
+    def _counted(self, output: memoryview | bytes | None) -> None:
+        """Output on its way: the window counts (and keeps) it, each watcher gets it queued
+        (no yield between the two: a new watcher's kept output and its live output meet)."""
+        if output is not None:
+            self.window.sending(output)
+            if self.watchers is not None:
+                self.watchers.offer(output)
 
     def lost(self, stream: Stream, why: str = "client_reset") -> bool:
         """The client's connection ended without a close frame: True when the session goes on
         detached (reattach) instead of ending; its input then waits for the next connection."""
         seat = self.seat
-        if seat is None:
-            return False
+        if seat is None or seat.ended:
+            return False  # (at the session's end a failed send is the close's business)
         if seat.lost(stream, why) and self.events is not None:
             self.events.note("session_detached", why=why, kept=self.window.sent - self.window.base,
                              reattach_s=seat.reattach)  # fmt: skip
@@ -328,6 +355,22 @@ class WebSocketRelay(PipeRelay):
         events.note("session_reattached", conn=link.conn, peer=link.peer, offset=start, replayed=replayed,
                     took_over=1 if took_over else None)  # fmt: skip
         events.changed()
+
+    def watch(self, link: Link) -> None:
+        """A watcher (share, from its hello, in its connection's prelude): its answer and the
+        kept output queued before any live output (nothing yields in between), then a resize
+        nudge so a full-screen program redraws."""
+        watchers, window, child = self.watchers, self.window, self.child
+        if watchers is None or child is None or (self.seat is not None and self.seat.ended):
+            raise Declined("no_session", "the session is ending")
+        first = [answer({"offset": window.base, "share": watchers.share})]
+        first += [frame(Opcode.BINARY, piece, b"o") for piece in window.since(window.base)]
+        watchers.join(link, first, lambda data: self.child_end.type(child, data))
+        self.child_end.nudge(child)
+
+    def _note(self, event: str, **fields: object) -> None:
+        if self.events is not None:
+            self.events.note(event, **fields)
 
 
 class _Late(Exception):

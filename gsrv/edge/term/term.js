@@ -8,7 +8,8 @@
 // token (from the fragment: #bearer=TOKEN) and, reconnecting, the session's token and the
 // output offset the page has; gsrv's answer gives the offset its output continues from and,
 // with reattach, the session's token, which the page keeps in its fragment (#session=TOKEN:
-// never sent to a server), so a dropped connection, and a reload, reattach.
+// never sent to a server), so a dropped connection, and a reload, reattach. With share, the
+// answer has a watch token too: the page shows a link (#watch=TOKEN) that opens a watcher.
 "use strict";
 (() => {
   const status = document.getElementById("status");
@@ -24,6 +25,8 @@
   const fragment = new URLSearchParams(location.hash.slice(1));
   let bearer = fragment.get("bearer");
   let session = fragment.get("session");  // the session's token, once gsrv gave one (reattach)
+  const watch = fragment.get("watch");  // a watcher's page: the session's watch token (share)
+  let shared = "";  // the driver's: the link a watcher opens
   const encoder = new TextEncoder(), decoder = new TextDecoder();
   let ws = null, retry = 250;
   window.gsrvConnects = 0;
@@ -50,11 +53,21 @@
     const kept = new URLSearchParams();
     if (bearer) kept.set("bearer", bearer);
     if (session) kept.set("session", session);
+    if (watch) kept.set("watch", watch);
     history.replaceState(null, "", location.pathname + location.search + (kept.toString() ? "#" + kept : ""));
   };
   const hello = (fields) => {  // gsrv's answer: where its output continues, the session's token
     if (fields.token) session = fields.token;
     remember();
+    if (fields.watch) {
+      shared = location.origin + location.pathname + location.search + "#watch=" + fields.watch;
+      window.gsrvShare = shared;
+    }
+    if (watch) {  // a watcher starts from the kept output, on a clean screen (each time it connects)
+      term.reset();
+      received = rendered = fields.offset;
+      reported = -1;
+    }
     const skipped = fields.offset - received;  // output gsrv no longer had (a reload): not counted twice
     if (skipped > 0) {
       received += skipped;
@@ -82,7 +95,8 @@
       if (ws.protocol === "gsrv-term") {
         const fields = {};
         if (bearer) fields.bearer = bearer;
-        if (session) Object.assign(fields, {resume: session, offset: received});
+        if (watch) fields.watch = watch;
+        else if (session) Object.assign(fields, {resume: session, offset: received});
         send("h", JSON.stringify(fields));
       }
       status.textContent = "connected: " + url;
@@ -94,13 +108,24 @@
       const bytes = new Uint8Array(event.data);
       if (bytes.length < 1) return;
       const data = bytes.subarray(1);
-      if (bytes[0] === 0x68) hello(JSON.parse(decoder.decode(data)));  // "h"
+      if (bytes[0] === 0x68) {  // "h"
+        const fields = JSON.parse(decoder.decode(data));
+        hello(fields);
+        status.textContent = (watch ? "watching (" + fields.share + "): " : "connected: ") + url;
+        if (shared) {  // for the driver: the link a watcher opens
+          const link = document.createElement("a");
+          link.href = shared;
+          link.textContent = "watch link";
+          link.target = "_blank";
+          status.append(" \u00b7 share: ", link);
+        }
+      }
       else if (bytes[0] === 0x6f) output(data);  // "o"
       else term.write(data);  // "e" (stderr) is the screen's too, and not counted
     };
     ws.onclose = (event) => {
       const why = event.reason ? " (" + event.reason + ")" : "";
-      if (event.code === 1006 && session) {  // dropped without a close: the session waits for us
+      if (event.code === 1006 && (session || watch)) {  // dropped without a close: the session waits for us
         status.textContent = "reconnecting in " + retry / 1000 + "s (code 1006)";
         status.className = "closed";
         setTimeout(connect, retry);
