@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 import urllib.request
 
 import pytest
-from conftest import py_child, service_with, wait_until
+from conftest import ROOT, py_child, service_with, wait_until
 from termclient import answered
 
 from gsrv.contain.host import discover
@@ -148,3 +149,43 @@ def test_a_bearer_token_in_the_hello_and_the_same_user_to_reattach(gsrv, term, t
     again = term(server, "shell", {"bearer": "first-secret-token", "resume": token, "offset": 0})
     assert answered(again)["offset"] <= len(client.output)
     assert "first-secret-token" not in "\n".join(server.lines)
+
+
+@pytest.mark.timeout(60)
+def test_a_detached_session_lives_through_a_reload_and_a_drain_ends_it_as_a_running_one(gsrv, term) -> None:
+    server = gsrv('[server]\ndrain_timeout = "1s"\n' + term_service("shell", ["cat"]))
+    first = term(server, "shell", {})
+    token = answered(first)["token"]
+    first.drop()
+    server.wait_log(r"event=session_detached")
+    server.signal(signal.SIGHUP)
+    server.wait_log(r"event=reloaded")
+    second = term(server, "shell", {"resume": token, "offset": 0})
+    answered(second)
+    second.send(b"iafter-reload\r")
+    second.pump(lambda: second.output.count(b"after-reload\r\n") == 2)  # the echo, then cat's
+    second.drop()
+    wait_until(lambda: server.count_log(r"event=session_detached") == 2, 10, "detached again")
+    server.signal(signal.SIGTERM)  # the drain waits for it (drain_timeout), then ends it as any running session
+    line = server.wait_log(r"event=session_end service=shell", timeout=20)
+    assert "reason=shutdown" in line and "drops=2" in line, line
+    assert server.wait(30) == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_shipped_terminal_demo_draws_top_reattaches_and_shares(gsrv, term, tmp_path) -> None:
+    text = (ROOT / "conf" / "gsrv.toml").read_text()
+    text = re.sub(r'listen = "127\.0\.0\.1:\d+"', 'listen = "127.0.0.1:0"', text)
+    server = gsrv(text.replace("unix:/tmp/gsrv-python.sock", f"unix:{tmp_path / 'python.sock'}"))
+    first = term(server, "terminal", {})
+    hello = answered(first)
+    assert hello["reattach"] == 300 and hello["share"] == "read-only", hello
+    first.send(b"r100x30")
+    first.pump(lambda: b"load average" in first.output)
+    watcher = term(server, "terminal", {"watch": hello["watch"]})
+    watcher.pump(lambda: b"load average" in watcher.output)  # the kept screen, or the next redraw
+    first.drop()
+    second = term(server, "terminal", {"resume": hello["token"], "offset": len(first.output)})
+    answered(second)
+    second.pump(lambda: b"load average" in second.output)  # top's next screen, to the same session
+    assert server.count_log(r"event=session_end service=terminal .*relay=") == 0

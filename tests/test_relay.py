@@ -336,10 +336,11 @@ def test_version() -> None:
 @pytest.mark.timeout(60)
 def test_shipped_demo_services_answer_as_the_readme_says(gsrv) -> None:
     text = (ROOT / "conf" / "gsrv.toml").read_text()
-    # the pty, WebSocket and HTTP demos have their own tests (test_pty.py, test_websocket.py, test_http.py)
-    demos = r"(?:python|upper-ws|sha256-http|cgi)(?:\.websocket|\.http)?"
+    # the pty, WebSocket, terminal and HTTP demos have their own tests (test_pty.py, test_websocket.py,
+    # test_reattach.py, test_http.py)
+    demos = r"(?:python|upper-ws|terminal|sha256-http|cgi)(?:\.websocket|\.http)?"
     text = re.sub(rf"^\[services\.{demos}\].*\n(?:(?!\[).*\n)*", "", text, flags=re.M)
-    assert not re.search(r"^\[services\.(python|upper-ws|sha256-http|cgi)", text, flags=re.M)
+    assert not re.search(r"^\[services\.(python|upper-ws|terminal|sha256-http|cgi)", text, flags=re.M)
     assert "[services.daemon]" in text
     server = gsrv(re.sub(r'listen = "127\.0\.0\.1:\d+"', 'listen = "127.0.0.1:0"', text))
     readme = (ROOT / "README.md").read_bytes()
