@@ -117,6 +117,10 @@ def check(path: str, overrides: list[str], reference: bool = False) -> int:
     guard = config.guard
     print(f"  guard: max_rss={format_size(guard.max_rss)} min_available={guard.min_available} "
           f"interval={guard.interval:g}s")  # fmt: skip
+    if config.admin is not None:
+        admin = config.admin
+        auth = f"bearer ({len(admin.auth.tokens)} tokens from {admin.auth.path})" if admin.auth else "none"
+        print(f"  admin: listen={admin.listen} auth={auth} control={'on' if admin.control else 'off'}")
     return 0
 
 
@@ -243,7 +247,8 @@ def _admin(config: Config, server: Server, log: Log) -> Admin | None:
     """The admin endpoint and the metrics it serves, if [admin] asks for one."""
     if config.admin is None:
         return None
-    admin = Admin(config.admin.listen, server.lifecycle.not_ready, log)
+    admin = Admin(config.admin, server.lifecycle.not_ready, log)
+    admin.control.operator = server
     server.metrics = admin.metrics
     return admin
 

@@ -17,12 +17,14 @@ from gsrv.errors import ConfigError
 from gsrv.logs import Log
 from gsrv.ops.metrics import Metrics, ServiceState
 from gsrv.relay.child import REAP_TIMEOUT_S, Launcher
+from gsrv.relay.describe import describe
 from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
 from gsrv.service import Service
 from gsrv.state import Lifecycle
 
 DRAIN_POLL_S = 0.05
+LIST_YIELD_EVERY = 200  # a long /sessions listing lets the relays run between so many sessions
 OWN_GREENLETS = 6  # with an admin endpoint: main, signal worker, watchdog, guard, log writer, metrics flusher
 STOP_MARGIN_S = 1.0
 EXIT_MARGIN_S = 3.0  # after the sessions: the admin endpoint, the guardian, the cgroups, the log
@@ -119,6 +121,8 @@ class Server:
                 s.listen_queue(),
                 s.gate.waiting,
                 s.detached,
+                s.gate.max_sessions,
+                tuple(sorted(s.gate.paused)),
             )  # fmt: skip
             for s in self.services
         ]
@@ -136,6 +140,60 @@ class Server:
         for service in [*self.services, *self.retired]:
             for session in service.sessions:
                 self.metrics.flush(service.cfg.name, session.meters())
+
+    # -- the operator's view (ops/control.py asks, for the admin listener) ------------------
+
+    def sessions(self, service: str | None = None, waiting: str | None = None) -> list[dict[str, object]]:
+        """Every running session (of `service`, waiting on `waiting`), described now."""
+        now, found = time.monotonic(), []
+        for n, session in enumerate(self.all_sessions(), 1):
+            if service is None or session.svc.name == service:
+                fields = describe(session, now)
+                if waiting is None or fields["waiting"] == waiting:
+                    found.append(fields)
+            if n % LIST_YIELD_EVERY == 0:
+                gevent.sleep(0)
+        return found
+
+    def end_session(self, sid: str, who: dict[str, object]) -> bool:
+        """The operator ends one session: its stop ladder, reason ended_by_admin. False: no such session."""
+        session = next((s for s in self.all_sessions() if s.sid == sid), None)
+        if session is None:
+            return False
+        self.log.info("admin_action", action="end", service=session.svc.name, session=sid, **who)
+        session.abort("ended_by_admin")
+        return True
+
+    def act(self, name: str, action: str, who: dict[str, object]) -> bool:
+        """pause, resume or drain one service (the operator's; a reload keeps it, a restart
+        clears it). False: no such service."""
+        service = next((s for s in self.services if s.cfg.name == name), None)
+        if service is None:
+            return False
+        self.log.info("admin_action", action=action, service=name, **who)
+        if action == "pause":
+            service.admin_pause()
+        elif action == "resume":
+            service.admin_resume()
+        else:
+            service.admin_drain(self.config.server.drain_timeout, lambda s: s.abort("ended_by_admin"))
+        return True
+
+    def list_services(self) -> list[dict[str, object]]:
+        """Each service's state now: sessions, max, waiting, pauses, readiness."""
+        return [{"name": s.cfg.name, "listen": s.address if s.listener else str(s.cfg.listen),
+                 "transport": s.cfg.interact.transport, "sessions": len(s.sessions),
+                 "max_sessions": s.gate.max_sessions, "pending": s.gate.waiting, "backlog": s.listen_queue(),
+                 "detached": s.detached, "paused": sorted(s.gate.paused),
+                 "ready": (self.lifecycle.not_ready() or s.not_ready()) is None}
+                for s in self.services]  # fmt: skip
+
+    def service_readiness(self, name: str) -> str | None:
+        """Why the service takes no new sessions now (None: it does). KeyError: no such service."""
+        service = next((s for s in self.services if s.cfg.name == name), None)
+        if service is None:
+            raise KeyError(name)
+        return self.lifecycle.not_ready() or service.not_ready()
 
     # -- reload --------------------------------------------------------------------------
 

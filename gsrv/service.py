@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import socket as stdsocket
 import struct
+from collections.abc import Callable
 from typing import Any, Protocol
+
+import gevent
 
 from gsrv.accept.gate import ENDED, Gate, Listener
 from gsrv.accept.listeners import close_listener, open_listener, tune
@@ -33,6 +36,8 @@ from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
 from gsrv.relay.websocket import WebSocketRelay
 from gsrv.state import Lifecycle
+
+ADMIN_PAUSE, ADMIN_DRAIN = "paused_by_admin", "drained_by_admin"  # the operator's reasons in the gate
 
 
 class Host(Protocol):
@@ -61,6 +66,7 @@ class Service:
         self.sessions: set[Session] = set()
         self.tokens: dict[str, tuple[Session, WebSocketRelay]] = {}  # reattach, share: a session by its tokens
         self.ending = False  # the stop ended the sessions: one that starts now ends at once
+        self._drainer: gevent.Greenlet | None = None  # the operator's drain: its deadline
         self.listener: Listener | None = None
         self.prespawned = Prespawned(cfg, server.launcher, server.log, server.config.server.kill_grace, self._accepts)
         self.configure(cfg)
@@ -214,6 +220,38 @@ class Service:
         if self.server.metrics is not None:
             status = arrival.http.status if arrival.http is not None else None
             self.server.metrics.refused(self.cfg.name, reason, arrival.age(), status)
+
+    # -- the operator's pauses and drain (the admin listener's /services/NAME/...) -----------
+
+    def admin_pause(self) -> None:
+        """New connections wait in the backlog; running sessions go on (beside the guard's pause)."""
+        self.gate.pause(ADMIN_PAUSE)
+
+    def admin_drain(self, timeout: float, end: Callable[[Session], None]) -> None:
+        """Paused, and the sessions running now get `timeout` to finish; then `end` for each
+        left. The service stays drained until resumed."""
+        self.gate.pause(ADMIN_DRAIN)
+        if self._drainer is None or self._drainer.dead:
+            self._drainer = gevent.spawn_later(timeout, self._drained, end)
+
+    def _drained(self, end: Callable[[Session], None]) -> None:
+        for session in list(self.sessions):
+            end(session)
+
+    def admin_resume(self) -> None:
+        """Only the operator's pauses end here (the guard's and a stop's stay)."""
+        if self._drainer is not None:
+            self._drainer.kill(block=False)
+            self._drainer = None
+        self.gate.resume(ADMIN_PAUSE)
+        self.gate.resume(ADMIN_DRAIN)
+        self.prespawned.fill()
+
+    def not_ready(self) -> str | None:
+        """Why this service takes no new sessions now, if it does not (/readyz/NAME)."""
+        if self.gate.closed:
+            return "closed"
+        return ", ".join(sorted(self.gate.paused)) or None
 
     def listen_queue(self) -> int | None:
         """Connections waiting in the backlog (TCP_INFO's unacked on a listening socket)."""

@@ -17,6 +17,13 @@ EXPECTED = (
 )
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @dataclass(frozen=True)
 class Address:
     """kind "tcp": host and port (0: the kernel picks); "unix": path; "fd": fd;

@@ -6,12 +6,12 @@ and what follows from them for the other keys.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from gsrv.config import keys
+from gsrv.config.address import is_loopback
 from gsrv.config.auth import Credentials, parse_auth
 from gsrv.config.http import HttpConfig, parse_http
 from gsrv.config.keys import key
@@ -152,7 +152,7 @@ def _websocket(t: Table, transport: str, values: dict[str, Any], policy: Policy)
         raise t.fail("reject_banner", 'cannot be combined with transport = "websocket": its raw text would reach '
                      "the client in place of an HTTP answer")  # fmt: skip
     listen = values["listen"]
-    local_only = listen.kind == "unix" or (listen.kind == "tcp" and _loopback(listen.host))
+    local_only = listen.kind == "unix" or (listen.kind == "tcp" and is_loopback(listen.host))
     return parse_websocket(t, "websocket", values["chunk_size"], values["pty"], local_only)
 
 
@@ -184,12 +184,5 @@ def _http(t: Table, found: dict[str, Any], values: dict[str, Any], policy: Polic
     if "nonzero_exit" not in t.data:  # an HTTP client learns of a failed child only from a reset
         values["nonzero_exit"] = "reset"
     listen = values["listen"]
-    local_only = listen.kind == "unix" or (listen.kind == "tcp" and _loopback(listen.host))
+    local_only = listen.kind == "unix" or (listen.kind == "tcp" and is_loopback(listen.host))
     return parse_http(t, "http", local_only)
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"

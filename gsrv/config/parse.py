@@ -15,7 +15,8 @@ from typing import Any
 import psutil
 
 from gsrv.config import keys
-from gsrv.config.address import Address, collide, parse_address
+from gsrv.config.address import Address, collide, is_loopback, parse_address
+from gsrv.config.auth import Credentials, parse_auth
 from gsrv.config.contain import CgroupConfig, Containment, parse_cgroup, parse_containment
 from gsrv.config.http import HttpConfig
 from gsrv.config.interact import Interaction, parse_interaction
@@ -113,10 +114,24 @@ class GuardConfig:
     resume_samples: int = key(keys.integer(1), 3, "... in this many consecutive samples", reload=GUARD_RELOAD)
 
 
+def _admin_auth(t: Table, name: str, default: object) -> Credentials | None:
+    """A bearer token file for the operator's view: basic auth is the services' business."""
+    credentials = parse_auth(t, name, default)
+    if credentials is not None and credentials.kind != "bearer":
+        raise t.fail(name, "must be { bearer = FILE } (a token a line: the CLI and scripts send one)")
+    return credentials
+
+
 @dataclass(frozen=True)
 class AdminConfig:
-    listen: Address = required(_address, '"host:port" of /metrics, /healthz, /readyz', "127.0.0.1:9180",
-                               reload="needs a restart")  # fmt: skip
+    listen: Address = required(_address, '"host:port" of /metrics, /healthz, /readyz, the status page, /sessions, '
+                               "/services", "127.0.0.1:9180", reload="needs a restart")  # fmt: skip
+    auth: Credentials | None = key(_admin_auth, None, "{ bearer = FILE }: a token a line; guards /, /sessions and "
+                                   "/services (needed when listen is not loopback); /metrics, /healthz and /readyz "
+                                   "stay open", reload="needs a restart",
+                                   example={"bearer": "/etc/gsrv/admin.tokens"})  # fmt: skip
+    control: bool = key(keys.flag(), True, "false: /sessions and /services are read-only (a POST gets 403)",
+                        reload="needs a restart")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -255,6 +270,9 @@ def _admin(file: str, data: object) -> AdminConfig | None:
     admin = AdminConfig(**keys.read_all(t, AdminConfig))
     if admin.listen.kind != "tcp":
         raise t.fail("listen", f'must be "host:port" (got {describe(t.data["listen"])})')
+    if admin.auth is None and not is_loopback(admin.listen.host):
+        raise t.fail("listen", f"is {admin.listen}, not loopback: the sessions and services of this gsrv would be "
+                     "anyone's who can reach it; add auth = { bearer = FILE } (a token a line)")  # fmt: skip
     return admin
 
 

@@ -125,6 +125,11 @@ class Scope:
     def usage(self) -> Usage:
         raise NotImplementedError
 
+    def now(self) -> tuple[float | None, int | None]:
+        """With accounting: the CPU milliseconds so far and the memory in use now, of the
+        session's whole tree (what an operator's /sessions shows); (None, None) without."""
+        raise NotImplementedError
+
 
 class V1Scope(Scope):
     """A cgroup per hierarchy the session needs; the freezer's is where its processes are counted."""
@@ -154,6 +159,14 @@ class V1Scope(Scope):
             pids_limited=bool(field(read(f"{pids}/pids.events"), "max")) if pids else False,
         )
 
+    def now(self) -> tuple[float | None, int | None]:
+        d = self.dirs
+        if not self.accounting:
+            return None, None
+        nsec = number(read(f"{d['cpuacct']}/cpuacct.usage")) if "cpuacct" in d else None
+        memory = number(read(f"{d['memory']}/memory.usage_in_bytes")) if "memory" in d else None
+        return (None if nsec is None else nsec / 1e6), memory
+
 
 class V2Scope(Scope):
     """One cgroup of the unified tree; the limits' controllers are enabled above it (Root.enable)."""
@@ -181,6 +194,14 @@ class V2Scope(Scope):
             oom_kill=bool(field(read(f"{u}/memory.events"), "oom_kill")) if "memory" in enabled else False,
             pids_limited=bool(field(read(f"{u}/pids.events"), "max")) if "pids" in enabled else False,
         )
+
+    def now(self) -> tuple[float | None, int | None]:
+        u = self._top
+        if not self.accounting:
+            return None, None
+        usec = field(read(f"{u}/cpu.stat"), "usage_usec")
+        memory = number(read(f"{u}/memory.current")) if "memory" in self.root.enabled else None
+        return (None if usec is None else usec / 1000), memory
 
 
 def _parents(root: Root, limits: Limits, accounting: bool) -> dict[str, str]:

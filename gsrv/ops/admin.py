@@ -1,4 +1,5 @@
-"""The admin endpoint on gevent.pywsgi: /metrics (Prometheus), /healthz, /readyz.
+"""The admin endpoint on gevent.pywsgi: /metrics (Prometheus), /healthz, /readyz, and the
+operator's view (ops/control.py: /sessions, /services, /readyz/NAME).
 
 /readyz is 503 with the reason while the memory guard or a drain holds accept, so a load
 balancer takes the node out of rotation; a service at max_sessions is not a reason.
@@ -13,8 +14,10 @@ from gevent.pywsgi import WSGIServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gsrv.accept.listeners import open_listener
-from gsrv.config.address import Address, host_port
+from gsrv.config.address import host_port
+from gsrv.config.parse import AdminConfig
 from gsrv.logs import Log
+from gsrv.ops.control import Control
 from gsrv.ops.metrics import Metrics, State
 from gsrv.periodic import Periodic
 
@@ -42,11 +45,12 @@ class Admin:
     """Binds at once (a taken port is a startup error); serves from start() on, and feeds the
     byte counters from running sessions every FLUSH_S."""
 
-    def __init__(self, address: Address, not_ready: Readiness, log: Log) -> None:
+    def __init__(self, config: AdminConfig, not_ready: Readiness, log: Log) -> None:
         self.not_ready, self.log = not_ready, log
         self.metrics_state: Callable[[], State] | None = None
         self.metrics = Metrics(lambda: self.metrics_state() if self.metrics_state else _EMPTY)
-        sock = open_listener("admin endpoint", address, 128, 0o600, {})
+        self.control = Control(config, log)
+        sock = open_listener("admin endpoint", config.listen, 128, 0o600, {})
         self.server = WSGIServer(sock, self.app, log=None, error_log=_ErrorLog(log))
         self._flusher: Periodic | None = None
 
@@ -69,6 +73,11 @@ class Admin:
 
     def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
+        if self.control.handles(path):
+            reply = self.control.handle(environ)
+            headers = [("Content-Type", reply.kind), ("Content-Length", str(len(reply.body))), *reply.headers]
+            start_response(reply.status, headers)
+            return [reply.body]
         if path == "/metrics":
             body, status, kind = generate_latest(self.metrics.registry), "200 OK", CONTENT_TYPE_LATEST
         elif path == "/healthz":
@@ -81,6 +90,7 @@ class Admin:
                 body, status = f"not ready: {why}\n".encode(), "503 Service Unavailable"
             kind = "text/plain"
         else:
-            body, status, kind = b"not found: try /metrics, /healthz or /readyz\n", "404 Not Found", "text/plain"
+            body, status, kind = (b"not found: try /metrics, /healthz, /readyz, /readyz/SERVICE, /sessions or "
+                                  b"/services\n", "404 Not Found", "text/plain")  # fmt: skip
         start_response(status, [("Content-Type", kind), ("Content-Length", str(len(body)))])
         return [body]

@@ -76,6 +76,8 @@ class ServiceState:
     listen_queue: int | None
     pending: int = 0  # in their TLS handshake or PROXY header, or waiting for a slot after it
     detached: int = 0  # reattach: running, their client's connection gone
+    max_sessions: int = 0
+    paused: tuple[str, ...] = ()  # why the gate holds accept: memory, paused_by_admin, drained_by_admin, ...
 
 
 @dataclass
@@ -172,12 +174,18 @@ class _StateCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         s = self.state()
         yield _gauge("gsrv_sessions_active", "Sessions running now", [(x.name, x.active) for x in s.services])
-        yield _gauge(
-            "gsrv_sessions_detached",
-            "Sessions running without their client's connection, kept for a "
-            "reattach (counted in gsrv_sessions_active too)",
-            [(x.name, x.detached) for x in s.services],
-        )
+        yield _gauge("gsrv_sessions_detached", "Sessions running without their client's connection, kept for "
+                     "a reattach (counted in gsrv_sessions_active too)",
+                     [(x.name, x.detached) for x in s.services])  # fmt: skip
+        yield _gauge("gsrv_service_max_sessions", "The service's max_sessions (sessions at once)",
+                     [(x.name, x.max_sessions) for x in s.services])  # fmt: skip
+        paused = GaugeMetricFamily("gsrv_service_paused", "1 for each reason a service's accept is held now "
+                                   "(memory, paused_by_admin, drained_by_admin, draining)",
+                                   labels=["service", "reason"])  # fmt: skip
+        for x in s.services:
+            for reason in x.paused:
+                paused.add_metric([x.name, reason], 1)
+        yield paused
         yield _gauge(
             "gsrv_service_full", "1 while a service is at max_sessions", [(x.name, int(x.full)) for x in s.services]
         )

@@ -62,6 +62,10 @@ class ProcessGroup:
             return False
         return True
 
+    def now(self) -> tuple[float | None, int | None]:
+        """No cgroup to read: the caller reads the child's own figures."""
+        return None, None
+
     def finish(self) -> Usage | None:
         return None
 
@@ -124,6 +128,13 @@ class CgroupMembers:
         except OSError:
             return False
         return True
+
+    def now(self) -> tuple[float | None, int | None]:
+        """The session's CPU milliseconds and memory now, from its cgroup (with accounting)."""
+        try:
+            return self.scope.now()
+        except OSError:
+            return None, None
 
     def finish(self) -> Usage | None:
         """The accounting (the ladder left the cgroups empty; the spawner removes them behind)."""

@@ -1,0 +1,156 @@
+"""The operator's view on the admin listener: GET /sessions and /services (JSON), POST
+/sessions/ID/end and /services/NAME/pause|resume|drain, and /readyz/NAME; and who may ask.
+
+Who may ask: with `[admin] auth = { bearer = FILE }` (required off loopback) a token guards
+everything here but /readyz/NAME; on a loopback listener the Host must be a loopback name (a
+page whose name was made to resolve to 127.0.0.1 gets 403: DNS rebinding); a POST needs a
+JSON body and an Origin that is absent or the listener's own (a cross-site form cannot send
+either), and `control = false` refuses every POST (403). Each action is logged with who asked.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+from gsrv.config.address import is_loopback
+from gsrv.config.parse import AdminConfig
+from gsrv.logs import Log
+
+ACTIONS = ("pause", "resume", "drain")
+BODY_MAX = 4096
+
+
+class Operator(Protocol):
+    """What the view asks of the server (gsrv/server.py)."""
+
+    def sessions(self, service: str | None = None, waiting: str | None = None) -> list[dict[str, object]]: ...
+    def list_services(self) -> list[dict[str, object]]: ...
+    def end_session(self, sid: str, who: dict[str, object]) -> bool: ...
+    def act(self, name: str, action: str, who: dict[str, object]) -> bool: ...
+    def service_readiness(self, name: str) -> str | None: ...  # KeyError: no such service
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: str
+    body: bytes
+    kind: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def answer(status: str, fields: dict[str, object], headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    return Reply(status, json.dumps(fields, separators=(",", ":")).encode() + b"\n", headers=headers)
+
+
+class Control:
+    """Routes and guards the operator's requests; `operator` is set by the composer."""
+
+    def __init__(self, config: AdminConfig, log: Log) -> None:
+        self.config, self.log = config, log
+        self.operator: Operator | None = None
+        self.pages: dict[str, Callable[[], Reply]] = {}  # more guarded GETs (the status page)
+
+    def handles(self, path: str) -> bool:
+        return path in self.pages or path.startswith(("/sessions", "/services", "/readyz/"))
+
+    def handle(self, environ: dict[str, Any]) -> Reply:
+        path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
+        operator = self.operator
+        if operator is None:
+            return answer("503 Service Unavailable", {"error": "starting"})
+        if path.startswith("/readyz/"):  # open, like /readyz: a balancer reads it
+            return self._readiness(operator, path.removeprefix("/readyz/"))
+        refused = self._refused(environ, method)
+        if refused is not None:
+            return refused
+        if method == "GET" and path in self.pages:
+            return self.pages[path]()
+        parts = path.strip("/").split("/")
+        if method == "GET" and parts == ["sessions"]:
+            query = parse_qs(environ.get("QUERY_STRING", ""))
+            found = operator.sessions(_one(query, "service"), _one(query, "waiting"))
+            return answer("200 OK", {"sessions": found, "count": len(found)})
+        if method == "GET" and parts == ["services"]:
+            return answer("200 OK", {"services": operator.list_services()})
+        if method == "POST" and len(parts) == 3 and parts[0] == "sessions" and parts[2] == "end":
+            if operator.end_session(parts[1], self._who(environ)):
+                return answer("200 OK", {"ended": parts[1]})
+            return answer("404 Not Found", {"error": f"no running session {parts[1]} (it ended, or never was)"})
+        if method == "POST" and len(parts) == 3 and parts[0] == "services" and parts[2] in ACTIONS:
+            if operator.act(parts[1], parts[2], self._who(environ)):
+                return answer("200 OK", {"service": parts[1], "action": parts[2]})
+            return answer("404 Not Found", {"error": f"no service {parts[1]} in the running config"})
+        allowed = "GET /sessions, GET /services, POST /sessions/ID/end, POST /services/NAME/pause|resume|drain"
+        return answer("404 Not Found", {"error": f"{method} {path}: no such action (try {allowed})"})
+
+    def _readiness(self, operator: Operator, name: str) -> Reply:
+        try:
+            why = operator.service_readiness(name)
+        except KeyError:
+            return Reply("404 Not Found", f"no service {name}\n".encode(), "text/plain")
+        if why is None:
+            return Reply("200 OK", b"ready\n", "text/plain")
+        return Reply("503 Service Unavailable", f"not ready: {why}\n".encode(), "text/plain")
+
+    def _refused(self, environ: dict[str, Any], method: str) -> Reply | None:
+        """Why this request may not go on, answered; None: it may."""
+        host = environ.get("HTTP_HOST", "")
+        if is_loopback(self.config.listen.host) and not is_loopback(_hostname(host)):
+            return answer("403 Forbidden", {"error": f"Host {host!r} is not a loopback name on a loopback listener"})
+        credentials = self.config.auth
+        if credentials is not None:
+            token = self._token(environ.get("HTTP_AUTHORIZATION", ""))
+            if token is None:
+                challenge = (("WWW-Authenticate", f'Bearer realm="{credentials.realm}"'),)
+                return answer("401 Unauthorized", {"error": "a valid bearer token is needed"}, challenge)
+            environ["gsrv.token"] = token
+        if method == "GET":
+            return None
+        if method != "POST":
+            return answer("405 Method Not Allowed", {"error": f"{method}: GET or POST"}, (("Allow", "GET, POST"),))
+        if not self.config.control:
+            return answer("403 Forbidden", {"error": "control = false: this admin listener is read-only"})
+        origin = environ.get("HTTP_ORIGIN")
+        if origin is not None and origin.lower() != f"http://{host}".lower():
+            return answer("403 Forbidden", {"error": f"Origin {origin} is not this admin listener's"})
+        if environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower() != "application/json":
+            return answer("415 Unsupported Media Type", {"error": "a POST needs Content-Type: application/json"})
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            body = json.loads(environ["wsgi.input"].read(min(length, BODY_MAX)) or b"null")
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return answer("400 Bad Request", {"error": "a POST's body must be a JSON object, like {}"})
+        return None
+
+    def _token(self, authorization: str) -> str | None:
+        """The name of the token sent ("token-N", its line in the file), if it is one."""
+        scheme, _, value = authorization.strip().partition(" ")
+        credentials = self.config.auth
+        if credentials is None or scheme.lower() != "bearer":
+            return None
+        matches = [n for n, token in enumerate(credentials.tokens, 1) if hmac.compare_digest(value.strip(), token)]
+        return f"token-{matches[0]}" if matches else None
+
+    @staticmethod
+    def _who(environ: dict[str, Any]) -> dict[str, object]:
+        return {"by": f"{environ.get('REMOTE_ADDR')}:{environ.get('REMOTE_PORT')}", "token": environ.get("gsrv.token")}
+
+
+def _one(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[0] if values else None
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port."""
+    try:
+        return urlsplit("//" + host).hostname or ""
+    except ValueError:
+        return ""
