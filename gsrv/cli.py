@@ -17,6 +17,7 @@ from gsrv import __version__
 from gsrv.accept.guard import Guard, Sampler
 from gsrv.accept.listeners import BindError
 from gsrv.clients import loadgen
+from gsrv.clients import operate as operator
 from gsrv.clients.send import send
 from gsrv.config import keys
 from gsrv.config.parse import TABLES, Config, ServiceConfig, load
@@ -67,7 +68,47 @@ def _parser() -> argparse.ArgumentParser:
                       help="put this terminal in raw mode while connected (for a pty = true service)")  # fmt: skip
     load = sub.add_parser("load", help="put load on a service and report throughput, latency, errors")
     loadgen.add_arguments(load)
+    for name, text, target in (("sessions", "list the running sessions (the admin listener's /sessions)", None),
+                               ("end", "end one session (its stop ladder, reason ended_by_admin)", "ID"),
+                               ("pause", "hold a service's new clients in the backlog", "SERVICE"),
+                               ("resume", "end the operator's pause or drain of a service", "SERVICE"),
+                               ("drain", "pause a service, end its sessions after drain_timeout", "SERVICE"),
+                               ):  # fmt: skip
+        cmd = sub.add_parser(name, help=text)
+        if target:
+            cmd.add_argument("target", metavar=target)
+        else:
+            cmd.add_argument("--service", help="only this service's sessions")
+            cmd.add_argument("--json", action="store_true", help="the sessions as JSON, as /sessions gives them")
+        cmd.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="the running gsrv's config: its [admin] "
+                         f"listener and token (default {DEFAULT_CONFIG})")  # fmt: skip
+        cmd.add_argument("--admin", metavar="HOST:PORT", help="the admin listener, when the config's says port 0")
     return parser
+
+
+def operate(args: argparse.Namespace) -> int:
+    """The operator's commands: the admin listener of the config (or --admin), its first token
+    (or GSRV_ADMIN_TOKEN)."""
+    config = _load(args.config, [])
+    if config is None:
+        return 2
+    if config.admin is None:
+        print(f"Error: {args.config} has no [admin] table: the running gsrv has no admin listener to ask",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    address = args.admin or str(config.admin.listen)
+    if address.endswith(":0"):
+        print(f"Error: {args.config}'s [admin] listen is {address} (any free port): give --admin HOST:PORT, the "
+              "address its admin_listening line names", file=sys.stderr)  # fmt: skip
+        return 2
+    token = os.environ.get("GSRV_ADMIN_TOKEN") or (config.admin.auth.tokens[0] if config.admin.auth else None)
+    base = f"http://{address}"
+    if args.cmd == "sessions":
+        return operator.sessions(base, token, args.service, args.json)
+    if args.cmd == "end":
+        return operator.act(base, token, f"/sessions/{args.target}/end", f"ended {args.target}")
+    past = {"pause": "paused", "resume": "resumed", "drain": "draining"}[args.cmd]
+    return operator.act(base, token, f"/services/{args.target}/{args.cmd}", f"{past} {args.target}")
 
 
 def _load(path: str, overrides: list[str]) -> Config | None:
@@ -302,4 +343,6 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.config, args.overrides)
     if args.cmd == "load":
         return loadgen.main(args)
+    if args.cmd in ("sessions", "end", "pause", "resume", "drain"):
+        return operate(args)
     return send(args.target, args.raw)

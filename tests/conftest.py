@@ -23,6 +23,8 @@ from typing import Any
 import psutil
 import pytest
 
+from gsrv.contain.host import discover
+
 PY = sys.executable
 pytest_plugins = ["termclient"]  # the `term` fixture: gsrv-term protocol clients
 
@@ -325,3 +327,12 @@ def lives(pid: int) -> bool:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cgroup_gone(server: Gsrv, line: str) -> None:
+    """The cgroup a session_end line names is gone (removed behind the session) in every hierarchy."""
+    name = re.search(r" cgroup=(\S+)", line)
+    if name is None:
+        return  # a host without cgroups: the group's end is the ladder's
+    paths = [os.path.join(parent, f"gsrv-{server.proc.pid}", name.group(1)) for parent in discover().parents.values()]
+    wait_until(lambda: not any(os.path.isdir(p) for p in paths), 10, lambda: f"{paths} still there")

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import service_toml, wait_until
+from conftest import cgroup_gone, service_toml, wait_until
 
 ADMIN = '[admin]\nlisten = "127.0.0.1:0"\n'
 
@@ -115,26 +115,59 @@ def readiness(base: str, name: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def gsrv_cli(server, base: str, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    """The operator's command line against this gsrv (its config, its admin address)."""
+    return subprocess.run([sys.executable, "-m", "gsrv", *argv, "-c", str(server.config), "--admin",
+                           base.removeprefix("http://")], capture_output=True, text=True, timeout=30,
+                          env=os.environ | (env or {}))  # fmt: skip
+
+
 @pytest.mark.timeout(90)
-def test_end_stops_one_session_with_its_reason_and_leaves_the_others(gsrv) -> None:
+def test_gsrv_end_stops_one_session_with_its_reason_its_cgroup_gone_the_others_untouched(gsrv) -> None:
     server = gsrv(ADMIN + service_toml("hold", ["sleep", "600"]))
     base = admin_url(server)
     socks = [server.connect("hold") for _ in range(3)]
     wait_until(lambda: len(sessions(base)) == 3, 10, "three sessions")
-    target = sessions(base)[0]
-    status, reply = call(f"{base}/sessions/{target['id']}/end", "POST", {})
-    assert (status, reply) == (200, {"ended": target["id"]})
+    table = gsrv_cli(server, base, "sessions")
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ["ID", "SERVICE", "PEER"]
+    assert len(table.stdout.splitlines()) == 4 and table.stdout.count(" hold ") == 3, table.stdout
+    listed = json.loads(gsrv_cli(server, base, "sessions", "--service", "hold", "--json").stdout)
+    target = listed[0]
+    ended = gsrv_cli(server, base, "end", str(target["id"]))
+    assert (ended.returncode, ended.stdout) == (0, f"ended {target['id']}\n"), ended.stderr
     line = server.wait_log(rf"event=session_end service=hold session={target['id']} ")
     assert "reason=ended_by_admin" in line and "signal=TERM" in line, line
     server.wait_log(rf"event=admin_action action=end service=hold session={target['id']} by=127\.0\.0\.1:\d+")
-    wait_until(lambda: not _alive(int(target["pid"])), 10, "its child gone")  # type: ignore[call-overload]
+    wait_until(lambda: not _alive(int(target["pid"])), 10, "its child gone")
+    cgroup_gone(server, line)
     left = sessions(base)
     assert len(left) == 2 and target["id"] not in {s["id"] for s in left}
     assert all(_alive(int(s["pid"])) for s in left)  # type: ignore[call-overload]
-    status, reply = call(f"{base}/sessions/{target['id']}/end", "POST", {})
-    assert status == 404 and "no running session" in str(reply["error"])
+    again = gsrv_cli(server, base, "end", str(target["id"]))
+    assert again.returncode == 1 and f"no running session {target['id']}" in again.stderr, again.stderr
     for sock in socks:
         sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_command_line_says_what_went_wrong(gsrv, tmp_path) -> None:
+    tokens = tmp_path / "admin.tokens"
+    tokens.write_text("first-admin-token-0001\n")
+    server = gsrv(
+        f'[admin]\nlisten = "127.0.0.1:0"\nauth = {{ bearer = "{tokens}" }}\n' + service_toml("echo", ["cat"])
+    )
+    base = admin_url(server)
+    assert gsrv_cli(server, base, "pause", "echo").stdout == "paused echo\n"  # the config's token
+    wrong = gsrv_cli(server, base, "resume", "echo", env={"GSRV_ADMIN_TOKEN": "not-the-token-at-all"})
+    assert wrong.returncode == 1 and ": 401: " in wrong.stderr and "GSRV_ADMIN_TOKEN" in wrong.stderr, wrong.stderr
+    missing = gsrv_cli(server, base, "drain", "nosuch")
+    assert missing.returncode == 1 and "no service nosuch" in missing.stderr, missing.stderr
+    assert gsrv_cli(server, base, "resume", "echo").stdout == "resumed echo\n"
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = gsrv_cli(server, f"http://127.0.0.1:{port}", "sessions")
+    assert down.returncode == 1 and f"no gsrv answers at http://127.0.0.1:{port}" in down.stderr, down.stderr
 
 
 def _alive(pid: int) -> bool:

@@ -5,19 +5,15 @@ window's end, the bearer token in the hello, the detached gauge."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import time
 import urllib.request
 
 import pytest
-from conftest import ROOT, py_child, service_with, wait_until
+from conftest import ROOT, cgroup_gone, py_child, service_with, wait_until
 from termclient import answered
 
-from gsrv.contain.host import discover
-
-HOST = discover()
 ADMIN = '[admin]\nlisten = "127.0.0.1:0"\n'
 LINES = 40_000  # "line00001\r\n" each: 440 KB of output, more than the default window (256 KiB)
 COUNTER = py_child(
@@ -34,14 +30,6 @@ EXPECTED = b"".join(b"line%05d\r\n" % i for i in range(1, LINES + 1))
 def term_service(name: str, command: list[str], websocket: dict[str, object] | None = None, **keys: object) -> str:
     return service_with(name, command, "websocket", {"reattach": "5m"} | (websocket or {}),
                         transport="websocket", pty=True, **keys)  # fmt: skip
-
-
-def _cgroup_gone(server, line: str) -> None:  # type: ignore[no-untyped-def]
-    name = re.search(r" cgroup=(\S+)", line)
-    if name is None:
-        return  # a host without cgroups: the group's end is the ladder's
-    paths = [os.path.join(parent, f"gsrv-{server.proc.pid}", name.group(1)) for parent in HOST.parents.values()]
-    wait_until(lambda: not any(os.path.isdir(p) for p in paths), 10, lambda: f"{paths} still there")
 
 
 @pytest.mark.timeout(90)
@@ -118,7 +106,7 @@ def test_the_reattach_window_passes_the_session_ends_with_its_reason_and_its_cgr
     assert 'gsrv_sessions_detached{service="shell"} 1.0' in metrics
     line = server.wait_log(r"event=session_end service=shell", timeout=15)
     assert "reason=reattach_expired" in line and "signal=" in line, line  # (the terminal's hangup, or TERM)
-    _cgroup_gone(server, line)
+    cgroup_gone(server, line)
     with urllib.request.urlopen(admin + "/metrics", timeout=10) as reply:
         assert 'gsrv_sessions_detached{service="shell"} 0.0' in reply.read().decode()
 

@@ -18,10 +18,10 @@ _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def waiting(detached: bool, output_pending: bool, input_pending: bool, last: float, now: float) -> str:
+def waiting(detached: bool, output_pending: bool, input_pending: bool, last: float | None, now: float) -> str:
     """ "client": output the client has not taken yet waits (held by gsrv, or in the child's
     stdout pipe on the splice path: a slow reader); "child": input the child has not read waits
-    (backpressure); "flowing": bytes moved within FLOWING_S; "idle": none did; "detached": a
+    (backpressure); "flowing": bytes moved within FLOWING_S; "idle": none did (or none yet); "detached": a
     terminal session waiting for its page (reattach)."""
     if detached:
         return "detached"
@@ -29,7 +29,7 @@ def waiting(detached: bool, output_pending: bool, input_pending: bool, last: flo
         return "client"
     if input_pending:
         return "child"
-    return "flowing" if now - last < FLOWING_S else "idle"
+    return "flowing" if last is not None and now - last < FLOWING_S else "idle"
 
 
 def describe(session: Session, now: float) -> dict[str, object]:
@@ -37,7 +37,8 @@ def describe(session: Session, now: float) -> dict[str, object]:
     relay, child = session.relay, session.child
     meters = dict(relay.meters()) if relay is not None else {}
     inbound, outbound = meters.get("in"), meters.get("out")
-    last = relay.last_activity() if relay is not None else now
+    moved = bool(inbound and inbound.total) or bool(outbound and outbound.total)
+    last = relay.last_activity() if relay is not None and moved else None  # None: no byte yet
     detached = relay is not None and relay.detached_since is not None
     output_pending = bool(outbound and outbound.holding) or (
         relay is not None and child is not None and child.stdout >= 0 and relay.output_in_flight(child.stdout)
@@ -55,7 +56,7 @@ def describe(session: Session, now: float) -> dict[str, object]:
         "bytes_in": inbound.total if inbound else 0,
         "bytes_out": outbound.total if outbound else 0,
         "waiting": waiting(detached, output_pending, input_pending, last, now),
-        "idle_s": round(max(now - last, 0.0), 3),
+        "idle_s": round(max(now - last, 0.0) if last is not None else session.duration, 3),
         "pid": child.pid if child is not None else None,
     }
     if child is not None:

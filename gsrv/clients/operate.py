@@ -1,0 +1,93 @@
+"""`gsrv sessions`, `gsrv end ID`, `gsrv pause|resume|drain SERVICE`: the operator's view from
+the command line, over HTTP to the admin listener a config names (gsrv/cli.py finds it and its
+token). Nothing of gsrv's own is imported: what the server says is read as any client reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+COLUMNS = (("ID", "id"), ("SERVICE", "service"), ("PEER", "peer"), ("AGE", "age_s"), ("IN", "bytes_in"),
+           ("OUT", "bytes_out"), ("WAITING", "waiting"), ("PID", "pid"), ("CPU", "cpu_s"),
+           ("MEM", "memory"))  # fmt: skip
+
+
+class Refused(Exception):
+    """The admin listener could not be reached, or said no: what to tell the person."""
+
+
+def call(base: str, token: str | None, method: str, path: str) -> Any:
+    """One request; its JSON answer. Raises Refused with a sentence a person can act on."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None
+    if method == "POST":
+        headers["Content-Type"], data = "application/json", b"{}"
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return json.loads(reply.read())
+    except urllib.error.HTTPError as e:
+        try:
+            error = json.loads(e.read()).get("error", e.reason)
+        except ValueError:
+            error = e.reason
+        hint = {401: " (the token: [admin] auth's file, or GSRV_ADMIN_TOKEN)",
+                403: ""}.get(e.code, "")  # fmt: skip
+        raise Refused(f"{base}{path}: {e.code}: {error}{hint}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise Refused(f"no gsrv answers at {base} ({reason}): is it running with this config's [admin]?") from None
+
+
+def sessions(base: str, token: str | None, service: str | None, as_json: bool) -> int:
+    query = f"?service={urllib.parse.quote(service)}" if service else ""
+    try:
+        found = call(base, token, "GET", "/sessions" + query)["sessions"]
+    except Refused as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(found, indent=2))
+        return 0
+    rows = [[title for title, _ in COLUMNS]] + [[_cell(name, s.get(name)) for _, name in COLUMNS] for s in found]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def act(base: str, token: str | None, path: str, done: str) -> int:
+    """A POST (`end`, `pause`, `resume`, `drain`); prints `done` when it went through."""
+    try:
+        call(base, token, "POST", path)
+    except Refused as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    print(done)
+    return 0
+
+
+def _cell(name: str, value: object) -> str:
+    if value is None:
+        return "-"
+    if name in ("bytes_in", "bytes_out", "memory") and isinstance(value, int):
+        return _size(value)
+    if name in ("age_s", "cpu_s") and isinstance(value, int | float):
+        return f"{value:.1f}s"
+    return str(value)
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n}B"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{size:.1f}{unit}"
