@@ -258,7 +258,7 @@ def _serve(config: Config, log: Log, undo: contextlib.ExitStack) -> None:
     guard = Guard(config.guard, Sampler(), server.pause_accept, server.resume_accept, log)
     guard.check()  # before any listener accepts: a gsrv started under pressure starts paused
     if admin is not None:
-        admin.metrics_state = lambda: _state(server, guard, log)
+        admin.metrics_state = lambda: _state(server, guard, log, spawner)
     notifier = Notifier.from_environ(os.environ, log)  # under systemd's Type=notify
     if notifier is not None:
         server.lifecycle.observers.append(notifier.changed)
@@ -294,7 +294,7 @@ def _admin(config: Config, server: Server, log: Log) -> Admin | None:
     return admin
 
 
-def _state(server: Server, guard: Guard, log: Log) -> State:
+def _state(server: Server, guard: Guard, log: Log, spawner: Spawner) -> State:
     """What a scrape reads: the server's services, the guard's figures, the log's drops."""
     lifecycle = server.lifecycle
     last = guard.last
@@ -307,6 +307,7 @@ def _state(server: Server, guard: Guard, log: Log) -> State:
         guard_available=last.available if last else None,
         greenlets=server.greenlets(),
         log_dropped=log.dropped,
+        cgroups_left=spawner.cgroups_left,
     )
 
 

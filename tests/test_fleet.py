@@ -37,6 +37,8 @@ class Fleet:
         self.nodes: dict[str, Gsrv] = {}
         self.stopped: list[Gsrv] = []  # earlier processes of a node, for their logs
         self.stats_path = tmp / "haproxy.sock"
+        self.tokens = tmp / "admin.tokens"  # an admin listener off loopback needs one; /readyz stays open
+        self.tokens.write_text("fleet-admin-token-0001\n")
         self.haproxy: subprocess.Popen[bytes] | None = None
 
     def node_config(self, node: str, announce: str) -> str:
@@ -51,6 +53,7 @@ interval = "{GUARD_S * 1000:g}ms"
 resume_samples = 2
 [admin]
 listen = "{address}:9180"
+auth = {{ bearer = "{self.tokens}" }}
 [services.echo]
 listen = "{address}:7000"
 command = ["cat"]

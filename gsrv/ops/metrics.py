@@ -92,6 +92,7 @@ class State:
     guard_available: int | None
     greenlets: int
     log_dropped: int
+    cgroups_left: int = 0  # session cgroups the kernel would not remove (cgroup_left lines)
 
 
 class Metrics:
@@ -207,6 +208,9 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("gsrv_greenlets", "Greenlets of sessions and of gsrv itself", value=s.greenlets)
         yield CounterMetricFamily("gsrv_log_dropped", "Log lines dropped because nobody read the log",
                                   value=s.log_dropped)  # fmt: skip
+        yield CounterMetricFamily("gsrv_cgroups_left", "Session cgroups the kernel would not remove behind "
+                                  "their session (cgroup_left lines; removed at gsrv's stop)",
+                                  value=s.cgroups_left)  # fmt: skip
 
 
 def _gauge(name: str, text: str, samples: Sequence[tuple[str, int | None]]) -> GaugeMetricFamily:

@@ -95,6 +95,7 @@ class Spawner:
         self.homes = homes
         self.known = known
         self.generation = 0
+        self.cgroups_left = 0  # session cgroups it (or gsrv) could not remove behind their sessions
         self.proc: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
         self.started_at = 0.0
@@ -179,6 +180,7 @@ class Spawner:
             if self._processes.get(process.pid) is process:
                 del self._processes[process.pid]
             left = [left for path in cgroups for left in remove_tree(path)]
+            self.cgroups_left += len(left)
             if left:
                 self.log.warning("cgroup_left", cgroups=",".join(left), next="removed at gsrv's stop, or by its "
                                  "guardian, once empty")  # fmt: skip
@@ -244,6 +246,7 @@ class Spawner:
                 found.status = int(report[2])  # type: ignore[call-overload]
                 found.exited.set()
         elif kind == "left":
+            self.cgroups_left += len(report[1])  # type: ignore[arg-type]
             self.log.warning("cgroup_left", cgroups=",".join(map(str, report[1])),  # type: ignore[call-overload]
                              next="removed at gsrv's stop, or by its guardian, once empty")  # fmt: skip
         elif kind == "reaped":
