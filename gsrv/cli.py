@@ -259,6 +259,7 @@ def _serve(config: Config, log: Log, undo: contextlib.ExitStack) -> None:
     guard.check()  # before any listener accepts: a gsrv started under pressure starts paused
     if admin is not None:
         admin.metrics_state = lambda: _state(server, guard, log, spawner)
+        admin.control.guard = lambda: _guard_status(guard, server)
     notifier = Notifier.from_environ(os.environ, log)  # under systemd's Type=notify
     if notifier is not None:
         server.lifecycle.observers.append(notifier.changed)
@@ -309,6 +310,16 @@ def _state(server: Server, guard: Guard, log: Log, spawner: Spawner) -> State:
         log_dropped=log.dropped,
         cgroups_left=spawner.cgroups_left,
     )
+
+
+def _guard_status(guard: Guard, server: Server) -> dict[str, object]:
+    """The memory guard now against its thresholds (the status page)."""
+    last, cfg = guard.last, server.config.guard
+    figures: dict[str, object] = {"paused": server.lifecycle.memory_pressure, "max_rss": cfg.max_rss}
+    if last is not None:
+        figures |= {"rss": last.rss, "available": last.available, "total": last.total,
+                    "min_available": cfg.min_available.of(last.total)}  # fmt: skip
+    return figures
 
 
 def _handle_signals(server: Server, guard: Guard, signals: Queue[int]) -> None:

@@ -25,7 +25,8 @@ from gsrv.state import Lifecycle
 
 DRAIN_POLL_S = 0.05
 LIST_YIELD_EVERY = 200  # a long /sessions listing lets the relays run between so many sessions
-OWN_GREENLETS = 6  # with an admin endpoint: main, signal worker, watchdog, guard, log writer, metrics flusher
+OWN_GREENLETS = 7  # with an admin endpoint: main, signal worker, watchdog, guard, log writer, metrics flusher,
+# the status page's sampler
 STOP_MARGIN_S = 1.0
 EXIT_MARGIN_S = 3.0  # after the sessions: the admin endpoint, the guardian, the cgroups, the log
 

@@ -280,3 +280,49 @@ def test_a_cut_connection_reattaches_the_page_to_its_shell_with_no_byte_lost_or_
         assert server.count_log(r"event=session_end .*relay=") == 0  # one session (and the page's files)
     finally:
         cutter.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_status_page_shows_services_plots_a_new_session_and_ends_it_at_390_px(gsrv, chromium) -> None:
+    import socket as stdsocket
+    import time
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = gsrv('[admin]\nlisten = "127.0.0.1:0"\n' + service_toml("hold", ["sleep", "600"])
+                  + service_toml("echo", ["cat"]))  # fmt: skip
+    base = "http://" + server.wait_log(r"event=admin_listening address=\S+").split("address=")[1].split()[0]
+    chromium.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                             {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})  # fmt: skip
+    chromium.get(base + "/")
+    wait = WebDriverWait(chromium, 30)
+    wait.until(lambda d: d.execute_script("return window.gsrvDraws") >= 1)
+    names = [
+        row.find_elements(By.TAG_NAME, "td")[0].text
+        for row in chromium.find_elements(By.CSS_SELECTOR, "#services tbody tr")
+    ]
+    assert names == ["hold", "echo"], names
+    for _ in range(3):  # traffic for the plots
+        with stdsocket.create_connection(server.address("echo"), timeout=10) as sock:
+            sock.sendall(b"x" * 100000)
+            sock.shutdown(stdsocket.SHUT_WR)
+            while sock.recv(65536):
+                pass
+    points = "const p = document.querySelector('#plot-bytes polyline'); return p ? p.getAttribute('points') : ''"
+    wait.until(lambda d: len(d.execute_script(points).split()) >= 2)  # the plot draws (points of rates)
+    started = time.monotonic()
+    held = stdsocket.create_connection(server.address("hold"), timeout=10)
+    WebDriverWait(chromium, 2.5).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#sessions tbody tr"))
+    assert time.monotonic() - started < 2.5  # the page polls every second
+    width = chromium.execute_script(
+        "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+    )
+    assert width[0] <= width[1], width  # nothing scrolls sideways at 390 px
+    chromium.find_element(By.CSS_SELECTOR, "#sessions button.end").click()
+    line = server.wait_log(r"event=session_end service=hold")
+    assert "reason=ended_by_admin" in line, line
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#sessions tbody tr"))
+    blocked = [e["message"] for e in chromium.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not blocked, "\n".join(blocked)
+    held.close()

@@ -250,6 +250,11 @@ def test_who_may_ask(gsrv, tmp_path) -> None:
     assert call(base + "/services/echo/pause", "POST", None, good)[0] == 415  # no JSON body: a form cannot
     host = base.removeprefix("http://")
     assert call(base + "/sessions", headers=good | {"Host": f"rebound.example:{host.split(':')[1]}"})[0] == 403
+    with urllib.request.urlopen(base + "/", timeout=10) as page:  # the status page's shell: no data in it
+        assert page.status == 200 and b"status.js" in page.read()
+    assert call(base + "/status.json")[0] == 401  # its data: guarded
+    status, shown = call(base + "/status.json", headers=good)
+    assert status == 200 and {"services", "guard", "history", "sessions", "count", "control"} <= set(shown)
     assert call(base + "/services/echo/pause", "POST", {}, good | {"Origin": base})[0] == 200
     server.wait_log(r"event=admin_action action=pause service=echo by=127\.0\.0\.1:\d+ token=token-2")
     assert "second-admin-token" not in "\n".join(server.lines)

@@ -18,6 +18,7 @@ from gsrv.config.address import host_port
 from gsrv.config.parse import AdminConfig
 from gsrv.logs import Log
 from gsrv.ops.control import Control
+from gsrv.ops.history import SAMPLE_S, History
 from gsrv.ops.metrics import Metrics, State
 from gsrv.periodic import Periodic
 
@@ -50,9 +51,11 @@ class Admin:
         self.metrics_state: Callable[[], State] | None = None
         self.metrics = Metrics(lambda: self.metrics_state() if self.metrics_state else _EMPTY)
         self.control = Control(config, log)
+        self.control.history = History(self.metrics.registry)
         sock = open_listener("admin endpoint", config.listen, 128, 0o600, {})
         self.server = WSGIServer(sock, self.app, log=None, error_log=_ErrorLog(log))
         self._flusher: Periodic | None = None
+        self._sampler: Periodic | None = None  # the status page's history
 
     @property
     def address(self) -> str:
@@ -65,10 +68,16 @@ class Admin:
         if flush is not None:
             self._flusher = Periodic(flush, lambda: FLUSH_S)
             self._flusher.start()
+        history = self.control.history
+        if history is not None:
+            history.sample()
+            self._sampler = Periodic(history.sample, lambda: SAMPLE_S)
+            self._sampler.start()
 
     def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.stop()
+        for ticker in (self._flusher, self._sampler):
+            if ticker is not None:
+                ticker.stop()
         self.server.stop(timeout=1)
 
     def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

@@ -14,15 +14,23 @@ import hmac
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from gsrv.config.address import is_loopback
 from gsrv.config.parse import AdminConfig
 from gsrv.logs import Log
+from gsrv.ops.history import History
 
 ACTIONS = ("pause", "resume", "drain")
 BODY_MAX = 4096
+PAGE_SESSIONS = 500  # the status page's table: at most so many sessions (with their count)
+# The status page and its files (ops/status/): no data in them, so they load without a token
+# (a browser cannot send one for a page load); the page asks for one when /status.json says 401.
+STATIC = {"/": ("status.html", "text/html; charset=utf-8"), "/status.js": ("status.js", "text/javascript"),
+          "/status.css": ("status.css", "text/css")}  # fmt: skip
+PAGE_POLICY = "default-src 'self'"
 
 
 class Operator(Protocol):
@@ -53,10 +61,11 @@ class Control:
     def __init__(self, config: AdminConfig, log: Log) -> None:
         self.config, self.log = config, log
         self.operator: Operator | None = None
-        self.pages: dict[str, Callable[[], Reply]] = {}  # more guarded GETs (the status page)
+        self.history: History | None = None  # the plots' samples (the composer starts its sampling)
+        self.guard: Callable[[], dict[str, object]] | None = None  # the memory guard's figures now
 
     def handles(self, path: str) -> bool:
-        return path in self.pages or path.startswith(("/sessions", "/services", "/readyz/"))
+        return path in STATIC or path == "/status.json" or path.startswith(("/sessions", "/services", "/readyz/"))
 
     def handle(self, environ: dict[str, Any]) -> Reply:
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
@@ -65,11 +74,15 @@ class Control:
             return answer("503 Service Unavailable", {"error": "starting"})
         if path.startswith("/readyz/"):  # open, like /readyz: a balancer reads it
             return self._readiness(operator, path.removeprefix("/readyz/"))
+        if path in STATIC and method == "GET":
+            name, kind = STATIC[path]
+            body = resources.files("gsrv.ops").joinpath("status", name).read_bytes()
+            return Reply("200 OK", body, kind, (("Content-Security-Policy", PAGE_POLICY),))
         refused = self._refused(environ, method)
         if refused is not None:
             return refused
-        if method == "GET" and path in self.pages:
-            return self.pages[path]()
+        if method == "GET" and path == "/status.json":
+            return self._status(operator)
         parts = path.strip("/").split("/")
         if method == "GET" and parts == ["sessions"]:
             query = parse_qs(environ.get("QUERY_STRING", ""))
@@ -87,6 +100,14 @@ class Control:
             return answer("404 Not Found", {"error": f"no service {parts[1]} in the running config"})
         allowed = "GET /sessions, GET /services, POST /sessions/ID/end, POST /services/NAME/pause|resume|drain"
         return answer("404 Not Found", {"error": f"{method} {path}: no such action (try {allowed})"})
+
+    def _status(self, operator: Operator) -> Reply:
+        """What the status page shows, in one answer."""
+        found = operator.sessions()
+        return answer("200 OK", {"services": operator.list_services(), "guard": self.guard() if self.guard else None,
+                                 "history": self.history.series() if self.history else [],
+                                 "sessions": found[:PAGE_SESSIONS], "count": len(found),
+                                 "control": self.config.control})  # fmt: skip
 
     def _readiness(self, operator: Operator, name: str) -> Reply:
         try:
