@@ -144,10 +144,13 @@ class Server:
 
     # -- the operator's view (ops/control.py asks, for the admin listener) ------------------
 
-    def sessions(self, service: str | None = None, waiting: str | None = None) -> list[dict[str, object]]:
-        """Every running session (of `service`, waiting on `waiting`), described now."""
-        now, found = time.monotonic(), []
+    def sessions(self, service: str | None = None, waiting: str | None = None,
+                 limit: int | None = None) -> list[dict[str, object]]:  # fmt: skip
+        """Every running session (of `service`, waiting on `waiting`; the first `limit`), described now."""
+        now, found = time.monotonic(), list[dict[str, object]]()
         for n, session in enumerate(self.all_sessions(), 1):
+            if limit is not None and len(found) >= limit:
+                break
             if service is None or session.svc.name == service:
                 fields = describe(session, now)
                 if waiting is None or fields["waiting"] == waiting:

@@ -50,7 +50,7 @@ class Admin:
         self.not_ready, self.log = not_ready, log
         self.metrics_state: Callable[[], State] | None = None
         self.metrics = Metrics(lambda: self.metrics_state() if self.metrics_state else _EMPTY)
-        self.control = Control(config, log)
+        self.control = Control(config)
         self.control.history = History(self.metrics.registry)
         sock = open_listener("admin endpoint", config.listen, 128, 0o600, {})
         self.server = WSGIServer(sock, self.app, log=None, error_log=_ErrorLog(log))

@@ -20,7 +20,6 @@ from urllib.parse import parse_qs, urlsplit
 
 from gsrv.config.address import is_loopback
 from gsrv.config.parse import AdminConfig
-from gsrv.logs import Log
 from gsrv.ops.history import History
 
 ACTIONS = ("pause", "resume", "drain")
@@ -36,7 +35,8 @@ PAGE_POLICY = "default-src 'self'"
 class Operator(Protocol):
     """What the view asks of the server (gsrv/server.py)."""
 
-    def sessions(self, service: str | None = None, waiting: str | None = None) -> list[dict[str, object]]: ...
+    def sessions(self, service: str | None = None, waiting: str | None = None,
+                 limit: int | None = None) -> list[dict[str, object]]: ...  # fmt: skip
     def list_services(self) -> list[dict[str, object]]: ...
     def end_session(self, sid: str, who: dict[str, object]) -> bool: ...
     def act(self, name: str, action: str, who: dict[str, object]) -> bool: ...
@@ -58,8 +58,8 @@ def answer(status: str, fields: dict[str, object], headers: tuple[tuple[str, str
 class Control:
     """Routes and guards the operator's requests; `operator` is set by the composer."""
 
-    def __init__(self, config: AdminConfig, log: Log) -> None:
-        self.config, self.log = config, log
+    def __init__(self, config: AdminConfig) -> None:
+        self.config = config
         self.operator: Operator | None = None
         self.history: History | None = None  # the plots' samples (the composer starts its sampling)
         self.guard: Callable[[], dict[str, object]] | None = None  # the memory guard's figures now
@@ -102,11 +102,13 @@ class Control:
         return answer("404 Not Found", {"error": f"{method} {path}: no such action (try {allowed})"})
 
     def _status(self, operator: Operator) -> Reply:
-        """What the status page shows, in one answer."""
-        found = operator.sessions()
-        return answer("200 OK", {"services": operator.list_services(), "guard": self.guard() if self.guard else None,
+        """What the status page shows, in one answer (at most PAGE_SESSIONS sessions described:
+        the page asks every second)."""
+        services = operator.list_services()
+        return answer("200 OK", {"services": services, "guard": self.guard() if self.guard else None,
                                  "history": self.history.series() if self.history else [],
-                                 "sessions": found[:PAGE_SESSIONS], "count": len(found),
+                                 "sessions": operator.sessions(limit=PAGE_SESSIONS),
+                                 "count": sum(int(str(s["sessions"])) for s in services),
                                  "control": self.config.control})  # fmt: skip
 
     def _readiness(self, operator: Operator, name: str) -> Reply:
