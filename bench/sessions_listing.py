@@ -1,0 +1,116 @@
+"""The operator's /sessions with many sessions (issue 28): N stalled sessions (`sleep` with
+relay = "socket", as the issue says), listed three times through the admin listener while a
+stream goes through another session of the same gsrv (sha256sum, the splice path); the listing's
+time and the stream's rate during the listings against its rate just before.
+
+Usage: python bench/sessions_listing.py [--sessions 10000]
+Traffic stays on 127.0.0.1; the script ends only the gsrv it started, by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+CONFIG = """[admin]
+listen = "127.0.0.1:0"
+[services.stall]
+listen = "127.0.0.1:0"
+command = ["sleep", "600"]
+relay = "socket"
+stderr = "discard"
+kill_scope = "group"
+max_sessions = {max_sessions}
+backlog = 4096
+[services.sink]
+listen = "127.0.0.1:0"
+command = ["sha256sum"]
+kill_scope = "group"
+"""
+
+
+def start(tmp: str, sessions: int) -> tuple[subprocess.Popen[bytes], dict[str, tuple[str, int]]]:
+    path = os.path.join(tmp, "listing.toml")
+    with open(path, "w") as f:
+        f.write(CONFIG.format(max_sessions=sessions + 10))
+    log_path = os.path.join(tmp, "gsrv.log")
+    log = open(log_path, "w+")  # noqa: SIM115 (the process writes it)
+    proc = subprocess.Popen([sys.executable, "-m", "gsrv", "serve", "-c", path], stderr=log)
+    found: dict[str, tuple[str, int]] = {}
+    deadline = time.monotonic() + 20
+    while len(found) < 3:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"gsrv did not start; its log is {log_path}")
+        time.sleep(0.1)
+        log.seek(0)
+        text = log.read()
+        for name, host, port in re.findall(r"event=(?:listening service=(\w+)|admin_listening) address=([\d.]+):(\d+)",
+                                           text.replace("admin_listening", "listening service=admin")):  # fmt: skip
+            found[name] = (host, int(port))
+    return proc, found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=10000)
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process holds a socket per session
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, address = start(tmp, args.sessions)
+        base = "http://{}:{}".format(*address["admin"])
+        socks: list[socket.socket] = []
+        try:
+            started = time.monotonic()
+            socks = [socket.create_connection(address["stall"]) for _ in range(args.sessions)]
+            while True:
+                services = json.load(urllib.request.urlopen(base + "/services", timeout=30))["services"]
+                if next(s for s in services if s["name"] == "stall")["sessions"] >= args.sessions:
+                    break
+                time.sleep(0.5)
+            print(f"{args.sessions} sessions running after {time.monotonic() - started:.1f} s", flush=True)
+            sent, stop = [0], threading.Event()
+
+            def stream() -> None:
+                with socket.create_connection(address["sink"]) as sock:
+                    block = b"x" * 65536
+                    while not stop.is_set():
+                        sock.sendall(block)
+                        sent[0] += len(block)
+
+            threading.Thread(target=stream, daemon=True).start()
+            time.sleep(1)
+            before, t0 = sent[0], time.monotonic()
+            time.sleep(3)
+            alone = (sent[0] - before) / (time.monotonic() - t0)
+            times, sizes = [], []
+            before, t0 = sent[0], time.monotonic()
+            for _ in range(3):
+                t = time.monotonic()
+                body = urllib.request.urlopen(base + "/sessions", timeout=60).read()
+                times.append(time.monotonic() - t)
+                sizes.append(len(body))
+            during = (sent[0] - before) / (time.monotonic() - t0)
+            stop.set()
+            print(f"/sessions of {args.sessions}: {', '.join(f'{t:.3f}' for t in times)} s ({sizes[0]} bytes)")
+            print(f"stream: {alone / 1e6:.1f} MB/s alone, {during / 1e6:.1f} MB/s during the listings "
+                  f"({during / alone:.2f}x)")  # fmt: skip
+        finally:
+            proc.terminate()
+            proc.wait(120)
+            for sock in socks:
+                sock.close()
+
+
+if __name__ == "__main__":
+    main()
