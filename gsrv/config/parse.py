@@ -126,9 +126,9 @@ def _admin_auth(t: Table, name: str, default: object) -> Credentials | None:
 class AdminConfig:
     listen: Address = required(_address, '"host:port" of /metrics, /healthz, /readyz, the status page, /sessions, '
                                "/services", "127.0.0.1:9180", reload="needs a restart")  # fmt: skip
-    auth: Credentials | None = key(_admin_auth, None, "{ bearer = FILE }: a token a line; guards /, /sessions and "
-                                   "/services (needed when listen is not loopback); /metrics, /healthz and /readyz "
-                                   "stay open", reload="needs a restart",
+    auth: Credentials | None = key(_admin_auth, None, "{ bearer = FILE }: a token a line; guards /sessions, "
+                                   "/services and the status page's data (needed when listen is not loopback); "
+                                   "/metrics, /healthz and /readyz stay open", reload="needs a restart",
                                    example={"bearer": "/etc/gsrv/admin.tokens"})  # fmt: skip
     control: bool = key(keys.flag(), True, "false: /sessions and /services are read-only (a POST gets 403)",
                         reload="needs a restart")  # fmt: skip
