@@ -101,6 +101,8 @@ class Service:
         once, not left to time out); an inherited one only stops accepting here."""
         self.gate.pause(why)
         self.gate.close("shutdown")
+        if self._drainer is not None:  # a stop (or a reload that removed it) drains it its own way
+            self._drainer.kill(block=False)
         self.keepalive.close_all()
         self.prespawned.retire(why)
         if self.listener is not None and not self.listener.closed:
