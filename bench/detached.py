@@ -19,12 +19,11 @@ import os
 import re
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 import psutil
+from serving import serve
 
 KiB = 1024
 CONFIG = """[server]
@@ -39,24 +38,6 @@ kill_scope = "group"
 transport = "websocket"
 websocket = {{ reattach = "10m", ping_interval = "0s" }}
 """
-
-
-def start(tmp: str, command: list[str]) -> tuple[subprocess.Popen[bytes], int, str]:
-    path = os.path.join(tmp, "detached.toml")
-    with open(path, "w") as f:
-        f.write(CONFIG.format(command="[" + ", ".join(f'"{a}"' for a in command) + "]"))
-    log_path = os.path.join(tmp, "gsrv.log")
-    log = open(log_path, "w+")  # noqa: SIM115 (the process writes it)
-    proc = subprocess.Popen([sys.executable, "-m", "gsrv", "serve", "-c", path], stderr=log)
-    deadline = time.monotonic() + 20
-    while True:
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit(f"gsrv did not start; its log is {log_path}")
-        time.sleep(0.05)
-        log.seek(0)
-        found = re.search(r"event=listening service=term address=127\.0\.0\.1:(\d+)", log.read())
-        if found:
-            return proc, int(found.group(1)), log_path
 
 
 def masked(payload: bytes) -> bytes:
@@ -98,7 +79,9 @@ def count(log_path: str, pattern: str) -> int:
 
 def case(command: list[str], sessions: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        proc, port, log_path = start(tmp, command)
+        config = CONFIG.format(command="[" + ", ".join(f'"{a}"' for a in command) + "]")
+        proc, address, log_path = serve(tmp, config, 1)
+        port = address["term"][1]
         gsrv = psutil.Process(proc.pid)
         try:
             for sock in [open_session(port) for _ in range(5)]:  # warm up: the spawner, pools, code paths

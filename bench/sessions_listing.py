@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import resource
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.request
+
+from serving import serve
 
 CONFIG = """[admin]
 listen = "127.0.0.1:0"
@@ -39,27 +37,6 @@ kill_scope = "group"
 """
 
 
-def start(tmp: str, sessions: int) -> tuple[subprocess.Popen[bytes], dict[str, tuple[str, int]]]:
-    path = os.path.join(tmp, "listing.toml")
-    with open(path, "w") as f:
-        f.write(CONFIG.format(max_sessions=sessions + 10))
-    log_path = os.path.join(tmp, "gsrv.log")
-    log = open(log_path, "w+")  # noqa: SIM115 (the process writes it)
-    proc = subprocess.Popen([sys.executable, "-m", "gsrv", "serve", "-c", path], stderr=log)
-    found: dict[str, tuple[str, int]] = {}
-    deadline = time.monotonic() + 20
-    while len(found) < 3:
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit(f"gsrv did not start; its log is {log_path}")
-        time.sleep(0.1)
-        log.seek(0)
-        text = log.read()
-        for name, host, port in re.findall(r"event=(?:listening service=(\w+)|admin_listening) address=([\d.]+):(\d+)",
-                                           text.replace("admin_listening", "listening service=admin")):  # fmt: skip
-            found[name] = (host, int(port))
-    return proc, found
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=10000)
@@ -67,7 +44,7 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process holds a socket per session
     with tempfile.TemporaryDirectory() as tmp:
-        proc, address = start(tmp, args.sessions)
+        proc, address, _ = serve(tmp, CONFIG.format(max_sessions=args.sessions + 10), 3)
         base = "http://{}:{}".format(*address["admin"])
         socks: list[socket.socket] = []
         try:

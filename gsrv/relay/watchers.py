@@ -27,7 +27,7 @@ from gsrv.edge.wsframes import Control, Opcode, ProtocolError, close, frame
 from gsrv.relay.reattach import Link
 
 LINGER_S = 2.0  # at the session's end: how long a watcher's queue and close frame may take to go out
-READ = 65536
+READ_CHUNK = 65536  # a watcher's frames: bytes a read asks for
 
 Note = Callable[..., None]  # a log line of the session's: note(event, **fields)
 
@@ -84,7 +84,7 @@ class Watcher:
             while True:
                 event = reader.next()
                 if event is None:
-                    raw = stream.recv(READ)
+                    raw = stream.recv(READ_CHUNK)
                     if not raw:
                         break
                     reader.feed(raw)
