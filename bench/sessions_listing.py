@@ -1,9 +1,11 @@
 """The operator's /sessions with many sessions (issue 28): N stalled sessions (`sleep` with
 relay = "socket", as the issue says), listed three times through the admin listener while a
 stream goes through another session of the same gsrv (sha256sum, the splice path); the listing's
-time and the stream's rate during the listings against its rate just before.
+time (and gsrv's CPU for it, with no stream) and the stream's rate during the listings against
+its rate just before. The stream goes at full speed (sharing the machine's cores with the
+listing), or paced with --pace (what tests/test_listing_many.py asserts).
 
-Usage: python bench/sessions_listing.py [--sessions 10000]
+Usage: python bench/sessions_listing.py [--sessions 10000] [--pace MIB_PER_S]
 Traffic stays on 127.0.0.1; the script ends only the gsrv it started, by PID.
 """
 
@@ -18,6 +20,7 @@ import threading
 import time
 import urllib.request
 
+import psutil
 from serving import serve
 
 CONFIG = """[admin]
@@ -40,6 +43,7 @@ kill_scope = "group"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=10000)
+    parser.add_argument("--pace", type=float, default=0, help="the stream's MiB/s (0: as fast as it goes)")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process holds a socket per session
@@ -56,12 +60,21 @@ def main() -> None:
                     break
                 time.sleep(0.5)
             print(f"{args.sessions} sessions running after {time.monotonic() - started:.1f} s", flush=True)
+            gsrv = psutil.Process(proc.pid)
+            for _ in range(3):
+                cpu, t = sum(gsrv.cpu_times()[:2]), time.monotonic()
+                urllib.request.urlopen(base + "/sessions", timeout=60).read()
+                print(f"alone: listed in {time.monotonic() - t:.3f} s, gsrv's CPU "
+                      f"{sum(gsrv.cpu_times()[:2]) - cpu:.3f} s", flush=True)  # fmt: skip
             sent, stop = [0], threading.Event()
 
             def stream() -> None:
                 with socket.create_connection(address["sink"]) as sock:
-                    block = b"x" * 65536
+                    block, began = b"x" * 65536, time.monotonic()
                     while not stop.is_set():
+                        if args.pace and sent[0] > (time.monotonic() - began) * args.pace * 2**20:
+                            time.sleep(0.001)
+                            continue
                         sock.sendall(block)
                         sent[0] += len(block)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Iterator
 
 import gevent
 
@@ -16,15 +17,15 @@ from gsrv.config.parse import Config, ServerConfig, load
 from gsrv.errors import ConfigError
 from gsrv.logs import Log
 from gsrv.ops.metrics import Metrics, ServiceState
+from gsrv.periodic import in_slices
 from gsrv.relay.child import REAP_TIMEOUT_S, Launcher
-from gsrv.relay.describe import describe
+from gsrv.relay.describe import described
 from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
 from gsrv.service import Service
 from gsrv.state import Lifecycle
 
 DRAIN_POLL_S = 0.05
-LIST_YIELD_EVERY = 200  # a long /sessions listing lets the relays run between so many sessions
 OWN_GREENLETS = 7  # with an admin endpoint: main, signal worker, watchdog, guard, log writer, metrics flusher,
 # the status page's sampler
 STOP_MARGIN_S = 1.0
@@ -138,26 +139,18 @@ class Server:
         """Feed byte and backpressure counters from running sessions (about once a second)."""
         if self.metrics is None:
             return
-        for service in [*self.services, *self.retired]:
-            for session in service.sessions:
-                self.metrics.flush(service.cfg.name, session.meters())
+        for session in in_slices(self.all_sessions()):
+            self.metrics.flush(session.svc.name, session.meters())
 
     # -- the operator's view (ops/control.py asks, for the admin listener) ------------------
 
-    def sessions(self, service: str | None = None, waiting: str | None = None,
-                 limit: int | None = None) -> list[dict[str, object]]:  # fmt: skip
-        """Every running session (of `service`, waiting on `waiting`; the first `limit`), described now."""
-        now, found = time.monotonic(), list[dict[str, object]]()
-        for n, session in enumerate(self.all_sessions(), 1):
-            if limit is not None and len(found) >= limit:
-                break
-            if service is None or session.svc.name == service:
-                fields = describe(session, now)
-                if waiting is None or fields["waiting"] == waiting:
-                    found.append(fields)
-            if n % LIST_YIELD_EVERY == 0:
-                gevent.sleep(0)
-        return found
+    def sessions(self, service: str | None = None, waiting: str | None = None) -> Iterator[dict[str, object]]:
+        """Every running session (of `service`, waiting on `waiting`), described as the walk
+        reaches it; the walk leaves the loop to the relays between slices (in_slices)."""
+        chosen = [s for s in self.all_sessions() if service is None or s.svc.name == service]
+        for fields in in_slices(described(chosen)):
+            if waiting is None or fields["waiting"] == waiting:
+                yield fields
 
     def end_session(self, sid: str, who: dict[str, object]) -> bool:
         """The operator ends one session: its stop ladder, reason ended_by_admin. False: no such session."""

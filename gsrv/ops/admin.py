@@ -84,9 +84,12 @@ class Admin:
         path = environ.get("PATH_INFO", "")
         if self.control.handles(path):
             reply = self.control.handle(environ)
-            headers = [("Content-Type", reply.kind), ("Content-Length", str(len(reply.body))), *reply.headers]
-            start_response(reply.status, headers)
-            return [reply.body]
+            if isinstance(reply.body, bytes):
+                start_response(reply.status, [("Content-Type", reply.kind), ("Content-Length", str(len(reply.body))),
+                                              *reply.headers])  # fmt: skip
+                return [reply.body]
+            start_response(reply.status, [("Content-Type", reply.kind), *reply.headers])  # chunked
+            return reply.body
         if path == "/metrics":
             body, status, kind = generate_latest(self.metrics.registry), "200 OK", CONTENT_TYPE_LATEST
         elif path == "/healthz":

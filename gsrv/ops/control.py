@@ -11,8 +11,9 @@ either), and `control = false` refuses every POST (403). Each action is logged w
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ from gsrv.ops.history import History
 
 ACTIONS = ("pause", "resume", "drain")
 BODY_MAX = 4096
+LISTING_BATCH = 50  # GET /sessions: sessions encoded and written at a time
 PAGE_SESSIONS = 500  # the status page's table: at most so many sessions (with their count)
 # The status page and its files (ops/status/): no data in them, so they load without a token
 # (a browser cannot send one for a page load); the page asks for one when /status.json says 401.
@@ -35,8 +37,7 @@ PAGE_POLICY = "default-src 'self'"
 class Operator(Protocol):
     """What the view asks of the server (gsrv/server.py)."""
 
-    def sessions(self, service: str | None = None, waiting: str | None = None,
-                 limit: int | None = None) -> list[dict[str, object]]: ...  # fmt: skip
+    def sessions(self, service: str | None = None, waiting: str | None = None) -> Iterator[dict[str, object]]: ...
     def list_services(self) -> list[dict[str, object]]: ...
     def end_session(self, sid: str, who: dict[str, object]) -> bool: ...
     def act(self, name: str, action: str, who: dict[str, object]) -> bool: ...
@@ -46,7 +47,7 @@ class Operator(Protocol):
 @dataclass(frozen=True)
 class Reply:
     status: str
-    body: bytes
+    body: bytes | Iterator[bytes]  # an iterator: written as it comes, chunked (a listing of 10,000)
     kind: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
 
@@ -87,7 +88,7 @@ class Control:
         if method == "GET" and parts == ["sessions"]:
             query = parse_qs(environ.get("QUERY_STRING", ""))
             found = operator.sessions(_one(query, "service"), _one(query, "waiting"))
-            return answer("200 OK", {"sessions": found, "count": len(found)})
+            return Reply("200 OK", _listing(found))
         if method == "GET" and parts == ["services"]:
             return answer("200 OK", {"services": operator.list_services()})
         if method == "POST" and len(parts) == 3 and parts[0] == "sessions" and parts[2] == "end":
@@ -107,7 +108,7 @@ class Control:
         services = operator.list_services()
         return answer("200 OK", {"services": services, "guard": self.guard() if self.guard else None,
                                  "history": self.history.series() if self.history else [],
-                                 "sessions": operator.sessions(limit=PAGE_SESSIONS),
+                                 "sessions": list(itertools.islice(operator.sessions(), PAGE_SESSIONS)),
                                  "count": sum(int(str(s["sessions"])) for s in services),
                                  "control": self.config.control})  # fmt: skip
 
@@ -164,6 +165,22 @@ class Control:
     @staticmethod
     def _who(environ: dict[str, Any]) -> dict[str, object]:
         return {"by": f"{environ.get('REMOTE_ADDR')}:{environ.get('REMOTE_PORT')}", "token": environ.get("gsrv.token")}
+
+
+def _listing(sessions: Iterator[dict[str, object]]) -> Iterator[bytes]:
+    """{"sessions": [...], "count": N} encoded LISTING_BATCH sessions at a time, each batch
+    written as the walk reaches it (the walk gives the loop away between its slices)."""
+    yield b'{"sessions":['
+    count = 0
+    for batch in _batches(sessions, LISTING_BATCH):
+        yield (b"," if count else b"") + json.dumps(batch, separators=(",", ":")).encode()[1:-1]
+        count += len(batch)
+    yield b'],"count":%d}\n' % count
+
+
+def _batches(items: Iterator[dict[str, object]], size: int) -> Iterator[list[dict[str, object]]]:
+    while batch := list(itertools.islice(items, size)):
+        yield batch
 
 
 def _one(query: dict[str, list[str]], name: str) -> str | None:

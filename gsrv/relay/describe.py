@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator, Sequence
 
 from gsrv.relay.pump import queued
 from gsrv.relay.session import Session
@@ -16,6 +17,7 @@ FLOWING_S = 1.0  # a byte either way within this long: flowing; else idle
 STATES = ("flowing", "client", "child", "idle", "detached")  # what a session waits on
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+Fields = dict[str, object]
 
 
 def waiting(detached: bool, output_pending: bool, input_pending: bool, last: float | None, now: float) -> str:
@@ -32,7 +34,15 @@ def waiting(detached: bool, output_pending: bool, input_pending: bool, last: flo
     return "flowing" if last is not None and now - last < FLOWING_S else "idle"
 
 
-def describe(session: Session, now: float) -> dict[str, object]:
+def described(sessions: Sequence[Session]) -> Iterator[Fields]:
+    """Each session described, in order, as the caller asks for the next (one that ended
+    meanwhile left out)."""
+    for session in sessions:
+        if session.reason is None:
+            yield describe(session, time.monotonic())
+
+
+def describe(session: Session, now: float) -> Fields:
     """One session, now."""
     relay, child = session.relay, session.child
     meters = dict(relay.meters()) if relay is not None else {}
@@ -45,7 +55,7 @@ def describe(session: Session, now: float) -> dict[str, object]:
     )
     input_pending = bool(inbound and inbound.holding) or (child is not None and child.stdin >= 0
                                                           and queued(child.stdin) > 0)  # fmt: skip
-    fields: dict[str, object] = {
+    fields: Fields = {
         "id": session.sid,
         "service": session.svc.name,
         **session.arrival.log_fields(),
@@ -64,15 +74,18 @@ def describe(session: Session, now: float) -> dict[str, object]:
     return fields
 
 
-def usage(cgroup: tuple[float | None, int | None], pid: int) -> dict[str, object]:
+def usage(cgroup: tuple[float | None, int | None], pid: int) -> Fields:
     """CPU seconds and memory: the session's cgroup (its whole tree) where it has accounting,
     else the child's own /proc/PID/stat (`usage_of`: "child")."""
     cpu_ms, memory = cgroup
     if cpu_ms is not None or memory is not None:
         return {"cpu_s": None if cpu_ms is None else round(cpu_ms / 1000, 3), "memory": memory, "usage_of": "cgroup"}
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            stat = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return {"cpu_s": None, "memory": None, "usage_of": None}
     fields = stat[stat.rindex(b")") + 2 :].split()  # after the command's name, which may hold spaces

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from gsrv.periodic import Periodic
+from gsrv.periodic import Periodic, in_slices
 
 INTERVAL_S = 1.0
 
@@ -36,6 +36,6 @@ class Watchdog:
         self._ticker.stop()
 
     def _sweep(self) -> None:
-        for session in list(self._sessions):
-            if session.peer_is_dead():
+        for session in in_slices(list(self._sessions)):
+            if session in self._sessions and session.peer_is_dead():  # not one that ended meanwhile
                 session.abort("client_reset")
