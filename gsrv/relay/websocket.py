@@ -18,6 +18,7 @@ arrive (never a whole message), a text line waits for its end up to max_message.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket as stdsocket
 import termios
 import time
@@ -29,7 +30,6 @@ from gevent.socket import socket
 from gsrv.config.web import WebSocketConfig
 from gsrv.edge.hello import Declined, answer
 from gsrv.edge.refusal import reset
-from gsrv.edge.stream import Stream
 from gsrv.edge.tls import TlsStream
 from gsrv.edge.upgrade import Upgraded
 from gsrv.edge.wsframes import FrameReader, Opcode, close, frame
@@ -42,6 +42,7 @@ from gsrv.relay.relays import LINGER_S, Closing, PipeRelay, RelayEvents, guarded
 from gsrv.relay.terminal import Pipes, Terminal
 from gsrv.relay.watchers import Watchers
 from gsrv.relay.window import Window
+from gsrv.relay.wsclient import WsClient
 
 # After the upgrade, how each end that is not the child's own is told (code, and the reason's text).
 CLOSE_CODES = {
@@ -64,43 +65,47 @@ def close_frame(closing: Closing) -> tuple[int, str]:
 
 
 class WebSocketRelay(PipeRelay):
-    """Frames to and from the client over `stream`; the child's end is its pipes or its pty."""
+    """The child's bytes as messages to and from `client` (relay/wsclient.py: the client's end,
+    frames and which connection); the child's end is its pipes or its pty."""
 
-    __slots__ = ("stream", "ws", "proto", "typed", "stderr_channel", "failure", "code", "out", "err", "pinged",
-                 "pong", "ping_timed_out", "leftover", "frames", "reading_since", "errors", "err_done",
-                 "window", "term", "seat", "events", "watchers", "child")  # fmt: skip
+    __slots__ = ("client", "ws", "typed", "stderr_channel", "out", "err", "pinged", "ping_timed_out", "frames",
+                 "errors", "err_done", "term", "child")  # fmt: skip
 
     def __init__(self, sock: socket, chunk: int, upgraded: Upgraded, ws: WebSocketConfig,
                  child_end: Pipes | Terminal, stderr_channel: bool) -> None:  # fmt: skip
         super().__init__(sock, chunk, child_end)
-        self.stream, self.ws, self.leftover = upgraded.stream, ws, upgraded.leftover
-        self.proto = upgraded.reader or FrameReader()
-        self.stderr_channel = stderr_channel
+        self.ws, self.stderr_channel = ws, stderr_channel
         self.typed = stderr_channel or isinstance(child_end, Terminal)
-        self.failure: str | None = None  # why a direction failed, when it is the protocol's business
-        self.code = 0  # the close code that failure asks for
-        self.out = Messages(self, "o")
-        self.err = Messages(self, "e") if stderr_channel else None
+        self.term = upgraded.term  # the terminal page's protocol (edge/hello.py): its hello answered first
+        reader = upgraded.reader or FrameReader()
+        window = Window(ws.reattach_buffer)  # output acknowledged by the client, when it does
+        seat = Seat(Link(sock, upgraded.stream, reader), ws.reattach) if self.term and ws.reattach else None
+        share = ws.share if self.term else "off"
+        watchers = Watchers(share, ws.reattach_buffer, self._note) if share != "off" else None
+        if seat is not None or watchers is not None:
+            window.keep()  # (for a reattach, for a new watcher)
+        elif self.term:
+            window.on = True  # the page acknowledges what it rendered
+        self.client = WsClient(upgraded.stream, reader, upgraded.leftover, chunk, window, seat, watchers)
+        self.out = Messages(self.client, ws, "o", self.typed, self._stuck)
+        self.err = Messages(self.client, ws, "e", self.typed) if stderr_channel else None
         self.pinged = 0.0  # when the last ping went out (0: none waits for its pong)
-        self.pong = Event()
         self.ping_timed_out = False
         self.frames: Frames | None = None  # the client's frames, one reader for the relay's life
-        self.reading_since: float | None = None  # the input direction waits for the client since then
         self.errors = Meter()  # the child's stderr sent as "e" messages
         self.err_done = Event()  # the stderr channel reached its end (set now when there is none)
-        self.window = Window(ws.reattach_buffer)  # output acknowledged by the client, when it does
-        self.term = upgraded.term  # the terminal page's protocol (edge/hello.py): its hello answered first
-        self.seat = Seat(Link(sock, self.stream, self.proto), ws.reattach) if self.term and ws.reattach else None
-        self.events: RelayEvents | None = None
         self.child: Child | None = None
-        share = ws.share if self.term else "off"
-        self.watchers = Watchers(share, ws.reattach_buffer, self._note) if share != "off" else None
-        if self.seat is not None or self.watchers is not None:
-            self.window.keep()  # (for a reattach, for a new watcher)
-        elif self.term:
-            self.window.on = True  # the page acknowledges what it rendered
         if not stderr_channel:
             self.err_done.set()
+
+    @property
+    def seat(self) -> Seat | None:
+        """Which connection the client is now (reattach); None: the first, for the session's life."""
+        return self.client.seat
+
+    @property
+    def watchers(self) -> Watchers | None:
+        return self.client.watchers
 
     @property
     def name(self) -> str:
@@ -119,7 +124,7 @@ class WebSocketRelay(PipeRelay):
 
     @property
     def detached_since(self) -> float | None:
-        return self.seat.detached_since if self.seat else None
+        return self.client.detached_since
 
     def peer_is_dead(self) -> bool:
         """The watchdog's check; a seated session's dead peer detaches it instead."""
@@ -127,23 +132,23 @@ class WebSocketRelay(PipeRelay):
         if seat is None:
             return super().peer_is_dead()
         if not seat.detached and super().peer_is_dead():
-            self.lost(self.stream)
+            self.client.lost(self.client.stream)
         return False
 
     def last_activity(self) -> float:
         return max(super().last_activity(), self.errors.last)
 
-    def fail(self, reason: str, code: int) -> None:
-        if self.failure is None:
-            self.failure, self.code = reason, code
-
     def _failure(self, direction: str, end: End) -> str:
-        return self.failure or super()._failure(direction, end)
+        return self.client.failure or super()._failure(direction, end)
+
+    def _stuck(self) -> bool:
+        """The client's input waits behind a child that does not read (the window does not hold)."""
+        return self.inbound.holding and not self.client.detached_since
 
     # -- running ------------------------------------------------------------------------
 
     def start(self, child: Child, events: RelayEvents) -> None:
-        self.events, self.child = events, child
+        self.client.notes, self.child = events, child
         if self.term:  # the hello's answer before any output
             seat, watchers = self.seat, self.watchers
             fields: dict[str, object] = {"offset": 0}
@@ -152,7 +157,7 @@ class WebSocketRelay(PipeRelay):
             if watchers is not None:
                 fields |= {"watch": watchers.token, "share": watchers.share}
             with contextlib.suppress(OSError):  # (a failed send: the directions find out)
-                self.send(answer(fields))
+                self.client.send(answer(fields))
         super().start(child, events)
         if self.err is not None and child.stderr >= 0:
             self.greenlets.append(gevent.spawn(guarded, self._stderr, child, events))
@@ -162,7 +167,8 @@ class WebSocketRelay(PipeRelay):
             self.greenlets.append(gevent.spawn(guarded, self._ping, child, events))
 
     def _in(self, child: Child) -> End:
-        self.frames = Frames(self, child)
+        resized = functools.partial(self._resized, child)
+        self.frames = Frames(self.client, self.typed, self.ws.messages == "text", resized)
         return move(self.frames, self._child_sink(child), self.inbound, self.chunk)
 
     def _out(self, child: Child) -> End:
@@ -171,7 +177,7 @@ class WebSocketRelay(PipeRelay):
         end = move(self._child_source(child), self.out, self.outbound, self.chunk)
         if end is End.SOURCE_EOF:
             self.err_done.wait()
-            if self.failure:
+            if self.client.failure:
                 return End.SINK_CLOSED  # the stderr channel failed: the session ends with its reason
         return end
 
@@ -181,7 +187,16 @@ class WebSocketRelay(PipeRelay):
         super().stop()
 
     def _discard(self) -> End:
-        return move(self.frames or Frames(self, None), Discard(), self.discarded, self.chunk)
+        frames = self.frames or Frames(self.client, self.typed, self.ws.messages == "text",
+                                       functools.partial(self._resized, None))  # fmt: skip
+        return move(frames, Discard(), self.discarded, self.chunk)
+
+    def _resized(self, child: Child | None, columns: int, rows: int) -> None:
+        """A resize message: the child's terminal (while its input runs), and the recording's."""
+        if child is not None:
+            self.child_end.resize(child, columns, rows)
+        if self.recording is not None:
+            self.recording.resize(columns, rows)
 
     def _stderr(self, child: Child, events: RelayEvents) -> None:
         """The child's stderr as "e" messages; a line it cannot send ends the session."""
@@ -191,39 +206,39 @@ class WebSocketRelay(PipeRelay):
         finally:
             self.err_done.set()
         if end is End.SINK_CLOSED:
-            events.abort(self.failure or "client_reset")
+            events.abort(self.client.failure or "client_reset")
 
     def _ping(self, child: Child, events: RelayEvents) -> None:
         """A ping every ping_interval; dead when neither its pong nor any byte came back within
         ping_timeout while the input direction was waiting for the client all along (a child
         that does not read keeps gsrv from reading pongs too: that is backpressure, not death).
         After the client's close frame no pong can come: no more pings."""
-        interval, timeout = self.ws.ping_interval, self.ws.ping_timeout
+        interval, timeout, client = self.ws.ping_interval, self.ws.ping_timeout, self.client
         while True:
             gevent.sleep(interval)
-            if self.stream.closed or self.client_eof:
+            if client.stream.closed or self.client_eof:
                 return
-            if self.seat is not None and self.seat.detached:
+            if client.seat is not None and client.seat.detached:
                 continue
-            self.pong.clear()
+            client.pong.clear()
             self.pinged = time.monotonic()
             try:
-                self.send(frame(Opcode.PING, b"gsrv"))
+                client.send(frame(Opcode.PING, b"gsrv"))
             except OSError:
                 return  # the connection failed: the directions say so
             progress = self._progress()  # the ping may wait behind output the client reads slowly
-            if self.pong.wait(timeout) or self.client_eof:
+            if client.pong.wait(timeout) or self.client_eof:
                 continue
-            waiting = self.reading_since
+            waiting = client.reading_since
             if waiting is None or waiting > self.pinged or max(self.inbound.last, self.discarded.last) > self.pinged:
                 continue
             if self._progress() > progress:
                 continue  # the client took bytes meanwhile: a slow reader that has not reached the ping yet
             self.ping_timed_out = True
-            if self.seat is None:
+            if client.seat is None:
                 events.abort("client_reset")
                 return
-            self.lost(self.stream, "ping_timeout")
+            client.lost(client.stream, "ping_timeout")
 
     def _progress(self) -> int:
         """A count that grows while the client takes gsrv's bytes: TCP's acknowledged bytes (a
@@ -245,7 +260,7 @@ class WebSocketRelay(PipeRelay):
             self.seat.finish()
             if self.seat.detached:
                 return  # its last connection is closed already
-        framed = not (closing.reason == "client_reset" or closing.drop or self.stream.torn)
+        framed = not (closing.reason == "client_reset" or closing.drop or self.client.stream.torn)
         if not (framed and self._close_frame(closing)):
             reset(self.sock)
             return
@@ -257,7 +272,8 @@ class WebSocketRelay(PipeRelay):
         with contextlib.suppress(OSError):
             code, text = close_frame(closing)
             self.sock.setblocking(False)
-            if not self.stream.torn and not isinstance(self.stream, TlsStream):
+            stream = self.client.stream
+            if not stream.torn and not isinstance(stream, TlsStream):
                 self.sock.send(close(code, text))
             self.sock.shutdown(stdsocket.SHUT_WR)
         self.sock.close()
@@ -266,101 +282,44 @@ class WebSocketRelay(PipeRelay):
         """What is left of the output's last line (after the child's own end), then the close
         frame (and TLS's close_notify); False if the client could not take them in time, or a
         frame was cut short."""
+        client = self.client
         try:
             with gevent.Timeout(LINGER_S, _Late):
                 if closing.reason in CHILD_ENDS and closing.clean:
                     self.out.flush()
                     if self.err is not None:
                         self.err.flush()
-                if self.stream.torn:
+                if client.stream.torn:
                     return False
                 code, text = self._close_code(closing)
-                if not self.stream.closed:
-                    self.send(close(code, text))
-                    self.stream.close_notify()
+                if not client.stream.closed:
+                    client.send(close(code, text))
+                    client.stream.close_notify()
         except (OSError, _Late):
             return False
-        return not self.stream.torn
+        return not client.stream.torn
 
     def _close_code(self, closing: Closing) -> tuple[int, str]:
-        return (self.code, self.failure) if self.failure and self.code else close_frame(closing)
+        client = self.client
+        return (client.code, client.failure) if client.failure and client.code else close_frame(closing)
 
     def _finish_output(self, closing: Closing) -> None:
         """The close frame went out already (close)."""
 
-    # -- the client's connection: one, or with reattach, one at a time --------------------
-
-    def send(self, data: bytes, output: memoryview | bytes | None = None) -> float:
-        """A frame to the client (`output`: the child's bytes in it, counted by the window).
-        Seated: in order with a replay, and a connection found gone detaches instead of failing."""
-        seat = self.seat
-        if seat is None:
-            self._counted(output)
-            return self.stream.send(data)
-        with seat.sending:
-            self._counted(output)
-            if seat.detached:
-                return 0.0
-            stream = self.stream
-            try:
-                return stream.send(data)
-            except OSError:
-                if not self.lost(stream):
-                    raise
-                return 0.0
-
-    def _counted(self, output: memoryview | bytes | None) -> None:
-        """Output on its way: the window counts (and keeps) it, each watcher gets it queued
-        (no yield between the two: a new watcher's kept output and its live output meet)."""
-        if output is not None:
-            self.window.sending(output)
-            if self.watchers is not None:
-                self.watchers.offer(output)
-
-    def lost(self, stream: Stream, why: str = "client_reset") -> bool:
-        """The client's connection ended without a close frame: True when the session goes on
-        detached (reattach) instead of ending; its input then waits for the next connection."""
-        seat = self.seat
-        if seat is None or seat.ended:
-            return False  # (at the session's end a failed send is the close's business)
-        if seat.lost(stream, why) and self.events is not None:
-            self.events.note("session_detached", why=why, kept=self.window.sent - self.window.base,
-                             reattach_s=seat.reattach)  # fmt: skip
-            self.events.changed()
-        return True
+    # -- the client's connection: one, or with reattach, one at a time (relay/wsclient.py) ----
 
     def attach(self, link: Link, offset: int) -> None:
-        """A reconnected page (from its hello, in its connection's prelude): the old connection
-        closed (4409 if it still lived), the hello answered, the output from `offset` sent again,
-        then the live stream. ProtocolError: an offset past what was sent."""
-        seat, events = self.seat, self.events
-        assert seat is not None and events is not None
-        if seat.ended:
-            raise Declined("no_session", "the session is ending")
-        start = self.window.resume(offset)
-        took_over = not seat.detached
-        seat.lost(self.stream, "taken_over")
-        replayed = 0
-        with seat.sending:
-            seat.take(link)
-            self.sock, self.stream, self.proto, self.leftover = link.sock, link.stream, link.reader, b""
-            try:
-                link.stream.send(answer({"offset": start, "token": seat.token, "reattach": seat.reattach}))
-                for piece in self.window.since(start):
-                    link.stream.send(frame(Opcode.BINARY, piece, b"o"))
-                    replayed += len(piece)
-            except OSError:
-                self.lost(link.stream)
-        seat.ready()
-        events.note("session_reattached", conn=link.conn, peer=link.peer, offset=start, replayed=replayed,
-                    took_over=1 if took_over else None)  # fmt: skip
-        events.changed()
+        """A reconnected page takes the session (WsClient.attach); its socket is the relay's then."""
+        self.client.attach(link, offset, self._taken)
+
+    def _taken(self, link: Link) -> None:
+        self.sock = link.sock
 
     def watch(self, link: Link) -> None:
         """A watcher (share, from its hello, in its connection's prelude): its answer and the
         kept output queued before any live output (nothing yields in between), then a resize
         nudge so a full-screen program redraws."""
-        watchers, window, child = self.watchers, self.window, self.child
+        watchers, window, child = self.client.watchers, self.client.window, self.child
         if watchers is None or child is None or (self.seat is not None and self.seat.ended):
             raise Declined("no_session", "the session is ending")
         first = [answer({"offset": window.base, "share": watchers.share})]
@@ -369,8 +328,8 @@ class WebSocketRelay(PipeRelay):
         self.child_end.nudge(child)
 
     def _note(self, event: str, **fields: object) -> None:
-        if self.events is not None:
-            self.events.note(event, **fields)
+        if self.client.notes is not None:
+            self.client.notes.note(event, **fields)
 
 
 class _Late(Exception):
