@@ -12,10 +12,9 @@ import functools
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import gevent
-from gevent import get_hub
 from gevent.event import Event
 
 from gsrv.config.parse import ServerConfig, ServiceConfig
@@ -27,17 +26,15 @@ from gsrv.relay.child import Child, Launcher
 from gsrv.relay.choice import choose
 from gsrv.relay.ending import EndRules, Facts, Verdict
 from gsrv.relay.http import HttpRelay
-from gsrv.relay.pump import READ, Discard, FdSource, Meter, move
+from gsrv.relay.pump import Meter
 from gsrv.relay.record import Recording
 from gsrv.relay.relays import Closing, PipeRelay, Relay
-from gsrv.relay.stderr import StderrLines
+from gsrv.relay.stderr import StderrLog
 
 if TYPE_CHECKING:
     from gsrv.relay.watchdog import Watchdog
 
-STDERR_WAIT_S = 0.1  # after the child's exit: how long its last stderr lines may take to arrive
 WARN_EVERY_S = 60.0
-STDERR_READ = 65536
 
 _pipe_size_warned: dict[str, float] = {}  # service -> when its refused pipe_size was last logged
 
@@ -71,9 +68,7 @@ class Session:
         self.child: Child | None = None
         self.spawn_seconds: float | None = None
         self.spawn_error: str | None = None
-        self.stderr = StderrLines()
-        self._stderr_reader: gevent.Greenlet | None = None
-        self._stderr_watch: Any = None  # until the child first writes to stderr
+        self.stderr = StderrLog(self.stderr_line)  # the child's stderr as log lines (stderr = "log")
         self._wake = Event()
         self._started = arrival.started  # a prelude's time counts: session_timeout runs from accept
 
@@ -84,8 +79,7 @@ class Session:
     @property
     def greenlets(self) -> list[gevent.Greenlet]:
         """The relay's directions and the stderr reader (the session's own is not counted)."""
-        own = [self._stderr_reader] if self._stderr_reader is not None else []
-        return (self.relay.greenlets if self.relay else []) + own
+        return (self.relay.greenlets if self.relay else []) + self.stderr.greenlets
 
     def meters(self) -> list[tuple[str, Meter]]:
         return self.relay.meters() if self.relay else []
@@ -209,10 +203,9 @@ class Session:
         assert self.child is not None and self.relay is not None
         child, relay, svc = self.child, self.relay, self.svc
         child.exited.rawlink(lambda _: self._wake.set())
+        if child.stderr >= 0 and svc.stderr == "log":
+            self.stderr.open(child.stderr, child.exited)
         relay.start(child, self)
-        if self._logs_stderr:
-            self._stderr_watch = get_hub().loop.io(child.stderr, READ)
-            self._stderr_watch.start(self._read_stderr)
         self.watchdog.add(self)
         ws = svc.interact.websocket
         rules = EndRules(self._started, self.server.eof_grace, svc.idle_timeout, svc.session_timeout,
@@ -250,25 +243,17 @@ class Session:
         close = functools.partial(self._close, clean)
         order: list[Callable[[], None]]
         if self.relay is not None and self.relay.closes_after_stop:
-            order = [self._stop_child, self._end_stderr_reader, close]
+            order = [self._stop_child, self.stderr.end, close]
         else:
-            order = [close, self._stop_child, self._end_stderr_reader]
+            order = [close, self._stop_child, self.stderr.end]
         first: BaseException | None = None
-        for step in (self._last_stderr, self._stop_relay, *order, self._reaped, self._closed_anyway, self._stderr_tail):
+        for step in (self.stderr.last, self._stop_relay, *order, self._reaped, self._closed_anyway, self.stderr.tail):
             try:
                 step()
             except BaseException as e:  # kept, and raised once every step has run
                 first = first or e
         if first is not None:
             raise first
-
-    def _last_stderr(self) -> None:
-        """Its last lines (and the ladder's) may not have woken the watcher yet."""
-        child = self.child
-        if child is not None and self._logs_stderr:
-            self._read_stderr()
-            if self._stderr_reader is not None and child.exited.is_set():
-                self._stderr_reader.join(timeout=STDERR_WAIT_S)
 
     def _stop_relay(self) -> None:
         if self.relay is not None:
@@ -289,11 +274,6 @@ class Session:
         if self.child is not None:
             self.child.wait_reaped()
 
-    def _end_stderr_reader(self) -> None:
-        self._stop_stderr_watch()
-        if self._stderr_reader is not None:
-            self._stderr_reader.kill()
-
     @property
     def kept(self) -> bool:
         """The connection stays open for its next request (HTTP keep-alive)."""
@@ -306,14 +286,6 @@ class Session:
     def _closed_anyway(self) -> None:
         if self.sock.fileno() >= 0 and not self.kept:  # a close that raised must not leave the connection open
             reset(self.sock)
-
-    def _stderr_tail(self) -> None:
-        for line in self.stderr.finish(time.monotonic()):
-            self.stderr_line(line)
-
-    @property
-    def _logs_stderr(self) -> bool:
-        return self.child is not None and self.child.stderr >= 0 and self.svc.stderr == "log"
 
     def _close(self, clean: bool) -> None:
         if self.relay is not None:
@@ -335,20 +307,6 @@ class Session:
         signame = self._signal(child)
         bad = signame is not None or child.exit_code not in (0, None)
         return Closing(reason, clean, child.exit_code, signame, drop=bad and self.svc.nonzero_exit == "reset")
-
-    def _read_stderr(self) -> None:
-        """From the child's first stderr bytes on, a greenlet reads them: a child that never
-        writes there costs no greenlet (a parked one is ~10 KB of a stalled session)."""
-        self._stop_stderr_watch()
-        if self._stderr_reader is None and self.child is not None:
-            fd = self.child.stderr
-            self._stderr_reader = gevent.spawn(move, FdSource(fd, STDERR_READ), StderrLog(self), Meter(), STDERR_READ)
-
-    def _stop_stderr_watch(self) -> None:
-        if self._stderr_watch is not None:
-            self._stderr_watch.stop()
-            self._stderr_watch.close()
-            self._stderr_watch = None
 
     def stderr_line(self, line: str) -> None:
         self.log.info("child_stderr", service=self.svc.name, session=self.sid, line=line)
@@ -388,21 +346,3 @@ class Session:
             self.on_end(self)
         if not self.kept:
             self.arrival.ended()
-
-
-class StderrLog(Discard):
-    """The child's stderr as log lines: capped, under a line budget; over it the reader waits
-    (the child's full pipe then slows it) instead of spending a CPU reading and dropping."""
-
-    __slots__ = ("session",)
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def write(self, data: memoryview | bytes) -> float:
-        lines = self.session.stderr
-        for line in lines.feed(bytes(data), time.monotonic()):
-            self.session.stderr_line(line)
-        pause = lines.pause()
-        gevent.sleep(pause)  # yields, always: a child flooding stderr must not starve the loop
-        return pause

@@ -1,13 +1,28 @@
-"""Child stderr turned into log lines: each line capped at 4 KiB, at most 100 lines/s a session.
+"""Child stderr turned into log lines (`stderr = "log"`): each line capped at 4 KiB, at most
+100 lines/s a session.
 
-Pure and socket-free: fed bytes and a clock, it returns the lines to log and counts the drops,
-and says how long the reader should pause when a child writes faster than the budget.
+`StderrLines` is pure and socket-free: fed bytes and a clock, it returns the lines to log and
+counts the drops, and says how long the reader should pause when a child writes faster than
+the budget. `StderrLog` is the one owner of a session's stderr pipe: it reads it into
+StderrLines and hands each line to the session's log.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent import get_hub
+from gevent.event import Event
+
+from gsrv.relay.pump import READ, Discard, FdSource, Meter, move
+
 LINE_CAP = 4096
 LINES_PER_S = 100
+WAIT_S = 0.1  # after the child's exit: how long its last stderr lines may take to arrive
+READ_CHUNK = 65536
 
 
 class StderrLines:
@@ -66,3 +81,82 @@ class StderrLines:
             else:
                 self.dropped += 1
         return kept
+
+
+class StderrLog:
+    """A session's child's stderr as its log lines: a watcher on the pipe until the child's
+    first bytes there (a child that never writes to stderr costs no greenlet: a parked one is
+    ~10 KB of a stalled session), then a reader greenlet under StderrLines' budget. The
+    teardown's three steps, in its order: `last` (the last lines, the ladder's included, before
+    the ladder), `end` (right after the ladder closed the pipe, before anything can yield: a
+    freed fd number must not wake it), `tail` (an unterminated last line)."""
+
+    __slots__ = ("line", "lines", "fd", "exited", "reader", "watch")
+
+    def __init__(self, line: Callable[[str], None]) -> None:
+        self.line = line  # one line to the log
+        self.lines = StderrLines()
+        self.fd = -1  # none: the child's stderr is not logged (or not yet)
+        self.exited: Event | None = None
+        self.reader: gevent.Greenlet | None = None
+        self.watch: Any = None  # the pipe's watcher, until the child first writes there
+
+    def open(self, fd: int, exited: Event) -> None:
+        """The child's stderr pipe: watched from now on."""
+        self.fd, self.exited = fd, exited
+        self.watch = get_hub().loop.io(fd, READ)
+        self.watch.start(self._read)
+
+    @property
+    def greenlets(self) -> list[gevent.Greenlet]:
+        return [self.reader] if self.reader is not None else []
+
+    @property
+    def dropped(self) -> int:
+        return self.lines.dropped
+
+    def last(self) -> None:
+        """Its last lines (and the ladder's) may not have woken the watcher yet."""
+        if self.fd < 0:
+            return
+        self._read()
+        if self.reader is not None and self.exited is not None and self.exited.is_set():
+            self.reader.join(timeout=WAIT_S)
+
+    def end(self) -> None:
+        self._stop_watch()
+        if self.reader is not None:
+            self.reader.kill()
+
+    def tail(self) -> None:
+        for line in self.lines.finish(time.monotonic()):
+            self.line(line)
+
+    def _read(self) -> None:
+        self._stop_watch()
+        if self.reader is None and self.fd >= 0:
+            self.reader = gevent.spawn(move, FdSource(self.fd, READ_CHUNK), _Lines(self), Meter(), READ_CHUNK)
+
+    def _stop_watch(self) -> None:
+        if self.watch is not None:
+            self.watch.stop()
+            self.watch.close()
+            self.watch = None
+
+
+class _Lines(Discard):
+    """The reader's sink: capped lines, under the budget; over it the reader waits (the
+    child's full pipe then slows it) instead of spending a CPU reading and dropping."""
+
+    __slots__ = ("log",)
+
+    def __init__(self, log: StderrLog) -> None:
+        self.log = log
+
+    def write(self, data: memoryview | bytes) -> float:
+        lines = self.log.lines
+        for line in lines.feed(bytes(data), time.monotonic()):
+            self.log.line(line)
+        pause = lines.pause()
+        gevent.sleep(pause)  # yields, always: a child flooding stderr must not starve the loop
+        return pause
