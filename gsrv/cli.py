@@ -27,7 +27,7 @@ from gsrv.errors import ConfigError
 from gsrv.logs import Log
 from gsrv.ops.admin import Admin
 from gsrv.ops.dump import dump
-from gsrv.ops.metrics import State
+from gsrv.ops.metrics import ProcessState
 from gsrv.ops.notify import Notifier
 from gsrv.relay.child import Launcher
 from gsrv.relay.guardian import Guardian
@@ -295,11 +295,11 @@ def _admin(config: Config, server: Server, log: Log) -> Admin | None:
     return admin
 
 
-def _state(server: Server, guard: Guard, log: Log, spawner: Spawner) -> State:
+def _state(server: Server, guard: Guard, log: Log, spawner: Spawner) -> ProcessState:
     """What a scrape reads: the server's services, the guard's figures, the log's drops."""
     lifecycle = server.lifecycle
     last = guard.last
-    return State(
+    return ProcessState(
         services=server.service_states(),
         accept_paused=lifecycle.accept_paused,
         accept_pauses=guard.pauses + int(lifecycle.drain_started is not None),

@@ -15,7 +15,7 @@ from gsrv.config.http import HttpConfig
 from gsrv.edge.httphead import HeadError, Request, answer, head_end, judge, parse
 from gsrv.edge.stream import Refused, Stream
 
-READ = 4096
+READ_CHUNK = 4096  # at most so many bytes a read of the request head
 
 
 class Quiet(Exception):  # noqa: N818 (not an error: a kept-alive client closed between requests)
@@ -63,7 +63,7 @@ class HttpConnection:
                 end = head_end(buffer)
                 if end:
                     break
-                data = self.stream.recv(READ)
+                data = self.stream.recv(READ_CHUNK)
                 if not data:
                     if not buffer and self.served:
                         raise Quiet()

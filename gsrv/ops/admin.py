@@ -19,11 +19,11 @@ from gsrv.config.parse import AdminConfig
 from gsrv.logs import Log
 from gsrv.ops.control import Control
 from gsrv.ops.history import SAMPLE_S, History
-from gsrv.ops.metrics import Metrics, State
+from gsrv.ops.metrics import Metrics, ProcessState
 from gsrv.periodic import Periodic
 
 FLUSH_S = 1.0
-_EMPTY = State([], False, 0, 0.0, None, None, 0, 0)
+_EMPTY = ProcessState([], False, 0, 0.0, None, None, 0, 0)
 
 Readiness = Callable[[], str | None]  # None: ready; else why not
 
@@ -48,7 +48,7 @@ class Admin:
 
     def __init__(self, config: AdminConfig, not_ready: Readiness, log: Log) -> None:
         self.not_ready, self.log = not_ready, log
-        self.metrics_state: Callable[[], State] | None = None
+        self.metrics_state: Callable[[], ProcessState] | None = None
         self.metrics = Metrics(lambda: self.metrics_state() if self.metrics_state else _EMPTY)
         self.control = Control(config)
         self.control.history = History(self.metrics.registry)

@@ -12,8 +12,9 @@ from prometheus_client import CollectorRegistry
 
 SAMPLE_S = 2.0
 KEPT = 450  # 15 minutes of samples
-READ = {"gsrv_sessions_total": "sessions", "gsrv_bytes_total": "bytes", "gsrv_backpressure_seconds_total": "blocked",
-        "gsrv_rejected_total": "refused"}  # fmt: skip
+# the counters the plots read, and the series each feeds
+PLOTTED = {"gsrv_sessions_total": "sessions", "gsrv_bytes_total": "bytes", "gsrv_backpressure_seconds_total": "blocked",
+           "gsrv_rejected_total": "refused"}  # fmt: skip
 
 
 def totals(registry: CollectorRegistry) -> dict[str, float]:
@@ -22,7 +23,7 @@ def totals(registry: CollectorRegistry) -> dict[str, float]:
     found: dict[str, float] = {}
     for family in registry.collect():
         for sample in family.samples:
-            kind = READ.get(sample.name)
+            kind = PLOTTED.get(sample.name)
             if kind is None:
                 continue
             if kind in ("bytes", "blocked"):

@@ -81,7 +81,7 @@ class ServiceState:
 
 
 @dataclass
-class State:
+class ProcessState:
     """What the scrape reads of the whole process (from the server, the guard and the log)."""
 
     services: list[ServiceState]
@@ -96,7 +96,7 @@ class State:
 
 
 class Metrics:
-    def __init__(self, state: Callable[[], State]) -> None:
+    def __init__(self, state: Callable[[], ProcessState]) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         r = self.registry
@@ -169,7 +169,7 @@ class Metrics:
 
 
 class _StateCollector(Collector):
-    def __init__(self, state: Callable[[], State]) -> None:
+    def __init__(self, state: Callable[[], ProcessState]) -> None:
         self.state = state
 
     def collect(self) -> Iterable[Metric]:

@@ -220,7 +220,7 @@ class PipeRelay:
             self.child_end.end_input(child)  # a terminal in raw mode may wait here (eof_grace)
             self.input_done = True
         elif end is End.SINK_CLOSED:
-            self.child_end.refused(child)
+            self.child_end.stopped_reading(child)
             end = self._discard()
             self.client_eof = end is End.SOURCE_EOF
         if end is End.SOURCE_ERROR:

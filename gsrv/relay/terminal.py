@@ -40,7 +40,7 @@ class Pipes:
     def end_input(self, child: Child) -> None:
         child.close_stdin()
 
-    def refused(self, child: Child) -> None:
+    def stopped_reading(self, child: Child) -> None:
         """The child stopped reading: what the client still sends has nowhere to go."""
         child.close_stdin()
 
@@ -96,7 +96,7 @@ class Terminal:
         elif not child.exited.wait(self.eof_grace):
             self.hung_up = child.hang_up()
 
-    def refused(self, child: Child) -> None:
+    def stopped_reading(self, child: Child) -> None:
         """Writing the master failed (EIO: no process holds the slave): the child has gone."""
 
     def resize(self, child: Child, columns: int, rows: int) -> None:
