@@ -1,8 +1,7 @@
-"""The client's end of a WebSocket session (relay/websocket.py's): its frames in, fed to the
-frame reader one read at a time; frames out, in order, the child's output in them counted by the
-window (and offered to the watchers); and, with reattach, which connection that is now (the
-Seat, relay/reattach.py, decides: a connection lost without a close frame detaches the session
-instead of failing it). The message layer (relay/messages.py) talks to this object only.
+"""A WebSocket session's client end: frames in (one read at a time), frames out in order (the
+output in them counted by the window, offered to the watchers), and which connection it is now
+(with reattach the Seat, relay/reattach.py, decides: a connection lost without a close frame
+detaches the session). relay/messages.py talks to this object, never to the relay.
 """
 
 from __future__ import annotations
@@ -61,15 +60,15 @@ class WsClient:
         when the seat changed hands meanwhile (the caller's message state starts afresh).
         OSError: the connection ended without a close frame (the session's end, unless
         seated: then this waits for the next connection)."""
-        reader = self.reader
-        while (event := reader.next()) is None:
+        while (event := self.reader.next()) is None:
             if not self._receive():
                 return None
         return event
 
     def _receive(self) -> bool:
-        """One read fed to the frame reader; False: the connection was lost and a new one
-        took its seat."""
+        """One read fed to the frame reader of the connection it came from; False: that
+        connection was lost (or taken over while the read waited: what it brought is
+        dropped, as a message it cut is) and a new one took its seat."""
         if self.leftover:  # frames the client sent with its upgrade request
             raw, self.leftover = self.leftover, b""
         else:
@@ -83,9 +82,9 @@ class WsClient:
                 raw = b""
             finally:
                 self.reading_since = None
-            if not raw and self.lost(stream):
+            if self.stream is not stream or (not raw and self.lost(stream)):
                 assert self.seat is not None
-                self.seat.attached.wait()  # detached: the next connection's frames
+                self.seat.attached.wait()  # detached: the next connection's frames, once it is seated
                 return False
         if not raw:
             self.fail("client_reset", 0)  # a TCP end without a close frame: the client went away
