@@ -164,7 +164,7 @@ class Server:
     def act(self, name: str, action: str, who: dict[str, object]) -> bool:
         """pause, resume or drain one service (the operator's; a reload keeps it, a restart
         clears it). False: no such service."""
-        service = next((s for s in self.services if s.cfg.name == name), None)
+        service = self._service(name)
         if service is None:
             return False
         self.log.info("admin_action", action=action, service=name, **who)
@@ -187,10 +187,14 @@ class Server:
 
     def service_readiness(self, name: str) -> str | None:
         """Why the service takes no new sessions now (None: it does). KeyError: no such service."""
-        service = next((s for s in self.services if s.cfg.name == name), None)
+        service = self._service(name)
         if service is None:
             raise KeyError(name)
         return self.lifecycle.not_ready() or service.not_ready()
+
+    def _service(self, name: str) -> Service | None:
+        """The running config's service of that name."""
+        return next((s for s in self.services if s.cfg.name == name), None)
 
     # -- reload --------------------------------------------------------------------------
 
