@@ -30,10 +30,10 @@ from gsrv.ops.dump import dump
 from gsrv.ops.metrics import ProcessState
 from gsrv.ops.notify import Notifier
 from gsrv.relay.child import Launcher
-from gsrv.relay.guardian import Guardian
 from gsrv.relay.pump import HAS_SPLICE
 from gsrv.server import Server, longest_stop
 from gsrv.spawn.client import Spawner
+from gsrv.spawn.guardian import Guardian
 
 DEFAULT_CONFIG = "conf/gsrv.toml"
 

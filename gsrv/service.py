@@ -31,10 +31,10 @@ from gsrv.logs import Log
 from gsrv.ops.metrics import Metrics
 from gsrv.relay.child import Launcher
 from gsrv.relay.prespawn import Prespawned
-from gsrv.relay.reattach import Link
 from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
-from gsrv.relay.websocket import WebSocketRelay
+from gsrv.relay.ws.reattach import Link
+from gsrv.relay.ws.relay import WebSocketRelay
 from gsrv.state import Lifecycle
 
 ADMIN_PAUSE, ADMIN_DRAIN = "paused_by_admin", "drained_by_admin"  # the operator's reasons in the gate

@@ -194,7 +194,7 @@ class Gsrv:
 
     def guardian_pid(self) -> int | None:
         if self._guardian is None:
-            self._guardian = self._own_child("gsrv.relay.guardian")
+            self._guardian = self._own_child("gsrv.spawn.guardian")
         return self._guardian
 
     def spawner_pid(self) -> int | None:

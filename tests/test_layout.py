@@ -97,8 +97,31 @@ def test_the_rules_catch_an_import_that_runs_back_up(tmp_path):
     ]
 
 
+# Inside relay/, a transport's folder never reaches into another's: what both need lives in relay/ itself.
+APART = ("gsrv.relay.http", "gsrv.relay.ws")
+
+
+def _reaches_across(module: str, path: pathlib.Path) -> list[str]:
+    own = next((t for t in APART if module == t or module.startswith(t + ".")), None)
+    others = [t for t in APART if own is not None and t != own]
+    return [f"{module} imports {imported}" for imported in sorted(_imports(path))
+            if any(imported == o or imported.startswith(o + ".") for o in others)]  # fmt: skip
+
+
+def test_relay_transports_stay_apart():
+    broken = [line for path in sorted(PACKAGE.rglob("*.py")) for line in _reaches_across(_module(path), path)]
+    assert not broken, "\n".join(broken)
+
+
+def test_the_transport_rule_catches_a_reach_across(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from gsrv.relay.ws.window import Window\nfrom gsrv.relay.pump import move\n")
+    assert _reaches_across("gsrv.relay.http.relay", bad) == ["gsrv.relay.http.relay imports gsrv.relay.ws.window"]
+    assert _reaches_across("gsrv.relay.session", bad) == []
+
+
 def test_subpackages_have_empty_inits():
-    for init in PACKAGE.glob("*/__init__.py"):
+    for init in PACKAGE.glob("*/**/__init__.py"):
         assert init.read_text() == "", f"{init}: keep subpackage __init__.py files empty"
 
 

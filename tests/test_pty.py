@@ -17,7 +17,7 @@ import time
 import pytest
 from conftest import PY, ROOT, push_watching_rss, py_child, random_stream, service_toml, wait_until
 
-from gsrv.relay.terminal import eof_input
+from gsrv.relay.childend import eof_input
 
 MiB = 1024 * 1024
 

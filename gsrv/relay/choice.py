@@ -7,12 +7,12 @@ from __future__ import annotations
 from gsrv.config.parse import ServiceConfig
 from gsrv.edge.arrival import Arrival
 from gsrv.relay import relays
+from gsrv.relay.childend import Pipes, Terminal
 from gsrv.relay.handoff import SocketRelay
-from gsrv.relay.http import HttpRelay
+from gsrv.relay.http.relay import HttpRelay
 from gsrv.relay.pump import HAS_SPLICE
 from gsrv.relay.relays import Relay
-from gsrv.relay.terminal import Pipes, Terminal
-from gsrv.relay.websocket import WebSocketRelay
+from gsrv.relay.ws.relay import WebSocketRelay
 
 
 def choose(svc: ServiceConfig, arrival: Arrival, eof_grace: float) -> Relay:

@@ -26,6 +26,7 @@ from gsrv.edge.refusal import reset
 from gsrv.edge.tls import TlsStream
 from gsrv.relay import kernel
 from gsrv.relay.child import Child
+from gsrv.relay.childend import Pipes, Terminal
 from gsrv.relay.ending import FAILURES
 from gsrv.relay.pump import (
     READ,
@@ -44,7 +45,6 @@ from gsrv.relay.pump import (
 )
 from gsrv.relay.record import RecordedSink, RecordedSource, Recording
 from gsrv.relay.stdio import Stdio
-from gsrv.relay.terminal import Pipes, Terminal
 
 LINGER_S = 2.0  # how long a closing session waits for the client's EOF once the reply is acked
 LINGER_POLL_S = 0.1
@@ -109,7 +109,7 @@ class PipeRelay:
     (splice, TLS, WebSocket, HTTP): each direction in a greenlet, through one pooled buffer.
 
     Its client side is the socket (TLS: TlsRelay); its child side (`child_end`) the child's
-    pipes or its terminal (relay/terminal.py). A subclass changes how a direction moves (`_in`,
+    pipes or its terminal (relay/childend.py). A subclass changes how a direction moves (`_in`,
     `_out`, `_discard`) or what the client is told before the FIN (`_finish_output`); the
     session sees only the Relay protocol."""
 

@@ -25,7 +25,7 @@ from gsrv.logs import Log
 from gsrv.relay.child import Child, Launcher
 from gsrv.relay.choice import choose
 from gsrv.relay.ending import EndRules, Facts, Verdict
-from gsrv.relay.http import HttpRelay
+from gsrv.relay.http.relay import HttpRelay
 from gsrv.relay.pump import Meter
 from gsrv.relay.record import Recording
 from gsrv.relay.relays import Closing, PipeRelay, Relay

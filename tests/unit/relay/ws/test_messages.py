@@ -1,5 +1,5 @@
-"""The WebSocket message layer without a socket (relay/messages.py over the client's end,
-relay/wsclient.py): the client's frames made by an independent library (wsproto, as a client)
+"""The WebSocket message layer without a socket (relay/ws/messages.py over the client's end,
+relay/ws/client.py): the client's frames made by an independent library (wsproto, as a client)
 and fed a few bytes a read by a fake stream; what gsrv sends read back by wsproto."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from gsrv.config.web import WebSocketConfig
 from gsrv.edge.wsframes import FrameReader
-from gsrv.relay.messages import Frames, Messages
-from gsrv.relay.window import Window
-from gsrv.relay.wsclient import WsClient
+from gsrv.relay.ws.client import WsClient
+from gsrv.relay.ws.messages import Frames, Messages
+from gsrv.relay.ws.window import Window
 
 TEXT = dataclasses.replace(WebSocketConfig(), max_message=1024)  # (the parser makes 0 the chunk size)
 

@@ -1,7 +1,7 @@
-"""A WebSocket session's messages (relay/websocket.py's two directions): the client's frames
+"""A WebSocket session's messages (relay/ws/relay.py's two directions): the client's frames
 as the child's input (`Frames`: data as it arrives, control frames answered, typed framing's
 resizes and acknowledgements acted on), and the child's output as messages (`Messages`). Both
-talk to the client's end (relay/wsclient.py), never to the relay.
+talk to the client's end (relay/ws/client.py), never to the relay.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from gsrv.config.web import WebSocketConfig
 from gsrv.edge.wsframes import Control, Data, Opcode, ProtocolError, frame
 from gsrv.relay.pump import Meter
-from gsrv.relay.wsclient import WsClient
+from gsrv.relay.ws.client import WsClient
 
 RESIZE_MAX = 32  # "r" + "COLSxROWS": anything longer is not a resize
 

@@ -6,7 +6,7 @@ import gevent
 import pytest
 
 from gsrv.edge.wsframes import ProtocolError
-from gsrv.relay.window import Window
+from gsrv.relay.ws.window import Window
 
 
 def test_no_window_until_the_first_acknowledgement() -> None:

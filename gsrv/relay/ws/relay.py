@@ -35,14 +35,14 @@ from gsrv.edge.upgrade import Upgraded
 from gsrv.edge.wsframes import FrameReader, Opcode, close, frame
 from gsrv.relay import kernel
 from gsrv.relay.child import Child
-from gsrv.relay.messages import Frames, Messages
+from gsrv.relay.childend import Pipes, Terminal
 from gsrv.relay.pump import Discard, End, FdSource, Meter, move, queued
-from gsrv.relay.reattach import Link, Seat
 from gsrv.relay.relays import LINGER_S, Closing, PipeRelay, RelayEvents, guarded
-from gsrv.relay.terminal import Pipes, Terminal
-from gsrv.relay.watchers import Watchers
-from gsrv.relay.window import Window
-from gsrv.relay.wsclient import WsClient
+from gsrv.relay.ws.client import WsClient
+from gsrv.relay.ws.messages import Frames, Messages
+from gsrv.relay.ws.reattach import Link, Seat
+from gsrv.relay.ws.watchers import Watchers
+from gsrv.relay.ws.window import Window
 
 # After the upgrade, how each end that is not the child's own is told (code, and the reason's text).
 CLOSE_CODES = {
@@ -65,7 +65,7 @@ def close_frame(closing: Closing) -> tuple[int, str]:
 
 
 class WebSocketRelay(PipeRelay):
-    """The child's bytes as messages to and from `client` (relay/wsclient.py: the client's end,
+    """The child's bytes as messages to and from `client` (relay/ws/client.py: the client's end,
     frames and which connection); the child's end is its pipes or its pty."""
 
     __slots__ = ("client", "ws", "typed", "stderr_channel", "out", "err", "pinged", "ping_timed_out", "frames",
@@ -306,7 +306,7 @@ class WebSocketRelay(PipeRelay):
     def _finish_output(self, closing: Closing) -> None:
         """The close frame went out already (close)."""
 
-    # -- the client's connection: one, or with reattach, one at a time (relay/wsclient.py) ----
+    # -- the client's connection: one, or with reattach, one at a time (relay/ws/client.py) ----
 
     def attach(self, link: Link, offset: int) -> None:
         """A reconnected page takes the session (WsClient.attach); its socket is the relay's then."""

@@ -24,11 +24,11 @@ from gsrv.config.http import HttpConfig
 from gsrv.edge.http import HttpConnection
 from gsrv.edge.httphead import answer
 from gsrv.edge.refusal import reset
-from gsrv.relay.cgi import EXIT_FIELD, MAX_BLOCK, BadHead, Head, block_end, failure_status, head_bytes, parse_block
 from gsrv.relay.child import Child
+from gsrv.relay.childend import Pipes
+from gsrv.relay.http.cgi import EXIT_FIELD, MAX_BLOCK, BadHead, Head, block_end, failure_status, head_bytes, parse_block
 from gsrv.relay.pump import WRITE, Discard, End, Fd, FdSource, Meter, Source, move, splice
 from gsrv.relay.relays import Closing, Lingering, PipeRelay, RelayEvents, TlsSource
-from gsrv.relay.terminal import Pipes
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 NO_BODY = (204, 304)

@@ -4,7 +4,7 @@ sent and not acknowledged; then gsrv stops reading the child, which blocks on it
 (backpressure into the program, not a pile of pending writes in the page). A client that never
 acknowledges gets no window: today's typed framing, unchanged.
 
-With reattach (relay/reattach.py) the window also keeps the bytes it counts: the output sent and
+With reattach (relay/ws/reattach.py) the window also keeps the bytes it counts: the output sent and
 not acknowledged, for a page that reconnects to get again from the offset it has.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gsrv.relay.cgi import BadHead, Head, block_end, failure_status, head_bytes, parse_block
+from gsrv.relay.http.cgi import BadHead, Head, block_end, failure_status, head_bytes, parse_block
 
 
 def test_a_block_ends_at_an_empty_line_crlf_or_lf() -> None:

@@ -24,7 +24,7 @@ from gevent.event import Event
 from gsrv.edge.hello import CLOSE_CODES, new_token
 from gsrv.edge.refusal import reset
 from gsrv.edge.wsframes import Control, Opcode, ProtocolError, close, frame
-from gsrv.relay.reattach import Link
+from gsrv.relay.ws.reattach import Link
 
 LINGER_S = 2.0  # at the session's end: how long a watcher's queue and close frame may take to go out
 READ_CHUNK = 65536  # a watcher's frames: bytes a read asks for

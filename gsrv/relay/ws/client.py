@@ -1,7 +1,7 @@
 """A WebSocket session's client end: frames in (one read at a time), frames out in order (the
 output in them counted by the window, offered to the watchers), and which connection it is now
-(with reattach the Seat, relay/reattach.py, decides: a connection lost without a close frame
-detaches the session). relay/messages.py talks to this object, never to the relay.
+(with reattach the Seat, relay/ws/reattach.py, decides: a connection lost without a close frame
+detaches the session). relay/ws/messages.py talks to this object, never to the relay.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from gevent.event import Event
 from gsrv.edge.hello import Declined, answer
 from gsrv.edge.stream import Stream
 from gsrv.edge.wsframes import Control, Data, FrameReader, Opcode, frame
-from gsrv.relay.reattach import Link, Seat
-from gsrv.relay.watchers import Watchers
-from gsrv.relay.window import Window
+from gsrv.relay.ws.reattach import Link, Seat
+from gsrv.relay.ws.watchers import Watchers
+from gsrv.relay.ws.window import Window
 
 
 class Notes(Protocol):

@@ -4,7 +4,7 @@ page's gsrv-term protocol, edge/hello.py).
 When the connection drops without a close frame (the client's end or reset, a failed send, a
 ping without its pong, the watchdog), the session goes on detached for up to `reattach`
 (ending.py then ends it: reattach_expired); its output is kept from the offset the page last
-acknowledged (relay/window.py: at most reattach_buffer, then the child blocks on its write).
+acknowledged (relay/ws/window.py: at most reattach_buffer, then the child blocks on its write).
 A new connection with the session's token takes the seat: gsrv answers its hello, sends the
 kept output from the offset the page has, then the live stream. One that comes while the old
 connection still lives takes it over: the old one gets a close frame 4409.

@@ -6,7 +6,7 @@ pipe, each process group it starts ("+PGID") and reaps ("-PGID"), and at its sta
 cgroup root it owns; when the pipe reaches EOF (gsrv is gone, however it ended) the guardian
 sends TERM, then KILL, to the groups left and to every process in the cgroups below that
 root (frozen while signalled), then removes those cgroups.
-Run as `python -m gsrv.relay.guardian [MODE DIR...]`; it ignores SIGINT, SIGTERM and SIGHUP:
+Run as `python -m gsrv.spawn.guardian [MODE DIR...]`; it ignores SIGINT, SIGTERM and SIGHUP:
 only EOF ends it.
 """
 
@@ -39,7 +39,7 @@ class Guardian:
 
         cgroup_args = [cgroup_mode, *cgroups] if cgroups else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gsrv.relay.guardian", *cgroup_args], stdin=subprocess.PIPE, bufsize=0,
+            [sys.executable, "-m", "gsrv.spawn.guardian", *cgroup_args], stdin=subprocess.PIPE, bufsize=0,
             close_fds=True, start_new_session=True,
         )  # fmt: skip
         assert self.proc.stdin is not None
