@@ -53,13 +53,12 @@ class Case:
     def __init__(self, name: str, launcher: Launcher, prefix: tuple[str, ...] = (), contain: Containment | None = None):
         self.name, self.launcher, self.contain = name, launcher, contain
         argv = (*prefix, TRUE)
-        self.launch = Launch(argv, argv[0], ("bench",) if prefix else (), -1, 1)
+        self.launch = Launch(argv, argv[0], ("bench",) if prefix else (), -1, 1, contain=contain)
 
     def start(self, command: Launch | None = None) -> tuple[Child, float, float]:
         """A child asked for: it, when it was asked, how long the ask blocked."""
         t0 = time.perf_counter()
-        child = self.launcher.spawn(command or self.launch, ENV, None, Stdio.pipes("discard"), 0, self.contain,
-                                    "bench")  # fmt: skip
+        child = self.launcher.spawn(command or self.launch, ENV, Stdio.pipes("discard"))
         return child, t0, time.perf_counter() - t0
 
     def one(self) -> tuple[float, float, float]:

@@ -220,9 +220,12 @@ def serve(path: str, overrides: list[str]) -> int:
 
 
 def _serve(config: Config, log: Log, undo: contextlib.ExitStack) -> None:
-    spawner = Spawner(log)
-    launcher = Launcher(spawner)
-    server = Server(config, log, launcher)
+    host = config.cgroup.host
+    root = Root(host) if host.mode != "none" else None
+    # no child outlives gsrv, even one killed with SIGKILL: the guardian ends what is left
+    guardian = Guardian(host.mode, tuple(root.paths) if root else ())
+    spawner = Spawner(log, root.spawner_homes if root is not None else (), guardian.owns)
+    server = Server(config, log, Launcher(spawner, root, guardian))
     starting = [True]
     undo.callback(lambda: server.stop_listening() if starting[0] else None)  # a start that failed: its listeners
     try:
@@ -230,23 +233,16 @@ def _serve(config: Config, log: Log, undo: contextlib.ExitStack) -> None:
         admin = _admin(config, server, log)
     except BindError as e:
         raise _CannotStart(str(e)) from None
-    host = config.cgroup.host
-    root = Root(host) if host.mode != "none" else None
-    # no child outlives gsrv, even one killed with SIGKILL: the guardian ends what is left
-    guardian = Guardian(host.mode, tuple(root.paths) if root else ())
+    guardian.start()  # the processes once the listeners are bound: a start that fails starts none
     undo.callback(guardian.close)
-    launcher.tracker = guardian
     swept: list[str] = []
     try:
         if root is not None:
-            swept = root.create(guardian.proc.pid)
+            swept = root.create(guardian.pid)
             undo.callback(_remove_root, root, log)
             root.enable(set().union(*(s.contain.limits.controllers(host.mode) for s in config.services)))
     except OSError as e:
         raise _CannotStart(f"[cgroup] root: cannot make gsrv's cgroups: {e.strerror or e}") from None
-    launcher.root = root
-    spawner.homes = root.spawner_homes if root is not None else ()
-    spawner.known = lambda pid: pid == guardian.proc.pid
     try:
         spawner.start()
     except OSError as e:

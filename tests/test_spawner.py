@@ -11,11 +11,15 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import exchange, lives, service_toml, wait_until
+
+from gsrv.spawn import wire
 
 SIGPIPE_BIT = 1 << (signal.SIGPIPE - 1)
 SIGXFSZ_BIT = 1 << (signal.SIGXFSZ - 1)
@@ -164,8 +168,9 @@ def test_gsrv_killed_leaves_no_session_behind(gsrv):
 
 def test_a_request_the_spawner_cannot_start_ends_only_its_session(gsrv):
     """A client that gets a NUL into the child's environment (a WebSocket path of %00, which
-    PATH_INFO decodes): posix_spawn refuses it (ValueError); that session ends spawn_failed,
-    the spawner lives on and serves the next."""
+    PATH_INFO decodes): no child can have it, and the spawner's wire cannot carry it (a NUL
+    ends a string there, as in C's envp); that session ends spawn_failed, the spawner lives on
+    and serves the next."""
     server = gsrv(service_toml("ws", ["cat"], transport="websocket"))
     spawner = server.spawner_pid()
     host, port = server.address("ws")
@@ -183,3 +188,22 @@ def test_a_request_the_spawner_cannot_start_ends_only_its_session(gsrv):
     with socket.create_connection((host, port), timeout=20) as sock:
         sock.sendall(request.replace("/%00", "/ok").encode())
         assert sock.recv(12) == b"HTTP/1.1 101"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("first", [wire.Hello(wire.VERSION + 1), wire.Reap(1, ())])
+def test_a_spawner_spoken_to_in_another_version_says_so_and_exits(first: wire.Message) -> None:
+    """The wire's first message is each side's Hello: the spawner answers its own (what gsrv
+    checks), and leaves a peer of another version (or one that skips the Hello) with an EOF
+    and a line on stderr, having started nothing."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours:
+        proc = subprocess.Popen([sys.executable, "-m", "gsrv.spawn.spawner", str(theirs.fileno()), "1"],
+                                pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)  # fmt: skip
+        theirs.close()
+        ours.settimeout(20)
+        ours.send(wire.encode(first))
+        assert wire.decode(ours.recv(1 << 16)) == [wire.Hello(wire.VERSION)]
+        assert ours.recv(1 << 16) == b""
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2 and "speaks wire version" in err, (proc.returncode, err)

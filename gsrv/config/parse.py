@@ -228,7 +228,8 @@ def _service(file: str, name: str, data: object, server_env: dict[str, str], cgr
     executable = _resolve_command(t, values["command"], child_env, values.get("cwd"))
     contain = parse_containment(t, cgroup, server_env, interact.pty)
     stages = dict(policy.stages + contain.stages + interact.stages)
-    launch = compose(values["command"], executable, stages, policy.umask)
+    launch = compose(values["command"], executable, stages, policy.umask, values.get("cwd"), values["pipe_size"],
+                     contain, interact.pty)  # fmt: skip
     return ServiceConfig(name=name, launch=launch, policy=policy, contain=contain, interact=interact, **values)
 
 

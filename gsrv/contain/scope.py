@@ -70,10 +70,6 @@ class Shape:
     enter: str = "tasks"
     after: tuple[Write, ...] = ()
 
-    def wire(self) -> tuple[object, ...]:
-        """As the spawner's request carries it (marshal: tuples and strings)."""
-        return (self.parents, self.limits, self.enter, self.after)
-
 
 class Scope:
     """One session's cgroups, named `name` (the spawner chose it) in each hierarchy its keys need."""

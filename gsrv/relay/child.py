@@ -20,13 +20,13 @@ from typing import Protocol
 
 import gevent
 
-from gsrv.config.contain import Containment
 from gsrv.config.launch import Launch
 from gsrv.contain.root import Root
-from gsrv.contain.scope import Limits, Scope, Usage
+from gsrv.contain.scope import Limits, Scope, Shape, Usage
 from gsrv.errors import SpawnError
 from gsrv.relay.stdio import Stdio
-from gsrv.spawn.client import Process, Request, Spawner
+from gsrv.spawn.client import Process, Spawner
+from gsrv.spawn.wire import NO_CGROUP
 
 GROUP_POLL_S = 0.02
 REAP_TIMEOUT_S = 5.0
@@ -156,41 +156,38 @@ class Launcher:
         self.spawner = spawner
         self.root = root
         self.tracker = tracker
-        self._shapes: dict[tuple[Limits, bool], tuple[object, ...]] = {}
+        self._shapes: dict[tuple[Limits, bool], Shape] = {}
 
-    def _shape(self, limits: Limits, accounting: bool) -> tuple[object, ...]:
-        """The cgroups the spawner makes for sessions of these keys, as its request carries them."""
+    def _shape(self, limits: Limits, accounting: bool) -> Shape:
+        """The cgroups the spawner makes for sessions of these keys."""
         shape = self._shapes.get((limits, accounting))
         if shape is None:
             assert self.root is not None
-            shape = self._shapes[limits, accounting] = Scope.shape(self.root, limits, accounting).wire()
+            shape = self._shapes[limits, accounting] = Scope.shape(self.root, limits, accounting)
         return shape
 
-    def spawn(
-        self, launch: Launch, env: dict[str, str], cwd: str | None, stdio: Stdio, pipe_size: int = 0,
-        contain: Containment | None = None, name: str = "", pty: bool = False,
-    ) -> Child:  # fmt: skip
+    def spawn(self, launch: Launch, env: dict[str, str], stdio: Stdio) -> Child:
         """Ask the spawner for the launch's argv (no shell; its stages composed at load) in a
-        new session, in a cgroup of its own (named `name`) when its kill scope is "cgroup",
-        without waiting: Child.started() waits for the answer. A pty child is not made a
-        session leader here: the launch's tty stage does it, with the terminal in place.
-        Raises SpawnError (its errno says whether fds or memory ran out); stdio is then closed."""
+        new session, in a cgroup of its own when its kill scope is "cgroup", without waiting:
+        Child.started() waits for the answer. A pty child is not made a session leader here:
+        the launch's tty stage does it, with the terminal in place. Raises SpawnError (its
+        errno says whether fds or memory ran out); stdio is then closed."""
+        contain = launch.contain
         limits, accounting = (contain.limits, contain.accounting) if contain is not None else (Limits(), False)
-        shape: tuple[object, ...] = ()
+        shape = NO_CGROUP
         try:
             if contain is not None and contain.scope == "cgroup":
                 assert self.root is not None, "a cgroup kill scope without gsrv's cgroup root"
                 shape = self._shape(limits, accounting)
-            request = Request(launch.argv, launch.executable, env, cwd, launch.umask, stdio.theirs, setsid=not pty,
-                              cgroup=shape)  # fmt: skip
-            process = self.spawner.spawn(request)
+            process = self.spawner.spawn(launch.argv, launch.executable, env, launch.cwd, launch.umask, stdio.theirs,
+                                         setsid=not launch.pty, cgroup=shape)  # fmt: skip
         except SpawnError:
             stdio.unused()
             raise
         stdio.sent()
-        child = Child(process, stdio, (limits, accounting) if shape else None, launch.signal_in_exit, self)
-        if pipe_size:
-            child._set_pipe_size(pipe_size)
+        child = Child(process, stdio, (limits, accounting) if shape.parents else None, launch.signal_in_exit, self)
+        if launch.pipe_size:
+            child._set_pipe_size(launch.pipe_size)
         return child
 
 

@@ -32,7 +32,7 @@ BACKOFF_MAX_S = 30.0
 
 def launch_of(svc: ServiceConfig) -> tuple[object, ...]:
     """What a waiting child was started with: a reload that changes any of it retires them."""
-    return (svc.launch, svc.env, svc.pass_env, svc.cwd, svc.stderr, svc.pipe_size, svc.contain, svc.interact.pty)
+    return (svc.launch, svc.env, svc.pass_env, svc.stderr)  # the launch: its cwd, pipes, containment, pty too
 
 
 class Prespawned:
@@ -95,8 +95,7 @@ class Prespawned:
         self.starting += 1
         try:
             stdio = Stdio.pipes(svc.stderr)
-            child = self.launcher.spawn(svc.launch, build_env(os.environ, svc.pass_env, svc.env, extra), svc.cwd,
-                                        stdio, svc.pipe_size, svc.contain, "prespawn")  # fmt: skip
+            child = self.launcher.spawn(svc.launch, build_env(os.environ, svc.pass_env, svc.env, extra), stdio)
             child.started()
         except SpawnError as e:
             self._backoff = min(max(self._backoff * 2, BACKOFF_S), BACKOFF_MAX_S)

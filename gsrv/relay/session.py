@@ -127,8 +127,7 @@ class Session:
                 self.child = prespawned
                 return None
             env = self.arrival.env(svc, self.sid)
-            self.child = self.launcher.spawn(svc.launch, env, svc.cwd, self.relay.stdio(svc.stderr), svc.pipe_size,
-                                             svc.contain, self.sid, svc.interact.pty)  # fmt: skip
+            self.child = self.launcher.spawn(svc.launch, env, self.relay.stdio(svc.stderr))
         except (SpawnError, OSError) as e:
             return self._spawn_failed(e)
         return None

@@ -1,7 +1,7 @@
 """gsrv's side of the spawner (gsrv/spawn/spawner.py): requests out, answers and exits in,
 without ever blocking the loop; a spawner that dies is replaced, and what it held is accounted.
 
-A request is one SOCK_SEQPACKET message (marshal) with the child's stdio as SCM_RIGHTS, sent
+A request is one SOCK_SEQPACKET message (spawn/wire.py) with the child's stdio as SCM_RIGHTS, sent
 without waiting: a full socket or no spawner is EAGAIN, a resource error the gate parks for.
 Answers arrive in batches and are dispatched from an io watcher: a `Process` learns its pid (or
 its error), its exit status, and once gsrv asked for the reap, its rusage. gsrv is the
@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
-import marshal
 import os
 import signal
 import socket
@@ -22,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Protocol
 
 import gevent
 import psutil
@@ -30,8 +29,10 @@ from gevent import get_hub
 from gevent.event import Event
 
 from gsrv.contain.cgfiles import remove_tree
+from gsrv.contain.scope import Shape
 from gsrv.errors import SpawnError
 from gsrv.logs import Log
+from gsrv.spawn import wire
 
 READ_MAX = 1 << 20
 RESTART_S = 0.1  # after a spawner died young: doubling up to RESTART_MAX_S
@@ -42,18 +43,17 @@ PR_SET_CHILD_SUBREAPER = 36
 READ = 1  # libev's EV_READ
 
 
-@dataclass(frozen=True)
-class Request:
-    """What the spawner needs to start one child; stdio: gsrv's fds for 0, 1, 2 (-1: /dev/null)."""
+class Watcher(Protocol):
+    """What gsrv uses of a gevent watcher (gevent ships no types): an io watcher, or a child
+    watcher (`rpid`, `rstatus` once it fired)."""
 
-    argv: tuple[str, ...]
-    executable: str
-    env: dict[str, str]
-    cwd: str | None
-    umask: int
-    stdio: tuple[int, int, int]
-    setsid: bool = True
-    cgroup: tuple[object, ...] = ()  # the Shape (gsrv/contain/scope.py) of the cgroups to start it in
+    def start(self, callback: Callable[..., None], *args: object) -> None: ...
+    def stop(self) -> None: ...
+
+
+class ChildWatcher(Watcher, Protocol):
+    rpid: int
+    rstatus: int
 
 
 class Process:
@@ -104,8 +104,8 @@ class Spawner:
         self._processes: dict[int, Process] = {}  # pid -> a child not yet reaped
         self._reaps: list[tuple[int, tuple[str, ...]]] = []
         self._reap_due = False
-        self._watch: object = None
-        self._any_child: object = None
+        self._watch: Watcher | None = None
+        self._any_child: ChildWatcher | None = None
         self._backoff = RESTART_S
         self._closed = False
         self._restarting: gevent.Greenlet | None = None
@@ -121,7 +121,7 @@ class Spawner:
         loop.install_sigchld()
         _subreaper()
         self._any_child = loop.child(0)
-        self._any_child.start(self._child_status, self._any_child)  # type: ignore[attr-defined]
+        self._any_child.start(self._child_status, self._any_child)
         self._launch()
 
     def _launch(self) -> None:
@@ -135,28 +135,35 @@ class Spawner:
             )  # fmt: skip
         finally:
             theirs.close()
+        ours.sendall(wire.encode(wire.Hello(wire.VERSION)))  # first, while the socket is still blocking
         ours.setblocking(False)
         self.sock = ours
         self._gone.clear()
         self.generation += 1
         self.started_at = time.monotonic()
         self._watch = get_hub().loop.io(ours.fileno(), READ)
-        self._watch.start(self._readable)  # type: ignore[attr-defined]
+        self._watch.start(self._readable)
         self.log.info("spawner_started", pid=self.proc.pid, generation=self.generation)
 
     # -- requests ---------------------------------------------------------------------------
 
-    def spawn(self, request: Request) -> Process:
-        """Send one request without waiting; the answer comes to the Process returned (its
-        `started` is set). Raises SpawnError(EAGAIN) when the spawner cannot take it now."""
+    def spawn(self, argv: tuple[str, ...], executable: str, env: dict[str, str], cwd: str | None, umask: int,
+              stdio: tuple[int, int, int], setsid: bool = True, cgroup: Shape = wire.NO_CGROUP) -> Process:  # fmt: skip
+        """Ask for one child without waiting; the answer comes to the Process returned (its
+        `started` is set). stdio: gsrv's fds for 0, 1, 2 (-1: /dev/null); cgroup: the Shape of
+        the cgroups it is born in. Raises SpawnError: EAGAIN when the spawner cannot take it
+        now, EINVAL for a request no child can have (a NUL in an argument or a variable)."""
         sock = self.sock
         if sock is None:
             raise SpawnError("no spawner is running (it is being restarted)", errno.EAGAIN)
-        fds = sorted({fd for fd in request.stdio if fd >= 0})
-        stdio = tuple(-1 if fd < 0 else fds.index(fd) for fd in request.stdio)
+        fds = sorted({fd for fd in stdio if fd >= 0})
+        at = (_index(stdio[0], fds), _index(stdio[1], fds), _index(stdio[2], fds))
         seq = next(self._seq)
-        message = marshal.dumps(("spawn", seq, request.argv, request.executable, request.env, request.cwd,
-                                 request.umask, stdio, request.setsid, request.cgroup))  # type: ignore[arg-type]  # fmt: skip
+        variables = tuple(f"{name}={value}" for name, value in env.items())
+        try:
+            message = wire.encode(wire.Spawn(seq, argv, executable, variables, cwd or "", umask, at, setsid, cgroup))
+        except wire.WireError as e:
+            raise SpawnError(str(e), errno.EINVAL) from None
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, memoryview(bytes(_ints(fds))))] if fds else []
         try:
             sock.sendmsg([message], ancillary)
@@ -195,7 +202,7 @@ class Spawner:
         if not self._reaps or self.sock is None:
             return
         try:
-            self.sock.send(marshal.dumps(("reap", *self._reaps)))
+            self.sock.send(wire.encode(*(wire.Reap(pid, cgroups) for pid, cgroups in self._reaps)))
             self._reaps.clear()
         except BlockingIOError:  # try again in a moment: the zombies wait
             gevent.spawn_later(0.01, self._send_reaps)
@@ -217,20 +224,22 @@ class Spawner:
             if not data:
                 self._died()
                 return
-            for report in marshal.loads(data):
-                self._dispatch(report)
+            try:
+                for report in wire.decode(data):
+                    self._dispatch(report)
+            except wire.WireError as e:  # not gsrv's spawner, or not of this gsrv's version
+                self.log.error("spawner_wire", pid=self.pid, error=str(e), next="a new spawner")
+                self._died()
+                return
 
-    def _dispatch(self, report: tuple[object, ...]) -> None:
-        kind = report[0]
-        if kind == "spawned" or kind == "failed":
-            pending = self._pending.pop(int(report[1]), None)  # type: ignore[call-overload]
+    def _dispatch(self, report: wire.Message) -> None:
+        if isinstance(report, wire.Spawned | wire.Failed):
+            pending = self._pending.pop(report.seq, None)
             if pending is None:
                 return
             process = pending[0]
-            if kind == "spawned":
-                process.pid = int(report[2])  # type: ignore[call-overload]
-                process.stuck = list(report[3])  # type: ignore[call-overload]
-                process.cgroup = str(report[4])
+            if isinstance(report, wire.Spawned):
+                process.pid, process.stuck, process.cgroup = report.pid, list(report.stuck), report.cgroup
                 self._processes[process.pid] = process
                 if process.error is not None:  # its session gave up waiting: nobody runs its ladder
                     with contextlib.suppress(OSError):
@@ -238,27 +247,29 @@ class Spawner:
                     self.reap(process)  # at its exit
                     return
             else:
-                process.error = SpawnError(str(report[3]), int(report[2]))  # type: ignore[call-overload]
+                process.error = SpawnError(report.why, report.errno)
             process.started.set()
-        elif kind == "exited":
-            found = self._processes.get(int(report[1]))  # type: ignore[call-overload]
+        elif isinstance(report, wire.Exited):
+            found = self._processes.get(report.pid)
             if found is not None and found.status is None:
-                found.status = int(report[2])  # type: ignore[call-overload]
+                found.status = report.status
                 found.exited.set()
-        elif kind == "left":
-            self.cgroups_left += len(report[1])  # type: ignore[arg-type]
-            self.log.warning("cgroup_left", cgroups=",".join(map(str, report[1])),  # type: ignore[call-overload]
+        elif isinstance(report, wire.Left):
+            self.cgroups_left += len(report.cgroups)
+            self.log.warning("cgroup_left", cgroups=",".join(report.cgroups),
                              next="removed at gsrv's stop, or by its guardian, once empty")  # fmt: skip
-        elif kind == "reaped":
-            found = self._processes.pop(int(report[1]), None)  # type: ignore[call-overload]
+        elif isinstance(report, wire.Reaped):
+            found = self._processes.pop(report.pid, None)
             if found is not None:
-                found.rusage = (float(report[2]), int(report[3]))  # type: ignore[arg-type, call-overload]
+                found.rusage = (report.cpu_ms, report.maxrss_kib)
                 found.reaped.set()
+        elif isinstance(report, wire.Hello) and report.version != wire.VERSION:
+            raise wire.WireError(f"the spawner speaks wire version {report.version}, gsrv {wire.VERSION}")
 
-    def _child_status(self, watcher: object) -> None:
+    def _child_status(self, watcher: ChildWatcher) -> None:
         """gsrv's own children: the spawner itself, and the children of a dead spawner, which
         gsrv (their subreaper) reaps; any other orphan of a session needs nothing more."""
-        pid, status = watcher.rpid, watcher.rstatus  # type: ignore[attr-defined]
+        pid, status = watcher.rpid, watcher.rstatus
         if pid == self.pid:
             self._gone.set()
         if pid not in self._processes and self.sock is not None:
@@ -295,7 +306,7 @@ class Spawner:
     def _disconnect(self) -> bool:
         """gsrv's end of the socket closed and unwatched; whether it was open."""
         if self._watch is not None:
-            self._watch.stop()  # type: ignore[attr-defined]
+            self._watch.stop()
             self._watch = None
         if self.sock is None:
             return False
@@ -340,7 +351,12 @@ class Spawner:
         if self._disconnect():
             self._gone.wait(CLOSE_WAIT_S)  # out of its cgroup leaf, so the leaf can go
         if self._any_child is not None:
-            self._any_child.stop()  # type: ignore[attr-defined]
+            self._any_child.stop()
+
+
+def _index(fd: int, fds: list[int]) -> int:
+    """Where a stdio fd goes among the request's SCM_RIGHTS fds; -1 (/dev/null) stays."""
+    return -1 if fd < 0 else fds.index(fd)
 
 
 def _ints(values: list[int]) -> bytes:

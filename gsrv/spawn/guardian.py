@@ -37,18 +37,31 @@ class Guardian:
     def __init__(self, cgroup_mode: str = "", cgroups: tuple[str, ...] = ()) -> None:
         from gevent import get_hub  # here: the guardian process itself never loads gevent
 
-        cgroup_args = [cgroup_mode, *cgroups] if cgroups else []
+        self._args = [cgroup_mode, *cgroups] if cgroups else []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._fd = -1
+        self._pending = bytearray()
+        self._loop = get_hub().loop
+        self._flush_due = False
+        self._closed = False
+
+    def start(self) -> None:
+        """The guardian process (once gsrv's listeners are bound: a start that fails starts none)."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gsrv.spawn.guardian", *cgroup_args], stdin=subprocess.PIPE, bufsize=0,
+            [sys.executable, "-m", "gsrv.spawn.guardian", *self._args], stdin=subprocess.PIPE, bufsize=0,
             close_fds=True, start_new_session=True,
         )  # fmt: skip
         assert self.proc.stdin is not None
         self._fd = self.proc.stdin.fileno()
         os.set_blocking(self._fd, False)
-        self._pending = bytearray()
-        self._loop = get_hub().loop
-        self._flush_due = False
-        self._closed = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    def owns(self, pid: int) -> bool:
+        """Whether `pid` is the guardian itself (gsrv's child, not a session's)."""
+        return pid != 0 and pid == self.pid
 
     def _send(self, line: bytes) -> None:
         self._pending += line
@@ -58,7 +71,7 @@ class Guardian:
 
     def _flush(self) -> None:
         self._flush_due = False
-        if self._closed:
+        if self._closed or self.proc is None:
             return
         try:
             written = os.write(self._fd, self._pending)
@@ -77,6 +90,8 @@ class Guardian:
 
     def close(self) -> None:
         """A clean stop: every group was reaped; EOF lets the guardian exit at once."""
+        if self.proc is None:
+            return
         assert self.proc.stdin is not None
         self._flush()
         self._closed = True  # a flush still scheduled must not write to a reused fd number

@@ -2,7 +2,7 @@
 spawner is idle), taken one per spawn and never used twice, and removed behind once their
 session is done (a sweeper, also when idle). So no mkdir or rmdir waits in a spawn.
 
-A kind is a Shape as gsrv/contain/scope.py sends it: (parents, limits, enter, after).
+A kind is a Shape (gsrv/contain/scope.py), as a spawn request carries it (gsrv/spawn/wire.py).
 Pool cgroups are named c<generation>-<n>: a name says nothing of the session that gets it.
 """
 
@@ -14,13 +14,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from gsrv.contain.cgfiles import remove_tree, write
+from gsrv.contain.scope import Shape
 
 READY = 4  # cgroups made ahead per kind
 FORGET_S = 60.0  # a kind not asked for this long has its ready cgroups removed
 SWEEP_TRIES = 8  # a busy cgroup is tried again after 0.1 s, doubling; then it is reported left
 SWEEP_FIRST_S = 0.1
-
-Wire = tuple[tuple[str, ...], tuple[tuple[int, str, str, bool], ...], str, tuple[tuple[int, str, str, bool], ...]]
 
 
 @dataclass
@@ -40,26 +39,26 @@ class Pool:
     def __init__(self, generation: int) -> None:
         self.prefix = f"c{generation}-"
         self.count = 0
-        self.kinds: dict[Wire, Kind] = {}
+        self.kinds: dict[Shape, Kind] = {}
         self.removals: deque[Removal] = deque()  # due now
         self.retries: list[Removal] = []  # busy before: due later
         self.left: list[str] = []  # cgroups that stayed busy: reported to gsrv
 
-    def take(self, shape: Wire) -> str:
+    def take(self, shape: Shape) -> str:
         """A cgroup of this kind, made ahead if one is ready, else now. Raises OSError."""
         kind = self.kinds.setdefault(shape, Kind())
         kind.asked = time.monotonic()
         return kind.ready.popleft() if kind.ready else self._make(shape)
 
-    def _make(self, shape: Wire) -> str:
-        parents, limits, _enter, _after = shape
+    def _make(self, shape: Shape) -> str:
+        parents = shape.parents
         name = self._name(parents)
         made = [os.path.join(parents[0], name)]
         try:
             for parent in parents[1:]:
                 os.mkdir(os.path.join(parent, name))
                 made.append(os.path.join(parent, name))
-            for index, file, text, optional in limits:
+            for index, file, text, optional in shape.limits:
                 path = os.path.join(parents[index], name, file)
                 if not optional or os.path.exists(path):
                     write(path, text)
@@ -82,8 +81,8 @@ class Pool:
             return name
 
     @staticmethod
-    def paths(shape: Wire, name: str) -> tuple[str, ...]:
-        return tuple(os.path.join(parent, name) for parent in shape[0])
+    def paths(shape: Shape, name: str) -> tuple[str, ...]:
+        return tuple(os.path.join(parent, name) for parent in shape.parents)
 
     def remove(self, paths: tuple[str, ...]) -> None:
         """Behind: rmdir when the spawner is idle."""

@@ -9,22 +9,21 @@ stop ladder is done. For a spawn it places itself in the session's cgroups ("0" 
 tasks or cgroup.procs file) and goes back to HOME after, so the child is born inside.
 It exits at EOF on CONTROL_FD (gsrv is gone); its children then belong to gsrv's guardian.
 Its session cgroups come from a pool it fills when idle (gsrv/spawn/pool.py), and it removes
-them once gsrv says a session is done. Imports only cgroup file operations of gsrv: gsrv's side
-is gsrv/spawn/client.py, which holds the protocol.
+them once gsrv says a session is done. Imports only the wire (gsrv/spawn/wire.py: the messages
+both sides speak) and cgroup file operations of gsrv: gsrv's side is gsrv/spawn/client.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import marshal
 import os
 import select
 import signal
 import socket
 import sys
-from typing import Any  # a request: marshal's tuples, as gsrv/spawn/client.py wrote them
 
+from gsrv.spawn import wire
 from gsrv.spawn.pool import Pool
 
 MESSAGE_MAX = 1 << 20  # a request: argv and environment (the socket's buffer is the real bound)
@@ -42,7 +41,9 @@ def wait_status(info: os.waitid_result) -> int:
     return info.si_status | (0x80 if info.si_code == os.CLD_DUMPED else 0)
 
 
-class Spawner:
+class SpawnerLoop:
+    """The spawner process's one loop: gsrv's requests, its children's exits, the pool's idle work."""
+
     def __init__(self, control: socket.socket, generation: int, homes: list[str]) -> None:
         self.control = control
         self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
@@ -54,13 +55,15 @@ class Spawner:
         self.unwatched: set[int] = set()  # pids whose pidfd could not be opened
         self.reap_at_exit: set[int] = set()  # gsrv asked for the reap before the exit
         self.pidfds: dict[int, int] = {}  # pid -> its pidfd, while watched
-        self.out: list[tuple[object, ...]] = []
+        self.out: list[wire.Message] = [wire.Hello(wire.VERSION)]
+        self.greeted = False  # gsrv's Hello came: its version is ours
         self.buffer = bytearray(MESSAGE_MAX)
         self.pool = Pool(generation)
 
     def run(self) -> None:
         """Requests and exits first; when none wait, one step of the pool's idle work."""
-        self._go_home(())  # v2: into the leaf of its own, out of the cgroup gsrv may need to empty
+        self._go_home([])  # v2: into the leaf of its own, out of the cgroup gsrv may need to empty
+        self._flush()  # its Hello: gsrv learns the version before it asks for anything
         idle: float | None = None
         while True:
             timeout = -1.0 if idle is None else idle
@@ -76,7 +79,7 @@ class Spawner:
             if self.unwatched:
                 self._poll_unwatched()
             if self.pool.left:
-                self.out.append(("left", tuple(self.pool.left)))
+                self.out.append(wire.Left(tuple(self.pool.left)))
                 self.pool.left.clear()
             self._flush()
             idle = self.pool.idle_work() if not events else 0.0
@@ -101,41 +104,46 @@ class Spawner:
             if size == 0 and not fds:
                 return False
             try:
-                request = marshal.loads(self.buffer[:size])
                 truncated = bool(msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC))
-                self._handle(request, fds, truncated)
+                for request in wire.decode(bytes(self.buffer[:size])):
+                    self._handle(request, fds, truncated)
             finally:
                 for fd in fds:
                     os.close(fd)
 
-    def _handle(self, request: Any, fds: list[int], truncated: bool) -> None:
-        kind = request[0]
-        if kind == "reap":
-            for pid, cgroups in request[1:]:
-                self._reap(pid)
-                if cgroups:
-                    self.pool.remove(cgroups)
-            return
-        seq = request[1]
+    def _handle(self, request: wire.Message, fds: list[int], truncated: bool) -> None:
+        if not self.greeted:
+            if not isinstance(request, wire.Hello) or request.version != wire.VERSION:
+                raise wire.WireError(f"gsrv's first message is {request!r}: this spawner speaks wire version "
+                                     f"{wire.VERSION}")  # fmt: skip
+            self.greeted = True
+        elif isinstance(request, wire.Reap):
+            self._reap(request.pid)
+            if request.cgroups:
+                self.pool.remove(request.cgroups)
+        elif isinstance(request, wire.Spawn):
+            self._start(request, fds, truncated)
+
+    def _start(self, request: wire.Spawn, fds: list[int], truncated: bool) -> None:
         if truncated:  # the kernel dropped fds it could not install here: out of fds
-            self.out.append(("failed", seq, errno.EMFILE, "the spawner is out of file descriptors"))
+            self.out.append(wire.Failed(request.seq, errno.EMFILE, "the spawner is out of file descriptors"))
             return
-        shape = request[-1]
+        shape = request.cgroup
         cgroup = ""
         try:
-            if shape:
+            if shape.parents:
                 cgroup = self.pool.take(shape)
             pid, stuck = self._spawn(request, fds, cgroup)
-        except Exception as e:  # one request's (a NUL in its environment: ValueError), never the spawner's
+        except Exception as e:  # one request's, never the spawner's
             if cgroup:
                 self.pool.remove(self.pool.paths(shape, cgroup))
             if isinstance(e, OSError):
-                what = e.filename if e.filename is not None else request[3]
-                self.out.append(("failed", seq, e.errno or 0, f"{e.strerror or e}: {what}"))
+                what = e.filename if e.filename is not None else request.executable
+                self.out.append(wire.Failed(request.seq, e.errno or 0, f"{e.strerror or e}: {what}"))
             else:
-                self.out.append(("failed", seq, errno.EINVAL, f"{type(e).__name__}: {e}"))
+                self.out.append(wire.Failed(request.seq, errno.EINVAL, f"{type(e).__name__}: {e}"))
             return
-        self.out.append(("spawned", seq, pid, stuck, cgroup))
+        self.out.append(wire.Spawned(request.seq, pid, tuple(stuck), cgroup))
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
@@ -145,14 +153,14 @@ class Spawner:
         self.pidfds[pid] = pidfd
         self.poll.register(pidfd, select.EPOLLIN)
 
-    def _spawn(self, request: Any, fds: list[int], cgroup: str) -> tuple[int, list[str]]:
-        _, _seq, argv, executable, env, cwd, umask, stdio, setsid, shape = request
-        assert isinstance(stdio, tuple)
-        parents, _limits, entry, after_writes = shape if cgroup else ((), (), "", ())
-        enter = [os.path.join(parent, cgroup, entry) for parent in parents]
-        after = [(os.path.join(parents[i], cgroup, file), text) for i, file, text, _ in after_writes]
-        actions = [(os.POSIX_SPAWN_DUP2, self.devnull if i < 0 else fds[i], n) for n, i in enumerate(stdio)]
-        old_umask = os.umask(umask) if isinstance(umask, int) and umask >= 0 else -1
+    def _spawn(self, request: wire.Spawn, fds: list[int], cgroup: str) -> tuple[int, list[str]]:
+        shape, cwd = request.cgroup, request.cwd
+        parents = shape.parents if cgroup else ()
+        enter = [os.path.join(parent, cgroup, shape.enter) for parent in parents]
+        after = [(os.path.join(parents[i], cgroup, file), text) for i, file, text, _ in shape.after] if cgroup else []
+        actions = [(os.POSIX_SPAWN_DUP2, self.devnull if i < 0 else fds[i], n) for n, i in enumerate(request.stdio)]
+        env = dict(variable.split("=", 1) for variable in request.env)
+        old_umask = os.umask(request.umask) if request.umask >= 0 else -1
         entered = False
         try:
             if cwd:
@@ -161,11 +169,11 @@ class Spawner:
                 entered = True
                 _write(path, b"0")  # "0": this process (single-threaded: on v1, its one thread)
             pid = os.posix_spawn(
-                executable,
-                argv,
+                request.executable,
+                request.argv,
                 env,
                 file_actions=actions,
-                setsid=bool(setsid),
+                setsid=request.setsid,
                 setsigdef=DEFAULT_SIGNALS,
             )
         finally:
@@ -176,7 +184,7 @@ class Spawner:
                 os.fchdir(self.cwd)
         return pid, stuck
 
-    def _go_home(self, after: list[tuple[str, str]] | tuple[()]) -> list[str]:
+    def _go_home(self, after: list[tuple[str, str]]) -> list[str]:
         """The writes due once the child is born (pids.max back to the limit: the spawner
         counted there), then back home; what failed is returned, never raised."""
         failed = []
@@ -215,7 +223,7 @@ class Spawner:
         self._unwatch(pid)
         os.close(pidfd)
         if info is not None:
-            self.out.append(("exited", pid, wait_status(info)))
+            self.out.append(wire.Exited(pid, wait_status(info)))
             if pid in self.reap_at_exit:
                 self.reap_at_exit.discard(pid)
                 self._reap(pid)
@@ -229,7 +237,7 @@ class Spawner:
                 continue
             if info is not None and info.si_pid:
                 self.unwatched.discard(pid)
-                self.out.append(("exited", pid, wait_status(info)))
+                self.out.append(wire.Exited(pid, wait_status(info)))
                 if pid in self.reap_at_exit:
                     self.reap_at_exit.discard(pid)
                     self._reap(pid)
@@ -248,13 +256,13 @@ class Spawner:
             self.unwatched.discard(pid)
             if pidfd >= 0:
                 os.close(pidfd)
-            self.out.append(("exited", pid, status))
-        self.out.append(("reaped", pid, round((usage.ru_utime + usage.ru_stime) * 1000, 1), usage.ru_maxrss))
+            self.out.append(wire.Exited(pid, status))
+        self.out.append(wire.Reaped(pid, round((usage.ru_utime + usage.ru_stime) * 1000, 1), usage.ru_maxrss))
 
     def _flush(self) -> None:
         while self.out:
             batch, self.out = self.out[:BATCH_MAX], self.out[BATCH_MAX:]
-            self.control.sendall(marshal.dumps(tuple(batch)))  # type: ignore[arg-type]
+            self.control.sendall(wire.encode(*batch))
 
 
 def _write(path: str, data: bytes) -> None:
@@ -269,7 +277,11 @@ def main(argv: list[str]) -> int:
     control = socket.socket(fileno=int(argv[1]))
     os.set_inheritable(control.fileno(), False)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # gsrv is gone
-        Spawner(control, int(argv[2]), argv[3:]).run()
+        try:
+            SpawnerLoop(control, int(argv[2]), argv[3:]).run()
+        except wire.WireError as e:  # not gsrv's peer: said on stderr (gsrv's), and gsrv sees the EOF
+            print(f"gsrv's spawner: {e}", file=sys.stderr)
+            return 2
     return 0
 
 
