@@ -1,11 +1,13 @@
 # make run: set up .venv and serve conf/gsrv.toml in the foreground.
-# make test: set up .venv with the test extra and run the whole suite.
+# make test: set up .venv with the test extra and run the whole suite (what CI runs).
+# make unit: the in-process tier only (tests/unit: no lint, no socket, no subprocess), in seconds.
+# make quick: lint and every test but those marked slow (the big transfers, the 1,000 requests).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= conf/gsrv.toml
 
-.PHONY: run test lint bench soak check clean supervise
+.PHONY: run test unit quick lint bench soak check clean supervise
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +48,12 @@ lint: $(VENV)/.installed-test
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests/unit -q --hypothesis-profile=unit -p no:cacheprovider $(PYTEST_ARGS)
+
+quick: lint
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/guard_cost.py

@@ -22,6 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
+from hypothesis import settings
 
 from gsrv.contain.host import discover
 
@@ -29,6 +30,11 @@ PY = sys.executable
 pytest_plugins = ["termclient"]  # the `term` fixture: gsrv-term protocol clients
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# `make unit` runs tests/unit with --hypothesis-profile=unit: a tenth of the examples. A test that
+# asks for more than the default writes it as a multiple of the profile's (5 * settings.default
+# .max_examples), so each profile keeps the test's own proportion.
+settings.register_profile("unit", max_examples=10, deadline=None)
 
 
 def wait_until(

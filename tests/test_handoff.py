@@ -43,6 +43,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
     return digests
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed (.ci/run installs it)")
 def test_rsync_daemon_in_inetd_mode_serves_a_pull_and_a_push(gsrv, tmp_path: Path) -> None:
@@ -136,6 +137,7 @@ def test_a_child_that_half_closes_answers_with_a_fin_and_reads_the_rest(gsrv, tm
 PROXY_V1 = b"PROXY TCP4 192.0.2.7 192.0.2.9 4321 80\r\n"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("header", [b"", PROXY_V1], ids=["plain", "proxy"])
 def test_bytes_in_and_out_are_exact_for_64_mib_each_way(gsrv, header: bytes) -> None:

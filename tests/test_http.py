@@ -104,6 +104,7 @@ def big_file(tmp_path: Path) -> Iterator[tuple[Path, str]]:
         path.unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_curl_uploads_1_gib_with_expect_and_chunked_exact_in_bounded_memory(gsrv, big_file) -> None:
     path, digest = big_file
@@ -124,6 +125,7 @@ def test_curl_uploads_1_gib_with_expect_and_chunked_exact_in_bounded_memory(gsrv
     assert len(lines) == 2 and all(f"bytes_in={GiB} " in line and "status=200" in line for line in lines), lines
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_curl_downloads_1_gib_at_20_mb_s_with_rss_flat(gsrv) -> None:
     server = gsrv(http_service("zero", ["head", "-c", str(GiB), "/dev/zero"], {"output": "body"}))
@@ -229,6 +231,7 @@ def test_a_script_that_writes_1_mib_before_reading_its_1_mib_body_completes(gsrv
     assert got.stdout == b"w" * MiB + digest.encode()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_keep_alive_1000_requests_on_one_connection_one_child_each_all_reaped(gsrv) -> None:
     child = cgi("out.write(b'Content-Type: text/plain\\r\\nContent-Length: 3\\r\\n\\r\\nhi\\n')")

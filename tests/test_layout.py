@@ -169,3 +169,21 @@ def test_a_wheel_ships_every_subpackage_and_runs_from_a_fresh_venv(tmp_path):
     assert check.returncode == 0, check.stderr
     shipped = len(tomllib.loads((ROOT / "conf" / "gsrv.toml").read_text())["services"])
     assert f"ok, {shipped} service(s)" in check.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_unit_tier_refuses_a_socket_and_a_process(tmp_path):
+    """tests/unit's conftest fails a test that leaves the process, and only that one."""
+    unit = tmp_path / "unit"
+    unit.mkdir()
+    (unit / "conftest.py").write_text((ROOT / "tests" / "unit" / "conftest.py").read_text())
+    (unit / "test_leaks.py").write_text(
+        "import socket, subprocess\n\n"
+        "def test_a_socket():\n    socket.socketpair()\n\n"
+        "def test_a_process():\n    subprocess.run(['true'])\n\n"
+        "def test_in_process():\n    assert sum(range(4)) == 6\n"
+    )
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(unit)],
+                         capture_output=True, text=True, timeout=100, cwd=tmp_path)  # fmt: skip
+    assert "2 failed, 1 passed" in run.stdout, run.stdout
+    assert "a unit test opened a socket" in run.stdout and "a unit test started a process" in run.stdout, run.stdout

@@ -48,6 +48,7 @@ def gsrv(relay_path, gsrv):
         assert all(re.search(rf'relay"?[=:] ?"?{relay}\b', line) for line in ends), ends
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_sha256_of_256_mib_matches_local_digest(gsrv) -> None:
     server = gsrv(service_toml("sha", ["sha256sum"]))
@@ -64,6 +65,7 @@ def test_sha256_of_256_mib_matches_local_digest(gsrv) -> None:
     server.wait_log(r"event=session_end .*bytes_in=268435456 .*reason=eof")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_echo_of_64_mib_through_cat_is_identical(gsrv) -> None:
     server = gsrv(service_toml("echo", ["cat"]))
@@ -118,6 +120,7 @@ def test_backpressure_fast_client_slow_child(gsrv, tmp_path) -> None:
     assert child_read < 40 * 10**6  # the child really was slow: the test measured backpressure
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_slow_download_keeps_memory_bounded(gsrv) -> None:
     total = 512 * MiB

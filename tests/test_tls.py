@@ -53,6 +53,7 @@ def read_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+@pytest.mark.slow
 def test_a_64_mib_upload_over_tls_reaches_the_child_exactly(
     gsrv: Callable[..., Gsrv], ca: trustme.CA, tmp_path: Path
 ) -> None:

@@ -65,6 +65,7 @@ def test_a_read_write_watcher_types_into_the_session_and_a_watch_token_cannot_re
     assert thief.closed == (4404, "no_session"), thief.closed
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_watcher_that_stops_reading_is_closed_while_the_drivers_64_mib_arrive_exact(gsrv, term) -> None:
     block = bytes(range(32, 127)) * 1000  # no newline: the terminal passes it as it is

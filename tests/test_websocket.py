@@ -74,6 +74,7 @@ def stream_through(uri: str, messages: list[bytes] | list[str]) -> tuple[str, in
     return asyncio.run(run())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_text_messages_round_trip_64_mib_exact(gsrv) -> None:
     server = gsrv(ws_service("cat", ["cat"]))
@@ -86,6 +87,7 @@ def test_text_messages_round_trip_64_mib_exact(gsrv) -> None:
     assert "relay=websocket" in line_end and "reason=eof" in line_end, line_end
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_binary_messages_round_trip_64_mib_exact(gsrv) -> None:
     server = gsrv(ws_service("cat", ["cat"], {"messages": "binary"}))
@@ -406,6 +408,7 @@ def read_frames(sock: socket.socket, proto: FrameProtocol) -> list[tuple[Opcode,
         proto.receive_bytes(chunk)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_1_gib_single_frame_message_streams_through_in_bounded_memory(gsrv) -> None:
     server = gsrv(ws_service("count", ["wc", "-c"], {"messages": "binary"}))

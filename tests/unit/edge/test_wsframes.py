@@ -30,7 +30,7 @@ def read_all(raw: bytes, cuts: list[int]) -> list[Data | Control]:
     return events
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=settings.default.max_examples * 60 // 100, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=300_000), max_size=8))
 def test_frames_come_out_whole_however_the_bytes_are_split(cuts: list[int]) -> None:
     binary, text = os.urandom(200_000), "héllo wörld " * 30

@@ -79,7 +79,7 @@ def outcome(data: bytes, version: str) -> ProxyHeader | None | str:
         return f"error: {e}"
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=5 * settings.default.max_examples, deadline=None)
 @given(st.sampled_from(["v1", "v2"]), st.binary(max_size=400))
 def test_arbitrary_bytes_give_a_header_more_or_an_error(version: str, data: bytes) -> None:
     result = outcome(data, version)
@@ -88,7 +88,7 @@ def test_arbitrary_bytes_give_a_header_more_or_an_error(version: str, data: byte
         assert parse(data[: result.length], version) == result  # it needed nothing past its end
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=5 * settings.default.max_examples, deadline=None)
 @given(valid_headers(), payload)
 def test_valid_header_then_payload_is_exact(case: tuple[str, bytes, ProxyHeader], rest: bytes) -> None:
     version, raw, expected = case
@@ -98,7 +98,7 @@ def test_valid_header_then_payload_is_exact(case: tuple[str, bytes, ProxyHeader]
         assert safe_read(raw[:cut], version) <= len(raw) - cut
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=3 * settings.default.max_examples, deadline=None)
 @given(valid_headers())
 def test_the_other_version_is_refused(case: tuple[str, bytes, ProxyHeader]) -> None:
     version, raw, _ = case
@@ -160,7 +160,7 @@ def test_safe_read_for_v2_stops_at_the_header_end() -> None:
     assert safe_read(b"PROXY", "v1") == 0  # v1 has no length: peek for the CRLF
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=5 * settings.default.max_examples, deadline=None)
 @given(valid_headers(), st.data())
 def test_a_damaged_header_is_never_a_crash(case: tuple[str, bytes, ProxyHeader], data: st.DataObject) -> None:
     version, raw, _ = case
