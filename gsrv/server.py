@@ -104,17 +104,23 @@ class Server:
         self.retired = {s for s in self.retired if s.sessions or s.prespawned.stopping or s.gate.spawning}
         return sum(len(s.sessions) for s in self.services) + sum(len(s.sessions) for s in self.retired)
 
+    def _every_service(self) -> list[Service]:
+        """The running config's services and those a reload removed, while they drain."""
+        return [*self.services, *self.retired]
+
     def _busy(self) -> bool:
         """Sessions left, or children started ahead still on their way out (their ladders)."""
-        services = [*self.services, *self.retired]
-        return bool(self.active_sessions) or any(s.prespawned.stopping or s.gate.spawning for s in services)
+        return bool(self.active_sessions) or any(s.prespawned.stopping or s.gate.spawning
+                                                 for s in self._every_service())  # fmt: skip
 
     def all_sessions(self) -> list[Session]:
-        return [session for s in [*self.services, *self.retired] for session in s.sessions]
+        return [session for s in self._every_service() for session in s.sessions]
 
     # -- what monitoring reads ------------------------------------------------------------
 
     def service_states(self) -> list[ServiceState]:
+        """Each service of the running config now: the scrape's figures and /services' list."""
+        not_ready = self.lifecycle.not_ready()
         return [
             ServiceState(
                 s.cfg.name,
@@ -125,6 +131,9 @@ class Server:
                 s.detached,
                 s.gate.max_sessions,
                 tuple(sorted(s.gate.paused)),
+                s.address if s.listener else str(s.cfg.listen),
+                s.cfg.interact.transport,
+                (not_ready or s.not_ready()) is None,
             )  # fmt: skip
             for s in self.services
         ]
@@ -132,7 +141,7 @@ class Server:
     def greenlets(self) -> int:
         """The sessions' greenlets (each runs in one, plus its pumps), the preludes (TLS
         handshakes, PROXY headers) and gsrv's own."""
-        preludes = sum(s.gate.pending for s in [*self.services, *self.retired])
+        preludes = sum(s.gate.pending for s in self._every_service())
         return sum(1 + len(session.greenlets) for session in self.all_sessions()) + preludes + OWN_GREENLETS
 
     def flush_metrics(self) -> None:
@@ -178,12 +187,7 @@ class Server:
 
     def list_services(self) -> list[dict[str, object]]:
         """Each service's state now: sessions, max, waiting, pauses, readiness."""
-        return [{"name": s.cfg.name, "listen": s.address if s.listener else str(s.cfg.listen),
-                 "transport": s.cfg.interact.transport, "sessions": len(s.sessions),
-                 "max_sessions": s.gate.max_sessions, "pending": s.gate.waiting, "backlog": s.listen_queue(),
-                 "detached": s.detached, "paused": sorted(s.gate.paused),
-                 "ready": (self.lifecycle.not_ready() or s.not_ready()) is None}
-                for s in self.services]  # fmt: skip
+        return [state.listed() for state in self.service_states()]
 
     def service_readiness(self, name: str) -> str | None:
         """Why the service takes no new sessions now (None: it does). KeyError: no such service."""
@@ -316,7 +320,7 @@ class Server:
     def _end_sessions(self) -> None:
         if self.stopped.is_set():
             return
-        for service in [*self.services, *self.retired]:
+        for service in self._every_service():
             service.ending = True  # a session whose spawn is still in flight ends as it starts
         for session in self.all_sessions():
             session.abort("shutdown")

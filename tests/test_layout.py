@@ -17,16 +17,17 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gsrv"
 
 # part -> the parts it may import (itself always). A part is a subpackage or a top-level module.
-LEAVES = {"errors", "logs", "periodic"}
+LEAVES = {"errors", "logs", "periodic", "loop"}
 MAY_IMPORT = {
     "errors": set(),
     "logs": set(),
     "periodic": set(),
+    "loop": set(),
     "contain": set(),
     "config": {"errors", "contain"},
     "accept": {"config", "contain"} | LEAVES,
     "edge": {"config"} | LEAVES,
-    "spawn": {"contain", "errors", "logs"},
+    "spawn": {"contain", "errors", "logs", "loop"},
     "relay": {"edge", "config", "contain", "spawn"} | LEAVES,
     "ops": {"accept", "config", "state"} | LEAVES,
     "clients": set(),

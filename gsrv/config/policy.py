@@ -30,17 +30,7 @@ BANNER_MAX = 1024  # sent with one non-blocking send: it must fit any socket buf
 # rlimits: key -> (prlimit option, how the value is written)
 RLIMITS = {"nofile": ("nofile", "count"), "as": ("as", "size"), "cpu": ("cpu", "duration"),
            "fsize": ("fsize", "size"), "nproc": ("nproc", "count")}  # fmt: skip
-TLS_KEYS = ("cert", "key", "client_ca", "handshake_timeout")
 HANDSHAKE_TIMEOUT = "10s"
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    cert: str
-    key: str
-    client_ca: str | None
-    handshake_timeout: float
-    context: ssl.SSLContext = field(compare=False, repr=False)  # built at load: a reload reloads the files
 
 
 def _networks(t: Table, key: str, default: object = ()) -> tuple[Network, ...]:
@@ -63,6 +53,30 @@ def _rate(t: Table, key: str, default: object) -> float:
     return float(value)
 
 
+def _pem(t: Table, name: str, default: object) -> str | None:
+    """A PEM file's path, readable now (a reload reads it again)."""
+    value = t.data.get(name, default)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise t.fail(name, f"must be a PEM file's path (got {describe(value)})")
+    _readable(t, name, value)
+    return value
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """A service's `tls` table; `context` is made from its files at load (and at each reload)."""
+
+    cert: str = keys.required(_pem, "the server's certificate (chain), a PEM file", "server.pem")
+    key: str = keys.required(_pem, "its private key, a PEM file", "server.key")
+    client_ca: str | None = keys.key(_pem, None, "CA certificates a client must present a certificate from (then "
+                                     "required)", example="clients-ca.pem")  # fmt: skip
+    handshake_timeout: float = keys.key(keys.duration(), HANDSHAKE_TIMEOUT, "the handshake must be done this long "
+                                        "after accept; else tls_failed")  # fmt: skip
+    context: ssl.SSLContext = field(kw_only=True, compare=False, repr=False)
+
+
 def _tls(t: Table, name: str, default: object) -> TlsConfig | None:
     value = t.data.get(name, default)
     if value is None:
@@ -71,39 +85,29 @@ def _tls(t: Table, name: str, default: object) -> TlsConfig | None:
         raise t.fail(
             "tls", f'must be a table like {{ cert = "server.pem", key = "server.key" }} (got {describe(value)})'
         )
-    sub = Table(t.file, f"{t.name}.tls", value, TLS_KEYS)
-    for required in ("cert", "key"):
-        if not isinstance(value.get(required), str) or not value[required]:
-            raise sub.fail(required, f"is required: a PEM file's path (got {describe(value.get(required))})")
-    client_ca = value.get("client_ca")
-    if client_ca is not None and (not isinstance(client_ca, str) or not client_ca):
-        raise sub.fail("client_ca", f"must be a PEM file's path (got {describe(client_ca)})")
-    for name in ("cert", "key", "client_ca"):
-        if value.get(name):
-            _readable(sub, name, value[name])
+    sub = Table(t.file, f"{t.name}.tls", value, keys.names(TlsConfig))
+    values = keys.read_all(sub, TlsConfig)
+    cert, private, client_ca = values["cert"], values["key"], values.get("client_ca")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MIN_TLS
     context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
     try:
-        context.load_cert_chain(value["cert"], value["key"])
+        context.load_cert_chain(cert, private)
     except ssl.SSLError as e:
         if e.reason == "KEY_VALUES_MISMATCH":
-            raise sub.fail("key", f'"{value["key"]}" is not the private key of tls.cert "{value["cert"]}"') from None
-        with open(value["cert"], "rb") as f:
+            raise sub.fail("key", f'"{private}" is not the private key of tls.cert "{cert}"') from None
+        with open(cert, "rb") as f:
             bad = "key" if b"-----BEGIN CERTIFICATE-----" in f.read() else "cert"
         raise sub.fail(
-            bad, f'"{value[bad]}" is not a PEM {"certificate" if bad == "cert" else "private key"} ({e})'
+            bad, f'"{values[bad]}" is not a PEM {"certificate" if bad == "cert" else "private key"} ({e})'
         ) from None
     if client_ca:
         try:
             context.load_verify_locations(cafile=client_ca)
         except ssl.SSLError as e:
             raise sub.fail("client_ca", f'"{client_ca}" holds no PEM CA certificate ({e})') from None
-    if client_ca:
         context.verify_mode = ssl.CERT_REQUIRED
-    return TlsConfig(
-        value["cert"], value["key"], client_ca, sub.duration("handshake_timeout", HANDSHAKE_TIMEOUT), context
-    )
+    return TlsConfig(**values, context=context)
 
 
 def _show_tls(tls: TlsConfig | None) -> str:

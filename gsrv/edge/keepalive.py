@@ -6,18 +6,14 @@ it goes back to its service's gate (`knock`); after `between_requests`, or at a 
 from __future__ import annotations
 
 import contextlib
-import os
-import socket as stdsocket
 from collections.abc import Callable
 
 import gevent
 from gevent import get_hub
 
 from gsrv.edge.arrival import Arrival
-
-READ = 1  # libev's EV_READ
-
-DRAIN_READS = 4  # what the client may have sent is read first: close() over unread input is a reset
+from gsrv.edge.refusal import fin_and_drain
+from gsrv.loop import READ
 
 
 class Waiting:
@@ -80,14 +76,8 @@ class KeepAlive:
 
 def close(arrival: Arrival) -> None:
     """End a connection between requests: a FIN, what it sent meanwhile read, then close."""
-    sock = arrival.sock
-    fd = sock.fileno()
-    with contextlib.suppress(OSError):
-        if arrival.http is not None and arrival.http.secure and arrival.tls is not None:
+    if arrival.http is not None and arrival.http.secure and arrival.tls is not None:
+        with contextlib.suppress(OSError):
             arrival.tls.close_notify()
-        sock.shutdown(stdsocket.SHUT_WR)
-        for _ in range(DRAIN_READS):
-            if not os.read(fd, 65536):
-                break
-    sock.close()
+    fin_and_drain(arrival.sock)
     arrival.ended()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from gsrv.edge.arrival import Arrival
 from gsrv.logs import Log
 
-BANNER_DRAIN = 4  # reads of what the client already sent, so that close() after a banner sends no reset
+DRAIN_READS = 4  # reads of what the client already sent, never waiting: close() over unread input is a reset
 
 
 class Refusals:
@@ -28,16 +28,10 @@ class Refusals:
         """A rule said no: the banner if any, a FIN, then close (after a banner, or an answer
         already sent, such as an HTTP status, what the client sent is read first)."""
         sock = arrival.sock
-        fd = sock.fileno()
-        with contextlib.suppress(OSError):  # BlockingIOError included: nothing more to read
-            if banner:
-                os.write(fd, banner)  # a fresh socket's buffer takes a short banner at once
-            sock.shutdown(stdsocket.SHUT_WR)
-            if banner or answered:  # input already here would turn close() into a reset that may lose the banner
-                for _ in range(BANNER_DRAIN):
-                    if not os.read(fd, 65536):
-                        break
-        sock.close()
+        if banner:
+            with contextlib.suppress(OSError):
+                os.write(sock.fileno(), banner)  # a fresh socket's buffer takes a short banner at once
+        fin_and_drain(sock, bool(banner) or answered)  # input already here would make close() lose the banner
         self._ended(arrival, reason, error)
 
     def quiet(self, arrival: Arrival) -> None:
@@ -59,6 +53,20 @@ class Refusals:
         if self.counted is not None:
             self.counted(arrival, reason)
         arrival.ended()
+
+
+def fin_and_drain(sock: stdsocket.socket, read_first: bool = True) -> None:
+    """A FIN, then (read_first) what the client already sent read, at most DRAIN_READS reads
+    that never wait (after something went out: input left unread would make close() a reset
+    that may lose it), then close. For a connection gsrv answered itself, without a child."""
+    fd = sock.fileno()
+    with contextlib.suppress(OSError):  # BlockingIOError included: nothing more to read
+        sock.shutdown(stdsocket.SHUT_WR)
+        if read_first:
+            for _ in range(DRAIN_READS):
+                if not os.read(fd, 65536):
+                    break
+    sock.close()
 
 
 def reset(sock: stdsocket.socket) -> None:

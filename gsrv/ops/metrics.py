@@ -68,7 +68,7 @@ MEMORY_BUCKETS = tuple(float(2**20 * n) for n in (1, 4, 16, 64, 256, 1024, 4096)
 
 @dataclass
 class ServiceState:
-    """What the scrape reads of one service."""
+    """One service now: what the scrape reads, and what /services lists (`listed`)."""
 
     name: str
     active: int
@@ -78,6 +78,15 @@ class ServiceState:
     detached: int = 0  # reattach: running, their client's connection gone
     max_sessions: int = 0
     paused: tuple[str, ...] = ()  # why the gate holds accept: memory, paused_by_admin, drained_by_admin, ...
+    listen: str = ""
+    transport: str = "tcp"
+    ready: bool = True  # takes new sessions (/readyz/NAME)
+
+    def listed(self) -> dict[str, object]:
+        """As GET /services lists it."""
+        return {"name": self.name, "listen": self.listen, "transport": self.transport, "sessions": self.active,
+                "max_sessions": self.max_sessions, "pending": self.pending, "backlog": self.listen_queue,
+                "detached": self.detached, "paused": list(self.paused), "ready": self.ready}  # fmt: skip
 
 
 @dataclass

@@ -14,8 +14,9 @@ import fcntl
 import struct
 import termios
 
+from gsrv.loop import WRITE
 from gsrv.relay.child import Child
-from gsrv.relay.pump import WRITE, Fd, FdSink, FdSource, PipeSink, Sink, Source
+from gsrv.relay.pump import Fd, FdSink, FdSource, PipeSink, Sink, Source
 from gsrv.relay.stdio import Stdio
 
 _VDISABLE = b"\0"  # a c_cc slot holding this is switched off

@@ -22,8 +22,8 @@ from gsrv.edge.refusal import reset
 from gsrv.relay import kernel
 from gsrv.relay.child import Child
 from gsrv.relay.ending import POLL_S
-from gsrv.relay.pump import Discard, Meter, move, queued
-from gsrv.relay.relays import LINGER_READ, Closing, Lingering, RelayEvents
+from gsrv.relay.pump import Meter, queued
+from gsrv.relay.relays import Closing, RelayEvents, linger
 from gsrv.relay.stdio import Stdio
 
 
@@ -145,7 +145,7 @@ class SocketRelay:
             if closing.clean:
                 self.sock.shutdown(stdsocket.SHUT_WR)
                 if not self.client_eof or queued(self.fd):
-                    move(Lingering(self.fd), Discard(), Meter(), LINGER_READ)
+                    linger(self.fd)
                     if self.tcp:
                         self._read_figures(outgoing=False)  # what the client sent while we lingered
             elif self.tcp:

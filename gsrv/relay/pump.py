@@ -25,12 +25,13 @@ from typing import Protocol
 import gevent
 from gevent import get_hub
 
+from gsrv.loop import READ, WRITE
+
 YIELD_EVERY = 1024 * 1024
 SPLICE_MAX = 1024 * 1024  # per call; a pipe's capacity caps it anyway
 HAS_SPLICE = hasattr(os, "splice")
 PIPE_BUF = 4096
 POOL_KEEP = 32  # free buffers kept per chunk size; more are left to the allocator
-READ, WRITE = 1, 2
 
 
 class End(enum.Enum):

@@ -24,12 +24,12 @@ from gevent.socket import socket
 
 from gsrv.edge.refusal import reset
 from gsrv.edge.tls import TlsStream
+from gsrv.loop import READ
 from gsrv.relay import kernel
 from gsrv.relay.child import Child
 from gsrv.relay.childend import Pipes, Terminal
 from gsrv.relay.ending import FAILURES
 from gsrv.relay.pump import (
-    READ,
     Discard,
     End,
     Fd,
@@ -202,14 +202,7 @@ class PipeRelay:
             reset(self.sock)
             return
         self._finish_output(closing)
-        try:
-            self.sock.shutdown(stdsocket.SHUT_WR)
-        except OSError:
-            self.sock.close()
-            return
-        if not self.client_eof:
-            move(Lingering(self.sock.fileno()), Discard(), Meter(), LINGER_READ)
-        self.sock.close()
+        fin_and_linger(self.sock, not self.client_eof)
 
     # -- the directions -----------------------------------------------------------------
 
@@ -342,6 +335,26 @@ class TlsSink:
 
     def close(self) -> None:
         pass
+
+
+def linger(fd: int) -> None:
+    """The lingering close's read: the client's input read and dropped until its EOF, or until
+    LINGER_S after it last acknowledged reply bytes (unread input at close() would make the
+    kernel reset the connection and discard reply bytes still queued for the client)."""
+    move(Lingering(fd), Discard(), Meter(), LINGER_READ)
+
+
+def fin_and_linger(sock: stdsocket.socket, read_first: bool = True) -> None:
+    """A clean end: a FIN after all output, the lingering read (unless the client's EOF came
+    already), then close."""
+    try:
+        sock.shutdown(stdsocket.SHUT_WR)
+    except OSError:
+        sock.close()
+        return
+    if read_first:
+        linger(sock.fileno())
+    sock.close()
 
 
 class Lingering:

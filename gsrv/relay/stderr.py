@@ -17,7 +17,8 @@ import gevent
 from gevent import get_hub
 from gevent.event import Event
 
-from gsrv.relay.pump import READ, Discard, FdSource, Meter, move
+from gsrv.loop import READ
+from gsrv.relay.pump import Discard, FdSource, Meter, move
 
 LINE_CAP = 4096
 LINES_PER_S = 100

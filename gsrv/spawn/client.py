@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 import gevent
 import psutil
@@ -32,6 +31,7 @@ from gsrv.contain.cgfiles import remove_tree
 from gsrv.contain.scope import Shape
 from gsrv.errors import SpawnError
 from gsrv.logs import Log
+from gsrv.loop import READ, ChildWatcher, Watcher
 from gsrv.spawn import wire
 
 READ_MAX = 1 << 20
@@ -40,20 +40,6 @@ RESTART_MAX_S = 5.0
 YOUNG_S = 1.0  # a spawner that dies sooner than this after its start is restarted with backoff
 CLOSE_WAIT_S = 1.0
 PR_SET_CHILD_SUBREAPER = 36
-READ = 1  # libev's EV_READ
-
-
-class Watcher(Protocol):
-    """What gsrv uses of a gevent watcher (gevent ships no types): an io watcher, or a child
-    watcher (`rpid`, `rstatus` once it fired)."""
-
-    def start(self, callback: Callable[..., None], *args: object) -> None: ...
-    def stop(self) -> None: ...
-
-
-class ChildWatcher(Watcher, Protocol):
-    rpid: int
-    rstatus: int
 
 
 class Process:

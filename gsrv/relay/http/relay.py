@@ -24,11 +24,12 @@ from gsrv.config.http import HttpConfig
 from gsrv.edge.http import HttpConnection
 from gsrv.edge.httphead import answer
 from gsrv.edge.refusal import reset
+from gsrv.loop import WRITE
 from gsrv.relay.child import Child
 from gsrv.relay.childend import Pipes
 from gsrv.relay.http.cgi import EXIT_FIELD, MAX_BLOCK, BadHead, Head, block_end, failure_status, head_bytes, parse_block
-from gsrv.relay.pump import WRITE, Discard, End, Fd, FdSource, Meter, Source, move, splice
-from gsrv.relay.relays import Closing, Lingering, PipeRelay, RelayEvents, TlsSource
+from gsrv.relay.pump import Discard, End, Fd, FdSource, Meter, Source, move, splice
+from gsrv.relay.relays import Closing, PipeRelay, RelayEvents, TlsSource, fin_and_linger
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 NO_BODY = (204, 304)
@@ -281,13 +282,7 @@ class HttpRelay(PipeRelay):
         """FIN after the response, then the client's input read and dropped (a lingering close)."""
         if self.conn.secure:
             self.conn.stream.close_notify()
-        try:
-            self.sock.shutdown(stdsocket.SHUT_WR)
-        except OSError:
-            self.sock.close()
-            return
-        move(Lingering(self.sock.fileno()), Discard(), Meter(), 65536)
-        self.sock.close()
+        fin_and_linger(self.sock)
 
     def _reset(self) -> None:
         reset(self.sock)
