@@ -34,7 +34,6 @@ from gsrv.relay.prespawn import Prespawned
 from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
 from gsrv.relay.ws.reattach import Link
-from gsrv.relay.ws.relay import WebSocketRelay
 from gsrv.state import Lifecycle
 
 ADMIN_PAUSE, ADMIN_DRAIN = "paused_by_admin", "drained_by_admin"  # the operator's reasons in the gate
@@ -64,7 +63,7 @@ class Service:
         self.gate: Gate[Arrival, Session] = Gate(cfg.name, cfg.max_sessions, server.log, self)
         self.keepalive = KeepAlive(self._next_request)  # HTTP connections between requests
         self.sessions: set[Session] = set()
-        self.tokens: dict[str, tuple[Session, WebSocketRelay]] = {}  # reattach, share: a session by its tokens
+        self.tokens: dict[str, Session] = {}  # reattach, share: a session by its tokens
         self.ending = False  # the stop ended the sessions: one that starts now ends at once
         self._drainer: gevent.Greenlet | None = None  # the operator's drain: its deadline
         self.listener: Listener | None = None
@@ -158,10 +157,8 @@ class Service:
         if self.ending:
             session.abort("shutdown")
         self.sessions.add(session)
-        relay, tokens = session.relay, tuple[str, ...]()
-        if isinstance(relay, WebSocketRelay):
-            tokens = relay.tokens
-            self.tokens.update(dict.fromkeys(tokens, (session, relay)))
+        tokens = session.relay.tokens if session.relay is not None else ()
+        self.tokens.update(dict.fromkeys(tokens, session))
         try:
             session.run()
         finally:
@@ -179,26 +176,15 @@ class Service:
         """A terminal page's hello that names a running session (edge/door.py): its reattach
         (the session takes the connection) or a watcher. Raises Declined (a token no session
         has, a reattach by another user than the session's) or ProtocolError."""
-        token = hello.resume if hello.resume is not None else hello.watch
-        found = self.tokens.get(token or "")
-        if found is None:
+        session = self.tokens.get(hello.resume or hello.watch or "")
+        if session is None or session.relay is None:
             raise Declined("no_session", "no session of this service has that token (it ended, or never was)")
-        session, relay = found
         upgraded = arrival.websocket
         assert upgraded is not None and upgraded.reader is not None
         peer = str(arrival.log_fields()["peer"])
         link = Link(arrival.sock, upgraded.stream, upgraded.reader, arrival.sid, peer, arrival.ended)
-        if hello.resume is None:
-            if relay.watchers is None or token != relay.watchers.token:
-                raise Declined("no_session", "that token is no session's watch token")
-            relay.watch(link)
-            return
         owner, user = session.arrival.user, arrival.user
-        if relay.seat is None or token != relay.seat.token:
-            raise Declined("no_session", "that token is no session's own (a watch token watches)")
-        if (owner[0] if owner else None) != (user[0] if user else None):
-            raise Declined("wrong_user", "the session is another user's")
-        relay.attach(link, hello.offset)
+        session.relay.join(link, hello, (owner[0] if owner else None) == (user[0] if user else None))
 
     @property
     def detached(self) -> int:

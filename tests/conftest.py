@@ -27,7 +27,7 @@ from hypothesis import settings
 from gsrv.contain.host import discover
 
 PY = sys.executable
-pytest_plugins = ["termclient"]  # the `term` fixture: gsrv-term protocol clients
+pytest_plugins = ["termclient", "inprocess"]  # the `term` fixture: gsrv-term clients; tests/unit's rule
 
 ROOT = Path(__file__).resolve().parent.parent
 

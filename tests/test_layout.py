@@ -94,7 +94,8 @@ def test_the_rules_catch_an_import_that_runs_back_up(tmp_path):
     bad.write_text("from gsrv.relay.session import Session\nfrom gsrv import errors\n")
     assert _imports(bad) == {"gsrv.relay.session", "gsrv.errors"}
     assert _broken("gsrv.edge.door", bad) == [
-        "gsrv.edge.door imports gsrv.relay.session (edge may import only ['config', 'errors', 'logs', 'periodic'])"
+        "gsrv.edge.door imports gsrv.relay.session "
+        "(edge may import only ['config', 'errors', 'logs', 'loop', 'periodic'])"
     ]
 
 
@@ -174,17 +175,18 @@ def test_a_wheel_ships_every_subpackage_and_runs_from_a_fresh_venv(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_the_unit_tier_refuses_a_socket_and_a_process(tmp_path):
-    """tests/unit's conftest fails a test that leaves the process, and only that one."""
+    """tests/inprocess.py fails a test under unit/ that leaves the process, and only that one."""
     unit = tmp_path / "unit"
     unit.mkdir()
-    (unit / "conftest.py").write_text((ROOT / "tests" / "unit" / "conftest.py").read_text())
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["inprocess"]\n')
     (unit / "test_leaks.py").write_text(
         "import socket, subprocess\n\n"
         "def test_a_socket():\n    socket.socketpair()\n\n"
         "def test_a_process():\n    subprocess.run(['true'])\n\n"
         "def test_in_process():\n    assert sum(range(4)) == 6\n"
     )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(unit)],
-                         capture_output=True, text=True, timeout=100, cwd=tmp_path)  # fmt: skip
+                         capture_output=True, text=True, timeout=100, cwd=tmp_path, env=env)  # fmt: skip
     assert "2 failed, 1 passed" in run.stdout, run.stdout
     assert "a unit test opened a socket" in run.stdout and "a unit test started a process" in run.stdout, run.stdout

@@ -23,7 +23,8 @@ from websockets.sync.client import ClientConnection, connect
 from wsproto.frame_protocol import Frame, FrameProtocol, Opcode
 
 from gsrv.config.web import WebSocketConfig
-from gsrv.edge.upgrade import Request, judge, origin_allowed
+from gsrv.edge.httphead import Request
+from gsrv.edge.upgrade import judge, origin_allowed
 
 MiB = 1024 * 1024
 WS = {"transport": "websocket"}
@@ -472,21 +473,27 @@ def test_the_shipped_upper_ws_demo_answers_as_the_readme_says(gsrv, tmp_path: Pa
     assert page.startswith(b"HTTP/1.1 200 ") and b"<title>gsrv console</title>" in page
 
 
+def upgrade_request(method: str, target: str, headers: dict[str, str]) -> Request:
+    """An upgrade's head as edge/httphead.py's parse gives it (one request type for both transports)."""
+    path, _, query = target.partition("?")
+    return Request(method, target, "1.1", tuple(headers.items()), path, query)
+
+
 def test_judge_and_origins_without_a_socket() -> None:
     ws = WebSocketConfig(path="/ws")
     upgrade = {"upgrade": "websocket", "connection": "keep-alive, Upgrade", "sec-websocket-version": "13",
                "sec-websocket-key": base64.b64encode(b"k" * 16).decode(), "host": "a.example:8080"}  # fmt: skip
-    assert judge(Request("GET", "/ws?x", upgrade), ws, False).status == 101
-    assert judge(Request("GET", "/nope", upgrade), ws, False).status == 404
-    assert judge(Request("POST", "/ws", upgrade), ws, False).status == 405
-    assert judge(Request("GET", "/ws", {**upgrade, "sec-websocket-version": "8"}), ws, False).status == 400
-    assert judge(Request("GET", "/ws", {"host": "a"}), ws, False).status == 400
-    denied = judge(Request("GET", "/ws", {**upgrade, "origin": "http://b.example:8080"}), ws, False)
+    assert judge(upgrade_request("GET", "/ws?x", upgrade), ws, False).status == 101
+    assert judge(upgrade_request("GET", "/nope", upgrade), ws, False).status == 404
+    assert judge(upgrade_request("POST", "/ws", upgrade), ws, False).status == 405
+    assert judge(upgrade_request("GET", "/ws", {**upgrade, "sec-websocket-version": "8"}), ws, False).status == 400
+    assert judge(upgrade_request("GET", "/ws", {"host": "a"}), ws, False).status == 400
+    denied = judge(upgrade_request("GET", "/ws", {**upgrade, "origin": "http://b.example:8080"}), ws, False)
     assert (denied.status, denied.reason) == (403, "origin_denied")
     local = WebSocketConfig(path="/ws", local_only=True)
-    assert judge(Request("GET", "/ws", upgrade), local, False).reason == "host_denied"
-    assert judge(Request("GET", "/ws", {**upgrade, "host": "127.0.0.1:8080"}), local, False).status == 101
-    assert judge(Request("GET", "/ws", {**upgrade, "host": "[::1]:8080"}), local, False).status == 101
+    assert judge(upgrade_request("GET", "/ws", upgrade), local, False).reason == "host_denied"
+    assert judge(upgrade_request("GET", "/ws", {**upgrade, "host": "127.0.0.1:8080"}), local, False).status == 101
+    assert judge(upgrade_request("GET", "/ws", {**upgrade, "host": "[::1]:8080"}), local, False).status == 101
     assert origin_allowed("http://a.example:8080", "a.example:8080", False, ())
     assert origin_allowed("https://a.example", "a.example", True, ())
     assert not origin_allowed("http://a.example", "a.example", True, ())  # the scheme is part of the origin
@@ -494,4 +501,4 @@ def test_judge_and_origins_without_a_socket() -> None:
     assert origin_allowed("https://app.example", "a.example", False, ("https://app.example:443",))
     assert origin_allowed("http://anything", "a.example", False, ("*",))
     assert not origin_allowed("http://[::1", "a.example", False, ())  # not a URL: no error, a refusal
-    assert judge(Request("GET", "/ws", {**upgrade, "host": "[::1"}), local, False).reason == "host_denied"
+    assert judge(upgrade_request("GET", "/ws", {**upgrade, "host": "[::1"}), local, False).reason == "host_denied"

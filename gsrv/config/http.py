@@ -69,10 +69,6 @@ class HttpConfig:
                                  shown=True)  # fmt: skip
     local_only: bool = False  # derived: the service listens on loopback or a unix socket
 
-    @property
-    def script_name(self) -> str:
-        return "" if self.path == "/" else self.path.rstrip("/")
-
 
 def parse_http(t: Table, name: str, local_only: bool) -> HttpConfig:
     data: Any = t.data.get(name, {})

@@ -18,7 +18,7 @@ from gsrv.config.address import host_port
 from gsrv.config.parse import ServiceConfig
 from gsrv.edge.hello import Hello
 from gsrv.edge.http import HttpConnection
-from gsrv.edge.httphead import cgi_env
+from gsrv.edge.httphead import Gateway, cgi_env
 from gsrv.edge.proxy import ProxyHeader
 from gsrv.edge.tls import TlsStream
 from gsrv.edge.upgrade import Upgraded
@@ -148,12 +148,13 @@ class Arrival:
                 extra |= {"TCPREMOTEIP": str(self.client[0]), "TCPREMOTEPORT": str(self.client[1])}
         if self.tls is not None:
             extra |= self.tls.env()
-        if self.websocket is not None and svc.interact.websocket is not None:
-            extra |= self.websocket.env(svc.interact.websocket, self.client or (self.peer if self.tcp else None))
-        http, request = svc.interact.http, self.http.request if self.http is not None else None
+        remote = self.client or (self.peer if self.tcp else None)
+        ws, http = svc.interact.websocket, svc.interact.http
+        if self.websocket is not None and ws is not None:
+            extra |= cgi_env(self.websocket.request, ws.path, remote, headers=ws.headers)
+        request = self.http.request if self.http is not None else None
         if http is not None and request is not None:
-            remote = self.client or (self.peer if self.tcp else None)
-            extra |= cgi_env(request, http, local if self.tcp else None, remote, self.tls is not None)
+            extra |= cgi_env(request, http.path, remote, Gateway(local if self.tcp else None, self.tls is not None))
         if self.user is not None:
             extra |= {"REMOTE_USER": self.user[0], "AUTH_TYPE": self.user[1]}
         return build_env(os.environ, svc.pass_env, svc.env, extra)

@@ -10,34 +10,19 @@ import base64
 import binascii
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from gsrv.config.web import WebSocketConfig
 from gsrv.edge.hello import SUBPROTOCOL
 from gsrv.edge.http import HttpConnection
-from gsrv.edge.httphead import DEFAULT_PORTS, path_info, tokens, under
+from gsrv.edge.httphead import DEFAULT_PORTS, Request, path_info, tokens, under
 from gsrv.edge.httphead import host_allowed as host_allowed
 from gsrv.edge.stream import Refused, Stream
 from gsrv.edge.wsframes import FrameReader
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    target: str  # as sent: path and query
-    headers: dict[str, str] = field(default_factory=dict)  # lower-case names; repeats joined by ", "
-
-    @property
-    def path(self) -> str:
-        return self.target.partition("?")[0]
-
-    @property
-    def query(self) -> str:
-        return self.target.partition("?")[2]
 
 
 @dataclass(frozen=True)
@@ -51,18 +36,6 @@ class Upgraded:
     term: bool = False  # the terminal page's protocol (edge/hello.py) was agreed: a hello comes first
     reader: FrameReader | None = None  # after the hello: the frames reader, holding what followed it
 
-    def env(self, ws: WebSocketConfig, remote: tuple[str, int] | None) -> dict[str, str]:
-        """The request as CGI names it, for the child; headers only when `headers` names them."""
-        request = self.request
-        env = {"REQUEST_METHOD": request.method, "REQUEST_URI": request.target,
-               "PATH_INFO": unquote(path_info(request.path, ws.path)), "QUERY_STRING": request.query}  # fmt: skip
-        if remote is not None:
-            env |= {"REMOTE_ADDR": str(remote[0]), "REMOTE_PORT": str(remote[1])}
-        for name in ws.headers:
-            if name in request.headers:
-                env["HTTP_" + name.upper().replace("-", "_")] = request.headers[name]
-        return env
-
 
 @dataclass(frozen=True)
 class Answer:
@@ -75,31 +48,29 @@ def judge(request: Request, ws: WebSocketConfig, secure: bool) -> Answer:
     """What to answer, from the request alone (no I/O, so tests need no socket)."""
     if not under(request.path, ws.path):
         return Answer(404, "bad_request", f"path {request.path} is not {ws.path}")
-    headers = request.headers
-    if "websocket" not in tokens(headers.get("upgrade", "")):
+    header = request.header
+    if "websocket" not in tokens(header("upgrade") or ""):
         if request.method in ("GET", "HEAD") and ws.console:
             return Answer(200, "console")
         return Answer(400, "bad_request", "not a WebSocket upgrade (no Upgrade: websocket)")
     if request.method != "GET":
         return Answer(405, "bad_request", f"a WebSocket upgrade must be a GET (got {request.method})")
-    if "upgrade" not in tokens(headers.get("connection", "")):
+    if "upgrade" not in tokens(header("connection") or ""):
         return Answer(400, "bad_request", "no Connection: Upgrade")
-    if headers.get("sec-websocket-version") != "13":
-        return Answer(400, "bad_request", f"Sec-WebSocket-Version {headers.get('sec-websocket-version')!r} is not 13")
+    if header("sec-websocket-version") != "13":
+        return Answer(400, "bad_request", f"Sec-WebSocket-Version {header('sec-websocket-version')!r} is not 13")
     try:
-        nonce = base64.b64decode(headers.get("sec-websocket-key", ""), validate=True)
+        nonce = base64.b64decode(header("sec-websocket-key") or "", validate=True)
     except binascii.Error:
         nonce = b""
     if len(nonce) != 16:
         return Answer(400, "bad_request", "no valid Sec-WebSocket-Key")
-    host = headers.get("host", "")
+    host = header("host") or ""
     if not host_allowed(host, ws):
         return Answer(403, "host_denied", f"Host {host!r} is not one this service answers to (hosts)")
-    origin = headers.get("origin")
-    if origin is not None and not origin_allowed(origin, headers.get("host", ""), secure, ws.origins):
-        return Answer(
-            403, "origin_denied", f"Origin {origin} is not this host's ({headers.get('host')}) nor in origins"
-        )
+    origin = header("origin")
+    if origin is not None and not origin_allowed(origin, host, secure, ws.origins):
+        return Answer(403, "origin_denied", f"Origin {origin} is not this host's ({header('host')}) nor in origins")
     return Answer(101)
 
 
@@ -151,11 +122,7 @@ def upgrade(stream: Stream, ws: WebSocketConfig, secure: bool, site: Site,
     """Read the request (edge/http.py: the same head reader and raw checks as transport =
     "http") and answer it; raises Refused once an answer other than 101 is sent."""
     conn = HttpConnection(stream, secure)
-    head = conn.read_head()
-    headers: dict[str, str] = {}
-    for key, text in head.fields:
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
-    request = Request(head.method, head.target, headers)
+    request = conn.read_head()
     answer = judge(request, ws, secure)
     if answer.status != 101:
         if answer.status != 200:
@@ -165,8 +132,8 @@ def upgrade(stream: Stream, ws: WebSocketConfig, secure: bool, site: Site,
         raise Refused(answer.reason, answer.error)  # (the console page served: no error)
     if authorize is not None:
         authorize(conn)  # raises Refused once it answered 401 or 429
-    accept = accept_token(headers["sec-websocket-key"]).decode()
-    term = speaks_term(ws, headers.get("sec-websocket-protocol", ""))
+    accept = accept_token(request.header("sec-websocket-key") or "").decode()
+    term = speaks_term(ws, request.header("sec-websocket-protocol") or "")
     protocol = f"Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n" if term else ""
     stream.send(f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 f"Sec-WebSocket-Accept: {accept}\r\n{protocol}\r\n".encode())  # fmt: skip

@@ -4,6 +4,8 @@ each does)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gsrv.config.parse import ServiceConfig
 from gsrv.edge.arrival import Arrival
 from gsrv.relay import relays
@@ -11,14 +13,23 @@ from gsrv.relay.childend import Pipes, Terminal
 from gsrv.relay.handoff import SocketRelay
 from gsrv.relay.http.relay import HttpRelay
 from gsrv.relay.pump import HAS_SPLICE
+from gsrv.relay.record import Recording
 from gsrv.relay.relays import Relay
 from gsrv.relay.ws.relay import WebSocketRelay
 
 
-def choose(svc: ServiceConfig, arrival: Arrival, eof_grace: float) -> Relay:
+def choose(svc: ServiceConfig, arrival: Arrival, eof_grace: float, recording: Callable[[], Recording]) -> Relay:
     """The service's relay key for this connection: TLS needs the bytes in userland, and so
     does a pty (the master is no pipe); splice needs a platform that has it; "socket" hands the
-    connection to the child; a recording needs the bytes too (record = DIR: copy)."""
+    connection to the child; a recording needs the bytes too (record = DIR: copy), and gets
+    the relay's `recording` (each relay that pumps the bytes: all but socket handoff)."""
+    relay = _chosen(svc, arrival, eof_grace)
+    if svc.interact.record and isinstance(relay, relays.PipeRelay):
+        relay.recording = recording()
+    return relay
+
+
+def _chosen(svc: ServiceConfig, arrival: Arrival, eof_grace: float) -> Relay:
     sock, relay, chunk = arrival.sock, svc.relay, svc.chunk_size
     splice_ok = relay != "copy" and HAS_SPLICE and not svc.interact.record
     child_end = Terminal(eof_grace) if svc.interact.pty else Pipes()

@@ -14,10 +14,12 @@ import os
 import socket as stdsocket
 import termios
 import time
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.socket import socket
 
+from gsrv.edge.hello import Declined, Hello
 from gsrv.edge.refusal import reset
 from gsrv.relay import kernel
 from gsrv.relay.child import Child
@@ -25,6 +27,9 @@ from gsrv.relay.ending import POLL_S
 from gsrv.relay.pump import Meter, queued
 from gsrv.relay.relays import Closing, RelayEvents, linger
 from gsrv.relay.stdio import Stdio
+
+if TYPE_CHECKING:
+    from gsrv.relay.ws.reattach import Link
 
 
 class SocketRelay:
@@ -127,6 +132,17 @@ class SocketRelay:
 
     def stop(self) -> None:
         """Nothing runs."""
+
+    @property
+    def http_status(self) -> int | None:
+        return None
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return ()
+
+    def join(self, link: Link, hello: Hello, same_user: bool) -> None:
+        raise Declined("no_session", "that session takes no other connection")
 
     def close_at_once(self, closing: Closing) -> None:
         """Its child never started: a reset (the connection was never the child's)."""

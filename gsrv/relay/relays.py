@@ -17,11 +17,12 @@ import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import gevent
 from gevent.socket import socket
 
+from gsrv.edge.hello import Declined, Hello
 from gsrv.edge.refusal import reset
 from gsrv.edge.tls import TlsStream
 from gsrv.loop import READ
@@ -45,6 +46,9 @@ from gsrv.relay.pump import (
 )
 from gsrv.relay.record import RecordedSink, RecordedSource, Recording
 from gsrv.relay.stdio import Stdio
+
+if TYPE_CHECKING:
+    from gsrv.relay.ws.reattach import Link  # a terminal page's connection: only the WebSocket relay takes one
 
 LINGER_S = 2.0  # how long a closing session waits for the client's EOF once the reply is acked
 LINGER_POLL_S = 0.1
@@ -91,6 +95,11 @@ class Relay(Protocol):
     def hung_up(self) -> bool: ...  # gsrv hung up the child's terminal
     @property
     def detached_since(self) -> float | None: ...  # reattach: the client's connection dropped then, none since
+    @property
+    def http_status(self) -> int | None: ...  # the status an HTTP client got (None: no HTTP, none sent)
+    @property
+    def tokens(self) -> tuple[str, ...]: ...  # what a terminal page's hello may name the session by
+    def join(self, link: Link, hello: Hello, same_user: bool) -> None: ...  # such a hello: raises Declined
     def stdio(self, stderr: str) -> Stdio: ...
     def meters(self) -> list[tuple[str, Meter]]: ...
     def last_activity(self) -> float: ...
@@ -188,6 +197,19 @@ class PipeRelay:
 
     def stop(self) -> None:
         gevent.killall(self.greenlets)
+        if self.recording is not None:
+            self.recording.close()  # what is queued is written, off the loop
+
+    @property
+    def http_status(self) -> int | None:
+        return None
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return ()
+
+    def join(self, link: Link, hello: Hello, same_user: bool) -> None:
+        raise Declined("no_session", "that session takes no other connection")
 
     def close_at_once(self, closing: Closing) -> None:
         """A session that never ran (its command could not start), from the accept loop: a reset."""

@@ -25,10 +25,9 @@ from gsrv.logs import Log
 from gsrv.relay.child import Child, Launcher
 from gsrv.relay.choice import choose
 from gsrv.relay.ending import EndRules, Facts, Verdict
-from gsrv.relay.http.relay import HttpRelay
 from gsrv.relay.pump import Meter
 from gsrv.relay.record import Recording
-from gsrv.relay.relays import Closing, PipeRelay, Relay
+from gsrv.relay.relays import Closing, Relay
 from gsrv.relay.stderr import StderrLog
 
 if TYPE_CHECKING:
@@ -119,10 +118,7 @@ class Session:
         try:
             svc = self.svc
             if self.relay is None:
-                self.relay = choose(svc, self.arrival, self.server.eof_grace)
-                if svc.interact.record and isinstance(self.relay, PipeRelay):
-                    self.relay.recording = Recording(svc.interact.record, self.sid, svc.interact.record_max,
-                                                     svc.interact.record_input, self._record_cut)  # fmt: skip
+                self.relay = choose(svc, self.arrival, self.server.eof_grace, self._recording)
             if prespawned is not None:
                 self.child = prespawned
                 return None
@@ -256,9 +252,7 @@ class Session:
 
     def _stop_relay(self) -> None:
         if self.relay is not None:
-            self.relay.stop()
-            if isinstance(self.relay, PipeRelay) and self.relay.recording is not None:
-                self.relay.recording.close()  # what is queued is written, off the loop
+            self.relay.stop()  # a recording's queue is written after it, off the loop
 
     def _stop_child(self) -> None:
         child = self.child
@@ -280,7 +274,7 @@ class Session:
 
     @property
     def http_status(self) -> int | None:
-        return self.relay.status if isinstance(self.relay, HttpRelay) else None
+        return self.relay.http_status if self.relay is not None else None
 
     def _closed_anyway(self) -> None:
         if self.sock.fileno() >= 0 and not self.kept:  # a close that raised must not leave the connection open
@@ -309,6 +303,12 @@ class Session:
 
     def stderr_line(self, line: str) -> None:
         self.log.info("child_stderr", service=self.svc.name, session=self.sid, line=line)
+
+    def _recording(self) -> Recording:
+        """record = DIR: the session's bytes as an asciicast file (relay/record.py)."""
+        interact = self.svc.interact
+        assert interact.record is not None
+        return Recording(interact.record, self.sid, interact.record_max, interact.record_input, self._record_cut)
 
     def _record_cut(self, why: str, error: str) -> None:
         self.log.warning("record_cut", service=self.svc.name, session=self.sid, why=why, error=error or None,

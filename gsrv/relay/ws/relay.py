@@ -28,7 +28,7 @@ from gevent.event import Event
 from gevent.socket import socket
 
 from gsrv.config.web import WebSocketConfig
-from gsrv.edge.hello import Declined, answer
+from gsrv.edge.hello import Declined, Hello, answer
 from gsrv.edge.refusal import reset
 from gsrv.edge.tls import TlsStream
 from gsrv.edge.upgrade import Upgraded
@@ -307,6 +307,21 @@ class WebSocketRelay(PipeRelay):
         """The close frame went out already (close)."""
 
     # -- the client's connection: one, or with reattach, one at a time (relay/ws/client.py) ----
+
+    def join(self, link: Link, hello: Hello, same_user: bool) -> None:
+        """A terminal page's hello that names this session (the service found it by the token):
+        its own token, a reattach by the same user (the page takes the session); its watch
+        token, a watcher. Raises Declined."""
+        if hello.resume is None:
+            if self.watchers is None or hello.watch != self.watchers.token:
+                raise Declined("no_session", "that token is no session's watch token")
+            self.watch(link)
+            return
+        if self.seat is None or hello.resume != self.seat.token:
+            raise Declined("no_session", "that token is no session's own (a watch token watches)")
+        if not same_user:
+            raise Declined("wrong_user", "the session is another user's")
+        self.attach(link, hello.offset)
 
     def attach(self, link: Link, offset: int) -> None:
         """A reconnected page takes the session (WsClient.attach); its socket is the relay's then."""

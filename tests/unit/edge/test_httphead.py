@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gsrv.config.http import HttpConfig
-from gsrv.edge.httphead import MAX_HEAD, HeadError, Request, cgi_env, head_end, judge, parse
+from gsrv.edge.httphead import MAX_HEAD, Gateway, HeadError, Request, cgi_env, head_end, judge, parse
 
 
 def request(raw: bytes) -> Request:
@@ -77,7 +77,7 @@ def test_the_request_as_cgi_meta_variables() -> None:
     raw = (b"POST /app/a%20b/%C3%A9?q=1 HTTP/1.1\r\nHost: example.com:8080\r\nContent-Type: text/csv\r\n"
            b"Content-Length: 3\r\nX-Token: t\r\nX-Token: u\r\nX_Under: no\r\nProxy: http://evil\r\n"
            b"Authorization: Basic x\r\nConnection: keep-alive\r\nTE: trailers\r\n\r\n")  # fmt: skip
-    env = cgi_env(request(raw), HttpConfig(path="/app/"), ("127.0.0.1", 7008), ("10.0.0.1", 5555), secure=True)
+    env = cgi_env(request(raw), "/app/", ("10.0.0.1", 5555), Gateway(("127.0.0.1", 7008), secure=True))
     assert env == {
         "GATEWAY_INTERFACE": "CGI/1.1", "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_SOFTWARE": "gsrv",
         "SERVER_NAME": "example.com", "SERVER_PORT": "7008", "REQUEST_METHOD": "POST", "SCRIPT_NAME": "/app",
@@ -86,9 +86,21 @@ def test_the_request_as_cgi_meta_variables() -> None:
         "HTTPS": "on", "HTTP_HOST": "example.com:8080", "HTTP_X_TOKEN": "t, u",
     }  # fmt: skip
     chunked = request(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
-    env = cgi_env(chunked, HttpConfig(), None, None, secure=False)
+    env = cgi_env(chunked, "/", None, Gateway(None, secure=False))
     assert "CONTENT_LENGTH" not in env and env["SCRIPT_NAME"] == "" and env["PATH_INFO"] == "/"
     assert "HTTPS" not in env
+
+
+def test_the_upgrade_as_the_websocket_transport_names_it() -> None:
+    """The same builder without a gateway: the request's own names, only the fields named,
+    PATH_INFO decoded with replacement (what the WebSocket transport has always given)."""
+    raw = (b"GET /ws/%C3%A9/%FF?x=1 HTTP/1.1\r\nHost: a\r\nUser-Agent: probe\r\nX-Token: t\r\nX-Token: u\r\n"
+           b"Proxy: p\r\n\r\n")  # fmt: skip
+    env = cgi_env(request(raw), "/ws", ("10.0.0.1", 5555), headers=("x-token", "proxy", "absent"))
+    assert env == {
+        "REQUEST_METHOD": "GET", "REQUEST_URI": "/ws/%C3%A9/%FF?x=1", "PATH_INFO": "/é/\ufffd", "QUERY_STRING": "x=1",
+        "REMOTE_ADDR": "10.0.0.1", "REMOTE_PORT": "5555", "HTTP_X_TOKEN": "t, u", "HTTP_PROXY": "p",
+    }  # fmt: skip
 
 
 def test_what_a_request_says_of_its_connection() -> None:

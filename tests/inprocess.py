@@ -1,5 +1,7 @@
-"""The fast tier: tests/unit holds in-process tests only (`make unit`). A test here that opens a
-socket or starts a process fails, saying where it belongs: beside the real gsrv in tests/."""
+"""The fast tier's rule, as a pytest plugin (tests/conftest.py loads it): a test under a folder
+named `unit` (tests/unit: `make unit`) is in-process only. One that opens a socket or starts a
+process fails, saying where it belongs: beside the real gsrv in tests/. (A plugin, not a
+conftest.py in tests/unit: two modules named conftest would shadow each other's helpers.)"""
 
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ sys.addaudithook(_audit)
 
 
 @pytest.fixture(autouse=True)
-def _in_process_only() -> Iterator[None]:
-    _guarding[0] = True
+def _in_process_only(request: pytest.FixtureRequest) -> Iterator[None]:
+    _guarding[0] = "unit" in request.node.path.parent.parts
     try:
         yield
     finally:
