@@ -14,25 +14,20 @@ import os
 import socket as stdsocket
 import termios
 import time
-from typing import TYPE_CHECKING
 
 import gevent
 from gevent.socket import socket
 
-from gsrv.edge.hello import Declined, Hello
 from gsrv.edge.refusal import reset
 from gsrv.relay import kernel
 from gsrv.relay.child import Child
 from gsrv.relay.ending import POLL_S
 from gsrv.relay.pump import Meter, queued
-from gsrv.relay.relays import Closing, RelayEvents, linger
+from gsrv.relay.relays import Closing, OneClient, RelayEvents, linger
 from gsrv.relay.stdio import Stdio
 
-if TYPE_CHECKING:
-    from gsrv.relay.ws.reattach import Link
 
-
-class SocketRelay:
+class SocketRelay(OneClient):
     """The child holds the connection; the facts come from the kernel when sampled (a Relay,
     relay/relays.py, that runs no greenlet and moves no byte)."""
 
@@ -132,17 +127,6 @@ class SocketRelay:
 
     def stop(self) -> None:
         """Nothing runs."""
-
-    @property
-    def http_status(self) -> int | None:
-        return None
-
-    @property
-    def tokens(self) -> tuple[str, ...]:
-        return ()
-
-    def join(self, link: Link, hello: Hello, same_user: bool) -> None:
-        raise Declined("no_session", "that session takes no other connection")
 
     def close_at_once(self, closing: Closing) -> None:
         """Its child never started: a reset (the connection was never the child's)."""

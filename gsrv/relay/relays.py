@@ -113,7 +113,25 @@ class Relay(Protocol):
     def close(self, closing: Closing) -> None: ...
 
 
-class PipeRelay:
+class OneClient:
+    """The Relay protocol's answers for a relay that is not HTTP and takes no second connection
+    (all but the HTTP and WebSocket relays): no status, no tokens, nobody joins."""
+
+    __slots__ = ()
+
+    @property
+    def http_status(self) -> int | None:
+        return None
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return ()
+
+    def join(self, link: Link, hello: Hello, same_user: bool) -> None:
+        raise Declined("no_session", "that session takes no other connection")
+
+
+class PipeRelay(OneClient):
     """The copy relay, and the base of the relays that pump the child's pipes or terminal
     (splice, TLS, WebSocket, HTTP): each direction in a greenlet, through one pooled buffer.
 
@@ -199,17 +217,6 @@ class PipeRelay:
         gevent.killall(self.greenlets)
         if self.recording is not None:
             self.recording.close()  # what is queued is written, off the loop
-
-    @property
-    def http_status(self) -> int | None:
-        return None
-
-    @property
-    def tokens(self) -> tuple[str, ...]:
-        return ()
-
-    def join(self, link: Link, hello: Hello, same_user: bool) -> None:
-        raise Declined("no_session", "that session takes no other connection")
 
     def close_at_once(self, closing: Closing) -> None:
         """A session that never ran (its command could not start), from the accept loop: a reset."""
