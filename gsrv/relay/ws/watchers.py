@@ -6,8 +6,9 @@ typing reaches the terminal too, with read-only it reaches nothing. Its resizes 
 acknowledgements are the driver's business: ignored.
 
 A watcher never slows the driver or the child: the output is offered to each watcher's own
-queue, at most `limit` bytes; one whose queue is full is closed with 4413 (fell_behind). Each
-watcher runs two greenlets of its own (its sender, its reader), ended with the session.
+queue (relay/outbox.py), at most `limit` bytes; one whose queue is full is closed with 4413
+(fell_behind). Each watcher runs two greenlets of its own (its outbox's sender, its reader),
+ended with the session.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ from __future__ import annotations
 import contextlib
 import socket as stdsocket
 import time
-from collections import deque
 from collections.abc import Callable
 
 import gevent
-from gevent.event import Event
 
 from gsrv.edge.hello import CLOSE_CODES, new_token
 from gsrv.edge.refusal import reset
 from gsrv.edge.wsframes import Control, Opcode, ProtocolError, close, frame
+from gsrv.relay.outbox import Outbox
 from gsrv.relay.ws.reattach import Link
 
 LINGER_S = 2.0  # at the session's end: how long a watcher's queue and close frame may take to go out
@@ -33,47 +33,22 @@ Note = Callable[..., None]  # a log line of the session's: note(event, **fields)
 
 
 class Watcher:
-    """One watcher's connection: its queue of frames and the greenlets that send and read."""
+    """One watcher's connection: its frames queued in an Outbox (relay/outbox.py, the bounded
+    per-client queue any transport's shared session uses) and a reader greenlet of its own."""
 
-    __slots__ = ("link", "typing", "queue", "queued", "limit", "wake", "sender", "reader", "why", "joined", "note")
+    __slots__ = ("link", "typing", "outbox", "reader", "why", "joined", "note")
 
     def __init__(self, link: Link, typing: Callable[[bytes], None] | None, limit: int, first: list[bytes],
                  note: Note) -> None:  # fmt: skip
-        self.link, self.typing, self.limit, self.note = link, typing, limit, note
-        self.queue: deque[bytes] = deque(first)  # whole frames, in order
-        self.queued = sum(len(f) for f in first)
-        self.wake = Event()
+        self.link, self.typing, self.note = link, typing, note
         self.why: str | None = None  # why it ended, once it has
         self.joined = time.monotonic()
-        self.sender = gevent.spawn(self._send)
+        self.outbox = Outbox(link.stream.send, limit, lambda: self.end("client_reset"), first)
         self.reader = gevent.spawn(self._read)
 
     def offer(self, data: memoryview | bytes) -> bool:
         """The session's output; False when the queue has no room for it (fell behind)."""
-        if self.queued + len(data) > self.limit:
-            return False
-        self._queue(frame(Opcode.BINARY, data, b"o"))
-        return True
-
-    def _queue(self, whole: bytes) -> None:
-        self.queue.append(whole)
-        self.queued += len(whole)
-        self.wake.set()
-
-    def _send(self) -> None:
-        """The queue, a whole frame at a time; after the end, what is left of it (the close frame)."""
-        stream = self.link.stream
-        try:
-            while self.queue or self.why is None:
-                while self.queue:
-                    whole = self.queue.popleft()
-                    self.queued -= len(whole)
-                    stream.send(whole)
-                self.wake.clear()
-                if self.why is None:
-                    self.wake.wait()
-        except OSError:
-            self.end("client_reset")
+        return self.outbox.offer(frame(Opcode.BINARY, data, b"o"))
 
     def _read(self) -> None:
         """Its frames: pings answered, "i" messages typed (read-write) or dropped, the close
@@ -93,7 +68,7 @@ class Watcher:
                         self.end("closed", 1000)
                         return
                     if event.opcode is Opcode.PING:
-                        self._queue(frame(Opcode.PONG, event.payload))
+                        self.outbox.put(frame(Opcode.PONG, event.payload))
                 else:
                     data = event.payload
                     if kind is None and data:
@@ -118,25 +93,15 @@ class Watcher:
         self.why = why
         self.note("watcher_left", conn=self.link.conn, peer=self.link.peer, why=why,
                   duration_ms=round((time.monotonic() - self.joined) * 1000, 1))  # fmt: skip
-        current = gevent.getcurrent()
-        if self.reader is not current:
+        if self.reader is not gevent.getcurrent():
             self.reader.kill(block=False)
-        if drop:
-            self.queue.clear()
-            self.queued = 0
-        if code:
-            self._queue(close(code, text or why))
-        self.wake.set()
-        if self.sender is not current:
-            self.sender.join(LINGER_S)
+        sent = self.outbox.close(close(code, text or why) if code else b"", drop, LINGER_S)
         sock = self.link.sock
-        if code and self.sender.dead and not self.queue and not self.link.stream.torn:
+        if code and sent and not self.link.stream.torn:
             with contextlib.suppress(OSError):  # the close frame went out: a FIN after it
                 sock.shutdown(stdsocket.SHUT_WR)
             sock.close()
         else:
-            if self.sender is not current:
-                self.sender.kill(block=False)
             reset(sock)
         self.link.ended()
 
