@@ -39,7 +39,7 @@ from gsrv.state import Lifecycle
 ADMIN_PAUSE, ADMIN_DRAIN = "paused_by_admin", "drained_by_admin"  # the operator's reasons in the gate
 
 
-class Host(Protocol):
+class Holder(Protocol):
     """What a service uses of the server that holds it."""
 
     config: Config
@@ -55,7 +55,7 @@ class Host(Protocol):
 class Service:
     """One service's listener, gate and live sessions; the gate's handler (accept.gate.Handler)."""
 
-    def __init__(self, server: Host, cfg: ServiceConfig) -> None:
+    def __init__(self, server: Holder, cfg: ServiceConfig) -> None:
         self.server = server
         self.cfg = cfg
         self.refusals = Refusals(cfg.name, server.log, self._refused)
@@ -165,7 +165,7 @@ class Service:
             self.sessions.discard(session)
             for token in tokens:
                 del self.tokens[token]
-        if session.kept:
+        if session.kept_alive:
             http = self.cfg.interact.http
             if self.gate.closed or http is None:  # a drain, or a reload that ended HTTP here
                 close_between(session.arrival)

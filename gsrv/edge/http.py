@@ -12,7 +12,7 @@ from typing import NoReturn
 import h11
 
 from gsrv.config.http import HttpConfig
-from gsrv.edge.httphead import HeadError, Request, answer, head_end, judge, parse
+from gsrv.edge.httphead import HeadError, Request, head_end, judge, parse, short_response
 from gsrv.edge.stream import Refused, Stream
 
 READ_CHUNK = 4096  # at most so many bytes a read of the request head
@@ -81,7 +81,7 @@ class HttpConnection:
         self.status = status
         head_only = self.request is not None and self.request.method == "HEAD"
         with contextlib.suppress(OSError):
-            self.stream.send(answer(status, error, head_only=head_only, fields=fields))
+            self.stream.send(short_response(status, error, head_only=head_only, fields=fields))
         raise Refused(reason, error)
 
     def send_page(self, body: bytes, kind: str, policy: str | None = None) -> None:

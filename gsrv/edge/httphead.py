@@ -250,7 +250,7 @@ def cgi_env(request: Request, prefix: str, remote: tuple[str, int] | None, gatew
     return env
 
 
-def answer(status: int, text: str, version: str = "1.1", head_only: bool = False,
+def short_response(status: int, text: str, version: str = "1.1", head_only: bool = False,
            fields: tuple[tuple[str, str], ...] = ()) -> bytes:  # fmt: skip
     """A short response of gsrv's own, ending its connection (Connection: close)."""
     body = f"{STATUS_TEXT.get(status, 'Error')}: {text}\n".encode()

@@ -52,7 +52,7 @@ class Reply:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-def answer(status: str, fields: dict[str, object], headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+def reply(status: str, fields: dict[str, object], headers: tuple[tuple[str, str], ...] = ()) -> Reply:
     return Reply(status, json.dumps(fields, separators=(",", ":")).encode() + b"\n", headers=headers)
 
 
@@ -72,7 +72,7 @@ class Control:
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
         operator = self.operator
         if operator is None:
-            return answer("503 Service Unavailable", {"error": "starting"})
+            return reply("503 Service Unavailable", {"error": "starting"})
         if path.startswith("/readyz/"):  # open, like /readyz: a balancer reads it
             return self._readiness(operator, path.removeprefix("/readyz/"))
         if path in STATIC and method == "GET":
@@ -90,23 +90,23 @@ class Control:
             found = operator.sessions(_one(query, "service"), _one(query, "waiting"))
             return Reply("200 OK", _listing(found))
         if method == "GET" and parts == ["services"]:
-            return answer("200 OK", {"services": operator.list_services()})
+            return reply("200 OK", {"services": operator.list_services()})
         if method == "POST" and len(parts) == 3 and parts[0] == "sessions" and parts[2] == "end":
             if operator.end_session(parts[1], self._who(environ)):
-                return answer("200 OK", {"ended": parts[1]})
-            return answer("404 Not Found", {"error": f"no running session {parts[1]} (it ended, or never was)"})
+                return reply("200 OK", {"ended": parts[1]})
+            return reply("404 Not Found", {"error": f"no running session {parts[1]} (it ended, or never was)"})
         if method == "POST" and len(parts) == 3 and parts[0] == "services" and parts[2] in ACTIONS:
             if operator.act(parts[1], parts[2], self._who(environ)):
-                return answer("200 OK", {"service": parts[1], "action": parts[2]})
-            return answer("404 Not Found", {"error": f"no service {parts[1]} in the running config"})
+                return reply("200 OK", {"service": parts[1], "action": parts[2]})
+            return reply("404 Not Found", {"error": f"no service {parts[1]} in the running config"})
         allowed = "GET /sessions, GET /services, POST /sessions/ID/end, POST /services/NAME/pause|resume|drain"
-        return answer("404 Not Found", {"error": f"{method} {path}: no such action (try {allowed})"})
+        return reply("404 Not Found", {"error": f"{method} {path}: no such action (try {allowed})"})
 
     def _status(self, operator: Operator) -> Reply:
         """What the status page shows, in one answer (at most PAGE_SESSIONS sessions described:
         the page asks every second)."""
         services = operator.list_services()
-        return answer("200 OK", {"services": services, "guard": self.guard() if self.guard else None,
+        return reply("200 OK", {"services": services, "guard": self.guard() if self.guard else None,
                                  "history": self.history.series() if self.history else [],
                                  "sessions": list(itertools.islice(operator.sessions(), PAGE_SESSIONS)),
                                  "count": sum(int(str(s["sessions"])) for s in services),
@@ -125,32 +125,32 @@ class Control:
         """Why this request may not go on, answered; None: it may."""
         host = environ.get("HTTP_HOST", "")
         if is_loopback(self.config.listen.host) and not is_loopback(_hostname(host)):
-            return answer("403 Forbidden", {"error": f"Host {host!r} is not a loopback name on a loopback listener"})
+            return reply("403 Forbidden", {"error": f"Host {host!r} is not a loopback name on a loopback listener"})
         credentials = self.config.auth
         if credentials is not None:
             token = self._token(environ.get("HTTP_AUTHORIZATION", ""))
             if token is None:
                 challenge = (("WWW-Authenticate", f'Bearer realm="{credentials.realm}"'),)
-                return answer("401 Unauthorized", {"error": "a valid bearer token is needed"}, challenge)
+                return reply("401 Unauthorized", {"error": "a valid bearer token is needed"}, challenge)
             environ["gsrv.token"] = token
         if method == "GET":
             return None
         if method != "POST":
-            return answer("405 Method Not Allowed", {"error": f"{method}: GET or POST"}, (("Allow", "GET, POST"),))
+            return reply("405 Method Not Allowed", {"error": f"{method}: GET or POST"}, (("Allow", "GET, POST"),))
         if not self.config.control:
-            return answer("403 Forbidden", {"error": "control = false: this admin listener is read-only"})
+            return reply("403 Forbidden", {"error": "control = false: this admin listener is read-only"})
         origin = environ.get("HTTP_ORIGIN")
         if origin is not None and origin.lower() != f"http://{host}".lower():
-            return answer("403 Forbidden", {"error": f"Origin {origin} is not this admin listener's"})
+            return reply("403 Forbidden", {"error": f"Origin {origin} is not this admin listener's"})
         if environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower() != "application/json":
-            return answer("415 Unsupported Media Type", {"error": "a POST needs Content-Type: application/json"})
+            return reply("415 Unsupported Media Type", {"error": "a POST needs Content-Type: application/json"})
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
             body = json.loads(environ["wsgi.input"].read(min(length, BODY_MAX)) or b"null")
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            return answer("400 Bad Request", {"error": "a POST's body must be a JSON object, like {}"})
+            return reply("400 Bad Request", {"error": "a POST's body must be a JSON object, like {}"})
         return None
 
     def _token(self, authorization: str) -> str | None:

@@ -55,7 +55,7 @@ class Pipes:
         """Watchers need a terminal (share = ... needs pty = true)."""
 
 
-class Terminal:
+class PtyEnd:
     """The master side of the session's pty, one fd both ways (the copy path: splice needs a
     pipe). Its settings are the child's: tcgetattr on the master reads the slave's."""
 
@@ -65,18 +65,18 @@ class Terminal:
     def __init__(self, eof_grace: float) -> None:
         self.eof_grace = eof_grace
         self.hung_up = False  # gsrv hung up the terminal: the client's input ended in raw mode
-        self._sink: TerminalSink | None = None
+        self._sink: PtySink | None = None
 
     def stdio(self, stderr: str) -> Stdio:
         """A new pty: its slave is the child's stdin and stdout (stderr too with "stdout")."""
         return Stdio.pty(stderr)
 
     def sink(self, child: Child) -> Sink:
-        self._sink = TerminalSink(child.terminal)
+        self._sink = PtySink(child.terminal)
         return self._sink
 
     def source(self, child: Child, chunk: int) -> Source:
-        return TerminalSource(child.terminal, chunk)
+        return PtySource(child.terminal, chunk)
 
     def end_input(self, child: Child) -> None:
         """The client's EOF: the EOF character if the terminal is canonical, else wait up to
@@ -143,7 +143,7 @@ def eof_input(attrs: list[object], last: bytes) -> bytes:
     return eof if not last or last in ends else eof + eof
 
 
-class TerminalSink(FdSink):
+class PtySink(FdSink):
     """The master written whole (the kernel takes a few KiB, then EAGAIN: backpressure);
     remembers the last byte, so the EOF character knows whether a line is open."""
 
@@ -160,7 +160,7 @@ class TerminalSink(FdSink):
         return waited
 
 
-class TerminalSource(FdSource):
+class PtySource(FdSource):
     """The master read: EIO once the last process holding the slave closed it is its end."""
 
     __slots__ = ()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from gsrv.config.parse import ServiceConfig
 from gsrv.edge.arrival import Arrival
 from gsrv.relay import relays
-from gsrv.relay.childend import Pipes, Terminal
+from gsrv.relay.childend import Pipes, PtyEnd
 from gsrv.relay.handoff import SocketRelay
 from gsrv.relay.http.relay import HttpRelay
 from gsrv.relay.pump import HAS_SPLICE
@@ -32,7 +32,7 @@ def choose(svc: ServiceConfig, arrival: Arrival, eof_grace: float, recording: Ca
 def _chosen(svc: ServiceConfig, arrival: Arrival, eof_grace: float) -> Relay:
     sock, relay, chunk = arrival.sock, svc.relay, svc.chunk_size
     splice_ok = relay != "copy" and HAS_SPLICE and not svc.interact.record
-    child_end = Terminal(eof_grace) if svc.interact.pty else Pipes()
+    child_end = PtyEnd(eof_grace) if svc.interact.pty else Pipes()
     if arrival.http is not None and svc.interact.http is not None:
         splice_body = splice_ok and arrival.tls is None
         return HttpRelay(sock, chunk, arrival.http, svc.interact.http, splice_body)

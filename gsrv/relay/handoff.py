@@ -33,7 +33,7 @@ class SocketRelay(OneClient):
 
     name = "socket"
     closes_after_stop = True  # the ladder first: nothing of the group may still hold the socket
-    kept = False
+    kept_alive = False
     cut_input = False
     hung_up = False  # no terminal
     __slots__ = ("sock", "fd", "header_length", "inbound", "outbound", "rwnd", "events", "reset_seen", "held", "tcp",

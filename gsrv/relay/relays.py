@@ -28,7 +28,7 @@ from gsrv.edge.tls import TlsStream
 from gsrv.loop import READ
 from gsrv.relay import kernel
 from gsrv.relay.child import Child
-from gsrv.relay.childend import Pipes, Terminal
+from gsrv.relay.childend import Pipes, PtyEnd
 from gsrv.relay.ending import FAILURES
 from gsrv.relay.pump import (
     Discard,
@@ -83,7 +83,7 @@ class Relay(Protocol):
     directions, and the connection's close."""
 
     closes_after_stop: bool  # the stop ladder runs before the connection closes (socket handoff)
-    kept: bool  # after close(): the connection stays open for its next request (HTTP keep-alive)
+    kept_alive: bool  # after close(): the connection stays open for its next request (HTTP keep-alive)
     cut_input: bool  # the client's input was cut short: the child is signalled before its stdin closes
     input_done: bool  # the client's EOF reached the child
     output_eof: bool  # the child's output reached its end, and all of it the client
@@ -141,12 +141,12 @@ class PipeRelay(OneClient):
     session sees only the Relay protocol."""
 
     closes_after_stop = False
-    kept = False
+    kept_alive = False
     cut_input = False
     __slots__ = ("sock", "chunk", "child_end", "inbound", "outbound", "discarded", "input_done", "client_eof",
                  "output_eof", "greenlets", "recording")  # fmt: skip
 
-    def __init__(self, sock: socket, chunk: int, child_end: Pipes | Terminal | None = None) -> None:
+    def __init__(self, sock: socket, chunk: int, child_end: Pipes | PtyEnd | None = None) -> None:
         self.sock, self.chunk = sock, chunk
         self.child_end = child_end or Pipes()
         self.inbound, self.outbound, self.discarded = Meter(), Meter(), Meter()
@@ -309,7 +309,7 @@ class TlsRelay(PipeRelay):
 
     __slots__ = ("stream",)  # the log's relay= says how bytes moved; TLS is logged on its own (tls=)
 
-    def __init__(self, sock: socket, chunk: int, stream: TlsStream, child_end: Pipes | Terminal | None = None) -> None:
+    def __init__(self, sock: socket, chunk: int, stream: TlsStream, child_end: Pipes | PtyEnd | None = None) -> None:
         super().__init__(sock, chunk, child_end)
         self.stream = stream
 

@@ -268,16 +268,16 @@ class Session:
             self.child.wait_reaped()
 
     @property
-    def kept(self) -> bool:
+    def kept_alive(self) -> bool:
         """The connection stays open for its next request (HTTP keep-alive)."""
-        return self.relay is not None and self.relay.kept
+        return self.relay is not None and self.relay.kept_alive
 
     @property
     def http_status(self) -> int | None:
         return self.relay.http_status if self.relay is not None else None
 
     def _closed_anyway(self) -> None:
-        if self.sock.fileno() >= 0 and not self.kept:  # a close that raised must not leave the connection open
+        if self.sock.fileno() >= 0 and not self.kept_alive:  # a close that raised must not leave the connection open
             reset(self.sock)
 
     def _close(self, clean: bool) -> None:
@@ -343,5 +343,5 @@ class Session:
         )
         if self.on_end is not None:
             self.on_end(self)
-        if not self.kept:
+        if not self.kept_alive:
             self.arrival.ended()

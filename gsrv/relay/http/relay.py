@@ -21,7 +21,7 @@ from gevent.socket import socket
 
 from gsrv.config.http import HttpConfig
 from gsrv.edge.http import HttpConnection
-from gsrv.edge.httphead import answer
+from gsrv.edge.httphead import short_response
 from gsrv.edge.refusal import reset
 from gsrv.edge.tls import TlsStream
 from gsrv.loop import WRITE
@@ -40,7 +40,7 @@ class HttpRelay(PipeRelay):
     """One request: its body to the child, the child's output as its response."""
 
     __slots__ = ("conn", "http", "request", "splice_body", "response", "body", "broke", "body_done", "cut_input",
-                 "kept")  # fmt: skip
+                 "kept_alive")  # fmt: skip
 
     def __init__(self, sock: socket, chunk: int, conn: HttpConnection, http: HttpConfig, splice_body: bool) -> None:
         super().__init__(sock, chunk, Pipes())
@@ -55,7 +55,7 @@ class HttpRelay(PipeRelay):
         self.broke: Failure | None = None  # the child's output was no response (its header block)
         self.body_done = not request.has_body  # the request body's framing was read to its end
         self.cut_input = False  # the body was cut short: the child must not see its stdin end first
-        self.kept = False  # the connection stays for the next request
+        self.kept_alive = False  # the connection stays for the next request
 
     @property
     def name(self) -> str:
@@ -199,7 +199,7 @@ class HttpRelay(PipeRelay):
         status, text, fields = failure_status(closing.reason, None, None)
         self.response.status = status
         with contextlib.suppress(OSError):
-            self.sock.send(answer(status, text, self.request.version, self.request.method == "HEAD", fields),
+            self.sock.send(short_response(status, text, self.request.version, self.request.method == "HEAD", fields),
                            stdsocket.MSG_DONTWAIT)  # fmt: skip
             self.sock.shutdown(stdsocket.SHUT_WR)
         self.sock.close()
@@ -226,7 +226,7 @@ class HttpRelay(PipeRelay):
             return
         self.conn.status = response.sent_status
         if response.keeps and self.body_done:
-            self.kept = True
+            self.kept_alive = True
             return
         if self.conn.secure:
             self.conn.stream.close_notify()
@@ -245,4 +245,4 @@ class HttpRelay(PipeRelay):
         status, text, fields = failure_status(failure.reason if failure else closing.reason, closing.exit_code,
                                               closing.signal)  # fmt: skip
         error = failure.error if failure else text
-        response.answer(status, answer(status, error, self.request.version, self.request.method == "HEAD", fields))
+        response.own(status, short_response(status, error, self.request.version, self.request.method == "HEAD", fields))

@@ -178,8 +178,8 @@ class Response:
         """nph: the child writes the whole response (it began once its first bytes went out)."""
         self.writer, self.close_after = Passthrough(self.method == "HEAD"), True
 
-    def answer(self, status: int, data: bytes) -> float:
-        """gsrv's own response (no head went out): the connection ends after it."""
+    def own(self, status: int, data: bytes) -> float:
+        """gsrv's own response instead of the child's (no head went out): the connection ends after it."""
         self.status, self.close_after = status, True
         return self._send(data)
 

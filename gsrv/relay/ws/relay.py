@@ -35,7 +35,7 @@ from gsrv.edge.upgrade import Upgraded
 from gsrv.edge.wsframes import FrameReader, Opcode, close, frame
 from gsrv.relay import kernel
 from gsrv.relay.child import Child
-from gsrv.relay.childend import Pipes, Terminal
+from gsrv.relay.childend import Pipes, PtyEnd
 from gsrv.relay.pump import Discard, End, FdSource, Meter, move, queued
 from gsrv.relay.relays import LINGER_S, Closing, PipeRelay, RelayEvents, guarded
 from gsrv.relay.ws.client import WsClient
@@ -72,10 +72,10 @@ class WebSocketRelay(PipeRelay):
                  "errors", "err_done", "term", "child")  # fmt: skip
 
     def __init__(self, sock: socket, chunk: int, upgraded: Upgraded, ws: WebSocketConfig,
-                 child_end: Pipes | Terminal, stderr_channel: bool) -> None:  # fmt: skip
+                 child_end: Pipes | PtyEnd, stderr_channel: bool) -> None:  # fmt: skip
         super().__init__(sock, chunk, child_end)
         self.ws, self.stderr_channel = ws, stderr_channel
-        self.typed = stderr_channel or isinstance(child_end, Terminal)
+        self.typed = stderr_channel or isinstance(child_end, PtyEnd)
         self.term = upgraded.term  # the terminal page's protocol (edge/hello.py): its hello answered first
         reader = upgraded.reader or FrameReader()
         window = Window(ws.reattach_buffer)  # output acknowledged by the client, when it does
@@ -109,7 +109,7 @@ class WebSocketRelay(PipeRelay):
 
     @property
     def name(self) -> str:
-        return "websocket+pty" if isinstance(self.child_end, Terminal) else "websocket"
+        return "websocket+pty" if isinstance(self.child_end, PtyEnd) else "websocket"
 
     def log_fields(self) -> dict[str, object]:
         return super().log_fields() | {"bytes_err": self.errors.total if self.stderr_channel else None,

@@ -137,9 +137,9 @@ def test_http_1_0_without_a_length_closes_and_gsrvs_own_answer_closes() -> None:
     resp, _ = response(version="1.0")
     resp.begin(Head(200, "OK", (), None))
     assert resp.close_after and not resp.keeps
-    own, sent = response()
-    own.answer(502, b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
-    assert own.status == 502 and own.close_after and not own.keeps and not own.began and sent
+    mine, sent = response()
+    mine.own(502, b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
+    assert mine.status == 502 and mine.close_after and not mine.keeps and not mine.began and sent
 
 
 def test_a_failure_is_the_writers_own() -> None:
