@@ -11,6 +11,7 @@ import os
 import socket as stdsocket
 import struct
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 import gevent
@@ -19,7 +20,7 @@ from gsrv.accept.gate import ENDED, Gate, Listener
 from gsrv.accept.listeners import close_listener, open_listener, tune
 from gsrv.config.address import host_port
 from gsrv.config.parse import Config, ServiceConfig
-from gsrv.edge.arrival import Arrival
+from gsrv.edge.arrival import Arrival, Prelude, Visit
 from gsrv.edge.door import Door
 from gsrv.edge.hello import Declined, Hello
 from gsrv.edge.keepalive import KeepAlive
@@ -60,7 +61,7 @@ class Service:
         self.cfg = cfg
         self.refusals = Refusals(cfg.name, server.log, self._refused)
         self.door = Door(cfg.policy, self.refusals, self._join)  # configure() gives it the rest
-        self.gate: Gate[Arrival, Session] = Gate(cfg.name, cfg.max_sessions, server.log, self)
+        self.gate: Gate[Visit, Session] = Gate(cfg.name, cfg.max_sessions, server.log, self)
         self.keepalive = KeepAlive(self._next_request)  # HTTP connections between requests
         self.sessions: set[Session] = set()
         self.tokens: dict[str, Session] = {}  # reattach, share: a session by its tokens
@@ -126,16 +127,19 @@ class Service:
     def has_prelude(self) -> bool:
         return self.door.has_prelude
 
-    def arrive(self, sock: Any, address: Any) -> Arrival | None:
-        arrival = Arrival(sock, address, self.server.next_session_id())
-        return arrival if self.door.screen(arrival) else None
+    def arrive(self, sock: Any, address: Any) -> Visit | None:
+        visit = Visit(Arrival(sock, address), self.server.next_session_id())
+        return visit if self.door.screen(visit) else None
 
-    def prelude(self, arrival: Arrival) -> bool:
-        return self.door.prelude(arrival)
+    def prelude(self, visit: Visit) -> Visit | None:
+        """The visit with what its prelude found; None when it ended (refused) or a hello handed
+        the connection to a running session (JOINED)."""
+        found = self.door.prelude(visit)
+        return replace(visit, prelude=found) if isinstance(found, Prelude) else None
 
-    def start(self, arrival: Arrival) -> Session | int | None:
+    def start(self, visit: Visit) -> Session | int | None:
         server = self.server
-        session = Session(self.cfg, server.config.server, arrival, server.log, server.watchdog, server.launcher,
+        session = Session(self.cfg, server.config.server, visit, server.log, server.watchdog, server.launcher,
                           on_end=self._ended)  # fmt: skip
         error = session.start(self.prespawned.take() if self.cfg.interact.prespawn else None)
         if error is None:
@@ -149,7 +153,7 @@ class Service:
     def _kept(self, session: Session, error: int) -> int | None:
         """An errno the gate parks the connection for, or None: the session wrote its line."""
         if error in RESOURCE_ERRORS:
-            session.arrival.spawn_error = session.spawn_error
+            session.visit.arrival.spawn_error = session.spawn_error
             return error
         return None
 
@@ -168,22 +172,22 @@ class Service:
         if session.kept_alive:
             http = self.cfg.interact.http
             if self.gate.closed or http is None:  # a drain, or a reload that ended HTTP here
-                close_between(session.arrival)
+                close_between(session.visit)
             else:
-                self.keepalive.wait(session.arrival, http.between_requests)
+                self.keepalive.wait(session.visit, http.between_requests)
 
-    def _join(self, arrival: Arrival, hello: Hello) -> None:
+    def _join(self, visit: Visit, hello: Hello) -> None:
         """A terminal page's hello that names a running session (edge/door.py): its reattach
         (the session takes the connection) or a watcher. Raises Declined (a token no session
         has, a reattach by another user than the session's) or ProtocolError."""
         session = self.tokens.get(hello.resume or hello.watch or "")
         if session is None or session.relay is None:
             raise Declined("no_session", "no session of this service has that token (it ended, or never was)")
-        upgraded = arrival.websocket
+        upgraded = visit.prelude.websocket
         assert upgraded is not None and upgraded.reader is not None
-        peer = str(arrival.log_fields()["peer"])
-        link = Link(arrival.sock, upgraded.stream, upgraded.reader, arrival.sid, peer, arrival.ended)
-        owner, user = session.arrival.user, arrival.user
+        peer = str(visit.log_fields()["peer"])
+        link = Link(visit.sock, upgraded.stream, upgraded.reader, visit.sid, peer, visit.arrival.ended)
+        owner, user = session.visit.prelude.user, visit.prelude.user
         session.relay.join(link, hello, (owner[0] if owner else None) == (user[0] if user else None))
 
     @property
@@ -191,12 +195,11 @@ class Service:
         """Sessions whose client's connection dropped, kept for a reattach."""
         return sum(1 for s in self.sessions if s.relay is not None and s.relay.detached_since is not None)
 
-    def _next_request(self, arrival: Arrival) -> None:
-        arrival.next_request(self.server.next_session_id())
-        self.gate.knock(arrival)
+    def _next_request(self, visit: Visit) -> None:
+        self.gate.knock(visit.next_request(self.server.next_session_id()))
 
-    def drop(self, arrival: Arrival, reason: str, error: str | None = None) -> None:
-        self.refusals.drop(arrival, reason, error)
+    def drop(self, visit: Visit, reason: str, error: str | None = None) -> None:
+        self.refusals.drop(visit, reason, error)
 
     # -- counting -------------------------------------------------------------------------
 
@@ -204,10 +207,10 @@ class Service:
         if self.server.metrics is not None:
             self.server.metrics.ended(self.cfg.name, session)
 
-    def _refused(self, arrival: Arrival, reason: str) -> None:
+    def _refused(self, visit: Visit, reason: str) -> None:
         if self.server.metrics is not None:
-            status = arrival.http.status if arrival.http is not None else None
-            self.server.metrics.refused(self.cfg.name, reason, arrival.age(), status)
+            http = visit.prelude.http
+            self.server.metrics.refused(self.cfg.name, reason, visit.age(), http.status if http is not None else None)
 
     # -- the operator's pauses and drain (the admin listener's /services/NAME/...) -----------
 

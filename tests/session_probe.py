@@ -17,7 +17,7 @@ from gevent import socket
 from gsrv.accept.gate import Gate
 from gsrv.config.parse import Config, parse
 from gsrv.contain.root import Root
-from gsrv.edge.arrival import Arrival
+from gsrv.edge.arrival import Arrival, Visit
 from gsrv.logs import Log
 from gsrv.relay.child import Child, Launcher
 from gsrv.relay.pump import End, FdSource, PipeSink, move
@@ -117,15 +117,15 @@ def _probe(where: str, log_path: str, config: Config, seen: dict[str, object], l
 
         has_prelude = False
 
-        def arrive(self, sock: socket.socket, address: object) -> Arrival:
-            return Arrival(sock, address, "probe-1")
+        def arrive(self, sock: socket.socket, address: object) -> Visit:
+            return Visit(Arrival(sock, address), "probe-1")
 
-        def prelude(self, arrival: Arrival) -> bool:
+        def prelude(self, visit: Visit) -> Visit | None:
             raise AssertionError("no prelude configured")
 
-        def start(self, arrival: Arrival) -> Session | int | None:
-            session = Session(svc, config.server, arrival, log, Watchdog(), launcher,
-                              relay=RaisingRelay(arrival.sock, svc.chunk_size, where), on_end=at_end)  # fmt: skip
+        def start(self, visit: Visit) -> Session | int | None:
+            session = Session(svc, config.server, visit, log, Watchdog(), launcher,
+                              relay=RaisingRelay(visit.sock, svc.chunk_size, where), on_end=at_end)  # fmt: skip
             sessions.append(session)
             return session.start() or session
 
@@ -135,7 +135,7 @@ def _probe(where: str, log_path: str, config: Config, seen: dict[str, object], l
         def run(self, session: Session) -> None:
             session.run()
 
-        def drop(self, arrival: Arrival, reason: str, error: str | None = None) -> None:
+        def drop(self, visit: Visit, reason: str, error: str | None = None) -> None:
             raise AssertionError(f"dropped: {reason} {error}")
 
     def at_end(session: Session) -> None:
@@ -143,7 +143,7 @@ def _probe(where: str, log_path: str, config: Config, seen: dict[str, object], l
         assert child is not None
         seen.update(reaped=child.exited.is_set(), group_alive=group_alive(child.pid), active=gate.active)
 
-    gate: Gate[Arrival, Session] = Gate("probe", 4, log, Probe())
+    gate: Gate[Visit, Session] = Gate("probe", 4, log, Probe())
     client = socket.create_connection(listener.getsockname())
     accepted, address = listener.accept()
     gate.admit(accepted, address)

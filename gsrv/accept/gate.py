@@ -39,6 +39,13 @@ C = TypeVar("C")  # a connection accepted, not yet a session
 S = TypeVar("S")  # a running session
 
 
+@dataclass(frozen=True)
+class _Finished(Generic[C]):
+    """A prelude that ran to its end: the connection ready for a slot, or None."""
+
+    ready: C | None
+
+
 class Handler(Protocol[C, S]):
     """What a gate asks of its service, in a connection's order (trio's serve_listeners takes
     one handler the same way)."""
@@ -50,8 +57,10 @@ class Handler(Protocol[C, S]):
     def arrive(self, sock: Any, address: Any) -> C | None:
         """At accept, without yielding: the connection, or None when a rule refused it."""
 
-    def prelude(self, conn: C) -> bool:
-        """In its own greenlet, no slot held: False when it ended the connection itself."""
+    def prelude(self, conn: C) -> C | None:
+        """In its own greenlet, no slot held: the connection with what its prelude found (what
+        start() takes), or None when the connection is not this gate's any more (refused, or
+        handed to a running session)."""
 
     def start(self, conn: C) -> S | int | None:
         """Ask for its command without yielding: the session; an errno when fds or memory ran
@@ -207,19 +216,26 @@ class Gate(Generic[C, S]):
 
     def _prelude(self, conn: C) -> None:
         self.pending += 1
-        greenlet = gevent.spawn(self.handler.prelude, conn)
+        greenlet = gevent.spawn(self._run_prelude, conn)
         greenlet.link(lambda done: self._prelude_done(conn, done))  # also when killed before it ran
         self._preludes.add(greenlet)
 
+    def _run_prelude(self, conn: C) -> _Finished[C]:
+        return _Finished(self.handler.prelude(conn))
+
     def _prelude_done(self, conn: C, greenlet: gevent.Greenlet) -> None:
-        """True: queue for a slot. False: the prelude ended the connection itself. Anything
-        else: it was killed before it ran (a drain), or raised (a bug): end it here."""
+        """A connection back from its prelude queues for a slot; None: not this gate's any more.
+        A prelude killed before it ran (a drain) or that raised (a bug): the connection ends here."""
         self.pending -= 1
         self._preludes.discard(greenlet)
-        if greenlet.value is True and not self.closed:
-            self.ready.append(conn)
-            self._start_ready()
-        elif greenlet.value is not False:
+        outcome = greenlet.value
+        if isinstance(outcome, _Finished) and outcome.ready is not None:
+            if self.closed:
+                self.handler.drop(outcome.ready, "shutdown")
+            else:
+                self.ready.append(outcome.ready)
+                self._start_ready()
+        elif not isinstance(outcome, _Finished):
             error = None if greenlet.exception is None else f"{type(greenlet.exception).__name__}: {greenlet.exception}"
             self.handler.drop(conn, "shutdown" if self.closed else "internal_error", error)
         self.update()

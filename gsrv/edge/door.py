@@ -13,6 +13,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import gevent
 from gevent.socket import socket
@@ -23,7 +24,7 @@ from gsrv.config.policy import Policy
 from gsrv.config.web import WebSocketConfig
 from gsrv.edge import proxy
 from gsrv.edge.access import Admission, allowed
-from gsrv.edge.arrival import Arrival
+from gsrv.edge.arrival import Prelude, Visit
 from gsrv.edge.auth import Gatekeeper
 from gsrv.edge.hello import Declined, Hello, read_hello
 from gsrv.edge.http import HttpConnection, Quiet
@@ -32,7 +33,7 @@ from gsrv.edge.proxy import ProxyError, ProxyHeader
 from gsrv.edge.refusal import Refusals
 from gsrv.edge.stream import PlainStream, Refused, Stream
 from gsrv.edge.tls import TlsStream
-from gsrv.edge.upgrade import Site, speaks_term, upgrade
+from gsrv.edge.upgrade import Site, Upgraded, speaks_term, upgrade
 from gsrv.edge.wsframes import FrameReader, ProtocolError, close
 from gsrv.errors import GsrvError
 
@@ -43,7 +44,20 @@ class TooSlow(GsrvError):
     """A client did not finish its PROXY header or TLS handshake in time."""
 
 
-Resume = Callable[[Arrival, Hello], None]  # a reattach or a watcher handed to its session; raises Declined
+Resume = Callable[["Visit", Hello], None]  # a reattach or a watcher handed to its session; raises Declined
+
+
+class Joined:
+    """A prelude's outcome when a hello named a running session: the connection is that
+    session's now (a reattach, a watcher), neither a new session nor a refusal."""
+
+
+JOINED = Joined()
+
+
+def _found(visit: Visit, **found: Any) -> Visit:
+    """The visit with more of its prelude found (frozen: a new one)."""
+    return replace(visit, prelude=replace(visit.prelude, **found))
 
 
 class Door:
@@ -73,130 +87,141 @@ class Door:
         p = self.policy
         return p.tls is not None or p.proxy_protocol != "off" or self.websocket is not None or self.http is not None
 
-    def screen(self, arrival: Arrival) -> bool:
+    def screen(self, visit: Visit) -> bool:
         """At accept, without yielding; False when the connection was refused."""
-        p = self.policy
+        p, peer_ip = self.policy, visit.arrival.peer_ip
         if p.proxy_protocol != "off":
-            if not allowed(arrival.peer_ip, p.proxy_trusted, ()):
-                self.refusals.refuse(arrival, "proxy_failed", error=f"{arrival.peer_text} is not in proxy_trusted")
+            if not allowed(peer_ip, p.proxy_trusted, ()):
+                self.refusals.refuse(visit, "proxy_failed", error=f"{visit.arrival.peer_text} is not in proxy_trusted")
                 return False
             return True  # the rules and limits judge the client the header names
-        return self._admit(arrival, arrival.peer_ip, arrival.peer_ip)
+        return self._admit(visit, peer_ip, peer_ip)
 
-    def prelude(self, arrival: Arrival) -> bool:
+    def prelude(self, visit: Visit) -> Prelude | Joined | None:
         """The header, its client's rules and limits, the TLS handshake, the WebSocket upgrade
-        or the HTTP request's head (a kept-alive connection's next request: the head alone).
-        Never raises; False when the connection was refused or the server is stopping."""
+        or the HTTP request's head (a kept-alive connection's next request: the head alone):
+        what it found, JOINED when a hello handed the connection to a running session, None
+        when it was refused or the server is stopping (its line written). Never raises."""
         p, refuse = self.policy, self.refusals.refuse
         reason = "proxy_failed"
         try:
-            if arrival.http is not None:  # a kept-alive connection's next request
-                return self._request(arrival, arrival.http)
+            if visit.prelude.http is not None:  # a kept-alive connection's next request
+                return self._request(visit, visit.prelude.http)
             if p.proxy_protocol != "off":
                 with gevent.Timeout(p.proxy_timeout, TooSlow(f"no complete PROXY header within {p.proxy_timeout:g}s")):
-                    arrival.proxied(read_header(arrival.sock, p.proxy_protocol))
-                rule_ip = arrival.client_ip if p.access_on == "proxy" else arrival.peer_ip
-                if not self._admit(arrival, rule_ip, arrival.client_ip):
-                    return False
+                    header = read_header(visit.sock, p.proxy_protocol)
+                named = header.source if not header.local and isinstance(header.source, tuple) else None
+                visit = _found(visit, header=header, client=named)
+                rule_ip = visit.client_ip if p.access_on == "proxy" else visit.arrival.peer_ip
+                if not self._admit(visit, rule_ip, visit.client_ip):
+                    return None
             if p.tls is not None:
                 reason = "tls_failed"
-                stream = TlsStream(arrival.sock, p.tls.context)
+                stream = TlsStream(visit.sock, p.tls.context)
                 timeout = p.tls.handshake_timeout
                 with gevent.Timeout(timeout, TooSlow(f"no complete TLS handshake within {timeout:g}s")):
                     stream.handshake()
-                arrival.tls = stream
-            ws = self.websocket
-            if ws is not None:
+                visit = _found(visit, tls=stream)
+            if self.websocket is not None:
                 reason = "bad_request"
-                timeout = ws.handshake_timeout
-                transport = arrival.tls or PlainStream(arrival.sock)
-                with gevent.Timeout(timeout, TooSlow(f"no complete WebSocket upgrade (and hello) within {timeout:g}s")):
-                    arrival.websocket = upgrade(transport, ws, arrival.tls is not None, self.site,
-                                                lambda conn: self._authorize(arrival, conn))  # fmt: skip
-                    if arrival.websocket.term:
-                        self._hello(arrival)
-                hello = arrival.hello
-                if hello is not None and (hello.resume is not None or hello.watch is not None):
-                    self._join(arrival, hello)  # (its replay has no deadline: a slow page is backpressure)
-                    return False  # the connection is that session's now
+                return self._upgrade(visit, self.websocket)
             if self.http is not None:
-                arrival.http = HttpConnection(arrival.tls or PlainStream(arrival.sock), arrival.tls is not None)
-                return self._request(arrival, arrival.http)
-            return True
+                tls = visit.prelude.tls
+                conn = HttpConnection(tls or PlainStream(visit.sock), tls is not None)
+                return self._request(_found(visit, http=conn), conn)
+            return visit.prelude
         except Refused as e:
-            refuse(arrival, e.reason, error=str(e) or None, answered=True)
+            refuse(visit, e.reason, error=str(e) or None, answered=True)
         except gevent.GreenletExit:
-            refuse(arrival, "shutdown")
+            refuse(visit, "shutdown")
         except ssl.SSLError as e:
-            refuse(arrival, reason, error=f"{e.reason or e}")
+            refuse(visit, reason, error=f"{e.reason or e}")
         except (ProxyError, TooSlow) as e:
-            refuse(arrival, reason, error=str(e))
+            refuse(visit, reason, error=str(e))
         except OSError as e:
-            refuse(arrival, reason, error=e.strerror or str(e))
-        return False
+            refuse(visit, reason, error=e.strerror or str(e))
+        return None
 
-    def _request(self, arrival: Arrival, conn: HttpConnection) -> bool:
+    def _upgrade(self, visit: Visit, ws: WebSocketConfig) -> Prelude | Joined:
+        """The WebSocket upgrade (and the terminal page's hello) under handshake_timeout; a hello
+        naming a running session hands the connection over (its replay has no deadline: a slow
+        page is backpressure). Raises as prelude's steps do."""
+        tls = visit.prelude.tls
+        users: list[tuple[str, str] | None] = []
+        late = TooSlow(f"no complete WebSocket upgrade (and hello) within {ws.handshake_timeout:g}s")
+        with gevent.Timeout(ws.handshake_timeout, late):
+            upgraded = upgrade(tls or PlainStream(visit.sock), ws, tls is not None, self.site,
+                               lambda conn: users.append(self._authorize(visit, conn)))  # fmt: skip
+            visit = _found(visit, websocket=upgraded, user=users[0] if users else None)
+            if upgraded.term:
+                visit = self._hello(visit, upgraded)
+        hello = visit.prelude.hello
+        if hello is not None and (hello.resume is not None or hello.watch is not None):
+            self._join(visit, hello)
+            return JOINED
+        return visit.prelude
+
+    def _request(self, visit: Visit, conn: HttpConnection) -> Prelude | None:
         """An HTTP request's head, read under handshake_timeout (then 408) and judged."""
         http = self.http
         if http is None:  # a reload changed the transport: this connection ends here
-            self.refusals.refuse(arrival, "shutdown", error="the service no longer speaks HTTP")
-            return False
+            self.refusals.refuse(visit, "shutdown", error="the service no longer speaks HTTP")
+            return None
         try:
             try:
                 with gevent.Timeout(http.handshake_timeout, TooSlow()):
                     conn.read_request(http)
-                    self._authorize(arrival, conn)
+                    user = self._authorize(visit, conn)
             except TooSlow:
                 conn.timed_out()
-            return True
+            return replace(visit.prelude, user=user)
         except Refused as e:
-            self.refusals.refuse(arrival, e.reason, error=str(e) or None, answered=True)
+            self.refusals.refuse(visit, e.reason, error=str(e) or None, answered=True)
         except Quiet:
-            self.refusals.quiet(arrival)
+            self.refusals.quiet(visit)
         except gevent.GreenletExit:
-            self.refusals.refuse(arrival, "shutdown")
+            self.refusals.refuse(visit, "shutdown")
         except OSError as e:
-            self.refusals.refuse(arrival, "client_reset", error=e.strerror or str(e))
-        return False
+            self.refusals.refuse(visit, "client_reset", error=e.strerror or str(e))
+        return None
 
-    def _authorize(self, arrival: Arrival, conn: HttpConnection) -> None:
-        """The request's credentials (auth): the user on the arrival, or 401/429 answered. The
+    def _authorize(self, visit: Visit, conn: HttpConnection) -> tuple[str, str] | None:
+        """The request's credentials (auth): the user, or 401/429 answered (Refused). The
         terminal page's upgrade without Authorization brings its token in the hello (_hello)."""
         request = conn.request
         assert request is not None
         ws, protocols = self.websocket, request.header("sec-websocket-protocol") or ""
         if ws and request.header("authorization") is None and speaks_term(ws, protocols):
-            return
+            return None
         try:
-            arrival.user = self.gatekeeper.check(request.header("authorization"), arrival.client_ip)
+            return self.gatekeeper.check(request.header("authorization"), visit.client_ip)
         except HeadError as e:
             fields = self.gatekeeper.challenge() if e.status == 401 else (("Retry-After", "60"),)
             conn.refuse(e.status, e.reason, str(e), fields)
 
-    def _hello(self, arrival: Arrival) -> None:
+    def _hello(self, visit: Visit, upgraded: Upgraded) -> Visit:
         """The terminal page's first message (edge/hello.py), its bearer token checked when
         the upgrade brought no credentials. A hello refused closes with its code (Refused)."""
-        upgraded = arrival.websocket
-        assert upgraded is not None
         reader, stream = FrameReader(), upgraded.stream
         with self._declining(stream):
             hello = read_hello(stream, reader, upgraded.leftover)
-            arrival.websocket, arrival.hello = replace(upgraded, leftover=b"", reader=reader), hello
-            if self.gatekeeper.credentials is not None and arrival.user is None:
+            visit = _found(visit, websocket=replace(upgraded, leftover=b"", reader=reader), hello=hello)
+            if self.gatekeeper.credentials is not None and visit.prelude.user is None:
                 bearer = f"Bearer {hello.bearer}" if hello.bearer else None
                 try:
-                    arrival.user = self.gatekeeper.check(bearer, arrival.client_ip)
+                    visit = _found(visit, user=self.gatekeeper.check(bearer, visit.client_ip))
                 except HeadError as e:
                     raise Declined(e.reason, str(e)) from None
+        return visit
 
-    def _join(self, arrival: Arrival, hello: Hello) -> None:
+    def _join(self, visit: Visit, hello: Hello) -> None:
         """A hello that names a running session (a reattach, a watcher): the service hands the
         connection to it, or it is refused with its close code (Refused)."""
-        assert arrival.websocket is not None
-        with self._declining(arrival.websocket.stream):
+        assert visit.prelude.websocket is not None
+        with self._declining(visit.prelude.websocket.stream):
             if self.resume is None:
                 raise Declined("no_session", "this service keeps no session to reattach to or watch")
-            self.resume(arrival, hello)
+            self.resume(visit, hello)
 
     @contextlib.contextmanager
     def _declining(self, stream: Stream) -> Iterator[None]:
@@ -210,14 +235,14 @@ class Door:
                 stream.close_notify()
             raise Refused(reason, str(e)) from None
 
-    def _admit(self, arrival: Arrival, rule_ip: str | None, ip: str | None) -> bool:
+    def _admit(self, visit: Visit, rule_ip: str | None, ip: str | None) -> bool:
         refused = self.admission.check(rule_ip, ip, time.monotonic())
         if refused is not None:
             banner = self.policy.reject_banner if refused != "denied" else ""
-            self.refusals.refuse(arrival, refused, banner.encode())
+            self.refusals.refuse(visit, refused, banner.encode())
             return False
         admission = self.admission
-        arrival.at_end(lambda: admission.release(ip))
+        visit.arrival.at_end(lambda: admission.release(ip))
         return True
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import gevent
 from gevent import get_hub
 
-from gsrv.edge.arrival import Arrival
+from gsrv.edge.arrival import Visit
 from gsrv.edge.refusal import fin_and_drain
 from gsrv.loop import READ
 
@@ -19,12 +19,12 @@ from gsrv.loop import READ
 class Waiting:
     """One kept-alive connection's watchers."""
 
-    __slots__ = ("arrival", "io", "timer")
+    __slots__ = ("visit", "io", "timer")
 
-    def __init__(self, arrival: Arrival, seconds: float) -> None:
+    def __init__(self, visit: Visit, seconds: float) -> None:
         loop = get_hub().loop
-        self.arrival = arrival
-        self.io = loop.io(arrival.sock.fileno(), READ)
+        self.visit = visit
+        self.io = loop.io(visit.sock.fileno(), READ)
         self.timer = loop.timer(seconds)
 
     def stop(self) -> None:
@@ -34,50 +34,51 @@ class Waiting:
 
 
 class KeepAlive:
-    """A service's connections between requests; `knock(arrival)` when a request comes."""
+    """A service's connections between requests; `knock(visit)` when a request comes."""
 
-    def __init__(self, knock: Callable[[Arrival], None]) -> None:
+    def __init__(self, knock: Callable[[Visit], None]) -> None:
         self.knock = knock
-        self.waiting: dict[Arrival, Waiting] = {}
+        self.waiting: dict[Visit, Waiting] = {}
 
     def __len__(self) -> int:
         return len(self.waiting)
 
-    def wait(self, arrival: Arrival, seconds: float) -> None:
+    def wait(self, visit: Visit, seconds: float) -> None:
         """Until the next request's first byte (at once if the client already sent it)."""
-        http = arrival.http
-        if http is not None and http.buffered or arrival.tls is not None and arrival.tls.buffered:
-            self.knock(arrival)  # pipelined: the next request is read already (TLS: in its buffers)
+        http, tls = visit.prelude.http, visit.prelude.tls
+        if http is not None and http.buffered or tls is not None and tls.buffered:
+            self.knock(visit)  # pipelined: the next request is read already (TLS: in its buffers)
             return
-        waiting = Waiting(arrival, seconds)
-        self.waiting[arrival] = waiting
-        waiting.io.start(self._readable, arrival)
-        waiting.timer.start(self._expired, arrival)
+        waiting = Waiting(visit, seconds)
+        self.waiting[visit] = waiting
+        waiting.io.start(self._readable, visit)
+        waiting.timer.start(self._expired, visit)
 
-    def _readable(self, arrival: Arrival) -> None:
-        waiting = self.waiting.pop(arrival, None)
+    def _readable(self, visit: Visit) -> None:
+        waiting = self.waiting.pop(visit, None)
         if waiting is not None:
             waiting.stop()
-            self.knock(arrival)
+            self.knock(visit)
 
-    def _expired(self, arrival: Arrival) -> None:
-        waiting = self.waiting.pop(arrival, None)
+    def _expired(self, visit: Visit) -> None:
+        waiting = self.waiting.pop(visit, None)
         if waiting is not None:
             waiting.stop()
-            gevent.spawn(close, arrival)  # in a greenlet: TLS's close_notify may wait to send
+            gevent.spawn(close, visit)  # in a greenlet: TLS's close_notify may wait to send
 
     def close_all(self) -> None:
         """A drain: every connection between requests ends now (a FIN)."""
         while self.waiting:
-            arrival, waiting = self.waiting.popitem()
+            visit, waiting = self.waiting.popitem()
             waiting.stop()
-            close(arrival)
+            close(visit)
 
 
-def close(arrival: Arrival) -> None:
+def close(visit: Visit) -> None:
     """End a connection between requests: a FIN, what it sent meanwhile read, then close."""
-    if arrival.http is not None and arrival.http.secure and arrival.tls is not None:
+    tls = visit.prelude.tls
+    if tls is not None:
         with contextlib.suppress(OSError):
-            arrival.tls.close_notify()
-    fin_and_drain(arrival.sock)
-    arrival.ended()
+            tls.close_notify()
+    fin_and_drain(visit.sock)
+    visit.arrival.ended()

@@ -11,48 +11,48 @@ import socket as stdsocket
 import struct
 from collections.abc import Callable
 
-from gsrv.edge.arrival import Arrival
+from gsrv.edge.arrival import Visit
 from gsrv.logs import Log
 
 DRAIN_READS = 4  # reads of what the client already sent, never waiting: close() over unread input is a reset
 
 
 class Refusals:
-    """One service's refusals; `counted(arrival, reason)` runs after each line (the metrics)."""
+    """One service's refusals; `counted(visit, reason)` runs after each line (the metrics)."""
 
-    def __init__(self, service: str, log: Log, counted: Callable[[Arrival, str], None] | None = None) -> None:
+    def __init__(self, service: str, log: Log, counted: Callable[[Visit, str], None] | None = None) -> None:
         self.service, self.log, self.counted = service, log, counted
 
-    def refuse(self, arrival: Arrival, reason: str, banner: bytes = b"", error: str | None = None,
+    def refuse(self, visit: Visit, reason: str, banner: bytes = b"", error: str | None = None,
                answered: bool = False) -> None:  # fmt: skip
         """A rule said no: the banner if any, a FIN, then close (after a banner, or an answer
         already sent, such as an HTTP status, what the client sent is read first)."""
-        sock = arrival.sock
+        sock = visit.sock
         if banner:
             with contextlib.suppress(OSError):
                 os.write(sock.fileno(), banner)  # a fresh socket's buffer takes a short banner at once
         fin_and_drain(sock, bool(banner) or answered)  # input already here would make close() lose the banner
-        self._ended(arrival, reason, error)
+        self._ended(visit, reason, error)
 
-    def quiet(self, arrival: Arrival) -> None:
+    def quiet(self, visit: Visit) -> None:
         """A kept-alive connection its client closed between requests: no request, no line."""
-        arrival.sock.close()
-        arrival.ended()
+        visit.sock.close()
+        visit.arrival.ended()
 
-    def drop(self, arrival: Arrival, reason: str, error: str | None = None) -> None:
+    def drop(self, visit: Visit, reason: str, error: str | None = None) -> None:
         """A connection that cannot go on (a drain, a failed start, a bug): a reset."""
-        reset(arrival.sock)
-        self._ended(arrival, reason, error or arrival.spawn_error)
+        reset(visit.sock)
+        self._ended(visit, reason, error or visit.arrival.spawn_error)
 
-    def _ended(self, arrival: Arrival, reason: str, error: str | None) -> None:
+    def _ended(self, visit: Visit, reason: str, error: str | None) -> None:
         self.log.info(
-            "session_end", service=self.service, session=arrival.sid, **arrival.log_fields(), bytes_in=0,
-            bytes_out=0, duration_ms=round(arrival.age() * 1000, 1), reason=reason,
+            "session_end", service=self.service, session=visit.sid, **visit.log_fields(), bytes_in=0,
+            bytes_out=0, duration_ms=round(visit.age() * 1000, 1), reason=reason,
             error=error,
         )  # fmt: skip
         if self.counted is not None:
-            self.counted(arrival, reason)
-        arrival.ended()
+            self.counted(visit, reason)
+        visit.arrival.ended()
 
 
 def fin_and_drain(sock: stdsocket.socket, read_first: bool = True) -> None:

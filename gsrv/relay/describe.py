@@ -58,7 +58,7 @@ def describe(session: Session, now: float) -> Fields:
     fields: Fields = {
         "id": session.sid,
         "service": session.svc.name,
-        **session.arrival.log_fields(),
+        **session.visit.log_fields(),
         "transport": session.svc.interact.transport,
         "relay": relay.name if relay is not None else None,
         "started": round(time.time() - session.duration, 3),

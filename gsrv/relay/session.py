@@ -18,7 +18,7 @@ import gevent
 from gevent.event import Event
 
 from gsrv.config.parse import ServerConfig, ServiceConfig
-from gsrv.edge.arrival import Arrival
+from gsrv.edge.arrival import Visit
 from gsrv.edge.refusal import reset
 from gsrv.errors import RESOURCE_ERRORS, SpawnError
 from gsrv.logs import Log
@@ -48,15 +48,15 @@ class Session:
         self,
         svc: ServiceConfig,
         server: ServerConfig,
-        arrival: Arrival,
+        visit: Visit,
         log: Log,
         watchdog: Watchdog,
         launcher: Launcher,
         relay: Relay | None = None,
         on_end: Callable[[Session], None] | None = None,
     ) -> None:
-        self.svc, self.server, self.sid, self.log = svc, server, arrival.sid, log
-        self.arrival, self.sock = arrival, arrival.sock
+        self.svc, self.server, self.sid, self.log = svc, server, visit.sid, log
+        self.visit, self.sock = visit, visit.sock
         self.watchdog = watchdog
         self.launcher = launcher
         self._started_spawn = 0.0
@@ -69,7 +69,7 @@ class Session:
         self.spawn_error: str | None = None
         self.stderr = StderrLog(self.stderr_line)  # the child's stderr as log lines (stderr = "log")
         self._wake = Event()
-        self._started = arrival.started  # a prelude's time counts: session_timeout runs from accept
+        self._started = visit.started  # a prelude's time counts: session_timeout runs from accept
 
     @property
     def duration(self) -> float:
@@ -118,11 +118,11 @@ class Session:
         try:
             svc = self.svc
             if self.relay is None:
-                self.relay = choose(svc, self.arrival, self.server.eof_grace, self._recording)
+                self.relay = choose(svc, self.visit, self.server.eof_grace, self._recording)
             if prespawned is not None:
                 self.child = prespawned
                 return None
-            env = self.arrival.env(svc, self.sid)
+            env = self.visit.env(svc)
             self.child = self.launcher.spawn(svc.launch, env, self.relay.stdio(svc.stderr))
         except (SpawnError, OSError) as e:
             return self._spawn_failed(e)
@@ -140,7 +140,7 @@ class Session:
         self.spawn_seconds = time.perf_counter() - self._started_spawn
         if svc.interact.peer_line == "proxy-v1":  # its stdin is an empty pipe: the line fits at once
             with contextlib.suppress(OSError):  # a child that closed its stdin (or ended) does not read it
-                os.write(self.child.stdin, self.arrival.peer_line())
+                os.write(self.child.stdin, self.visit.peer_line())
         if self.child.placement_failed:
             self.log.error("cgroup_placement_failed", service=svc.name, session=self.sid,
                            error="; ".join(self.child.placement_failed),
@@ -328,7 +328,7 @@ class Session:
             "session_end",
             service=self.svc.name,
             session=self.sid,
-            **self.arrival.log_fields(),
+            **self.visit.log_fields(),
             **(relay.log_fields() if relay else {"bytes_in": 0, "bytes_out": 0}),
             duration_ms=round(self.duration * 1000, 1),
             relay=relay.name if relay else None,
@@ -344,4 +344,4 @@ class Session:
         if self.on_end is not None:
             self.on_end(self)
         if not self.kept_alive:
-            self.arrival.ended()
+            self.visit.arrival.ended()

@@ -51,10 +51,10 @@ class FakeHandler:
         self.steps.append(("arrive", sock))
         return None if sock.startswith("refused") else sock
 
-    def prelude(self, conn: str) -> bool:
+    def prelude(self, conn: str) -> str | None:
         self.steps.append(("prelude", conn))
         self.prelude_go.setdefault(conn, Event()).wait()
-        return self.prelude_says.get(conn, True)
+        return conn if self.prelude_says.get(conn, True) else None
 
     def start(self, conn: str) -> str | int | None:
         self.steps.append(("start", conn))
@@ -253,3 +253,25 @@ def test_close_ends_what_has_no_session_and_takes_no_more(log) -> None:
     gate.knock("late")
     assert handler.dropped["late"] == "shutdown"
     assert handler.started() == ["a"]  # the running session is the drain's, not the gate's
+
+
+def test_start_gets_what_the_prelude_returned_not_what_arrived(log) -> None:
+    """The prelude's result is a value of its own (the door's frozen Prelude in gsrv): the gate
+    queues and starts what came back, and a None from it ends nothing of the gate's."""
+
+    class Finding(FakeHandler):
+        def prelude(self, conn: str) -> str | None:
+            found = super().prelude(conn)
+            return None if found is None else f"{found}+found"
+
+    handler = Finding(has_prelude=True)
+    gate, _ = gate_with(handler, log)
+    run_at_once(handler, "a+found")
+    handler.prelude_says["joined"] = False  # handed to a running session: not this gate's any more
+    gate.admit("a", None)
+    gate.admit("joined", None)
+    handler.prelude_done("a")
+    handler.prelude_done("joined")
+    settle()
+    assert ("start", "a+found") in handler.steps and ("start", "a") not in handler.steps
+    assert handler.started() == ["a+found"] and "joined" not in handler.dropped and gate.pending == 0
