@@ -209,7 +209,12 @@ class Child:
         self._stdio = stdio
         self.signals_sent: list[str] = []
         self.pipe_size_error: OSError | None = None
-        self.terminal, self.stdin, self.stdout, self.stderr = stdio.terminal, stdio.stdin, stdio.stdout, stdio.stderr
+        self.pty_master, self.stdin, self.stdout, self.stderr = (
+            stdio.pty_master,
+            stdio.stdin,
+            stdio.stdout,
+            stdio.stderr,
+        )
 
     def started(self) -> None:
         """Wait for the spawner's answer. Raises SpawnError (the stdio and the cgroup gone)."""
@@ -218,7 +223,7 @@ class Child:
             process.error = SpawnError(f"the spawner did not answer within {STARTED_TIMEOUT_S:g}s")
         if process.error is not None:
             self._stdio.unused()
-            self.stdin = self.stdout = self.stderr = self.terminal = -1
+            self.stdin = self.stdout = self.stderr = self.pty_master = -1
             raise process.error
         self.pid = process.pid
         self.placement_failed = process.stuck
@@ -289,8 +294,8 @@ class Child:
 
     def close_stdin(self) -> None:
         """The child reads EOF; on a terminal, closing the master is a hangup (SIGHUP to its session)."""
-        if self.terminal >= 0:
-            self._close_terminal()
+        if self.pty_master >= 0:
+            self._close_pty_master()
         elif self.stdin >= 0:
             os.close(self.stdin)
             self.stdin = -1
@@ -303,20 +308,20 @@ class Child:
                 os.close(fd)
                 setattr(self, name, -1)
 
-    def _close_terminal(self) -> None:
-        if self.terminal >= 0:
-            os.close(self.terminal)
-            self.terminal = self.stdin = self.stdout = -1
+    def _close_pty_master(self) -> None:
+        if self.pty_master >= 0:
+            os.close(self.pty_master)
+            self.pty_master = self.stdin = self.stdout = -1
 
     def hang_up(self) -> bool:
         """What a terminal's hangup does: SIGHUP to its foreground process group and to its
         session leader, the child (the master stays open, so what the child writes on its way
         out still reaches the client; TIOCSIG on a master sends only INT, QUIT and TSTP)."""
-        if self.terminal < 0 or self.exited.is_set():
+        if self.pty_master < 0 or self.exited.is_set():
             return False
         groups = {self.pid}
         with contextlib.suppress(OSError):
-            foreground = os.tcgetpgrp(self.terminal)  # on the master: the slave's foreground group
+            foreground = os.tcgetpgrp(self.pty_master)  # on the master: the slave's foreground group
             # 0: none (killpg(0) would be gsrv's own); the spawner's: a child before its tty stage
             if foreground > 0 and foreground not in (os.getpgrp(), self._launcher.spawner.pid):
                 groups.add(foreground)

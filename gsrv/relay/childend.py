@@ -72,22 +72,22 @@ class PtyEnd:
         return Stdio.pty(stderr)
 
     def sink(self, child: Child) -> Sink:
-        self._sink = PtySink(child.terminal)
+        self._sink = PtySink(child.pty_master)
         return self._sink
 
     def source(self, child: Child, chunk: int) -> Source:
-        return PtySource(child.terminal, chunk)
+        return PtySource(child.pty_master, chunk)
 
     def end_input(self, child: Child) -> None:
         """The client's EOF: the EOF character if the terminal is canonical, else wait up to
         eof_grace for the child to exit, and hang up if it does not."""
         try:
-            attrs = termios.tcgetattr(child.terminal)
+            attrs = termios.tcgetattr(child.pty_master)
         except (OSError, termios.error):  # the child's side is gone: nothing to tell it
             return
         eof = eof_input(attrs, self._sink.last if self._sink else b"")
         if eof:
-            fd = Fd(child.terminal, WRITE)
+            fd = Fd(child.pty_master, WRITE)
             try:
                 fd.write_all(eof)
             except OSError:
@@ -102,22 +102,22 @@ class PtyEnd:
 
     def resize(self, child: Child, columns: int, rows: int) -> None:
         """The terminal's new size; the kernel sends its foreground group SIGWINCH."""
-        if child.terminal >= 0:
+        if child.pty_master >= 0:
             with contextlib.suppress(OSError):
-                fcntl.ioctl(child.terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+                fcntl.ioctl(child.pty_master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
 
     def nudge(self, child: Child) -> None:
         """A full-screen program redraws (a new watcher): a row less, then the size again."""
-        if child.terminal >= 0:
+        if child.pty_master >= 0:
             with contextlib.suppress(OSError):
-                rows, columns, _, _ = struct.unpack("HHHH", fcntl.ioctl(child.terminal, termios.TIOCGWINSZ, bytes(8)))
+                rows, columns, _, _ = struct.unpack("HHHH", fcntl.ioctl(child.pty_master, termios.TIOCGWINSZ, bytes(8)))
                 if rows > 1:
                     self.resize(child, columns, rows - 1)
                     self.resize(child, columns, rows)
 
     def type(self, child: Child, data: bytes) -> None:
         """A watcher's typing (share = "read-write"), beside the driver's input."""
-        fd = Fd(child.terminal, WRITE)
+        fd = Fd(child.pty_master, WRITE)
         try:
             fd.write_all(data)
         except OSError:

@@ -21,7 +21,7 @@ class Stdio:
     stdin: int = -1
     stdout: int = -1
     stderr: int = -1
-    terminal: int = -1  # a pty's master: stdin and stdout both
+    pty_master: int = -1  # a pty's master: stdin and stdout both
     made: list[int] = field(default_factory=list)  # the child's ends gsrv made: closed once sent
     socket: int = -1  # a connection made blocking for the child (socket handoff)
 
@@ -65,7 +65,7 @@ class Stdio:
         self.sent()
         for fd in {self.stdin, self.stdout, self.stderr} - {-1}:
             os.close(fd)
-        self.stdin = self.stdout = self.stderr = self.terminal = -1
+        self.stdin = self.stdout = self.stderr = self.pty_master = -1
         if self.socket >= 0:
             os.set_blocking(self.socket, False)
 
