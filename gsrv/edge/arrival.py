@@ -118,6 +118,7 @@ class Visit:
     def next_request(self, sid: str) -> Visit:
         """A kept-alive connection's next request: a session id and a start of its own, the
         connection's prelude (header, TLS, the HTTP connection) kept until its head is read."""
+        self.arrival.spawn_error = None  # the last request's: this one has none yet
         return replace(self, sid=sid, started=time.monotonic(), connection_sid=self.connection_sid or self.sid)
 
     def age(self) -> float:

@@ -44,7 +44,7 @@ class TooSlow(GsrvError):
     """A client did not finish its PROXY header or TLS handshake in time."""
 
 
-Resume = Callable[["Visit", Hello], None]  # a reattach or a watcher handed to its session; raises Declined
+Resume = Callable[[Visit, Hello], None]  # a reattach or a watcher handed to its session; raises Declined
 
 
 class Joined:
@@ -55,9 +55,18 @@ class Joined:
 JOINED = Joined()
 
 
-def _found(visit: Visit, **found: Any) -> Visit:
-    """The visit with more of its prelude found (frozen: a new one)."""
-    return replace(visit, prelude=replace(visit.prelude, **found))
+class _Progress:
+    """A visit as far as its prelude got: each step's finding makes a new (frozen) visit here,
+    and a refusal's line says what was found by then (the proxy's client, TLS, the user)."""
+
+    __slots__ = ("visit",)
+
+    def __init__(self, visit: Visit) -> None:
+        self.visit = visit
+
+    def found(self, **found: Any) -> Visit:
+        self.visit = replace(self.visit, prelude=replace(self.visit.prelude, **found))
+        return self.visit
 
 
 class Door:
@@ -102,7 +111,7 @@ class Door:
         or the HTTP request's head (a kept-alive connection's next request: the head alone):
         what it found, JOINED when a hello handed the connection to a running session, None
         when it was refused or the server is stopping (its line written). Never raises."""
-        p, refuse = self.policy, self.refusals.refuse
+        p, refuse, seen = self.policy, self.refusals.refuse, _Progress(visit)
         reason = "proxy_failed"
         try:
             if visit.prelude.http is not None:  # a kept-alive connection's next request
@@ -111,7 +120,7 @@ class Door:
                 with gevent.Timeout(p.proxy_timeout, TooSlow(f"no complete PROXY header within {p.proxy_timeout:g}s")):
                     header = read_header(visit.sock, p.proxy_protocol)
                 named = header.source if not header.local and isinstance(header.source, tuple) else None
-                visit = _found(visit, header=header, client=named)
+                visit = seen.found(header=header, client=named)
                 rule_ip = visit.client_ip if p.access_on == "proxy" else visit.arrival.peer_ip
                 if not self._admit(visit, rule_ip, visit.client_ip):
                     return None
@@ -121,40 +130,40 @@ class Door:
                 timeout = p.tls.handshake_timeout
                 with gevent.Timeout(timeout, TooSlow(f"no complete TLS handshake within {timeout:g}s")):
                     stream.handshake()
-                visit = _found(visit, tls=stream)
+                visit = seen.found(tls=stream)
             if self.websocket is not None:
                 reason = "bad_request"
-                return self._upgrade(visit, self.websocket)
+                return self._upgrade(seen, self.websocket)
             if self.http is not None:
                 tls = visit.prelude.tls
                 conn = HttpConnection(tls or PlainStream(visit.sock), tls is not None)
-                return self._request(_found(visit, http=conn), conn)
+                return self._request(seen.found(http=conn), conn)
             return visit.prelude
         except Refused as e:
-            refuse(visit, e.reason, error=str(e) or None, answered=True)
+            refuse(seen.visit, e.reason, error=str(e) or None, answered=True)
         except gevent.GreenletExit:
-            refuse(visit, "shutdown")
+            refuse(seen.visit, "shutdown")
         except ssl.SSLError as e:
-            refuse(visit, reason, error=f"{e.reason or e}")
+            refuse(seen.visit, reason, error=f"{e.reason or e}")
         except (ProxyError, TooSlow) as e:
-            refuse(visit, reason, error=str(e))
+            refuse(seen.visit, reason, error=str(e))
         except OSError as e:
-            refuse(visit, reason, error=e.strerror or str(e))
+            refuse(seen.visit, reason, error=e.strerror or str(e))
         return None
 
-    def _upgrade(self, visit: Visit, ws: WebSocketConfig) -> Prelude | Joined:
+    def _upgrade(self, seen: _Progress, ws: WebSocketConfig) -> Prelude | Joined:
         """The WebSocket upgrade (and the terminal page's hello) under handshake_timeout; a hello
         naming a running session hands the connection over (its replay has no deadline: a slow
         page is backpressure). Raises as prelude's steps do."""
-        tls = visit.prelude.tls
-        users: list[tuple[str, str] | None] = []
+        tls = seen.visit.prelude.tls
         late = TooSlow(f"no complete WebSocket upgrade (and hello) within {ws.handshake_timeout:g}s")
         with gevent.Timeout(ws.handshake_timeout, late):
-            upgraded = upgrade(tls or PlainStream(visit.sock), ws, tls is not None, self.site,
-                               lambda conn: users.append(self._authorize(visit, conn)))  # fmt: skip
-            visit = _found(visit, websocket=upgraded, user=users[0] if users else None)
+            upgraded = upgrade(tls or PlainStream(seen.visit.sock), ws, tls is not None, self.site,
+                               lambda conn: seen.found(user=self._authorize(seen.visit, conn)))  # fmt: skip
+            seen.found(websocket=upgraded)
             if upgraded.term:
-                visit = self._hello(visit, upgraded)
+                self._hello(seen, upgraded)
+        visit = seen.visit
         hello = visit.prelude.hello
         if hello is not None and (hello.resume is not None or hello.watch is not None):
             self._join(visit, hello)
@@ -199,20 +208,19 @@ class Door:
             fields = self.gatekeeper.challenge() if e.status == 401 else (("Retry-After", "60"),)
             conn.refuse(e.status, e.reason, str(e), fields)
 
-    def _hello(self, visit: Visit, upgraded: Upgraded) -> Visit:
+    def _hello(self, seen: _Progress, upgraded: Upgraded) -> None:
         """The terminal page's first message (edge/hello.py), its bearer token checked when
         the upgrade brought no credentials. A hello refused closes with its code (Refused)."""
         reader, stream = FrameReader(), upgraded.stream
         with self._declining(stream):
             hello = read_hello(stream, reader, upgraded.leftover)
-            visit = _found(visit, websocket=replace(upgraded, leftover=b"", reader=reader), hello=hello)
+            visit = seen.found(websocket=replace(upgraded, leftover=b"", reader=reader), hello=hello)
             if self.gatekeeper.credentials is not None and visit.prelude.user is None:
                 bearer = f"Bearer {hello.bearer}" if hello.bearer else None
                 try:
-                    visit = _found(visit, user=self.gatekeeper.check(bearer, visit.client_ip))
+                    seen.found(user=self.gatekeeper.check(bearer, visit.client_ip))
                 except HeadError as e:
                     raise Declined(e.reason, str(e)) from None
-        return visit
 
     def _join(self, visit: Visit, hello: Hello) -> None:
         """A hello that names a running session (a reattach, a watcher): the service hands the

@@ -23,7 +23,7 @@ class Quiet(Exception):  # noqa: N818 (not an error: a kept-alive client closed 
 
 
 class HttpConnection:
-    """One HTTP connection's state between its requests (on the Arrival)."""
+    """One HTTP connection's state between its requests (in the Prelude; keep-alive carries it to the next request)."""
 
     __slots__ = ("stream", "secure", "buffered", "served", "request", "parser", "status")
 

@@ -118,7 +118,7 @@ TERM_FILES = {"xterm.js": "text/javascript", "addon-fit.js": "text/javascript", 
 
 
 def upgrade(stream: Stream, ws: WebSocketConfig, secure: bool, site: Site,
-            authorize: Callable[[HttpConnection], None] | None = None) -> Upgraded:  # fmt: skip
+            authorize: Callable[[HttpConnection], object] | None = None) -> Upgraded:  # fmt: skip
     """Read the request (edge/http.py: the same head reader and raw checks as transport =
     "http") and answer it; raises Refused once an answer other than 101 is sent."""
     conn = HttpConnection(stream, secure)

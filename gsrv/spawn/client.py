@@ -145,7 +145,9 @@ class Spawner:
         fds = sorted({fd for fd in stdio if fd >= 0})
         at = (_index(stdio[0], fds), _index(stdio[1], fds), _index(stdio[2], fds))
         seq = next(self._seq)
-        variables = tuple(f"{name}={value}" for name, value in env.items())
+        if any("=" in name for name in env):
+            raise SpawnError(f"illegal environment variable name: {next(n for n in env if '=' in n)!r}", errno.EINVAL)
+        variables = tuple([f"{name}={value}" for name, value in env.items()])
         try:
             message = wire.encode(wire.Spawn(seq, argv, executable, variables, cwd or "", umask, at, setsid, cgroup))
         except wire.WireError as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import h11
 
 from gsrv.edge.http import HttpConnection
-from gsrv.relay.http.response import Broken, Failure
+from gsrv.relay.http.cgi import Broken, Failure
 from gsrv.relay.pump import Source
 
 

@@ -24,6 +24,18 @@ STATUS_FOR = {"idle_timeout": 504, "session_timeout": 504, "shutdown": 503, "spa
               "internal_error": 500, "body_too_large": 413}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why a side of the exchange broke its framing: the end's reason and what the log says."""
+
+    reason: str
+    error: str
+
+
+class Broken(OSError):
+    """A writer or a body reader broke a rule; its `failure` says which (the direction stops)."""
+
+
 class BadHead(Exception):  # noqa: N818 (the child's fault, answered 502)
     """The child's header block is not one gsrv can answer with."""
 

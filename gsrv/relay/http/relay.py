@@ -9,7 +9,7 @@ chunk, short of its Content-Length (the last byte is held until the child's exit
 with a reset; one whose head did not gets a status of gsrv's own with the child's exit. A body
 cut short never reaches the child as an EOF: its ladder signals before stdin closes
 (`cut_input`). A response that ends cleanly after its whole body keeps the connection for the
-next request (`kept`).
+next request (`kept_alive`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from gsrv.loop import WRITE
 from gsrv.relay.child import Child
 from gsrv.relay.childend import Pipes
 from gsrv.relay.http.body import BodyRead, ChunkedBody, LengthBody
-from gsrv.relay.http.cgi import MAX_BLOCK, BadHead, Head, block_end, failure_status, parse_block
-from gsrv.relay.http.response import Failure, Response
+from gsrv.relay.http.cgi import MAX_BLOCK, BadHead, Failure, Head, block_end, failure_status, parse_block
+from gsrv.relay.http.response import Response
 from gsrv.relay.pump import Discard, End, Fd, FdSource, Source, move, splice
 from gsrv.relay.relays import Closing, PipeRelay, RelayEvents, TlsSource, fin_and_linger
 
@@ -39,7 +39,7 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 class HttpRelay(PipeRelay):
     """One request: its body to the child, the child's output as its response."""
 
-    __slots__ = ("conn", "http", "request", "splice_body", "response", "body", "broke", "body_done", "cut_input",
+    __slots__ = ("conn", "http", "request", "splice_body", "response", "body_read", "broke", "body_done", "cut_input",
                  "kept_alive")  # fmt: skip
 
     def __init__(self, sock: socket, chunk: int, conn: HttpConnection, http: HttpConfig, splice_body: bool) -> None:
@@ -51,7 +51,7 @@ class HttpRelay(PipeRelay):
         close_after = request.wants_close or not http.between_requests or conn.served + 1 >= http.max_requests
         self.response = Response(conn.stream.send, request.version, request.method, request.takes_trailers,
                                  close_after)  # fmt: skip
-        self.body = BodyRead(http.max_body)  # what was taken from the client: to the child, or dropped
+        self.body_read = BodyRead(http.max_body)  # what was taken from the client: to the child, or dropped
         self.broke: Failure | None = None  # the child's output was no response (its header block)
         self.body_done = not request.has_body  # the request body's framing was read to its end
         self.cut_input = False  # the body was cut short: the child must not see its stdin end first
@@ -64,13 +64,13 @@ class HttpRelay(PipeRelay):
     @property
     def http_status(self) -> int | None:
         """The status the client got (None: none went out)."""
-        return self.response.sent_status
+        return self.response.status
 
     @property
     def failure(self) -> Failure | None:
         """Why the exchange broke, by the side that broke it: the child's output, the response's
         framing, the request body's."""
-        return self.broke or self.response.failure or self.body.failure
+        return self.broke or self.response.failure or self.body_read.failure
 
     def log_fields(self) -> dict[str, object]:
         failure = self.failure
@@ -97,7 +97,7 @@ class HttpRelay(PipeRelay):
     def _splice_in(self, child: Child) -> End:
         length = self.request.content_length or 0
         first = self.conn.take(length)
-        self.body.total = len(first)
+        self.body_read.total = len(first)
         sink = Fd(child.stdin, WRITE)
         try:
             sink.write_all(first)
@@ -107,8 +107,8 @@ class HttpRelay(PipeRelay):
             sink.close()
         self.inbound.moved(len(first))
         end = splice(self.sock.fileno(), child.stdin, self.inbound, True, length - len(first))
-        self.body.total = self.inbound.total
-        if end is End.SOURCE_EOF and self.body.total < length:
+        self.body_read.total = self.inbound.total
+        if end is End.SOURCE_EOF and self.body_read.total < length:
             self.cut_input, end = True, End.SOURCE_ERROR
         self._body_ended(end)
         return end
@@ -119,8 +119,8 @@ class HttpRelay(PipeRelay):
             TlsSource(stream) if isinstance(stream, TlsStream) else FdSource(self.sock.fileno(), self.chunk)
         )
         if self.request.chunked:
-            return ChunkedBody(self.conn, client, self.body, self.chunk)
-        return LengthBody(self.conn, client, self.body, self.request.content_length or 0)
+            return ChunkedBody(self.conn, client, self.body_read, self.chunk)
+        return LengthBody(self.conn, client, self.body_read, self.request.content_length or 0)
 
     def _body_ended(self, end: End) -> None:
         if end is End.SOURCE_EOF:
@@ -224,7 +224,7 @@ class HttpRelay(PipeRelay):
         except OSError:
             reset(self.sock)
             return
-        self.conn.status = response.sent_status
+        self.conn.status = response.status
         if response.keeps and self.body_done:
             self.kept_alive = True
             return

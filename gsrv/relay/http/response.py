@@ -10,27 +10,14 @@ sends its last chunk, with the exit as a trailer, only then.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ClassVar
 
-from gsrv.relay.http.cgi import EXIT_FIELD, Head, head_bytes
+from gsrv.relay.http.cgi import EXIT_FIELD, Broken, Failure, Head, head_bytes
 from gsrv.relay.pump import Meter
 
 NO_BODY = (204, 304)
 
 Send = Callable[[bytes | memoryview], float]  # the connection's send: the seconds it waited
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why a side of the exchange broke its framing: the end's reason and what the log says."""
-
-    reason: str
-    error: str
-
-
-class Broken(OSError):
-    """A writer or a body reader broke a rule; its `failure` says which (the direction stops)."""
 
 
 class Writer:
@@ -45,6 +32,7 @@ class Writer:
         self.sent = 0  # body bytes sent
         self.held = b""  # the last byte, until the verdict
         self.failure: Failure | None = None
+        self.status: int | None = None  # nph: the child's own, read from its first bytes
 
     def frame(self, data: bytes | memoryview) -> bytes | memoryview:
         self.sent += len(data)
@@ -132,7 +120,6 @@ class Passthrough(Writer):
     def __init__(self, drops: bool) -> None:
         super().__init__()
         self.drops = drops
-        self.status: int | None = None
 
     def frame(self, data: bytes | memoryview) -> bytes | memoryview:
         if not self.sent and data:
@@ -192,11 +179,6 @@ class Response:
     def failure(self) -> Failure | None:
         return self.writer.failure if self.writer is not None else None
 
-    @property
-    def sent_status(self) -> int | None:
-        writer = self.writer
-        return writer.status if isinstance(writer, Passthrough) else self.status
-
     # -- the body, as the pump's sink --------------------------------------------------------
 
     @property
@@ -211,7 +193,8 @@ class Response:
         framed = self.writer.frame(data)
         if not framed:
             return 0.0
-        self.began = True
+        if not self.began:  # nph: the child's first bytes are its status line
+            self.began, self.status = True, self.writer.status
         return self._send(framed)
 
     def close(self) -> None:

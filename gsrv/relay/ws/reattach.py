@@ -41,7 +41,7 @@ class Link:
     sock: socket
     stream: Stream
     reader: FrameReader  # the frames after the hello
-    conn: str = ""  # the connection's own id (the arrival's sid), for the log; "": the session's first
+    conn: str = ""  # the connection's own id (the visit's sid), for the log; "": the session's first
     peer: str = ""
     ended: Callable[[], None] = lambda: None  # its arrival's end hooks (the per-address counts)
 

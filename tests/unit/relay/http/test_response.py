@@ -153,6 +153,13 @@ def test_a_failure_is_the_writers_own() -> None:
 def test_nph_begins_with_the_childs_first_bytes() -> None:
     resp, sent = response()
     resp.pass_through()
-    assert not resp.began and resp.sent_status is None
+    assert not resp.began and resp.status is None
     resp.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-    assert resp.began and resp.sent_status == 204 and not resp.keeps and sent
+    assert resp.began and resp.status == 204 and not resp.keeps and sent
+
+
+def test_nph_that_wrote_nothing_gets_gsrvs_own_status_logged() -> None:
+    resp, _ = response()
+    resp.pass_through()
+    resp.own(502, b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
+    assert resp.status == 502 and not resp.began
