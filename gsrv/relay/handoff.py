@@ -22,12 +22,13 @@ from gsrv.edge.refusal import reset
 from gsrv.relay import kernel
 from gsrv.relay.child import Child
 from gsrv.relay.ending import POLL_S
+from gsrv.relay.linger import linger
 from gsrv.relay.pump import Meter, queued
-from gsrv.relay.relays import Closing, OneClient, RelayEvents, linger
+from gsrv.relay.relays import Closing, RelayDefaults, RelayEvents
 from gsrv.relay.stdio import Stdio
 
 
-class SocketRelay(OneClient):
+class SocketRelay(RelayDefaults):
     """The child holds the connection; the facts come from the kernel when sampled (a Relay,
     relay/relays.py, that runs no greenlet and moves no byte)."""
 

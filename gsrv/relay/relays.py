@@ -11,10 +11,7 @@ close() sends no reset, or a reset.
 
 from __future__ import annotations
 
-import os
 import socket as stdsocket
-import termios
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -25,22 +22,20 @@ from gevent.socket import socket
 from gsrv.edge.hello import Declined, Hello
 from gsrv.edge.refusal import reset
 from gsrv.edge.tls import TlsStream
-from gsrv.loop import READ
 from gsrv.relay import kernel
 from gsrv.relay.child import Child
 from gsrv.relay.childend import Pipes, PtyEnd
 from gsrv.relay.ending import FAILURES
+from gsrv.relay.linger import fin_and_linger
 from gsrv.relay.pump import (
     Discard,
     End,
-    Fd,
     FdSink,
     FdSource,
     Meter,
     Sink,
     Source,
     move,
-    pool,
     queued,
     splice,
 )
@@ -49,10 +44,6 @@ from gsrv.relay.stdio import Stdio
 
 if TYPE_CHECKING:
     from gsrv.relay.ws.reattach import Link  # a terminal page's connection: only the WebSocket relay takes one
-
-LINGER_S = 2.0  # how long a closing session waits for the client's EOF once the reply is acked
-LINGER_POLL_S = 0.1
-LINGER_READ = 65536
 
 
 @dataclass(frozen=True)
@@ -113,9 +104,10 @@ class Relay(Protocol):
     def close(self, closing: Closing) -> None: ...
 
 
-class OneClient:
-    """The Relay protocol's answers for a relay that is not HTTP and takes no second connection
-    (all but the HTTP and WebSocket relays): no status, no tokens, nobody joins."""
+class RelayDefaults:
+    """The Relay protocol's answers where a relay has nothing of its own to say: no HTTP status,
+    no tokens, nobody joins (the HTTP relay gives its status; the WebSocket relay its tokens,
+    and it takes a reattaching page or a watcher)."""
 
     __slots__ = ()
 
@@ -131,7 +123,7 @@ class OneClient:
         raise Declined("no_session", "that session takes no other connection")
 
 
-class PipeRelay(OneClient):
+class PipeRelay(RelayDefaults):
     """The copy relay, and the base of the relays that pump the child's pipes or terminal
     (splice, TLS, WebSocket, HTTP): each direction in a greenlet, through one pooled buffer.
 
@@ -364,62 +356,3 @@ class TlsSink:
 
     def close(self) -> None:
         pass
-
-
-def linger(fd: int) -> None:
-    """The lingering close's read: the client's input read and dropped until its EOF, or until
-    LINGER_S after it last acknowledged reply bytes (unread input at close() would make the
-    kernel reset the connection and discard reply bytes still queued for the client)."""
-    move(Lingering(fd), Discard(), Meter(), LINGER_READ)
-
-
-def fin_and_linger(sock: stdsocket.socket, read_first: bool = True) -> None:
-    """A clean end: a FIN after all output, the lingering read (unless the client's EOF came
-    already), then close."""
-    try:
-        sock.shutdown(stdsocket.SHUT_WR)
-    except OSError:
-        sock.close()
-        return
-    if read_first:
-        linger(sock.fileno())
-    sock.close()
-
-
-class Lingering:
-    """The client's input during a lingering close: at its end after LINGER_S without the
-    client acknowledging more of the reply (TIOCOUTQ, the unacknowledged send queue)."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = Fd(fd, READ)
-        self._pool = pool(LINGER_READ)
-        self._buf = self._pool.take()
-        self._unsent = queued(fd, termios.TIOCOUTQ)
-        self._deadline = time.monotonic() + LINGER_S
-
-    def read(self, limit: int) -> memoryview:
-        while True:
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                return memoryview(b"")
-            try:
-                self._fd.wait(min(left, LINGER_POLL_S))
-                n = os.readv(self._fd.fd, [self._buf[:limit]])
-            except (TimeoutError, BlockingIOError):
-                n = -1
-            self._acked()
-            if n >= 0:
-                return self._buf[:n]
-
-    def _acked(self) -> None:
-        unsent = queued(self._fd.fd, termios.TIOCOUTQ)
-        if unsent < self._unsent:
-            self._deadline = time.monotonic() + LINGER_S
-        self._unsent = unsent
-
-    def done(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self._pool.give(self._buf)
-        self._fd.close()

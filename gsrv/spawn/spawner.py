@@ -105,7 +105,7 @@ class SpawnerLoop:
                 return False
             try:
                 truncated = bool(msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC))
-                for request in wire.decode(bytes(self.buffer[:size])):
+                for request in wire.decode(self.buffer[:size]):  # one copy: the codec reads a bytearray too
                     self._handle(request, fds, truncated)
             finally:
                 for fd in fds:

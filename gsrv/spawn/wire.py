@@ -131,7 +131,8 @@ MESSAGES: tuple[type[Message], ...] = (Hello, Spawn, Reap, Spawned, Failed, Exit
 # ~3: the price of a format a C spawner can read without Python's.
 
 Put = Callable[[list[bytes], Any], None]
-Get = Callable[[bytes, int], tuple[Any, int]]
+Data = bytes | bytearray  # a datagram as received (the spawner reads into a bytearray)
+Get = Callable[[Data, int], tuple[Any, int]]
 _U32 = struct.Struct("<I")
 _FORMAT = {int: "q", float: "d", bool: "?"}
 
@@ -147,7 +148,7 @@ def _str(value: str) -> bytes:
     return _raw(value) + b"\0"
 
 
-def _get_str(data: bytes, at: int) -> tuple[str, int]:
+def _get_str(data: Data, at: int) -> tuple[str, int]:
     end = data.find(b"\0", at)
     if end < 0:
         raise WireError("a string runs past the datagram's end")
@@ -168,7 +169,7 @@ def _strs(out: list[bytes], values: tuple[str, ...]) -> None:
     out.append(joined.encode("utf-8", "surrogateescape") + b"\0")
 
 
-def _get_strs(data: bytes, at: int) -> tuple[tuple[str, ...], int]:
+def _get_strs(data: Data, at: int) -> tuple[tuple[str, ...], int]:
     (count,) = _U32.unpack_from(data, at)
     at += 4
     if not count:
@@ -181,7 +182,7 @@ def _get_strs(data: bytes, at: int) -> tuple[tuple[str, ...], int]:
     return tuple(data[at : end - 1].decode("utf-8", "surrogateescape").split("\0")), end
 
 
-def _count(data: bytes, at: int) -> tuple[int, int]:
+def _count(data: Data, at: int) -> tuple[int, int]:
     (count,) = _U32.unpack_from(data, at)
     if count > len(data) - at:  # an item takes a byte at least
         raise WireError(f"{count} items cannot fit in what is left of the datagram")
@@ -282,7 +283,7 @@ def encode(*messages: Message) -> bytes:
     return b"".join(out)
 
 
-def decode(data: bytes) -> list[Message]:
+def decode(data: Data) -> list[Message]:
     """The messages of one datagram, in order. Raises WireError."""
     found: list[Message] = []
     at = 0

@@ -30,8 +30,9 @@ from gsrv.relay.childend import Pipes
 from gsrv.relay.http.body import BodyRead, ChunkedBody, LengthBody
 from gsrv.relay.http.cgi import MAX_BLOCK, BadHead, Failure, Head, block_end, failure_status, parse_block
 from gsrv.relay.http.response import Response
+from gsrv.relay.linger import fin_and_linger
 from gsrv.relay.pump import Discard, End, Fd, FdSource, Source, move, splice
-from gsrv.relay.relays import Closing, PipeRelay, RelayEvents, TlsSource, fin_and_linger
+from gsrv.relay.relays import Closing, PipeRelay, RelayEvents, TlsSource
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 

@@ -36,8 +36,9 @@ from gsrv.edge.wsframes import FrameReader, Opcode, close, frame
 from gsrv.relay import kernel
 from gsrv.relay.child import Child
 from gsrv.relay.childend import Pipes, PtyEnd
+from gsrv.relay.linger import LINGER_S
 from gsrv.relay.pump import Discard, End, FdSource, Meter, move, queued
-from gsrv.relay.relays import LINGER_S, Closing, PipeRelay, RelayEvents, guarded
+from gsrv.relay.relays import Closing, PipeRelay, RelayEvents, guarded
 from gsrv.relay.ws.client import WsClient
 from gsrv.relay.ws.messages import Frames, Messages
 from gsrv.relay.ws.reattach import Link, Seat
