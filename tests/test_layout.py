@@ -10,6 +10,7 @@ import subprocess
 import sys
 import sysconfig
 import tomllib
+from collections.abc import Callable
 
 import pytest
 
@@ -83,8 +84,13 @@ def _broken(module: str, path: pathlib.Path) -> list[str]:
     ]
 
 
+def _every_module(check: Callable[[str, pathlib.Path], list[str]]) -> list[str]:
+    """What `check` finds wrong in each of gsrv's modules."""
+    return [line for path in sorted(PACKAGE.rglob("*.py")) for line in check(_module(path), path)]
+
+
 def test_imports_run_one_way():
-    broken = [line for path in sorted(PACKAGE.rglob("*.py")) for line in _broken(_module(path), path)]
+    broken = _every_module(_broken)
     assert not broken, "\n".join(broken)
 
 
@@ -111,7 +117,7 @@ def _reaches_across(module: str, path: pathlib.Path) -> list[str]:
 
 
 def test_relay_transports_stay_apart():
-    broken = [line for path in sorted(PACKAGE.rglob("*.py")) for line in _reaches_across(_module(path), path)]
+    broken = _every_module(_reaches_across)
     assert not broken, "\n".join(broken)
 
 
