@@ -11,6 +11,7 @@ import sys
 
 import gevent
 import psutil
+from gevent import get_hub
 from gevent.queue import Queue
 
 from gsrv import __version__
@@ -24,7 +25,7 @@ from gsrv.config.parse import TABLES, Config, ServiceConfig, load
 from gsrv.config.units import format_size
 from gsrv.contain.root import Root
 from gsrv.errors import ConfigError
-from gsrv.logs import Log
+from gsrv.logs import ErrorStream, Log
 from gsrv.ops.admin import Admin
 from gsrv.ops.dump import dump
 from gsrv.ops.metrics import ProcessState
@@ -220,10 +221,13 @@ def serve(path: str, overrides: list[str]) -> int:
 
 
 def _serve(config: Config, log: Log, undo: contextlib.ExitStack) -> None:
+    errors = ErrorStream(log)  # what Python or gevent would write to fd 2: log lines, never a blocking write
+    undo.enter_context(contextlib.redirect_stderr(errors))
+    get_hub().exception_stream = errors
     host = config.cgroup.host
     root = Root(host) if host.mode != "none" else None
     # no child outlives gsrv, even one killed with SIGKILL: the guardian ends what is left
-    guardian = Guardian(host.mode, tuple(root.paths) if root else ())
+    guardian = Guardian(log, host.mode, tuple(root.paths) if root else ())
     spawner = Spawner(log, root.spawner_homes if root is not None else (), guardian.owns)
     server = Server(config, log, Launcher(spawner, root, guardian))
     starting = [True]

@@ -7,19 +7,22 @@ overflow is dropped and counted, and one greenlet writes to a non-blocking descr
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import re
 import stat
+import threading
 import time
 from typing import Any
 
 import gevent
 from gevent.event import Event
-from gevent.socket import wait_write
+from gevent.socket import wait_read, wait_write
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 QUEUE_BYTES = 4 * 1024 * 1024
+STDERR_TEXT_MAX = 4096  # one `stderr` line's text: a traceback's last 4 KiB
 
 
 def timestamp(now: float) -> str:
@@ -145,3 +148,70 @@ class Log:
                 self._write_some(wait_timeout=max(0.0, deadline - time.monotonic()))
             except OSError:
                 break
+
+
+class ErrorStream(io.TextIOBase):
+    """gsrv's own stderr while it serves (sys.stderr and gevent's hub.exception_stream): what
+    Python or gevent would write to fd 2 (the hub's report of a greenlet that raised, a
+    warning) becomes one `stderr` error line per report, queued on the log, never a blocking
+    write. A report's pieces written in one turn of the loop make one line; a write from
+    another thread is handed to the loop's thread."""
+
+    def __init__(self, log: Log) -> None:
+        self._log = log
+        self._parts: list[str] = []
+        self._size = 0
+        self._loop = gevent.get_hub().loop
+        self._thread = threading.get_ident()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() != self._thread:
+            self._loop.run_callback_threadsafe(self.write, text)
+            return len(text)
+        if not self._parts:
+            self._loop.run_callback(self._emit)
+        self._parts.append(text)
+        self._size += len(text)
+        if self._size > 2 * STDERR_TEXT_MAX:  # keep the end: a traceback's last frames and its error
+            kept = "".join(self._parts)[-STDERR_TEXT_MAX:]
+            self._parts, self._size = [kept], len(kept)
+        return len(text)
+
+    def _emit(self) -> None:
+        text, self._parts, self._size = "".join(self._parts).strip(), [], 0
+        if text:
+            self._log.error("stderr", process="gsrv", text=text[-STDERR_TEXT_MAX:])
+
+
+def log_lines_from(fd: int, log: Log, process: str) -> gevent.Greenlet:
+    """A helper process's stderr (gsrv's spawner, its guardian) is a pipe gsrv reads: each
+    line a `stderr` error line, so nothing of theirs reaches fd 2 but through the log. The
+    greenlet closes `fd` at the pipe's end."""
+    os.set_blocking(fd, False)
+    return gevent.spawn(_log_lines, fd, log, process)
+
+
+def _log_lines(fd: int, log: Log, process: str) -> None:
+    partial = b""
+    try:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                wait_read(fd)
+                continue
+            if not data:
+                break
+            *lines, partial = (partial + data).split(b"\n")
+            partial = partial[:STDERR_TEXT_MAX]
+            for line in lines:
+                log.error("stderr", process=process, text=line[:STDERR_TEXT_MAX].decode("utf-8", "replace"))
+        if partial:
+            log.error("stderr", process=process, text=partial.decode("utf-8", "replace"))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

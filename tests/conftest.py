@@ -127,6 +127,7 @@ class Gsrv:
         self.lines: list[str] = []
         self._new: queue.Queue[str] = queue.Queue()
         self.addresses: dict[str, tuple[str, int]] = {}
+        self._deaf = threading.Event()
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         if read_log:
             self._reader.start()
@@ -159,6 +160,13 @@ class Gsrv:
         for raw in self.proc.stderr:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.lines.append(line)
+            if self._deaf.is_set():
+                return  # stop_reading: gsrv's stderr is a pipe nobody reads from now on
+
+    def stop_reading(self) -> None:
+        """Nobody reads gsrv's stderr from the next line on (its pipe fills, as under a stuck
+        supervisor)."""
+        self._deaf.set()
 
     def wait_log(self, pattern: str, timeout: float = 10.0, start: int = 0) -> str:
         """The first log line from index `start` on that matches pattern."""

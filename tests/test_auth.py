@@ -4,10 +4,16 @@ tokens over HTTP and on the WebSocket upgrade; 401 without (the child never star
 
 from __future__ import annotations
 
+import base64
 import signal
+import socket
+import statistics
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import bcrypt
 import pytest
 from conftest import py_child, service_toml, wait_until
 
@@ -77,8 +83,6 @@ def test_bearer_tokens_and_429_after_repeated_failures(gsrv, tmp_path: Path) -> 
 
 @pytest.mark.timeout(60)
 def test_the_websocket_upgrade_needs_the_credentials_too(gsrv, tmp_path: Path) -> None:
-    import base64
-
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
@@ -95,3 +99,51 @@ def test_the_websocket_upgrade_needs_the_credentials_too(gsrv, tmp_path: Path) -
     with connect(f"ws://{host}:{port}/", additional_headers={"Authorization": f"Basic {token}"}) as ws:
         assert ws.recv(timeout=20) == "alice"
     wait_until(marker.exists, 10, "the child")
+
+
+def status_as(address: tuple[str, int], user: str, password: str, source: str = "127.0.0.1") -> int:
+    """One request with basic credentials from `source` (a loopback address): its status."""
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    with socket.create_connection(address, timeout=30, source_address=(source, 0)) as sock:
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Basic {token}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, head
+            head += chunk
+    return int(head.split(b" ")[1])
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_wrong_passwords_start_at_most_the_limits_verifications(gsrv, tmp_path: Path) -> None:
+    users = tmp_path / "htpasswd"
+    # cost 12: ~0.25 s a verification, slow enough to overlap
+    users.write_text(
+        "".join(f"{u}:{bcrypt.hashpw(f'{u}-secret'.encode(), bcrypt.gensalt(12)).decode()}\n" for u in ("alice", "bob"))
+    )
+    server = gsrv(service_toml("app", CHILD, transport="http", auth={"basic": str(users)},
+                               env={"MARKER": str(tmp_path / "started")}))  # fmt: skip
+    address = server.address("app")
+    with ThreadPoolExecutor(31) as pool:
+        wrong = [pool.submit(status_as, address, "alice", f"wrong-{n}") for n in range(30)]
+        other = pool.submit(status_as, address, "bob", "bob-secret", "127.0.0.2")
+        codes = sorted(f.result(timeout=60) for f in wrong)
+        assert other.result(timeout=60) == 200  # another user's login, meanwhile
+    assert codes.count(401) <= 10 and codes.count(401) + codes.count(429) == 30, codes
+
+
+@pytest.mark.timeout(120)
+def test_an_unknown_user_costs_the_same_verification_as_a_known_one(gsrv, tmp_path: Path) -> None:
+    users = tmp_path / "htpasswd"
+    users.write_text(f"alice:{bcrypt.hashpw(b'alice-secret', bcrypt.gensalt(12)).decode()}\n")
+    server = gsrv(service_toml("app", CHILD, transport="http", env={"MARKER": str(tmp_path / "started")},
+                               auth={"basic": str(users), "failures_per_minute": 100}))  # fmt: skip
+    address = server.address("app")
+    took: dict[str, list[float]] = {"alice": [], "nobody": []}
+    for _ in range(9):  # interleaved: a busy moment of the machine falls on both alike
+        for user in took:
+            started = time.monotonic()
+            assert status_as(address, user, "wrong") == 401
+            took[user].append(time.monotonic() - started)
+    known, unknown = statistics.median(took["alice"]), statistics.median(took["nobody"])
+    assert 0.8 < unknown / known < 1.25, took  # a generous ratio: an unknown user answered at once was ~1/50

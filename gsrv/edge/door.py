@@ -157,12 +157,13 @@ class Door:
         page is backpressure). Raises as prelude's steps do."""
         tls = seen.visit.prelude.tls
         late = TooSlow(f"no complete WebSocket upgrade (and hello) within {ws.handshake_timeout:g}s")
+        deadline = time.monotonic() + ws.handshake_timeout
         with gevent.Timeout(ws.handshake_timeout, late):
             upgraded = upgrade(tls or PlainStream(seen.visit.sock), ws, tls is not None, self.site,
-                               lambda conn: seen.found(user=self._authorize(seen.visit, conn)))  # fmt: skip
+                               lambda conn: seen.found(user=self._authorize(seen.visit, conn, deadline)))  # fmt: skip
             seen.found(websocket=upgraded)
             if upgraded.term:
-                self._hello(seen, upgraded)
+                self._hello(seen, upgraded, deadline)
         visit = seen.visit
         hello = visit.prelude.hello
         if hello is not None and (hello.resume is not None or hello.watch is not None):
@@ -178,9 +179,10 @@ class Door:
             return None
         try:
             try:
+                deadline = time.monotonic() + http.handshake_timeout
                 with gevent.Timeout(http.handshake_timeout, TooSlow()):
                     conn.read_request(http)
-                    user = self._authorize(visit, conn)
+                    user = self._authorize(visit, conn, deadline)
             except TooSlow:
                 conn.timed_out()
             return replace(visit.prelude, user=user)
@@ -194,21 +196,23 @@ class Door:
             self.refusals.refuse(visit, "client_reset", error=e.strerror or str(e))
         return None
 
-    def _authorize(self, visit: Visit, conn: HttpConnection) -> tuple[str, str] | None:
+    def _authorize(self, visit: Visit, conn: HttpConnection, deadline: float) -> tuple[str, str] | None:
         """The request's credentials (auth): the user, or 401/429 answered (Refused). The
-        terminal page's upgrade without Authorization brings its token in the hello (_hello)."""
+        terminal page's upgrade without Authorization brings its token in the hello (_hello).
+        `deadline`: the client's handshake deadline, which a verification waits for a slot until."""
         request = conn.request
         assert request is not None
         ws, protocols = self.websocket, request.header("sec-websocket-protocol") or ""
         if ws and request.header("authorization") is None and speaks_term(ws, protocols):
             return None
         try:
-            return self.gatekeeper.check(request.header("authorization"), visit.client_ip)
+            return self.gatekeeper.check(request.header("authorization"), visit.client_ip, deadline)
         except HeadError as e:
-            fields = self.gatekeeper.challenge() if e.status == 401 else (("Retry-After", "60"),)
+            retry = "1" if e.reason == "auth_busy" else "60"
+            fields = self.gatekeeper.challenge() if e.status == 401 else (("Retry-After", retry),)
             conn.refuse(e.status, e.reason, str(e), fields)
 
-    def _hello(self, seen: _Progress, upgraded: Upgraded) -> None:
+    def _hello(self, seen: _Progress, upgraded: Upgraded, deadline: float) -> None:
         """The terminal page's first message (edge/hello.py), its bearer token checked when
         the upgrade brought no credentials. A hello refused closes with its code (Refused)."""
         reader, stream = FrameReader(), upgraded.stream
@@ -218,7 +222,7 @@ class Door:
             if self.gatekeeper.credentials is not None and visit.prelude.user is None:
                 bearer = f"Bearer {hello.bearer}" if hello.bearer else None
                 try:
-                    seen.found(user=self.gatekeeper.check(bearer, visit.client_ip))
+                    seen.found(user=self.gatekeeper.check(bearer, visit.client_ip, deadline))
                 except HeadError as e:
                     raise Declined(e.reason, str(e)) from None
 

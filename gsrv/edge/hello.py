@@ -33,6 +33,7 @@ CLOSE_CODES = {
     "no_session": 4404,  # a token no session here has (wrong, expired, or its session ended)
     "taken_over": 4409,  # a new connection with the session's token took it over
     "auth_limited": 4429,  # over failures_per_minute from this address
+    "auth_busy": 4429,  # no password verification slot before the handshake's deadline
     "fell_behind": 4413,  # a watcher whose queue (reattach_buffer) filled: it reads slower than the output comes
 }
 
@@ -63,7 +64,7 @@ def parse_hello(message: bytes) -> Hello:
         raise ProtocolError('the gsrv-term protocol starts with a hello: "h" and a JSON object', 1008)
     try:
         fields = json.loads(message[1:] or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8 (a ValueError), nested too deep
         raise ProtocolError("a hello that is not a JSON object", 1008) from None
     if not isinstance(fields, dict):
         raise ProtocolError("a hello that is not a JSON object", 1008)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from http import HTTPStatus
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import h11
@@ -26,12 +27,14 @@ PASSABLE = re.compile(r"^[A-Za-z0-9-]+$")  # a field name that maps to one HTTP_
 NOT_PASSED = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "expect", "proxy", "authorization", "proxy-authorization", "content-type",
                         "content-length"})  # fmt: skip
-STATUS_TEXT = {
-    100: "Continue", 200: "OK", 302: "Found", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
-    431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
-    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
-}  # fmt: skip
+
+
+def status_text(status: int) -> str:
+    """A status's reason phrase (RFC 9110's, as Python's http.HTTPStatus holds them)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
 
 
 class HeadError(GsrvError):
@@ -253,10 +256,10 @@ def cgi_env(request: Request, prefix: str, remote: tuple[str, int] | None, gatew
 def short_response(status: int, text: str, version: str = "1.1", head_only: bool = False,
            fields: tuple[tuple[str, str], ...] = ()) -> bytes:  # fmt: skip
     """A short response of gsrv's own, ending its connection (Connection: close)."""
-    body = f"{STATUS_TEXT.get(status, 'Error')}: {text}\n".encode()
+    body = f"{status_text(status)}: {text}\n".encode()
     extra = "".join(f"{name}: {value}\r\n" for name, value in fields)
     head = (
-        f"HTTP/{version} {status} {STATUS_TEXT.get(status, 'Error')}\r\n"
+        f"HTTP/{version} {status} {status_text(status)}\r\n"
         f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n{extra}"
         "Connection: close\r\nCache-Control: no-store\r\n\r\n"
     )

@@ -30,7 +30,7 @@ from gevent.event import Event
 from gsrv.contain.cgfiles import remove_tree
 from gsrv.contain.scope import Shape
 from gsrv.errors import SpawnError
-from gsrv.logs import Log
+from gsrv.logs import Log, log_lines_from
 from gsrv.loop import READ, ChildWatcher, Watcher
 from gsrv.spawn import wire
 
@@ -116,11 +116,14 @@ class Spawner:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gsrv.spawn.spawner", str(theirs.fileno()), str(self.generation + 1),
                  *self.homes],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
-                close_fds=True, start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                pass_fds=[theirs.fileno()], close_fds=True, start_new_session=True,
             )  # fmt: skip
         finally:
             theirs.close()
+        assert self.proc.stderr is not None
+        log_lines_from(os.dup(self.proc.stderr.fileno()), self.log, "spawner")  # its stderr: log lines
+        self.proc.stderr.close()
         ours.sendall(wire.encode(wire.Hello(wire.VERSION)))  # first, while the socket is still blocking
         ours.setblocking(False)
         self.sock = ours

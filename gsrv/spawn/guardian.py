@@ -18,8 +18,12 @@ import signal
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from gsrv.contain.cgfiles import freeze, remove_tree, tasks
+
+if TYPE_CHECKING:
+    from gsrv.logs import Log
 
 GRACE_S = 2.0
 POLL_S = 0.1
@@ -34,9 +38,10 @@ class Guardian:
     child). A group is thus reported before gsrv next waits for events.
     """
 
-    def __init__(self, cgroup_mode: str = "", cgroups: tuple[str, ...] = ()) -> None:
+    def __init__(self, log: Log, cgroup_mode: str = "", cgroups: tuple[str, ...] = ()) -> None:
         from gevent import get_hub  # here: the guardian process itself never loads gevent
 
+        self.log = log
         self._args = [cgroup_mode, *cgroups] if cgroups else []
         self.proc: subprocess.Popen[bytes] | None = None
         self._fd = -1
@@ -49,9 +54,13 @@ class Guardian:
         """The guardian process (once gsrv's listeners are bound: a start that fails starts none)."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gsrv.spawn.guardian", *self._args], stdin=subprocess.PIPE, bufsize=0,
-            close_fds=True, start_new_session=True,
+            stderr=subprocess.PIPE, close_fds=True, start_new_session=True,
         )  # fmt: skip
-        assert self.proc.stdin is not None
+        assert self.proc.stdin is not None and self.proc.stderr is not None
+        from gsrv.logs import log_lines_from  # gevent's: gsrv's side only
+
+        log_lines_from(os.dup(self.proc.stderr.fileno()), self.log, "guardian")  # its stderr: log lines
+        self.proc.stderr.close()
         self._fd = self.proc.stdin.fileno()
         os.set_blocking(self._fd, False)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
+import gevent
 import pytest
 
-from gsrv.logs import format_line
+from gsrv.logs import STDERR_TEXT_MAX, ErrorStream, Log, format_line, log_lines_from
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -18,3 +20,52 @@ def test_log_line_formats() -> None:
     record = json.loads(format_line("json", "info", "child_stderr", fields, 0.5))
     assert record == {"ts": "1970-01-01T00:00:00.500Z", "level": "info", "event": "child_stderr", "service": "up",
                       "line": 'say "hi" = x', "exit": 0}  # fmt: skip
+
+
+def _logged(read_fd: int) -> list[str]:
+    os.set_blocking(read_fd, False)
+    try:
+        return os.read(read_fd, 1 << 20).decode().splitlines()
+    except BlockingIOError:
+        return []
+
+
+def test_what_python_and_gevent_would_write_to_fd_2_becomes_one_log_line_a_report() -> None:
+    read_fd, write_fd = os.pipe()
+    log = Log(write_fd)
+    errors = ErrorStream(log)
+    hub = gevent.get_hub()
+    hub.exception_stream = errors
+    try:
+        gevent.spawn(lambda: 1 / 0).join()  # gevent's hub reports a greenlet that raised
+        gevent.sleep(0)
+        errors.write("x" * (3 * STDERR_TEXT_MAX) + "the end\n")
+        gevent.sleep(0)
+        log.flush()
+    finally:
+        del hub.exception_stream  # back to gevent's own (sys.stderr)
+        os.close(write_fd)
+    lines = _logged(read_fd)
+    os.close(read_fd)
+    assert len(lines) == 2, lines
+    assert "event=stderr process=gsrv" in lines[0] and "ZeroDivisionError" in lines[0], lines[0]
+    assert lines[1].endswith('the end"') and len(lines[1]) < STDERR_TEXT_MAX + 200
+
+
+def test_a_helper_processs_stderr_pipe_becomes_log_lines() -> None:
+    read_fd, write_fd = os.pipe()
+    log = Log(write_fd)
+    helper_read, helper_write = os.pipe()
+    reader = log_lines_from(helper_read, log, "spawner")
+    os.write(helper_write, b"Traceback (most recent call last):\n" + b"y" * (2 * STDERR_TEXT_MAX) + b"\nlast")
+    os.close(helper_write)
+    reader.join(timeout=10)
+    log.flush()
+    os.close(write_fd)
+    lines = _logged(read_fd)
+    os.close(read_fd)
+    assert [line.split(" text=")[0].split(" ", 2)[2] for line in lines] == ["event=stderr process=spawner"] * 3
+    assert lines[0].endswith('"Traceback (most recent call last):"') and lines[2].endswith("text=last")
+    assert len(lines[1]) < STDERR_TEXT_MAX + 200
+    with pytest.raises(OSError):
+        os.fstat(helper_read)  # closed at the pipe's end
