@@ -323,28 +323,38 @@ def _guard_status(guard: Guard, server: Server) -> dict[str, object]:
 
 
 def _handle_signals(server: Server, guard: Guard, signals: Queue[int]) -> None:
-    stops = 0
+    """Each signal in turn; one whose work fails is logged, and the next is still handled (a
+    SIGTERM after a failed reload must still stop gsrv)."""
+    stops = [0]
     while True:
         signum = signals.get()
-        name = signal.Signals(signum).name
-        if signum == signal.SIGUSR1:
-            pending = sum(s.gate.waiting for s in server.services)
-            children = len(psutil.Process().children(recursive=True)) - 2  # less the guardian and the spawner
-            dump(server.log, server.active_sessions, pending, children)
-            continue
-        if signum == signal.SIGHUP:
-            server.log.info("signal", signal=name, next="reload")
-            new = server.reload()
-            if new is not None:
-                guard.configure(new.guard)
-            continue
-        stops += 1
-        if stops == 1:
-            server.log.info("signal", signal=name, next="announce" if server.config.server.drain_announce else "drain")
-            server.begin_stop()
-        else:
-            server.log.warning("signal", signal=name, next="stop now, skipping the drain")
-            server.force_stop()
+        try:
+            _handle_signal(server, guard, signum, stops)
+        except Exception as e:
+            server.log.error("signal_failed", signal=signal.Signals(signum).name, error=f"{type(e).__name__}: {e}",
+                             next="handling the next signal")  # fmt: skip
+
+
+def _handle_signal(server: Server, guard: Guard, signum: int, stops: list[int]) -> None:
+    name = signal.Signals(signum).name
+    if signum == signal.SIGUSR1:
+        pending = sum(s.gate.waiting for s in server.services)
+        children = len(psutil.Process().children(recursive=True)) - 2  # less the guardian and the spawner
+        dump(server.log, server.active_sessions, pending, children)
+        return
+    if signum == signal.SIGHUP:
+        server.log.info("signal", signal=name, next="reload")
+        new = server.reload()
+        if new is not None:
+            guard.configure(new.guard)
+        return
+    stops[0] += 1
+    if stops[0] == 1:
+        server.log.info("signal", signal=name, next="announce" if server.config.server.drain_announce else "drain")
+        server.begin_stop()
+    else:
+        server.log.warning("signal", signal=name, next="stop now, skipping the drain")
+        server.force_stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from gsrv.relay.child import REAP_TIMEOUT_S, Launcher
 from gsrv.relay.describe import described
 from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
-from gsrv.service import Service
+from gsrv.service import MEMORY_PAUSE, Service
 from gsrv.state import Lifecycle
 
 DRAIN_POLL_S = 0.05
@@ -91,12 +91,12 @@ class Server:
     def pause_accept(self, reason: str, *_sample: object) -> None:
         self.lifecycle.pressure(True)
         for service in self.services:
-            service.gate.pause("memory")
+            service.gate.pause(MEMORY_PAUSE)
 
     def resume_accept(self, *_sample: object) -> None:
         self.lifecycle.pressure(False)
         for service in self.services:
-            service.gate.resume("memory")
+            service.gate.resume(MEMORY_PAUSE)
             service.prespawned.fill()  # the guard's pause stopped the refill
 
     @property

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 import gevent
 
-from gsrv.accept.gate import ENDED, Gate, Listener
-from gsrv.accept.listeners import close_listener, open_listener, tune
+from gsrv.accept.gate import ENDED, Gate
+from gsrv.accept.listeners import Listener, close_listener, open_listener, tune
 from gsrv.config.address import host_port
 from gsrv.config.parse import Config, ServiceConfig
 from gsrv.edge.arrival import Arrival, Prelude, Visit
@@ -38,6 +38,7 @@ from gsrv.relay.ws.reattach import Link
 from gsrv.state import Lifecycle
 
 ADMIN_PAUSE, ADMIN_DRAIN = "paused_by_admin", "drained_by_admin"  # the operator's reasons in the gate
+MEMORY_PAUSE = "memory"  # the memory guard's
 
 
 class Holder(Protocol):
@@ -68,10 +69,11 @@ class Service:
         self.ending = False  # the stop ended the sessions: one that starts now ends at once
         self._drainer: gevent.Greenlet | None = None  # the operator's drain: its deadline
         self.listener: Listener | None = None
+        self._address = str(cfg.listen)  # until bound
         self.prespawned = Prespawned(cfg, server.launcher, server.log, server.config.server.kill_grace, self._accepts)
         self.configure(cfg)
         if server.lifecycle.memory_pressure:  # a service added under pressure starts paused
-            self.gate.pause("memory")
+            self.gate.pause(MEMORY_PAUSE)
 
     def configure(self, cfg: ServiceConfig) -> None:
         """Take a (reloaded) config: limits, rules and certificates apply to new connections."""
@@ -81,7 +83,10 @@ class Service:
         site = console_site(ws, typed, cfg.interact.pty) if ws and ws.console else {}
         self.door.update(cfg.policy, ws, site, cfg.interact.http, cfg.interact.auth)
         self.gate.set_limits(cfg.max_sessions, cfg.policy.max_pending)
-        if self.listener is not None:
+        p = cfg.policy  # the memory guard's pause answers those held; an operator's, with busy_on_pause, all
+        operator = frozenset({ADMIN_PAUSE, ADMIN_DRAIN} if p.busy_on_pause else ())
+        self.gate.set_queue(p.queue_timeout, p.queue_max, frozenset({MEMORY_PAUSE}) | operator, operator)
+        if self.listener is not None and not self.listener.closed:
             tune(self.listener.socket, cfg.keepalive)
         self.prespawned.configure(cfg, self.server.config.server.kill_grace)
 
@@ -93,6 +98,8 @@ class Service:
     def bind(self) -> None:
         sock = open_listener(f"service {self.cfg.name}", self.cfg.listen, self.cfg.backlog, self.cfg.mode, os.environ)
         tune(sock, self.cfg.keepalive)
+        name = sock.getsockname()
+        self._address = f"unix:{name}" if sock.family == stdsocket.AF_UNIX else host_port(name[0], name[1])
         self.listener = Listener(sock, self.gate)
         self.gate.attach(self.listener)
 
@@ -115,11 +122,8 @@ class Service:
 
     @property
     def address(self) -> str:
-        assert self.listener is not None
-        name = self.listener.socket.getsockname()
-        if self.listener.socket.family == stdsocket.AF_UNIX:
-            return f"unix:{name}"
-        return host_port(name[0], name[1])
+        """The address bound (the kernel's port for port 0), also once the listener closed."""
+        return self._address
 
     # -- the gate's handler ----------------------------------------------------------------
 
@@ -200,6 +204,9 @@ class Service:
 
     def drop(self, visit: Visit, reason: str, error: str | None = None) -> None:
         self.refusals.drop(visit, reason, error)
+
+    def busy(self, visit: Visit) -> None:
+        self.door.busy(visit)
 
     # -- counting -------------------------------------------------------------------------
 

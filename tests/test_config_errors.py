@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import tomllib
 from pathlib import Path
@@ -12,6 +13,7 @@ from conftest import PY, ROOT
 from gsrv.config.units import format_size
 
 PIPE_MAX = format_size(int(Path("/proc/sys/fs/pipe-max-size").read_text()))
+NR_OPEN = int(Path("/proc/sys/fs/nr_open").read_text())
 SVC = '[services.up]\nlisten = "127.0.0.1:0"\ncommand = ["cat"]\n'
 
 CASES = {
@@ -229,6 +231,40 @@ CASES = {
         SVC + 'cwd = "/no/such/dir"\n',
         '[services.up] cwd must be an existing directory (got "/no/such/dir", a string)',
     ),
+    "deep_nesting": (
+        SVC + "x = " + "[" * 2000 + "]" * 2000 + "\n",
+        "nests arrays or tables too deeply for gsrv to read",
+    ),
+    "env_value_with_nul": (
+        SVC + 'env = { A = "a\\u0000b" }\n',
+        "[services.up.env] A holds a NUL character (\\u0000): no file name, argument or variable can",
+    ),
+    "argument_with_nul": (
+        '[services.up]\nlisten = "127.0.0.1:0"\ncommand = ["cat", "a\\u0000"]\n',
+        "[services.up.command] 1 holds a NUL character (\\u0000): no file name, argument or variable can",
+    ),
+    "env_name_with_equals": (
+        SVC + 'env = { "A=B" = "x" }\n',
+        '[services.up] env names must be non-empty and without "=" (got "A=B", a string)',
+    ),
+    "rlimit_past_any_limit": (
+        SVC + "rlimits = { nofile = 1180591620717411303424 }\n",
+        f"[services.up.rlimits] nofile must be at most {NR_OPEN} (this host's fs.nr_open) "
+        "(got 1180591620717411303424, an integer)",
+    ),
+    "rlimit_size_past_any_limit": (
+        SVC + 'rlimits = { fsize = "99999999999GiB" }\n',
+        "[services.up.rlimits] fsize must be at most 9223372036854775807 (a limit's largest) "
+        '(got "99999999999GiB", a string)',
+    ),
+    "queue_max_without_queue_timeout": (
+        SVC + "queue_max = 8\n",
+        '[services.up] queue_max applies only with queue_timeout (how long a client is held, like "5s")',
+    ),
+    "busy_banner_with_http": (
+        SVC + 'transport = "http"\nqueue_timeout = "1s"\nbusy_banner = "busy"\n',
+        '[services.up] busy_banner cannot go with transport = "http": a busy HTTP client gets 503 with Retry-After',
+    ),
     "bad_log_level": (
         '[server]\nlog_level = "loud"\n' + SVC,
         '[server] log_level must be one of "debug", "info", "warning", "error" (got "loud", a string)',
@@ -285,3 +321,14 @@ def test_shipped_config_passes_check() -> None:
     assert "relay=copy (pty) pty=true" in result.stdout  # the python demo
     stop = "server: drain_announce=off drain_timeout=30s kill_grace=2s (a stop takes at most 41s: "
     assert stop in result.stdout, result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_reload_too_deep_to_read_keeps_the_running_config_and_signals_still_work(gsrv) -> None:
+    server = gsrv(SVC)
+    with server.config.open("a") as f:
+        f.write("x = " + "[" * 2000 + "]" * 2000 + "\n")
+    server.signal(signal.SIGHUP)
+    assert "too deeply" in server.wait_log(r"event=reload_failed")
+    server.signal(signal.SIGTERM)
+    assert server.wait(timeout=30) == 0

@@ -100,7 +100,7 @@ def test_every_declared_default_is_a_valid_value() -> None:
         "session_timeout": "none", "stderr": "log", "nonzero_exit": "close", "keepalive": "60s",
         "relay": "auto", "pipe_size": "default",
     }  # fmt: skip
-    assert dict(keys.changed(svc.policy)) == {}
+    assert dict(keys.changed(svc.policy)) == {"queue_timeout": "off"}  # whether a full service answers busy: shown
     assert dict(keys.changed(config.guard)) == {}
     shown = {"drain_announce": "off", "drain_timeout": "30s", "kill_grace": "2s"}  # a stop's length, always shown
     assert dict(keys.changed(config.server)) == shown

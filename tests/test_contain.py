@@ -217,7 +217,7 @@ def test_cpu_limit_holds_a_busy_child(gsrv):
     """)
     server = gsrv(service_toml("spin", spin, max_cpu=0.25, accounting=True))
     used = float(_talk(server.address("spin")))
-    assert 0.2 < used <= 0.9, f"the child used {used:.2f} s of CPU in 3 s"
+    assert 0 < used <= 0.9, f"the child used {used:.2f} s of CPU in 3 s"  # the quota's bound (0.75 s), not a speed
     line = server.wait_log("event=session_end service=spin")
     assert float(_fields(line)["cpu_ms"]) <= 1000, line
 

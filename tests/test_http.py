@@ -61,6 +61,52 @@ def ask(server, name: str, raw: bytes, shut: bool = False, timeout: float = 20) 
             got += data
 
 
+def bodies_of(reply: bytes) -> list[bytes]:
+    """Each whole response's body in a stream of them, framed by Content-Length or chunked
+    (gsrv sends a short response whose output had ended with its length, else chunked)."""
+    found, rest = [], reply
+    while True:
+        head, sep, rest = rest.partition(b"\r\n\r\n")
+        if not sep:
+            return found
+        length = re.search(rb"\r\nContent-Length: (\d+)\r\n", head + b"\r\n")
+        if length is not None:
+            size = int(length.group(1))
+            if len(rest) < size:
+                return found
+            found.append(rest[:size])
+            rest = rest[size:]
+            continue
+        body = b""
+        while True:
+            line, sep, after = rest.partition(b"\r\n")
+            if not sep:
+                return found
+            size = int(line.split(b";")[0], 16)
+            if size == 0:
+                if after.startswith(b"\r\n"):  # no trailers
+                    rest = after[2:]
+                    break
+                _trailers, sep, rest = after.partition(b"\r\n\r\n")
+                if not sep:
+                    return found
+                break
+            if len(after) < size + 2:
+                return found
+            body, rest = body + after[:size], after[size + 2 :]
+        found.append(body)
+
+
+def one_response(sock: socket.socket) -> bytes:
+    """Read until one whole response came (either framing)."""
+    reply = b""
+    while not bodies_of(reply):
+        data = sock.recv(4096)
+        assert data, reply
+        reply += data
+    return reply
+
+
 def pattern_file(path: Path, size: int) -> str:
     """A file of size bytes that is not all one byte; its sha256."""
     digest = hashlib.sha256()
@@ -256,8 +302,7 @@ def test_pipelined_requests_are_answered_in_order_and_http_1_0_closes(gsrv) -> N
     head = b"GET /?%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     last = b"GET /?3 HTTP/1.1\r\nHost: x.localhost\r\nConnection: close\r\n\r\n"
     reply = ask(server, "echo", head % 1 + head % 2 + last)
-    bodies = re.findall(rb"\r\n\r\n1\r\n(\d)\r\n0\r\n\r\n", reply)
-    assert bodies == [b"1", b"2", b"3"], reply
+    assert bodies_of(reply) == [b"1", b"2", b"3"], reply
     assert reply.count(b"Connection: close") == 1
     old = ask(server, "echo", b"GET /?old HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
     assert old.startswith(b"HTTP/1.0 200 OK\r\n") and old.endswith(b"\r\n\r\nold"), old
@@ -286,6 +331,13 @@ SMUGGLING = [
     (b"GET /up HTTP/1.1\r\nHost: evil.example\r\n\r\n", 403, "host_denied"),
     (b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\n\r\n", 413, "body_too_large"),
     (b"NOT HTTP AT ALL\r\n\r\n", 400, "bad_request"),
+    (b"GET /up HTTP/9.9\r\nHost: a\r\n\r\n", 505, "version_not_supported"),
+    (b"GET /up HTTP/3.0\r\nHost: a\r\n\r\n", 505, "version_not_supported"),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, "version_not_supported"),  # the HTTP/2 preface
+    (b"GET /up HTTP/1.1\r\nHost: a\r\nX-A: a\x07b\r\n\r\n", 400, "bad_request"),
+    (b"GET /up HTTP/1.1\r\nHost: a\r\nX-A: a\x00b\r\n\r\n", 400, "bad_request"),
+    (b"GET /up HTTP/1.1\r\nHost: evil.example@a\r\n\r\n", 400, "bad_request"),
+    (b"GET /up HTTP/1.1\r\nHost: a/evil\r\n\r\n", 400, "bad_request"),
 ]
 
 
@@ -296,11 +348,55 @@ def test_every_smuggling_form_and_refusal_gets_its_status_and_starts_no_child(gs
     for n, (raw, status, reason) in enumerate(SMUGGLING, 1):
         reply = ask(server, "up", raw)
         assert reply.startswith(f"HTTP/1.1 {status} ".encode()), (raw[:80], reply[:200])
-        assert b"Connection: close" in reply
+        assert b"Connection: close" in reply and b"bytearray" not in reply and b"\x00" not in reply
         wait_until(lambda n=n: server.count_log(r"event=session_end service=up ") == n, 10, f"line {n}")
         line = [line for line in server.lines if "event=session_end service=up " in line][-1]
         assert f"reason={reason} " in line and "bytes_in=0" in line, line
     assert not any("exit=" in line or "cgroup=" in line for line in server.lines)  # no child ever started
+
+
+@pytest.mark.timeout(60)
+def test_the_status_line_says_http_1_1_or_1_0_never_the_requests_version(gsrv) -> None:
+    server = gsrv(
+        http_service("up", cgi('out.write(b"Content-Type: text/plain\\n\\n" + os.environ["SERVER_PROTOCOL"].encode())'))
+    )
+    assert ask(server, "up", b"GET / HTTP/1.5\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").startswith(
+        b"HTTP/1.1 200 OK\r\n"
+    )
+    assert ask(server, "up", b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").startswith(b"HTTP/1.0 200 OK\r\n")
+    assert ask(server, "up", b"GET / HTTP/1.0\r\nX-A: \x01\r\n\r\n").startswith(b"HTTP/1.0 400 Bad Request\r\n")
+
+
+@pytest.mark.timeout(90)
+def test_a_short_response_whose_output_ended_goes_with_its_length_unless_trailers_are_asked(gsrv) -> None:
+    server = gsrv(http_service("up", ["sh", "-c", "printf 'Content-Type: text/plain\\n\\nhello'"]))
+    heads = [ask(server, "up", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n") for _ in range(20)]
+    framed = [(b"\r\nContent-Length: 5\r\n" in h, b"\r\nTransfer-Encoding: chunked\r\n" in h) for h in heads]
+    assert all(length != chunked for length, chunked in framed), heads  # one framing each, never both
+    assert any(length for length, _ in framed), heads  # whole at the first read (most are; a race may miss one)
+    assert all(
+        h.endswith(b"hello") or h.endswith(b"0\r\nGsrv-Exit: 0\r\n\r\n") or h.endswith(b"0\r\n\r\n") for h in heads
+    )
+    for _ in range(5):  # a client that asked for the exit as a trailer gets it: chunked, always
+        reply = ask(server, "up", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nTE: trailers\r\nConnection: close\r\n\r\n")
+        assert b"\r\nTransfer-Encoding: chunked\r\n" in reply and reply.endswith(b"0\r\nGsrv-Exit: 0\r\n\r\n")
+    ten = [ask(server, "up", b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n") for _ in range(10)]
+    assert any(b"\r\nContent-Length: 5\r\n" in h for h in ten) and all(h.endswith(b"hello") for h in ten)
+
+
+@pytest.mark.timeout(60)
+def test_a_chunked_body_that_ends_in_a_bare_lf_runs_no_request_hidden_after_it(gsrv, tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    child = cgi(
+        f'open("{marker}", "a").write("x"); sys.stdin.buffer.read(); out.write(b"Content-Type: text/plain\\n\\nok")'
+    )
+    server = gsrv(http_service("up", child))
+    for ending in (b"0\r\n\n", b"0\r\nX: 1\n\r\n", b"1;a\rb\r\nx\r\n0\r\n\r\n"):
+        reply = ask(server, "up", b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"1\r\nx\r\n" + ending + b"GET /second HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # fmt: skip
+        assert reply.count(b"HTTP/1.1 ") <= 1 and b"ok" not in reply, reply
+    wait_until(lambda: server.count_log(r"event=session_end service=up ") >= 3, 10, "three ends")
+    assert (marker.read_text() if marker.exists() else "").count("x") <= 3  # never the hidden request's child
 
 
 @pytest.mark.timeout(60)
@@ -315,7 +411,7 @@ def test_a_slowloris_head_gets_408_at_handshake_timeout(gsrv) -> None:
             sock.sendall(b"a") if time.monotonic() - started < 0.9 else None
         took = time.monotonic() - started
     assert reply.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), reply
-    assert 0.9 < took < 5
+    assert took > 0.9  # not before handshake_timeout (the line below says which timer it was)
     assert "reason=head_timeout" in server.wait_log(r"event=session_end service=slow ")
 
 
@@ -350,10 +446,7 @@ def test_head_gets_no_body_and_a_drain_closes_a_connection_between_requests(gsrv
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n"), head
     with server.connect("hi", timeout=20) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        reply = b""
-        while not reply.endswith(b"0\r\n\r\n"):
-            reply += sock.recv(4096)
-        assert b"hello" in reply
+        assert bodies_of(one_response(sock)) == [b"hello"]
         wait_until(lambda: not server.children(), 10, "the child reaped")
         server.signal(15)
         assert sock.recv(4096) == b""  # a FIN at once: no request was in progress
@@ -372,23 +465,18 @@ def test_a_kept_alive_connections_next_request_waits_for_a_slot_unread_not_refus
     request = b"GET /%s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
     def answered(sock: socket.socket) -> bytes:
-        reply = b""
-        while not reply.endswith(b"0\r\n\r\n"):
-            data = sock.recv(4096)
-            assert data, reply
-            reply += data
-        return reply
+        return bodies_of(one_response(sock))[0]
 
     with server.connect("one") as kept, server.connect("one") as slow:
         kept.sendall(request % b"first")
-        assert answered(kept).endswith(b"/first\r\n0\r\n\r\n")
+        assert answered(kept) == b"/first"
         server.wait_log(r"event=session_end service=one .*path=/first")
         slow.sendall(request % b"slow")
         wait_until(server.children, 10, "the slow request's child, holding the one slot")
         kept.sendall(request % b"second")
         second = answered(kept)
-        assert answered(slow).endswith(b"/slow\r\n0\r\n\r\n")
-    assert second.endswith(b"/second\r\n0\r\n\r\n")
+        assert answered(slow) == b"/slow"
+    assert second == b"/second"
     wait_until(lambda: server.count_log(r"event=session_end service=one ") == 3, 10, "three session_end lines")
     lines = [line for line in server.lines if "event=session_end service=one " in line]
     assert [re.search(r"path=(\S+)", line).group(1) for line in lines] == ["/first", "/slow", "/second"]  # type: ignore[union-attr]
@@ -416,11 +504,11 @@ def test_shipped_http_demos_answer_as_the_readme_says(gsrv) -> None:
     readme = ROOT / "README.md"
     got = curl("-T", str(readme), url(server, "sha256-http"))
     assert got.returncode == 0 and got.stdout.split()[0].decode() == hashlib.sha256(readme.read_bytes()).hexdigest()
-    started = time.monotonic()
     with subprocess.Popen(["curl", "-sS", "-N", url(server, "cgi", "/cgi/hello?x=1")], stdout=subprocess.PIPE) as lines:
         assert lines.stdout is not None
         first = lines.stdout.readline()
-        assert first == b"hello 127.0.0.1: GET /cgi/hello query 'x=1'\n" and time.monotonic() - started < 1, first
+        assert first == b"hello 127.0.0.1: GET /cgi/hello query 'x=1'\n", first
+        assert server.count_log(r"event=session_end service=cgi ") == 0  # streamed: the child is still at work
         assert lines.stdout.readline() == b"step 1 of 3\n"  # as it is written, a second later
         rest = lines.stdout.read()
         assert lines.wait(10) == 0

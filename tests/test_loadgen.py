@@ -78,7 +78,7 @@ def test_load_download_slow_reader_and_stall_with_rate_and_duration(gsrv) -> Non
     assert (down.returncode, report["failed"], report["bytes_received"]) == (0, 0, 4 * 2**20)
     assert report["seconds"] >= 0.4  # 4 MiB at 4 MiB/s over 2 connections cannot be instant
     stall = _load(server, "sink", "--mode", "stall", "--sessions", "50", "--concurrency", "10", "--rate", "20",
-                  "--duration", "1s", "--json")  # fmt: skip
+                  "--duration", "3s", "--json")  # fmt: skip
     report = json.loads(stall.stdout)
     assert stall.returncode == 0 and report["failed"] == 0
     assert 10 <= report["sessions"] < 50 and report["bytes_sent"] > 0  # --duration stopped new sessions

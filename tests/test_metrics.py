@@ -220,10 +220,10 @@ def test_socket_handoff_counts_the_kernels_bytes_and_a_slow_clients_window(gsrv)
     server = gsrv(text)
     base = _admin(server)
     replies = _three_into_wc(server)
-    with server.connect("big") as sock:  # a client that reads nothing for 2 s: its window closes
+    with server.connect("big") as sock:  # a client that reads nothing for 4 s: its window closes
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         sock.shutdown(socket.SHUT_WR)
-        time.sleep(2)
+        time.sleep(4)
         received = 0
         while chunk := sock.recv(1 << 20):
             received += len(chunk)
@@ -233,6 +233,30 @@ def test_socket_handoff_counts_the_kernels_bytes_and_a_slow_clients_window(gsrv)
     assert _value(m, "gsrv_bytes_total", service="wc", direction="in") == 6000
     assert _value(m, "gsrv_bytes_total", service="wc", direction="out") == len(replies)
     assert _value(m, "gsrv_bytes_total", service="big", direction="out") == 32 * 1024 * 1024
-    assert _value(m, "gsrv_tcp_rwnd_limited_seconds_total", service="big") > 1.0  # of the 2 s it did not read
+    assert (
+        _value(m, "gsrv_tcp_rwnd_limited_seconds_total", service="big") > 1.0
+    )  # of the 4 s it did not read (a slow start has 3 s)
     assert _value(m, "gsrv_tcp_rwnd_limited_seconds_total", service="wc") == 0
     assert _value(m, "gsrv_backpressure_seconds_total", service="big", direction="out") == 0  # no pump waited
+
+
+@pytest.mark.timeout(90)
+def test_a_kept_alive_connections_next_request_dropped_by_a_drain_adds_no_response(gsrv) -> None:
+    cgi = ["sh", "-c", 'case "$PATH_INFO" in /slow) sleep 60;; esac; printf "Content-Type: text/plain\\n\\nok"']
+    text = ADMIN + '[server]\ndrain_timeout = "30s"\nkill_grace = "1s"\n' + service_toml("web", cgi, transport="http",
+                                                                                           max_sessions=1)  # fmt: skip
+    server = gsrv(text)
+    base = _admin(server)
+    kept, slow = server.connect("web"), server.connect("web")
+    kept.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    reply = b""
+    while not reply.endswith(b"ok\r\n0\r\n\r\n") and not reply.endswith(b"ok"):
+        reply += kept.recv(4096)
+    slow.sendall(b"GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # takes the one slot
+    wait_until(lambda: _value(_samples(base), "gsrv_sessions_active", service="web") == 1, 10, "the slow one")
+    kept.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # waits for the slot, unread
+    server.signal(signal.SIGTERM)  # the drain drops the waiting request, answered by no status
+    wait_until(lambda: server.count_log(r"service=web .*reason=shutdown") == 1, 10, "the waiting request's end")
+    assert _value(_samples(base), "gsrv_http_responses_total", service="web", status="2xx") == 1
+    kept.close()
+    slow.close()

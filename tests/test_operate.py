@@ -252,6 +252,7 @@ def test_who_may_ask(gsrv, tmp_path) -> None:
     assert call(base + "/sessions", headers=good | {"Host": f"rebound.example:{host.split(':')[1]}"})[0] == 403
     with urllib.request.urlopen(base + "/", timeout=10) as page:  # the status page's shell: no data in it
         assert page.status == 200 and b"status.js" in page.read()
+        assert page.headers["Content-Security-Policy"] == "default-src 'self'; frame-ancestors 'none'"  # no framing
     assert call(base + "/status.json")[0] == 401  # its data: guarded
     status, shown = call(base + "/status.json", headers=good)
     assert status == 200 and {"services", "guard", "history", "sessions", "count", "control"} <= set(shown)

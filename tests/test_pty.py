@@ -172,7 +172,7 @@ def test_a_raw_mode_child_that_ignores_the_end_of_input_is_hung_up(gsrv) -> None
         sock.settimeout(20)
         assert read_all(sock) == b""  # a FIN: the hangup is the end of input a raw terminal has
         took = time.monotonic() - started
-    assert 0.4 < took < 10, took
+    assert took > 0.4, took  # not before eof_grace (500 ms); its deadline is the test's
     line = server.wait_log(r"event=session_end service=mute ")
     assert "reason=hangup" in line and "signal=HUP" in line, line
 

@@ -3,7 +3,6 @@ costs gsrv nothing but the spawns in flight; its resource errors pause accept li
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import contextlib
 import os
@@ -166,28 +165,25 @@ def test_gsrv_killed_leaves_no_session_behind(gsrv):
         sock.close()
 
 
-def test_a_request_the_spawner_cannot_start_ends_only_its_session(gsrv):
-    """A client that gets a NUL into the child's environment (a WebSocket path of %00, which
-    PATH_INFO decodes): no child can have it, and the spawner's wire cannot carry it (a NUL
-    ends a string there, as in C's envp); that session ends spawn_failed, the spawner lives on
-    and serves the next."""
-    server = gsrv(service_toml("ws", ["cat"], transport="websocket"))
+def test_a_request_the_spawner_cannot_start_ends_only_its_session(gsrv, tmp_path):
+    """A request the spawner cannot carry out (the service's cwd removed after the config was
+    read: its chdir fails; a client can no longer bring one, as a NUL in a WebSocket path once
+    did: that is a 400 now): that session ends spawn_failed, the spawner lives on and serves
+    the next."""
+    work = tmp_path / "work"
+    work.mkdir()
+    server = gsrv(service_toml("echo", ["cat"], cwd=str(work)))
     spawner = server.spawner_pid()
-    host, port = server.address("ws")
-    key = base64.b64encode(os.urandom(16)).decode()
-    request = (f"GET /%00 HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
-    with socket.create_connection((host, port), timeout=20) as sock:
-        sock.sendall(request.encode())
-        with contextlib.suppress(OSError):
-            while sock.recv(65536):
-                pass
-    line = server.wait_log(r"event=session_end service=ws ")
-    assert "reason=spawn_failed" in line and "null" in line, line
+    work.rmdir()
+    with server.connect("echo") as sock, contextlib.suppress(OSError):
+        while sock.recv(65536):
+            pass
+    line = server.wait_log(r"event=session_end service=echo ")
+    assert "reason=spawn_failed" in line and "No such file" in line, line
     assert server.spawner_pid() == spawner and "spawner_died" not in "\n".join(server.lines)
-    with socket.create_connection((host, port), timeout=20) as sock:
-        sock.sendall(request.replace("/%00", "/ok").encode())
-        assert sock.recv(12) == b"HTTP/1.1 101"
+    work.mkdir()
+    with server.connect("echo") as sock:
+        assert exchange(sock, b"next") == b"next"
 
 
 @pytest.mark.timeout(60)

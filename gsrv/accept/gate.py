@@ -1,5 +1,5 @@
 """Admission for one listener: max_sessions, max_pending, pauses (draining, memory pressure,
-resources).
+resources), and with queue_timeout the clients held for a slot and their busy answer.
 
 The only caller of start_accepting/stop_accepting, gevent's own paths back to them included:
 admit() never raises and accept errors pause accepting instead of arming gevent's retry timer.
@@ -7,32 +7,23 @@ admit() never raises and accept errors pause accepting instead of arming gevent'
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import gevent
-from gevent.server import StreamServer
 
+from gsrv.accept.held import Held
+from gsrv.accept.shortage import RETRY_MAX_S, RETRY_S, Shortages
 from gsrv.errors import RESOURCE_ERRORS
 from gsrv.logs import Log
 
-RETRY_S = 1.0
+if TYPE_CHECKING:
+    from gsrv.accept.listeners import Listener
+
 SPAWNS_IN_FLIGHT = 8  # sessions whose command was asked for and not yet started: then accept waits
 ENDED = -1  # Handler.spawned: the session ended without a command
-RETRY_MAX_S = 30.0
-BURST_QUIET_S = 2.0  # a shortage burst ends after this long without one: one line each way per burst
-
-
-@dataclass
-class Burst:
-    """Shortages of fds or memory close together: logged as one pause and one resume."""
-
-    started: float
-    last: float  # the latest shortage
-    pauses: int = 0
 
 
 C = TypeVar("C")  # a connection accepted, not yet a session
@@ -76,39 +67,23 @@ class Handler(Protocol[C, S]):
     def drop(self, conn: C, reason: str, error: str | None = None) -> None:
         """End a connection that never became a session (a drain, a prelude that raised)."""
 
+    def busy(self, conn: C) -> None:
+        """In its own greenlet: the busy answer (queue_timeout passed, or a pause that answers),
+        and the connection ends."""
+
 
 def may_accept(
-    active: int, limit: int, paused: set[str] | frozenset[str], pending: int = 0, max_pending: int = 1
-) -> bool:
+    active: int, limit: int, paused: set[str] | frozenset[str], pending: int = 0, max_pending: int = 1,
+    held: int = 0, queue_max: int = 0,
+) -> bool:  # fmt: skip
     """The gate's decision, as a pure function: pending counts the connections still in their
-    PROXY header or TLS handshake, and those done but waiting for a session slot."""
-    return not paused and active < limit and pending < max_pending
-
-
-class Listener(StreamServer):  # type: ignore[misc]
-    """A StreamServer whose accept loop answers to a Gate."""
-
-    def __init__(self, sock: Any, gate: Gate[Any, Any]) -> None:
-        super().__init__(sock, gate.admit)  # gevent requires a handle; do_handle below is what runs
-        self.gate = gate
-        self.full = gate.full  # gevent consults this before each accept()
-
-    def start_accepting(self) -> None:
-        """gevent calls this itself too (start(), its retry timer): the gate has the last word."""
-        if not self.gate.full():
-            super().start_accepting()
-
-    def do_read(self) -> Any:
-        try:
-            return super().do_read()
-        except OSError as e:
-            self.gate.accept_failed(e)
-            return None
-
-    def do_handle(self, sock: Any, address: Any) -> None:
-        """In the accept loop itself: gevent's own would spawn a greenlet per connection and
-        close the socket when the handle returns (the gate starts the sessions it admits)."""
-        self.gate.admit(sock, address)
+    PROXY header or TLS handshake, and those done but waiting for a session slot. With a queue
+    (queue_max > 0: queue_timeout is set) a full service still accepts, up to queue_max held
+    for a slot beside max_pending in their prelude; `paused` then holds only the pauses that
+    keep clients in the backlog (those that answer busy at once are not in it)."""
+    if queue_max:
+        return not paused and pending < max_pending and held < queue_max
+    return not paused and active < limit and pending + held < max_pending
 
 
 class Gate(Generic[C, S]):
@@ -132,8 +107,13 @@ class Gate(Generic[C, S]):
         self.max_pending = 1
         self.handler = handler
         self.pending = 0  # in their prelude
-        self.ready: deque[C] = deque()  # prelude done, waiting for a slot
+        self.ready: Held[C] = Held()  # prelude done, waiting for a slot
         self.knocking: deque[C] = deque()  # kept-alive connections whose next request came, waiting for room
+        self.queue_timeout = 0.0  # 0: no queue (the backlog holds clients, unanswered)
+        self.queue_max = 0
+        self.answering: frozenset[str] = frozenset()  # the pauses whose held clients get the busy answer at once
+        self.answering_new: frozenset[str] = frozenset()  # ... during which new clients are accepted to get it
+        self._expiry: gevent.Greenlet | None = None  # the busy answer for the first held client, when due
         self._preludes: set[gevent.Greenlet] = set()
         self.closed = False
         self.log = log
@@ -144,7 +124,7 @@ class Gate(Generic[C, S]):
         self._parked: deque[C] = deque()  # accepted clients whose command could not start yet
         self.spawning = 0  # commands asked for, not started yet
         self._retry: gevent.Greenlet | None = None
-        self._burst: Burst | None = None  # while fds or memory keep running out
+        self.shortages = Shortages(name, log, lambda: self.short, lambda: self.closed)
 
     def attach(self, listener: Listener) -> None:
         self.listener = listener
@@ -155,9 +135,31 @@ class Gate(Generic[C, S]):
         return self.pending + len(self.ready)
 
     def full(self) -> bool:
-        if self.short or self.spawning >= SPAWNS_IN_FLIGHT:
-            return True
-        return not may_accept(self.active, self.max_sessions, self.paused, self.waiting, self.max_pending)
+        return self.short or self.spawning >= SPAWNS_IN_FLIGHT or not self._room()
+
+    def _room(self) -> bool:
+        """may_accept with the gate's counts: room for one more connection (a new one, or a
+        kept-alive one's next request)."""
+        if self.queue_timeout:
+            return may_accept(self.active, self.max_sessions, self.paused - self.answering_new, self.pending,
+                              self.max_pending, len(self.ready), self.queue_max)  # fmt: skip
+        return may_accept(self.active, self.max_sessions, self.paused, self.pending, self.max_pending, len(self.ready))
+
+    def set_queue(self, timeout: float, most: int, answering: frozenset[str], answering_new: frozenset[str]) -> None:
+        """queue_timeout (0: off), queue_max, the pauses that answer those held at once, and
+        those of them during which new clients are accepted to be answered too (the others
+        leave new clients in the backlog); a pause that answers gives it to those held now."""
+        self.queue_timeout, self.queue_max = timeout, most if timeout else 0
+        self.answering = answering if timeout else frozenset()
+        self.answering_new = answering_new & self.answering
+        if self._expiry is not None:  # armed for the old timeout (or none now)
+            self._expiry.kill(block=False)
+            self._expiry = None
+        if self.paused & self.answering:
+            self._answer(self.ready.take_all())
+        self._start_ready()
+        self._arm()
+        self.update()
 
     def set_limits(self, max_sessions: int, max_pending: int) -> None:
         self.max_sessions, self.max_pending = max_sessions, max_pending
@@ -166,10 +168,13 @@ class Gate(Generic[C, S]):
 
     def pause(self, reason: str) -> None:
         self.paused.add(reason)
+        if reason in self.answering:  # those held get the busy answer now, not after their time
+            self._answer(self.ready.take_all())
         self.update()
 
     def resume(self, reason: str) -> None:
         self.paused.discard(reason)
+        self._start_ready()
         self.update()
 
     def update(self) -> None:
@@ -193,16 +198,21 @@ class Gate(Generic[C, S]):
             return
         if conn is None:  # a rule refused it
             return
+        now = time.monotonic()
         if not self.handler.has_prelude:
-            self._start(conn)
+            if self.queue_timeout and (len(self.ready) or self.paused or self.active >= self.max_sessions):
+                self._hold(conn, now)  # no slot now: held, with its deadline
+                self.update()
+            else:
+                self._start(conn)
             return
-        self._prelude(conn)
+        self._prelude(conn, now)
         self.update()
 
     def knock(self, conn: C) -> None:
         """A kept-alive connection's next request began: it runs its prelude (the head) once
         the gate would accept a new connection (kept-alive ones first), so a service that is
-        full or paused reads none of it meanwhile."""
+        full or paused reads none of it meanwhile (its queue_timeout counts from then)."""
         if self.closed:
             self.handler.drop(conn, "shutdown")
             return
@@ -210,20 +220,22 @@ class Gate(Generic[C, S]):
         self.update()
 
     def _let_in(self) -> None:
-        while self.knocking and not self.closed and not self.short and self.spawning < SPAWNS_IN_FLIGHT and may_accept(
-                self.active, self.max_sessions, self.paused, self.waiting, self.max_pending):  # fmt: skip
-            self._prelude(self.knocking.popleft())
+        """Kept-alive connections whose next request came, into their prelude (the head) when
+        a new connection would be let in; with a queue they are then held in order like new
+        ones, their queue_timeout counted from then."""
+        while self.knocking and not self.closed and not self.full():
+            self._prelude(self.knocking.popleft(), time.monotonic())
 
-    def _prelude(self, conn: C) -> None:
+    def _prelude(self, conn: C, since: float) -> None:
         self.pending += 1
         greenlet = gevent.spawn(self._run_prelude, conn)
-        greenlet.link(lambda done: self._prelude_done(conn, done))  # also when killed before it ran
+        greenlet.link(lambda done: self._prelude_done(conn, since, done))  # also when killed before it ran
         self._preludes.add(greenlet)
 
     def _run_prelude(self, conn: C) -> _Finished[C]:
         return _Finished(self.handler.prelude(conn))
 
-    def _prelude_done(self, conn: C, greenlet: gevent.Greenlet) -> None:
+    def _prelude_done(self, conn: C, since: float, greenlet: gevent.Greenlet) -> None:
         """A connection back from its prelude queues for a slot; None: not this gate's any more.
         A prelude killed before it ran (a drain) or that raised (a bug): the connection ends here."""
         self.pending -= 1
@@ -233,16 +245,50 @@ class Gate(Generic[C, S]):
             if self.closed:
                 self.handler.drop(outcome.ready, "shutdown")
             else:
-                self.ready.append(outcome.ready)
-                self._start_ready()
+                self._hold(outcome.ready, since)
         elif not isinstance(outcome, _Finished):
             error = None if greenlet.exception is None else f"{type(greenlet.exception).__name__}: {greenlet.exception}"
             self.handler.drop(conn, "shutdown" if self.closed else "internal_error", error)
         self.update()
 
     def _start_ready(self) -> None:
-        while self.ready and self.active < self.max_sessions and not self.short:
+        """The oldest held get the free slots; none while paused (an operator's drain must not
+        start what it waits to end)."""
+        while len(self.ready) and self.active < self.max_sessions and not self.short and not self.paused:
             self._start(self.ready.popleft())
+
+    def _hold(self, conn: C, since: float) -> None:
+        """A connection ready for a slot (accepted at `since`): started if one is free, else
+        held; with a queue, one still without a slot past its time, or at a pause that answers,
+        gets the busy answer at once."""
+        if self.queue_timeout and self.paused & self.answering:
+            self._answer([conn])
+            return
+        self.ready.append(conn, since)
+        self._start_ready()
+        if self.queue_timeout:
+            self._answer(self.ready.expired(time.monotonic(), self.queue_timeout))
+            self._arm()
+
+    def _arm(self) -> None:
+        """The busy answer's timer, for the first held client's deadline."""
+        if not self.queue_timeout or (self._expiry is not None and not self._expiry.dead):
+            return
+        due = self.ready.next_deadline(self.queue_timeout)
+        if due is not None:
+            self._expiry = gevent.spawn_later(max(0.0, due - time.monotonic()), self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        if not self.queue_timeout:
+            return
+        self._answer(self.ready.expired(time.monotonic(), self.queue_timeout))
+        self._arm()
+        self.update()
+
+    def _answer(self, conns: list[C]) -> None:
+        for conn in conns:
+            gevent.spawn(self.handler.busy, conn)  # each in its own greenlet: a TLS send may wait
 
     def _start(self, conn: C) -> None:
         try:
@@ -310,8 +356,10 @@ class Gate(Generic[C, S]):
         self.closed = True
         while self._parked:
             self.handler.drop(self._parked.popleft(), reason)
-        while self.ready:
-            self.handler.drop(self.ready.popleft(), reason)
+        for conn in self.ready.take_all():
+            self.handler.drop(conn, reason)
+        if self._expiry is not None:
+            self._expiry.kill(block=False)
         while self.knocking:
             self.handler.drop(self.knocking.popleft(), reason)
         gevent.killall(list(self._preludes), block=False)  # each ends its own (reason shutdown)
@@ -323,35 +371,12 @@ class Gate(Generic[C, S]):
             self.log.debug("accept_error", service=self.name, error=str(error))
 
     def _resources_short(self, error: int) -> None:
-        """Pause accept; log it once per burst (pauses come and go as sessions end and free fds)."""
-        now = time.monotonic()
-        if self._burst is None:
-            self._burst = Burst(now, now)
-            self.log.warning(
-                "accept_paused", service=self.name, reason="resources", error=os.strerror(error),
-                next=f"try again when a session ends, or after {RETRY_S:g}s doubling to {RETRY_MAX_S:g}s",
-            )  # fmt: skip
-            gevent.spawn(self._burst_end)
-        if not self.short:
-            self._burst.pauses += 1
-        self._burst.last = now
+        """Pause accept (a burst's first shortage is logged), and try again later."""
+        self.shortages.happened(error)
         self.short = True
         if self._retry is None or self._retry.dead:
             self._retry = gevent.spawn(self._retry_loop)
         self.update()
-
-    def _burst_end(self) -> None:
-        """Log accept_resumed once accept has run BURST_QUIET_S without a shortage."""
-        burst = self._burst
-        assert burst is not None
-        while True:
-            quiet_for = time.monotonic() - burst.last
-            if self.closed or (not self.short and quiet_for >= BURST_QUIET_S):
-                break
-            gevent.sleep(max(BURST_QUIET_S - quiet_for, 0.25))
-        self._burst = None
-        self.log.info("accept_resumed", service=self.name, reason="resources", pauses=burst.pauses,
-                      burst_s=round(burst.last - burst.started, 1))  # fmt: skip
 
     def _retry_loop(self) -> None:
         """For fds held elsewhere: try again after RETRY_S, then twice as long, up to RETRY_MAX_S."""

@@ -1,5 +1,6 @@
 """Listening sockets for each kind of address: bound by gsrv (TCP, unix) or inherited
-(fd:N from a supervisor, systemd:NAME from socket activation)."""
+(fd:N from a supervisor, systemd:NAME from socket activation); and the accept loop on one,
+which answers to its gate (`Listener`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import os
 import socket as stdsocket
 import stat
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from gevent import socket as gsocket
+from gevent.server import StreamServer
 
 from gsrv.config.address import Address
 from gsrv.errors import GsrvError
+
+if TYPE_CHECKING:
+    from gsrv.accept.gate import Gate
 
 SD_LISTEN_FDS_START = 3
 
@@ -126,3 +132,29 @@ def close_listener(sock: gsocket.socket, address: Address) -> None:
     if address.kind == "unix":
         with contextlib.suppress(OSError):
             os.unlink(address.path)
+
+
+class Listener(StreamServer):  # type: ignore[misc]
+    """A StreamServer whose accept loop answers to a Gate."""
+
+    def __init__(self, sock: Any, gate: Gate[Any, Any]) -> None:
+        super().__init__(sock, gate.admit)  # gevent requires a handle; do_handle below is what runs
+        self.gate = gate
+        self.full = gate.full  # gevent consults this before each accept()
+
+    def start_accepting(self) -> None:
+        """gevent calls this itself too (start(), its retry timer): the gate has the last word."""
+        if not self.gate.full():
+            super().start_accepting()
+
+    def do_read(self) -> Any:
+        try:
+            return super().do_read()
+        except OSError as e:
+            self.gate.accept_failed(e)
+            return None
+
+    def do_handle(self, sock: Any, address: Any) -> None:
+        """In the accept loop itself: gevent's own would spawn a greenlet per connection and
+        close the socket when the handle returns (the gate starts the sessions it admits)."""
+        self.gate.admit(sock, address)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 
 from gsrv.config.units import describe
@@ -15,6 +16,16 @@ EXPECTED = (
     'must be "host:port" or "[v6]:port" with an IP address and a port 0-65535, '
     '"unix:/path", "fd:N" (an inherited listening socket) or "systemd:NAME"'
 )
+
+
+# RFC 9112 §3.2, RFC 3986 §3.2: a Host header is a uri-host (an IP-literal, or reg-name's
+# characters, IPv4 included) and an optional port; never userinfo ("@"), a path, a query or a fragment
+HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|\[v[0-9A-Fa-f]+\.[\w.~!$&'()*+,;=:-]+\]|[\w.~!$&'()*+,;=%-]*)(:[0-9]*)?", re.A)
+
+
+def valid_host(host: str) -> bool:
+    """Whether an HTTP Host header's value is a host and an optional port."""
+    return HOST.fullmatch(host) is not None
 
 
 def is_loopback(host: str) -> bool:

@@ -6,6 +6,7 @@ htpasswd file of bcrypt (`htpasswd -B`: $2y$) or SHA-crypt (`-2`: $5$, `-5`: $6$
 
 from __future__ import annotations
 
+import hmac
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,12 @@ class Credentials:
 
     def hash_of(self, user: str) -> str | None:
         return next((hashed for name, hashed in self.users if name == user), None)
+
+
+def same_token(given: str, token: str) -> bool:
+    """A constant-time comparison of two texts a client may have sent (any characters, lone
+    surrogates from JSON included: never a TypeError or an encoding error)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode("utf-8", "surrogatepass"))
 
 
 def parse_auth(t: Table, name: str, default: object) -> Credentials | None:

@@ -148,9 +148,10 @@ def _websocket(t: Table, transport: str, values: dict[str, Any], policy: Policy)
     if relay in ("splice", "socket"):
         raise t.fail("relay", f'is "{relay}", which cannot go with transport = "websocket": gsrv frames the bytes '
                      'itself (use relay = "auto" or "copy")')  # fmt: skip
-    if policy.reject_banner:
-        raise t.fail("reject_banner", 'cannot be combined with transport = "websocket": its raw text would reach '
-                     "the client in place of an HTTP answer")  # fmt: skip
+    for name in ("reject_banner", "busy_banner"):
+        if getattr(policy, name):
+            raise t.fail(name, 'cannot be combined with transport = "websocket": its raw text would reach '
+                         "the client in place of an HTTP answer")  # fmt: skip
     listen = values["listen"]
     local_only = listen.kind == "unix" or (listen.kind == "tcp" and is_loopback(listen.host))
     return parse_websocket(t, "websocket", values["chunk_size"], values["pty"], local_only)
@@ -171,6 +172,7 @@ def _http(t: Table, found: dict[str, Any], values: dict[str, Any], policy: Polic
                       "REMOTE_PORT name the client)"),
         "reject_banner": (bool(policy.reject_banner), "its raw text would reach the client in place of an HTTP "
                           "answer"),
+        "busy_banner": (bool(policy.busy_banner), "a busy HTTP client gets 503 with Retry-After"),
     }  # fmt: skip
     for name, (on, reason) in why.items():
         if on:

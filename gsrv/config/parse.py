@@ -285,6 +285,18 @@ def _check_addresses(file: str, services: list[ServiceConfig]) -> None:
                 raise ConfigError(file, where, f"{svc.listen} collides with {other.listen} of [services.{other.name}]")
 
 
+def _no_nul(file: str, value: object, where: tuple[str, ...]) -> None:
+    """No string of the file holds a NUL: none can be a file name, an argument or a variable."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for name, item in items:
+        here = (*where, str(name))
+        if "\0" in str(name) or isinstance(item, str) and "\0" in item:
+            table, key = ".".join(here[:-1]), here[-1]
+            raise ConfigError(file, f"[{table}] {key}" if table else key,
+                              "holds a NUL character (\\u0000): no file name, argument or variable can")  # fmt: skip
+        _no_nul(file, item, here)
+
+
 def apply_overrides(file: str, data: dict[str, Any], overrides: tuple[str, ...]) -> None:
     """`--set table.key=value` (value in TOML syntax, or a bare string) into the parsed file."""
     for item in overrides:
@@ -314,10 +326,19 @@ def parse(
     """Parse config text, then the --set overrides; `file` names it in messages (a reload
     gives the running [cgroup], whose host it keeps). Raises ConfigError."""
     try:
+        return _parse(file, text, environ, overrides, running_cgroup)
+    except RecursionError:  # tomllib's own, or a check's walk over a value nested ~1,000 deep
+        raise ConfigError(file, "", "nests arrays or tables too deeply for gsrv to read") from None
+
+
+def _parse(file: str, text: str, environ: dict[str, str] | None, overrides: tuple[str, ...],
+           running_cgroup: CgroupConfig | None) -> Config:  # fmt: skip
+    try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(file, "", f"is not valid TOML: {e}") from None
     apply_overrides(file, data, overrides)
+    _no_nul(file, data, ())
     for table in data:
         if table not in TOP_TABLES:
             hint = (

@@ -27,6 +27,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MIN_TLS = ssl.TLSVersion.TLSv1_2
 BANNER_MAX = 1024  # sent with one non-blocking send: it must fit any socket buffer
+RLIMIT_MAX = (1 << 63) - 1  # a limit above is "unlimited" to the kernel, or no number prlimit takes
 # rlimits: key -> (prlimit option, how the value is written)
 RLIMITS = {"nofile": ("nofile", "count"), "as": ("as", "size"), "cpu": ("cpu", "duration"),
            "fsize": ("fsize", "size"), "nproc": ("nproc", "count")}  # fmt: skip
@@ -168,8 +169,20 @@ def _rlimits(t: Table, name: str, default: object) -> tuple[tuple[str, int], ...
                 amount = int(seconds)
         except ValueError as e:
             raise sub.fail(name, str(e)) from None
+        most, whose = (_nr_open(), "this host's fs.nr_open") if name == "nofile" else (RLIMIT_MAX, "a limit's largest")
+        if amount > most:
+            raise sub.fail(name, f"must be at most {most} ({whose}) (got {describe(item)})")
         limits.append((name, amount))
     return tuple(limits)
+
+
+def _nr_open() -> int:
+    """The most open files a process may be allowed here (setrlimit refuses more)."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20  # the kernel's default
 
 
 def _banner(t: Table, key: str, default: object) -> str:
@@ -229,6 +242,17 @@ class Policy:
     rate_burst: int = key(keys.integer(1), None, "the token bucket's size (default: rate_per_ip, >= 1)",
                           example=5, value=0)  # fmt: skip
     reject_banner: str = key(_banner, "", "text sent before closing a connection over a per-IP limit")
+    queue_timeout: float = key(keys.duration("off"), "0s", "at max_sessions: gsrv holds a client this long from its "
+                               "accept, then gives the busy answer; \"0s\": it waits in the backlog, unanswered",
+                               reload="applies to clients accepted after it", shown=True)  # fmt: skip
+    queue_max: int = key(keys.integer(1), 128, "with queue_timeout: clients held for a slot after their prelude "
+                         "(beside max_pending); more wait in the backlog", reload=AT_ONCE, example=64)  # fmt: skip
+    busy_on_pause: bool = key(keys.flag(), False, "with queue_timeout: while an operator's pause lasts, clients get "
+                              "the busy answer at once instead of waiting in the backlog", reload=AT_ONCE,
+                              example=True)  # fmt: skip
+    busy_banner: str = key(_banner, "", "with queue_timeout, transport tcp: text sent before the busy close (over "
+                           "TLS too)", example="busy, try again later\n",
+                           reload="applies to busy answers given after it")  # fmt: skip
     user: str = key(_identity(pwd.getpwnam), "", "run the child as this user (gsrv must run as root)",
                     example="nobody")  # fmt: skip
     group: str = key(_identity(grp.getgrnam), "", "... and/or this group", example="nogroup")
@@ -250,6 +274,9 @@ def parse_policy(t: Table, environ: dict[str, str]) -> Policy:
         raise t.fail("proxy_trusted", 'is required with proxy_protocol: the proxies\' addresses, like ["10.0.0.5/32"]')
     if values["access_on"] == "proxy" and values["proxy_protocol"] == "off":
         raise t.fail("access_on", 'is "proxy" but proxy_protocol is "off": there is no PROXY header to read')
+    for name in ("queue_max", "busy_on_pause", "busy_banner"):
+        if name in data and not values["queue_timeout"]:
+            raise t.fail(name, 'applies only with queue_timeout (how long a client is held, like "5s")')
     rate = values["rate_per_ip"]
     if "rate_burst" in data and not rate:
         raise t.fail("rate_burst", "applies only with rate_per_ip (sessions per second per address)")

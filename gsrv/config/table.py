@@ -85,4 +85,6 @@ class Table:
         for name, item in value.items():
             if not isinstance(item, str):
                 raise self.fail(key, f"{expected} (got {name} = {describe(item)})")
+            if not name or "=" in name:
+                raise self.fail(key, f'names must be non-empty and without "=" (got {describe(name)})')
         return tuple(value.items())

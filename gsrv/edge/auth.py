@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import hmac
 import ipaddress
 import time
 from collections import OrderedDict, deque
@@ -25,7 +24,7 @@ from gevent import get_hub
 from gevent.lock import BoundedSemaphore
 from passlib.hash import sha256_crypt, sha512_crypt
 
-from gsrv.config.auth import Credentials
+from gsrv.config.auth import Credentials, same_token
 from gsrv.edge.httphead import HeadError
 
 WINDOW_S = 60.0
@@ -58,7 +57,11 @@ class Verifications:
         """Whether the password matches; None when no slot came within `patience` seconds."""
         if not self._slots.acquire(timeout=max(0.0, patience)):
             return None
-        result = get_hub().threadpool.spawn(verify, password, hashed)
+        try:
+            result = get_hub().threadpool.spawn(verify, password, hashed)  # may wait for a pool thread
+        except BaseException:  # (killed while it waited: the slot is not held by any thread)
+            self._slots.release()
+            raise
         result.rawlink(lambda _done: self._slots.release())
         return bool(result.get())
 
@@ -75,11 +78,6 @@ def address_key(address: str | None) -> str:
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     except ValueError:
         return address
-
-
-def _same(given: str, token: str) -> bool:
-    """A constant-time comparison of any text a client sent with a token (printable ASCII)."""
-    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode())
 
 
 class Gatekeeper:
@@ -148,7 +146,7 @@ class Gatekeeper:
         if credentials.kind == "bearer":
             if scheme != "bearer":
                 return None
-            matches = [n for n, token in enumerate(credentials.tokens, 1) if _same(value, token)]
+            matches = [n for n, token in enumerate(credentials.tokens, 1) if same_token(value, token)]
             return f"token-{matches[0]}" if matches else None
         if scheme != "basic":
             return None

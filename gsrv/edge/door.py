@@ -8,6 +8,7 @@ the service's proxy_timeout and handshake_timeout, while the gate counts it as p
 from __future__ import annotations
 
 import contextlib
+import math
 import socket as stdsocket
 import ssl
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import gevent
 from gevent.socket import socket
 
-from gsrv.config.auth import Credentials
+from gsrv.config.auth import Credentials, same_token
 from gsrv.config.http import HttpConfig
 from gsrv.config.policy import Policy
 from gsrv.config.web import WebSocketConfig
@@ -219,6 +220,11 @@ class Door:
         with self._declining(stream):
             hello = read_hello(stream, reader, upgraded.leftover)
             visit = seen.found(websocket=replace(upgraded, leftover=b"", reader=reader), hello=hello)
+            header = upgraded.request.header("authorization")
+            if hello.bearer is not None and header is not None:  # two credentials: they must be one
+                scheme, _, value = header.strip().partition(" ")
+                if scheme.lower() != "bearer" or not same_token(value.strip(), hello.bearer):
+                    raise Declined("unauthorized", "the hello's bearer token is not the upgrade's Authorization")
             if self.gatekeeper.credentials is not None and visit.prelude.user is None:
                 bearer = f"Bearer {hello.bearer}" if hello.bearer else None
                 try:
@@ -246,6 +252,29 @@ class Door:
                 stream.send(close(e.code, text))
                 stream.close_notify()
             raise Refused(reason, str(e)) from None
+
+    def busy(self, visit: Visit) -> None:
+        """A client held queue_timeout without a slot (or at a pause that answers): each
+        transport's busy answer after its prelude, then the connection ends (reason busy): HTTP
+        503 with Retry-After, WebSocket close 1013 after the 101, raw TCP (plain or TLS)
+        busy_banner and a FIN. At most CLOSE_FRAME_S for the answer to go out."""
+        p, prelude = self.policy, visit.prelude
+        error = f"no session slot within queue_timeout ({p.queue_timeout:g}s)"
+        banner, answered = p.busy_banner.encode(), True
+        with contextlib.suppress(OSError, Refused), gevent.Timeout(CLOSE_FRAME_S, False):
+            if prelude.http is not None:
+                retry = str(max(1, math.ceil(p.queue_timeout)))
+                prelude.http.refuse(503, "busy", error, (("Retry-After", retry),))  # raises Refused once sent
+            elif prelude.websocket is not None:
+                prelude.websocket.stream.send(close(1013, "busy"))
+                prelude.websocket.stream.close_notify()
+            elif prelude.tls is not None:
+                if banner:
+                    prelude.tls.send(banner)
+                prelude.tls.close_notify()
+            else:
+                answered = False  # the banner goes out below, on the plain socket
+        self.refusals.refuse(visit, "busy", b"" if answered else banner, error=error, answered=answered)
 
     def _admit(self, visit: Visit, rule_ip: str | None, ip: str | None) -> bool:
         refused = self.admission.check(rule_ip, ip, time.monotonic())

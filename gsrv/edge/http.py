@@ -9,13 +9,12 @@ from __future__ import annotations
 import contextlib
 from typing import NoReturn
 
-import h11
-
 from gsrv.config.http import HttpConfig
-from gsrv.edge.httphead import HeadError, Request, head_end, judge, parse, short_response
+from gsrv.edge.httphead import MAX_TARGET, HeadError, Request, head_end, judge, parse, short_response
 from gsrv.edge.stream import Refused, Stream
 
 READ_CHUNK = 4096  # at most so many bytes a read of the request head
+MAX_LINE = MAX_TARGET + 64  # where a refused head's request line may say HTTP/1.0
 
 
 class Quiet(Exception):  # noqa: N818 (not an error: a kept-alive client closed between requests)
@@ -25,15 +24,14 @@ class Quiet(Exception):  # noqa: N818 (not an error: a kept-alive client closed 
 class HttpConnection:
     """One HTTP connection's state between its requests (in the Prelude; keep-alive carries it to the next request)."""
 
-    __slots__ = ("stream", "secure", "buffered", "served", "request", "parser", "status")
+    __slots__ = ("stream", "secure", "buffered", "served", "request", "status")
 
     def __init__(self, stream: Stream, secure: bool) -> None:
         self.stream, self.secure = stream, secure
         self.buffered = b""  # read from the client, not yet used: the next request's bytes
         self.served = 0  # requests whose child ran
         self.request: Request | None = None
-        self.parser: h11.Connection | None = None  # reads the request's chunked body
-        self.status: int | None = None  # the status sent for the request (refusals included)
+        self.status: int | None = None  # the status gsrv itself sent for the request in hand (a refusal, a page)
 
     def take(self, most: int) -> bytes:
         """Up to most of the bytes already read."""
@@ -54,7 +52,7 @@ class HttpConnection:
     def read_head(self) -> Request:
         """The next request's head (the HTTP front transport = "http" and the WebSocket upgrade
         share): its end found and its raw bytes checked by gsrv, then parsed by h11."""
-        self.request, self.parser, self.status = None, None, None
+        self.request, self.status = None, None
         buffer = self.buffered
         try:
             while True:
@@ -70,18 +68,22 @@ class HttpConnection:
                     raise Refused("bad_request", "the connection closed before a complete HTTP request")
                 buffer += data
             self.buffered = buffer[end:]
-            request, self.parser = parse(buffer[:end])
+            request = parse(buffer[:end])
         except HeadError as e:
-            self.refuse(e.status, e.reason, str(e))
+            one_oh = buffer[:MAX_LINE].partition(b"\r\n")[0].endswith(b" HTTP/1.0")
+            self.refuse(e.status, e.reason, str(e), version="1.0" if one_oh else "1.1")
         self.request = request
         return request
 
-    def refuse(self, status: int, reason: str, error: str, fields: tuple[tuple[str, str], ...] = ()) -> NoReturn:
-        """Answer with status (Connection: close) and raise Refused: the connection ends."""
+    def refuse(self, status: int, reason: str, error: str, fields: tuple[tuple[str, str], ...] = (),
+               version: str = "1.1") -> NoReturn:  # fmt: skip
+        """Answer with status (Connection: close) and raise Refused: the connection ends. The
+        status line says HTTP/1.0 to a 1.0 request (`version`: a head refused before its parse)."""
         self.status = status
-        head_only = self.request is not None and self.request.method == "HEAD"
+        request = self.request
+        head_only, version = (request.method == "HEAD", request.version) if request is not None else (False, version)
         with contextlib.suppress(OSError):
-            self.stream.send(short_response(status, error, head_only=head_only, fields=fields))
+            self.stream.send(short_response(status, error, version, head_only, fields))
         raise Refused(reason, error)
 
     def send_page(self, body: bytes, kind: str, policy: str | None = None) -> None:

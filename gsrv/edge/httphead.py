@@ -13,6 +13,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 import h11
 
+from gsrv.config.address import valid_host
 from gsrv.config.http import HttpConfig
 from gsrv.config.web import WebSocketConfig
 from gsrv.errors import GsrvError
@@ -35,6 +36,26 @@ def status_text(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Unknown"
+
+
+QUOTED_MAX = 64  # a client's value quoted in gsrv's answer or log: at most so many characters
+CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but HTAB (RFC 9110 §5.5)
+
+
+def quoted(value: str | bytes) -> str:
+    """A client's value as gsrv's answers and errors quote it: printable ASCII only (anything
+    else escaped as \\xNN or \\uNNNN), cut to QUOTED_MAX characters (never inside an escape);
+    never a Python repr."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    pieces: list[str] = []
+    length = 0
+    for c in text:
+        piece = c if " " <= c <= "~" and c != "\\" else c.encode("unicode_escape").decode()
+        if length + len(piece) > QUOTED_MAX:
+            return '"' + "".join(pieces) + '..."'
+        pieces.append(piece)
+        length += len(piece)
+    return '"' + "".join(pieces) + '"'
 
 
 class HeadError(GsrvError):
@@ -142,10 +163,16 @@ def screen(head: bytes) -> None:
     parts = lines[0].split(b" ")
     if len(parts) == 3 and len(parts[1]) > MAX_TARGET:
         raise HeadError(414, "uri_too_long", f"the request target is over {MAX_TARGET // 1024} KiB")
+    if CTL.search(lines[0]) or b"\t" in lines[0]:
+        raise HeadError(400, "bad_request", "a control character in the request line")
     lengths = codings = 0
     for line in lines[1:]:
         if line[:1] in (b" ", b"\t"):
             raise HeadError(400, "smuggling", "a folded header line (obs-fold)")
+        if CTL.search(line):
+            raise HeadError(
+                400, "bad_request", f"a control character in header field {quoted(line.partition(b':')[0])}"
+            )
         name, _, value = line.partition(b":")
         name = name.lower()
         if name == b"content-length":
@@ -153,7 +180,7 @@ def screen(head: bytes) -> None:
         elif name == b"transfer-encoding":
             codings += 1
             if value.strip().lower() != b"chunked":
-                raise HeadError(501, "not_implemented", f"Transfer-Encoding {value.strip().decode('latin-1')!r}: "
+                raise HeadError(501, "not_implemented", f"Transfer-Encoding {quoted(value.strip())}: "
                                 "only chunked is supported")  # fmt: skip
     if lengths > 1 or codings > 1:
         raise HeadError(400, "smuggling", "a repeated Content-Length or Transfer-Encoding")
@@ -161,17 +188,24 @@ def screen(head: bytes) -> None:
         raise HeadError(400, "smuggling", "both Content-Length and Transfer-Encoding")
 
 
-def parse(head: bytes) -> tuple[Request, h11.Connection]:
-    """The request (h11), and the h11 connection that reads a chunked body after it."""
+def parse(head: bytes) -> Request:
+    """The request, parsed by h11 once gsrv's own checks passed (its body is not h11's:
+    relay/http/body.py reads it)."""
     screen(head)
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD + 1)
     conn.receive_data(head)
     try:
         event = conn.next_event()
     except h11.RemoteProtocolError as e:
-        raise HeadError(400, "bad_request", f"not an HTTP/1.1 request: {e}") from None
+        raise HeadError(400, "bad_request", f"not an HTTP/1.1 request: {_h11_error(e)}") from None
     if not isinstance(event, h11.Request):
         raise HeadError(400, "bad_request", "not an HTTP request")
+    major, _, minor = event.http_version.decode("ascii").partition(".")
+    if major != "1":  # RFC 9110 §15.6.6 (the HTTP/2 preface, "PRI * HTTP/2.0", included)
+        raise HeadError(505, "version_not_supported", f"HTTP/{major}.{minor}: gsrv speaks HTTP/1.1")
+    version = "1.0" if minor == "0" else "1.1"  # 1.2-1.9 is served as 1.1 (RFC 9110 §2.5)
+    if version == "1.1" and not any(name.lower() == b"host" for name, _ in event.headers):
+        raise HeadError(400, "bad_request", "no Host: HTTP/1.1 requires one")  # (h11 asks it of 1.1 alone)
     target = event.target.decode("latin-1")
     if target.startswith("/"):
         path, _, query = target.partition("?")
@@ -182,8 +216,7 @@ def parse(head: bytes) -> tuple[Request, h11.Connection]:
     else:  # "*" (OPTIONS) or an authority: nothing this server serves
         path, query = target, ""
     fields = tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in event.headers)
-    version = event.http_version.decode("ascii")
-    return Request(event.method.decode("ascii"), target, version, fields, path, query), conn
+    return Request(event.method.decode("ascii"), target, version, fields, path, query)
 
 
 def judge(request: Request, cfg: HttpConfig) -> None:
@@ -191,18 +224,34 @@ def judge(request: Request, cfg: HttpConfig) -> None:
     a path outside `path` (404) or with %00 or a dot-segment (400), a Host a loopback listener
     does not answer (403), a Content-Length over max_body (413)."""
     if request.method == "CONNECT" or "*" not in cfg.methods and request.method not in cfg.methods:
-        raise HeadError(405, "method_not_allowed", f"method {request.method} is not run here")
+        raise HeadError(405, "method_not_allowed", f"method {quoted(request.method)} is not run here")
     if not request.path.startswith("/") or not under(request.path, cfg.path):
-        raise HeadError(404, "not_found", f"path {request.path} is not under {cfg.path}")
-    decoded = unquote_to_bytes(request.path)
-    if b"\0" in decoded or any(segment in (b".", b"..") for segment in decoded.split(b"/")):
-        raise HeadError(400, "bad_request", "a %00 or a dot-segment in the path")
-    host = request.header("host") or ""
-    if not host_allowed(host, cfg):
-        raise HeadError(403, "host_denied", f"Host {host!r} is not one this service answers to (hosts)")
+        raise HeadError(404, "not_found", f"path {quoted(request.path)} is not under {cfg.path}")
+    judge_target(request, cfg)
     length = request.content_length
     if cfg.max_body and length is not None and length > cfg.max_body:
         raise HeadError(413, "body_too_large", f"Content-Length {length} is over max_body ({cfg.max_body})")
+
+
+def judge_target(request: Request, cfg: WebSocketConfig | HttpConfig) -> None:
+    """What both transports refuse in a request's path and Host: %00 or a dot-segment in the
+    path (400), a Host that is not one (400), one a loopback listener does not answer (403)."""
+    decoded = unquote_to_bytes(request.path)
+    if b"\0" in decoded or any(segment in (b".", b"..") for segment in decoded.split(b"/")):
+        raise HeadError(400, "bad_request", "a %00 or a dot-segment in the path")
+    hosts = [value for name, value in request.fields if name == "host"]
+    if len(hosts) > 1 or not valid_host(hosts[0] if hosts else ""):
+        raise HeadError(400, "bad_request", f"Host {quoted(', '.join(hosts))} is not a host and port")
+    host = hosts[0] if hosts else ""
+    if not host_allowed(host, cfg):
+        raise HeadError(403, "host_denied", f"Host {quoted(host)} is not one this service answers to (hosts)")
+
+
+def _h11_error(e: h11.RemoteProtocolError) -> str:
+    """h11's words for a malformed head, without the raw bytes it quotes as a Python repr."""
+    text = str(e)
+    cut = min((i for i in (text.find("bytearray("), text.find(" b'"), text.find(' b"')) if i >= 0), default=-1)
+    return quoted(text[:cut].rstrip(" :") if cut >= 0 else text)
 
 
 @dataclass(frozen=True)
@@ -219,10 +268,10 @@ def cgi_env(request: Request, prefix: str, remote: tuple[str, int] | None, gatew
     one. With `gateway` (the HTTP front): the server's variables, SCRIPT_NAME (`prefix`), the
     body's, HTTPS, every field a child may see, PATH_INFO as the bytes sent (surrogateescape).
     Without (the WebSocket upgrade): the request's own names, only the fields `headers` names,
-    PATH_INFO decoded as UTF-8 with replacement. REQUEST_URI and REMOTE_PORT are extensions."""
+    PATH_INFO as the bytes sent (surrogateescape) on both. REQUEST_URI and REMOTE_PORT are extensions."""
     decoded = unquote_to_bytes(path_info(request.path, prefix))
     env = {"REQUEST_METHOD": request.method, "REQUEST_URI": request.target, "QUERY_STRING": request.query,
-           "PATH_INFO": decoded.decode("utf-8", "surrogateescape" if gateway is not None else "replace")}  # fmt: skip
+           "PATH_INFO": decoded.decode("utf-8", "surrogateescape")}  # fmt: skip
     if remote is not None:
         env |= {"REMOTE_ADDR": str(remote[0]), "REMOTE_PORT": str(remote[1])}
     if gateway is None:

@@ -7,7 +7,6 @@ then answered: 101 and the frames begin, or a short HTTP answer and the connecti
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from urllib.parse import urlsplit
 from gsrv.config.web import WebSocketConfig
 from gsrv.edge.hello import SUBPROTOCOL
 from gsrv.edge.http import HttpConnection
-from gsrv.edge.httphead import DEFAULT_PORTS, Request, path_info, tokens, under
+from gsrv.edge.httphead import DEFAULT_PORTS, HeadError, Request, judge_target, path_info, quoted, tokens, under
 from gsrv.edge.httphead import host_allowed as host_allowed
 from gsrv.edge.stream import Refused, Stream
 from gsrv.edge.wsframes import FrameReader
@@ -47,30 +46,35 @@ class Answer:
 def judge(request: Request, ws: WebSocketConfig, secure: bool) -> Answer:
     """What to answer, from the request alone (no I/O, so tests need no socket)."""
     if not under(request.path, ws.path):
-        return Answer(404, "bad_request", f"path {request.path} is not {ws.path}")
+        return Answer(404, "bad_request", f"path {quoted(request.path)} is not {ws.path}")
+    try:
+        judge_target(request, ws)
+    except HeadError as e:
+        return Answer(e.status, e.reason, str(e))
     header = request.header
     if "websocket" not in tokens(header("upgrade") or ""):
         if request.method in ("GET", "HEAD") and ws.console:
             return Answer(200, "console")
         return Answer(400, "bad_request", "not a WebSocket upgrade (no Upgrade: websocket)")
     if request.method != "GET":
-        return Answer(405, "bad_request", f"a WebSocket upgrade must be a GET (got {request.method})")
+        return Answer(405, "bad_request", f"a WebSocket upgrade must be a GET (got {quoted(request.method)})")
     if "upgrade" not in tokens(header("connection") or ""):
         return Answer(400, "bad_request", "no Connection: Upgrade")
     if header("sec-websocket-version") != "13":
-        return Answer(400, "bad_request", f"Sec-WebSocket-Version {header('sec-websocket-version')!r} is not 13")
+        return Answer(
+            400, "bad_request", f"Sec-WebSocket-Version {quoted(header('sec-websocket-version') or '')} is not 13"
+        )
     try:
         nonce = base64.b64decode(header("sec-websocket-key") or "", validate=True)
-    except binascii.Error:
+    except ValueError:  # not base64 (binascii.Error), or not ASCII at all
         nonce = b""
     if len(nonce) != 16:
         return Answer(400, "bad_request", "no valid Sec-WebSocket-Key")
-    host = header("host") or ""
-    if not host_allowed(host, ws):
-        return Answer(403, "host_denied", f"Host {host!r} is not one this service answers to (hosts)")
-    origin = header("origin")
+    host, origin = header("host") or "", header("origin")
     if origin is not None and not origin_allowed(origin, host, secure, ws.origins):
-        return Answer(403, "origin_denied", f"Origin {origin} is not this host's ({header('host')}) nor in origins")
+        return Answer(
+            403, "origin_denied", f"Origin {quoted(origin)} is not this host's ({quoted(host)}) nor in origins"
+        )
     return Answer(101)
 
 
@@ -112,7 +116,7 @@ Site = dict[str, tuple[bytes, str]]  # what follows the service's path -> (body,
 # The terminal page's Content-Security-Policy: nothing loads from anywhere but gsrv. Inline
 # styles are allowed (xterm.js's renderer writes its cell sizes and theme into <style> elements
 # it makes); scripts, images, fonts and connections stay 'self' only.
-TERMINAL = "default-src 'self'; style-src 'self' 'unsafe-inline'"
+TERMINAL = "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
 TERM_FILES = {"xterm.js": "text/javascript", "addon-fit.js": "text/javascript", "term.js": "text/javascript",
               "xterm.css": "text/css", "term.css": "text/css"}  # fmt: skip
 

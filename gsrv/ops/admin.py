@@ -7,14 +7,17 @@ balancer takes the node out of rotation; a service at max_sessions is not a reas
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from gevent.pywsgi import WSGIServer
+import gevent
+from gevent.pool import Pool
+from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gsrv.accept.listeners import open_listener
-from gsrv.config.address import host_port
+from gsrv.config.address import host_port, valid_host
 from gsrv.config.parse import AdminConfig
 from gsrv.logs import Log
 from gsrv.ops.control import Control
@@ -23,6 +26,8 @@ from gsrv.ops.metrics import Metrics, ProcessState
 from gsrv.periodic import Periodic
 
 FLUSH_S = 1.0
+CONNECTIONS_MAX = 64  # admin connections served at once; more wait in the listener's backlog
+IO_TIMEOUT_S = 10.0  # a request's head, and each read or write after it, within this or the connection ends
 _EMPTY = ProcessState([], False, 0, 0.0, None, None, 0, 0)
 
 Readiness = Callable[[], str | None]  # None: ready; else why not
@@ -42,6 +47,34 @@ class _ErrorLog:
         pass
 
 
+class _HeadLate(TimeoutError, ValueError):
+    """No complete request head within IO_TIMEOUT_S: pywsgi ends the connection (an OSError
+    while it reads the request line, a client's ValueError in the headers: no traceback)."""
+
+
+class _Handler(WSGIHandler):  # type: ignore[misc]  # (gevent ships no types for pywsgi)
+    """pywsgi's handler under the discipline of a service's door: a request's head (line and
+    headers) within IO_TIMEOUT_S however slowly it trickles in, each read or write after it
+    within IO_TIMEOUT_S too, or the connection ends; bad bytes get pywsgi's 400, never a 500."""
+
+    def handle(self) -> None:
+        self.socket.settimeout(IO_TIMEOUT_S)
+        super().handle()
+
+    def handle_one_request(self) -> Any:
+        self._head = gevent.Timeout.start_new(IO_TIMEOUT_S, _HeadLate("no complete request head in time"))
+        try:
+            return super().handle_one_request()
+        finally:
+            self._head.cancel()
+
+    def read_request(self, raw_requestline: str) -> Any:
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self._head.cancel()  # the head is in: the answer has the socket's timeout alone
+
+
 class Admin:
     """Binds at once (a taken port is a startup error); serves from start() on, and feeds the
     byte counters from running sessions every FLUSH_S."""
@@ -53,7 +86,8 @@ class Admin:
         self.control = Control(config)
         self.control.history = History(self.metrics.registry)
         sock = open_listener("admin endpoint", config.listen, 128, 0o600, {})
-        self.server = WSGIServer(sock, self.app, log=None, error_log=_ErrorLog(log))
+        self.server = WSGIServer(sock, self.app, log=None, error_log=_ErrorLog(log), handler_class=_Handler,
+                                 spawn=Pool(CONNECTIONS_MAX))  # fmt: skip
         self._flusher: Periodic | None = None
         self._sampler: Periodic | None = None  # the status page's history
 
@@ -81,7 +115,11 @@ class Admin:
         self.server.stop(timeout=1)
 
     def app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
+        path, host = environ.get("PATH_INFO", ""), environ.get("HTTP_HOST", "")
+        if not valid_host(host):
+            body = f"Host {json.dumps(host[:64], ensure_ascii=True)} is not a host and port\n".encode()
+            start_response("400 Bad Request", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+            return [body]
         if self.control.handles(path):
             reply = self.control.handle(environ)
             if isinstance(reply.body, bytes):

@@ -10,7 +10,6 @@ either), and `control = false` refuses every POST (403). Each action is logged w
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import json
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from gsrv.config.address import is_loopback
+from gsrv.config.auth import same_token
 from gsrv.config.parse import AdminConfig
 from gsrv.ops.history import History
 
@@ -31,7 +31,7 @@ PAGE_SESSIONS = 500  # the status page's table: at most so many sessions (with t
 # (a browser cannot send one for a page load); the page asks for one when /status.json says 401.
 STATIC = {"/": ("status.html", "text/html; charset=utf-8"), "/status.js": ("status.js", "text/javascript"),
           "/status.css": ("status.css", "text/css")}  # fmt: skip
-PAGE_POLICY = "default-src 'self'"
+PAGE_POLICY = "default-src 'self'; frame-ancestors 'none'"  # no page of another site frames it (clickjacking)
 
 
 class Operator(Protocol):
@@ -125,7 +125,8 @@ class Control:
         """Why this request may not go on, answered; None: it may."""
         host = environ.get("HTTP_HOST", "")
         if is_loopback(self.config.listen.host) and not is_loopback(_hostname(host)):
-            return reply("403 Forbidden", {"error": f"Host {host!r} is not a loopback name on a loopback listener"})
+            return reply("403 Forbidden", {"error": f"Host {json.dumps(host[:64])} is not a loopback name on a "
+                                                    "loopback listener"})  # fmt: skip
         credentials = self.config.auth
         if credentials is not None:
             token = self._token(environ.get("HTTP_AUTHORIZATION", ""))
@@ -147,7 +148,7 @@ class Control:
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
             body = json.loads(environ["wsgi.input"].read(min(length, BODY_MAX)) or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):  # not a length, not JSON (or not UTF-8), nested too deep
             body = None
         if not isinstance(body, dict):
             return reply("400 Bad Request", {"error": "a POST's body must be a JSON object, like {}"})
@@ -159,7 +160,7 @@ class Control:
         credentials = self.config.auth
         if credentials is None or scheme.lower() != "bearer":
             return None
-        matches = [n for n, token in enumerate(credentials.tokens, 1) if hmac.compare_digest(value.strip(), token)]
+        matches = [n for n, token in enumerate(credentials.tokens, 1) if same_token(value.strip(), token)]
         return f"token-{matches[0]}" if matches else None
 
     @staticmethod

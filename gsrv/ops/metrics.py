@@ -59,7 +59,7 @@ class Ended(Protocol):
 REFUSALS = ("spawn_failed", "denied", "per_ip_limit", "rate_limited", "proxy_failed", "tls_failed", "bad_request",
             "origin_denied", "host_denied", "smuggling", "head_too_large", "uri_too_long", "not_implemented",
             "method_not_allowed", "not_found", "head_timeout", "body_too_large", "unauthorized",
-            "auth_limited", "auth_busy")  # fmt: skip
+            "auth_limited", "auth_busy", "version_not_supported", "busy")  # fmt: skip
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
 SPAWN_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1)
 CPU_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300)

@@ -75,13 +75,14 @@ class Relay(Protocol):
 
     closes_after_stop: bool  # the stop ladder runs before the connection closes (socket handoff)
     kept_alive: bool  # after close(): the connection stays open for its next request (HTTP keep-alive)
-    cut_input: bool  # the client's input was cut short: the child is signalled before its stdin closes
     input_done: bool  # the client's EOF reached the child
     output_eof: bool  # the child's output reached its end, and all of it the client
     greenlets: list[gevent.Greenlet]
 
     @property
     def name(self) -> str: ...  # how bytes move, for the log's relay=
+    @property
+    def cut_input(self) -> bool: ...  # the client's input was cut short: the child is signalled before its stdin closes
     @property
     def hung_up(self) -> bool: ...  # gsrv hung up the child's terminal
     @property
@@ -134,7 +135,6 @@ class PipeRelay(RelayDefaults):
 
     closes_after_stop = False
     kept_alive = False
-    cut_input = False
     __slots__ = ("sock", "chunk", "child_end", "inbound", "outbound", "discarded", "input_done", "client_eof",
                  "output_eof", "greenlets", "recording")  # fmt: skip
 
@@ -160,6 +160,13 @@ class PipeRelay(RelayDefaults):
 
     def last_activity(self) -> float:
         return max(self.inbound.last, self.outbound.last, self.discarded.last)
+
+    @property
+    def cut_input(self) -> bool:
+        """The client's input did not reach its end (a reset, a TLS close without close_notify,
+        a WebSocket message left open by a close frame, a timeout): the child is signalled
+        before its stdin closes, so it never takes what it got for the whole input."""
+        return not self.input_done
 
     @property
     def hung_up(self) -> bool:

@@ -10,7 +10,7 @@ import time
 import gevent
 from gevent.socket import wait_read
 
-from gsrv.periodic import LOOP_SHARE, SLICE_S, in_slices
+from gsrv.periodic import SLICE_S, in_slices
 
 ITEM_S = 0.0001  # each item's work: a tenth of a millisecond of CPU
 
@@ -53,14 +53,12 @@ def test_a_loop_kept_busy_still_leaves_the_walk_its_share() -> None:
     other = gevent.spawn(busy)
     gevent.sleep(0)
     try:
-        started, walked = time.monotonic(), 0
-        with gevent.Timeout(30):
+        walked = 0
+        with gevent.Timeout(30):  # a starved walk never ends (the busy relay always has more to do)
             for _ in in_slices(range(200)):  # 20 ms of work
                 work(ITEM_S)
                 walked += 1
-        took = time.monotonic() - started
-        assert walked == 200
-        assert took < 0.02 / LOOP_SHARE * 5, took  # its share (0.2 s), with a wide margin: not starved
+        assert walked == 200  # its share (0.2 s here) is a speed: bench/sessions_listing.py keeps the figure
     finally:
         other.kill()
         os.close(readable)

@@ -1,13 +1,12 @@
 """One HTTP request's body as the child's stdin reads it: a Content-Length body (what came with
 the head first, then at most what is left: never a byte of the next request) or a chunked one
-de-chunked by the request's h11 parser (what it read past the last chunk is the next
+de-chunked by a strict reader of its framing (what it read past the last chunk is the next
 request's). They read the connection and count into a `BodyRead`, which owns their failure.
 """
 
 from __future__ import annotations
 
-import h11
-
+from gsrv.edge.chunked import ChunkError, Dechunker
 from gsrv.edge.http import HttpConnection
 from gsrv.relay.http.cgi import Broken, Failure
 from gsrv.relay.pump import Source
@@ -56,39 +55,38 @@ class LengthBody:
 
 
 class ChunkedBody:
-    """A chunked body, de-chunked by the request's h11 parser; max_body counts it."""
+    """A chunked body, its framing read strictly (edge/chunked.py); max_body counts it."""
 
-    __slots__ = ("conn", "client", "count", "chunk", "parser")
+    __slots__ = ("conn", "client", "count", "chunk", "framing")
 
     def __init__(self, conn: HttpConnection, client: Source, count: BodyRead, chunk: int) -> None:
         self.conn, self.client, self.count, self.chunk = conn, client, count, chunk
-        assert conn.parser is not None
-        self.parser: h11.Connection = conn.parser
+        self.framing = Dechunker()
 
     def read(self, limit: int) -> bytes:
-        parser, conn, count = self.parser, self.conn, self.count
+        framing, conn, count = self.framing, self.conn, self.count
         if conn.buffered:
-            parser.receive_data(conn.take(len(conn.buffered)))
+            framing.feed(conn.take(len(conn.buffered)))
         while True:
             try:
-                event = parser.next_event()
-            except h11.RemoteProtocolError as e:
+                data = framing.next()
+            except ChunkError as e:
                 raise Cut(f"the chunked body is malformed: {e}") from None
-            if isinstance(event, h11.Data):
-                data = bytes(event.data)
-                count.total += len(data)
-                if count.max_body and count.total > count.max_body:
-                    count.failure = Failure("body_too_large", f"the chunked body is over max_body ({count.max_body})")
-                    raise Broken(count.failure.error)
-                return data
-            if isinstance(event, h11.EndOfMessage):
-                conn.buffered = bytes(parser.trailing_data[0])
+            if data is None:
+                more = self.client.read(self.chunk)
+                if not more:
+                    raise Cut("the client ended before the chunked body's last chunk")
+                framing.feed(more)
+                self.client.done()
+                continue
+            if not data:
+                conn.buffered = framing.rest  # the next request's
                 return b""
-            more = self.client.read(self.chunk)
-            if not more:
-                raise Cut("the client ended before the chunked body's last chunk")
-            parser.receive_data(bytes(more))
-            self.client.done()
+            count.total += len(data)
+            if count.max_body and count.total > count.max_body:
+                count.failure = Failure("body_too_large", f"the chunked body is over max_body ({count.max_body})")
+                raise Broken(count.failure.error)
+            return data
 
     def done(self) -> None:
         pass

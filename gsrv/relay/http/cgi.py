@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import formatdate
 from http import HTTPStatus
 
@@ -46,6 +46,11 @@ class Head:
     reason: str
     fields: tuple[tuple[bytes, bytes], ...]  # as the child wrote them (Status removed)
     length: int | None  # its Content-Length
+
+
+def with_length(head: Head, length: int) -> Head:
+    """The head of a body whose whole length gsrv knows (the child's output ended already)."""
+    return replace(head, fields=(*head.fields, (b"Content-Length", b"%d" % length)), length=length)
 
 
 def block_end(buffer: bytes | bytearray) -> int:

@@ -15,6 +15,7 @@ next request (`kept_alive`).
 from __future__ import annotations
 
 import contextlib
+import select
 import socket as stdsocket
 
 from gevent.socket import socket
@@ -28,8 +29,17 @@ from gsrv.loop import WRITE
 from gsrv.relay.child import Child
 from gsrv.relay.childend import Pipes
 from gsrv.relay.http.body import BodyRead, ChunkedBody, LengthBody
-from gsrv.relay.http.cgi import MAX_BLOCK, BadHead, Failure, Head, block_end, failure_status, parse_block
-from gsrv.relay.http.response import Response
+from gsrv.relay.http.cgi import (
+    MAX_BLOCK,
+    BadHead,
+    Failure,
+    Head,
+    block_end,
+    failure_status,
+    parse_block,
+    with_length,
+)
+from gsrv.relay.http.response import NO_BODY, Response
 from gsrv.relay.linger import fin_and_linger
 from gsrv.relay.pump import Discard, End, Fd, FdSource, Source, move, splice
 from gsrv.relay.relays import Closing, PipeRelay, RelayEvents, TlsSource
@@ -40,7 +50,7 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 class HttpRelay(PipeRelay):
     """One request: its body to the child, the child's output as its response."""
 
-    __slots__ = ("conn", "http", "request", "splice_body", "response", "body_read", "broke", "body_done", "cut_input",
+    __slots__ = ("conn", "http", "request", "splice_body", "response", "body_read", "broke", "body_done", "body_cut",
                  "kept_alive")  # fmt: skip
 
     def __init__(self, sock: socket, chunk: int, conn: HttpConnection, http: HttpConfig, splice_body: bool) -> None:
@@ -55,8 +65,13 @@ class HttpRelay(PipeRelay):
         self.body_read = BodyRead(http.max_body)  # what was taken from the client: to the child, or dropped
         self.broke: Failure | None = None  # the child's output was no response (its header block)
         self.body_done = not request.has_body  # the request body's framing was read to its end
-        self.cut_input = False  # the body was cut short: the child must not see its stdin end first
+        self.body_cut = False  # the body was cut short: the child must not see its stdin end first
         self.kept_alive = False  # the connection stays for the next request
+
+    @property
+    def cut_input(self) -> bool:
+        """The body was cut short (its input's end is the body's, not the connection's)."""
+        return self.body_cut
 
     @property
     def name(self) -> str:
@@ -110,7 +125,7 @@ class HttpRelay(PipeRelay):
         end = splice(self.sock.fileno(), child.stdin, self.inbound, True, length - len(first))
         self.body_read.total = self.inbound.total
         if end is End.SOURCE_EOF and self.body_read.total < length:
-            self.cut_input, end = True, End.SOURCE_ERROR
+            self.body_cut, end = True, End.SOURCE_ERROR
         self._body_ended(end)
         return end
 
@@ -127,7 +142,7 @@ class HttpRelay(PipeRelay):
         if end is End.SOURCE_EOF:
             self.body_done = True
         elif end is End.SOURCE_ERROR:  # cut short, broken, or over max_body: never an EOF for the child
-            self.cut_input = True
+            self.body_cut = True
 
     def _discard(self) -> End:
         """The child stopped reading: the rest of the body is read and dropped, to its end."""
@@ -155,6 +170,15 @@ class HttpRelay(PipeRelay):
                 source.close()
                 return End.SOURCE_EOF  # no head: close() answers for the child
             head, rest = first
+            if (
+                head.length is None
+                and head.status not in NO_BODY
+                and not response.trailers
+                and self.request.method != "HEAD"
+            ):
+                rest, ended = self._read_ahead(child, source, rest)  # (a HEAD's length is GET's: unknown here)
+                if ended:  # the whole body is here: a short response goes with its length, not chunked
+                    head = with_length(head, len(rest))
             response.begin(head)  # sent with the body's first bytes when they came with it: one send
             if rest and not response.dropping:
                 response.write(rest)
@@ -172,6 +196,17 @@ class HttpRelay(PipeRelay):
         if end is End.SOURCE_EOF and response.writer is not None and response.writer.short():
             return End.SOURCE_ERROR
         return end
+
+    def _read_ahead(self, child: Child, source: Source, rest: bytes) -> tuple[bytes, bool]:
+        """One more read of the child's output if it would not wait: what it added, and whether
+        the output ended there (it is then `rest` whole)."""
+        poller = select.poll()
+        poller.register(child.stdout, select.POLLIN)
+        if not poller.poll(0):
+            return rest, False
+        more = bytes(source.read(self.chunk))
+        source.done()
+        return rest + more, not more
 
     def _first_output(self, source: Source, output: str) -> tuple[Head, bytes] | None:
         """The child's header block (cgi) or first bytes (body), None at its EOF before one."""
@@ -225,7 +260,6 @@ class HttpRelay(PipeRelay):
         except OSError:
             reset(self.sock)
             return
-        self.conn.status = response.status
         if response.keeps and self.body_done:
             self.kept_alive = True
             return

@@ -19,7 +19,8 @@ RESIZE_MAX = 32  # "r" + "COLSxROWS": anything longer is not a resize
 
 class Frames:
     """The client's frames as the child's bytes: data as it arrives (a frame's payload may be
-    partial), control frames answered, the close frame as the end. In text mode a newline
+    partial), control frames answered, the close frame as the end (inside a message: a cut
+    input, `message_cut`). In text mode a newline
     ends each message; with typed framing a message's first character says what it is.
     `resized(columns, rows)`: what a resize message does (None: nothing)."""
 
@@ -42,6 +43,9 @@ class Frames:
             try:
                 event = client.event()
                 if event is not None and self._event(event):
+                    if self.message:  # a close frame inside a message: a cut input, never the input's end
+                        client.fail("message_cut", 1000)
+                        raise OSError("a close frame inside a message")
                     return b""
             except ProtocolError as e:
                 client.fail("protocol_error", e.code)

@@ -48,7 +48,7 @@ from gsrv.relay.ws.window import Window
 # After the upgrade, how each end that is not the child's own is told (code, and the reason's text).
 CLOSE_CODES = {
     "idle_timeout": 1008, "session_timeout": 1008, "shutdown": 1001, "spawn_failed": 1011, "internal_error": 1011,
-    "message_too_big": 1009, "invalid_text": 1007, "protocol_error": 1002,
+    "message_too_big": 1009, "invalid_text": 1007, "protocol_error": 1002, "message_cut": 1000,
 }  # fmt: skip
 CHILD_ENDS = ("eof", "child_exit", "hangup")
 

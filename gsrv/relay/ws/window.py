@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 from gevent.event import Event
 
+from gsrv.edge.httphead import quoted
 from gsrv.edge.wsframes import ProtocolError
 
 POLL_S = 0.1  # while the window is full: how often to look whether the client's input is stuck
@@ -53,7 +54,9 @@ class Window:
     def ack(self, text: bytes) -> None:
         """An "a" message's payload: the output rendered so far, in bytes."""
         if not text.isdigit() or len(text) > ACK_MAX:
-            raise ProtocolError(f'an acknowledgement must be "a" and a byte count (got "a{text[:24]!r}")', 1008)
+            raise ProtocolError(
+                f'an acknowledgement must be "a" and a byte count (got {quoted(b"a" + text[:24])})', 1008
+            )
         offset = int(text)
         if offset > self.sent:
             raise ProtocolError(f"an acknowledgement of {offset} bytes, past the {self.sent} sent", 1008)

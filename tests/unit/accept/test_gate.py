@@ -13,6 +13,7 @@ import pytest
 from gevent.event import Event
 
 from gsrv.accept.gate import ENDED, SPAWNS_IN_FLIGHT, Gate, may_accept
+from gsrv.accept.held import Held
 from gsrv.logs import Log
 
 pytestmark = pytest.mark.timeout(30)
@@ -73,6 +74,9 @@ class FakeHandler:
 
     def drop(self, conn: str, reason: str, error: str | None = None) -> None:
         self.dropped[conn] = reason
+
+    def busy(self, conn: str) -> None:
+        self.steps.append(("busy", conn))
 
     def prelude_done(self, conn: str) -> None:
         self.prelude_go.setdefault(conn, Event()).set()
@@ -275,3 +279,109 @@ def test_start_gets_what_the_prelude_returned_not_what_arrived(log) -> None:
     settle()
     assert ("start", "a+found") in handler.steps and ("start", "a") not in handler.steps
     assert handler.started() == ["a+found"] and "joined" not in handler.dropped and gate.pending == 0
+
+
+@pytest.mark.parametrize(
+    ("active", "paused", "pending", "held", "accepts"),
+    [(2, set(), 0, 0, True), (2, set(), 0, 3, False), (2, set(), 4, 0, False), (0, {"memory"}, 0, 0, False)],
+)  # fmt: skip
+def test_the_decision_with_a_queue(active, paused, pending, held, accepts) -> None:
+    # a full service (2 of 2) still accepts, up to queue_max (3) held beside max_pending (4) in their prelude
+    assert may_accept(active, 2, paused, pending, 4, held, 3) is accepts
+
+
+def test_held_connections_and_their_deadlines() -> None:
+    held: Held[str] = Held()
+    assert held.next_deadline(1.0) is None
+    for conn, since in (("a", 10.0), ("b", 10.5), ("c", 11.0)):
+        held.append(conn, since)
+    assert held.next_deadline(1.0) == 11.0
+    assert held.expired(11.6, 1.0) == ["a", "b"] and len(held) == 1 and held.next_deadline(1.0) == 12.0
+    assert held.popleft() == "c" and len(held) == 0
+
+
+def test_a_full_gate_with_a_queue_holds_then_answers_busy_and_a_pause_answers_at_once(log) -> None:
+    handler = FakeHandler()
+    gate, listener = gate_with(handler, log, max_sessions=1)
+    gate.set_queue(0.05, 2, frozenset({"memory"}), frozenset())
+    run_at_once(handler, "a")
+    gate.admit("a", None)
+    settle()
+    assert handler.started() == ["a"] and listener.accepting  # full, and still accepting: it holds
+    gate.admit("b", None)
+    gate.admit("c", None)
+    assert not listener.accepting  # queue_max held: the backlog again
+    gevent.sleep(0.2)
+    settle()
+    assert [conn for step, conn in handler.steps if step == "busy"] == ["b", "c"]
+    assert listener.accepting
+    gate.set_queue(60.0, 2, frozenset({"memory"}), frozenset())
+    gate.admit("d", None)
+    gate.pause("memory")
+    settle()
+    assert [conn for step, conn in handler.steps if step == "busy"] == ["b", "c", "d"]  # at once
+    assert not listener.accepting  # the memory guard's pause holds no more clients
+
+
+def test_a_slow_prelude_with_a_slot_free_is_started_not_answered_busy(log) -> None:
+    handler = FakeHandler(has_prelude=True)
+    gate, _ = gate_with(handler, log, max_sessions=1)
+    gate.set_queue(0.05, 4, frozenset({"memory"}), frozenset())
+    run_at_once(handler, "slow")
+    gate.admit("slow", None)
+    gevent.sleep(0.1)  # its prelude took longer than queue_timeout
+    handler.prelude_done("slow")
+    settle()
+    assert handler.started() == ["slow"] and ("busy", "slow") not in handler.steps
+
+
+def test_a_queue_turned_off_or_shortened_by_a_reload(log) -> None:
+    handler = FakeHandler()
+    gate, _ = gate_with(handler, log, max_sessions=1)
+    gate.set_queue(30.0, 4, frozenset(), frozenset())
+    run_at_once(handler, "a")
+    gate.admit("a", None)
+    gate.admit("b", None)
+    gate.set_queue(0.0, 4, frozenset(), frozenset())  # off: b waits for the slot, never answered busy
+    gevent.sleep(0.1)
+    settle()
+    assert ("busy", "b") not in handler.steps and list(gate.ready) == ["b"]
+    gate.set_queue(0.05, 4, frozenset(), frozenset())  # shorter: the timer follows at once
+    gevent.sleep(0.2)
+    settle()
+    assert ("busy", "b") in handler.steps
+
+
+def test_with_a_queue_a_kept_alive_request_is_let_in_and_held_in_turn(log) -> None:
+    handler = FakeHandler(has_prelude=True)
+    gate, _ = gate_with(handler, log, max_sessions=1)
+    gate.set_queue(30.0, 4, frozenset(), frozenset())
+    run_at_once(handler, "a", "kept", "new")
+    gate.admit("a", None)
+    handler.prelude_done("a")
+    settle()
+    gate.knock("kept")  # full: with a queue its head is read and it is held like a new one
+    handler.prelude_done("kept")
+    gate.admit("new", None)
+    handler.prelude_done("new")
+    settle()
+    assert list(gate.knocking) == [] and list(gate.ready) == ["kept", "new"]
+    handler.session_ends("a")
+    settle()
+    assert handler.started() == ["a", "kept"]
+
+
+def test_held_clients_start_no_session_while_paused(log) -> None:
+    handler = FakeHandler()
+    gate, _ = gate_with(handler, log, max_sessions=1)
+    gate.set_queue(30.0, 4, frozenset({"memory"}), frozenset())
+    run_at_once(handler, "a", "b")
+    gate.admit("a", None)
+    gate.admit("b", None)
+    gate.pause("drained_by_admin")
+    handler.session_ends("a")
+    settle()
+    assert handler.started() == ["a"] and list(gate.ready) == ["b"]
+    gate.resume("drained_by_admin")
+    settle()
+    assert handler.started() == ["a", "b"]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from gsrv.config.http import HttpConfig
-from gsrv.edge.httphead import MAX_HEAD, Gateway, HeadError, Request, cgi_env, head_end, judge, parse
+from gsrv.edge.httphead import MAX_HEAD, Gateway, HeadError, Request, cgi_env, head_end, judge, parse, quoted
 
 
 def request(raw: bytes) -> Request:
-    return parse(raw[: head_end(raw)])[0]
+    return parse(raw[: head_end(raw)])
 
 
 def refused(raw: bytes, cfg: HttpConfig | None = None) -> tuple[int, str]:
@@ -93,12 +93,12 @@ def test_the_request_as_cgi_meta_variables() -> None:
 
 def test_the_upgrade_as_the_websocket_transport_names_it() -> None:
     """The same builder without a gateway: the request's own names, only the fields named,
-    PATH_INFO decoded with replacement (what the WebSocket transport has always given)."""
+    PATH_INFO the bytes sent (surrogateescape), as for the HTTP transport."""
     raw = (b"GET /ws/%C3%A9/%FF?x=1 HTTP/1.1\r\nHost: a\r\nUser-Agent: probe\r\nX-Token: t\r\nX-Token: u\r\n"
            b"Proxy: p\r\n\r\n")  # fmt: skip
     env = cgi_env(request(raw), "/ws", ("10.0.0.1", 5555), headers=("x-token", "proxy", "absent"))
     assert env == {
-        "REQUEST_METHOD": "GET", "REQUEST_URI": "/ws/%C3%A9/%FF?x=1", "PATH_INFO": "/é/\ufffd", "QUERY_STRING": "x=1",
+        "REQUEST_METHOD": "GET", "REQUEST_URI": "/ws/%C3%A9/%FF?x=1", "PATH_INFO": "/é/\udcff", "QUERY_STRING": "x=1",
         "REMOTE_ADDR": "10.0.0.1", "REMOTE_PORT": "5555", "HTTP_X_TOKEN": "t, u", "HTTP_PROXY": "p",
     }  # fmt: skip
 
@@ -108,3 +108,65 @@ def test_what_a_request_says_of_its_connection() -> None:
     assert request(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Close\r\n\r\n").wants_close
     kept = request(b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
     assert not kept.wants_close and kept.expects_continue and kept.has_body and kept.content_length == 5
+
+
+@pytest.mark.parametrize("line", [b"GET / HTTP/9.9", b"GET / HTTP/2.0", b"GET / HTTP/3.0", b"PRI * HTTP/2.0",
+                                  b"GET / HTTP/0.9"])  # fmt: skip
+def test_a_major_version_other_than_1_is_505(line: bytes) -> None:
+    with pytest.raises(HeadError) as e:
+        parse(line + b"\r\nHost: a\r\n\r\n")
+    assert (e.value.status, e.value.reason) == (505, "version_not_supported")
+
+
+def test_a_higher_minor_version_of_1_is_served_as_1_1_and_1_0_stays_1_0() -> None:
+    assert [request(b"GET / HTTP/1.%d\r\nHost: a\r\n\r\n" % n).version for n in range(10)] == ["1.0"] + ["1.1"] * 9
+
+
+@pytest.mark.parametrize("raw", [b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\x07b\r\n\r\n",
+                                 b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\x00b\r\n\r\n",
+                                 b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\x7fb\r\n\r\n",
+                                 b"GET / HTTP/1.1\r\nHost: a\x1b\r\n\r\n",
+                                 b"GET /a\x07b HTTP/1.1\r\nHost: a\r\n\r\n",
+                                 b"GET\t/ HTTP/1.1\r\nHost: a\r\n\r\n"])  # fmt: skip
+def test_a_control_character_in_the_head_is_400(raw: bytes) -> None:
+    with pytest.raises(HeadError) as e:
+        parse(raw)
+    assert (e.value.status, e.value.reason) == (400, "bad_request")
+    assert "\\x" not in str(e.value) and "bytearray" not in str(e.value)
+
+
+def test_a_horizontal_tab_in_a_field_value_is_fine() -> None:
+    assert request(b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\tb\r\n\r\n").header("x-a") == "a\tb"
+
+
+@pytest.mark.parametrize("host", [b"evil.example@127.0.0.1:80", b"127.0.0.1/evil", b"127.0.0.1?x", b"127.0.0.1#x",
+                                  b"a b", b"127.0.0.1:8o", b"[::1"])  # fmt: skip
+def test_a_host_that_is_not_a_host_and_port_is_400(host: bytes) -> None:
+    raw = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+    try:
+        got = refused(raw)
+    except HeadError as e:  # h11 refuses some itself
+        got = (e.status, e.reason)
+    assert got == (400, "bad_request")
+
+
+def test_two_hosts_are_400() -> None:
+    with pytest.raises(HeadError) as e:
+        judge(Request("GET", "/", "1.1", (("host", "a"), ("host", "b")), "/", ""), HttpConfig())
+    assert (e.value.status, e.value.reason) == (400, "bad_request")
+
+
+def test_a_client_value_is_quoted_as_printable_ascii_cut_to_64() -> None:
+    assert quoted("plain") == '"plain"'
+    assert quoted(b"a\x00\xe9\\") == '"a\\x00\\xe9\\\\"'
+    assert quoted("x" * 100) == '"' + "x" * 64 + '..."'
+    assert quoted("x" * 63 + "\x01") == '"' + "x" * 63 + '..."'  # never half an escape
+    assert all(" " <= c <= "~" for c in quoted(bytes(range(256))))
+
+
+def test_an_http_1_x_request_without_host_is_400_as_1_1_is() -> None:
+    for line in (b"GET / HTTP/1.1", b"GET / HTTP/1.2", b"GET / HTTP/1.9"):
+        with pytest.raises(HeadError) as e:
+            parse(line + b"\r\n\r\n")
+        assert (e.value.status, e.value.reason) == (400, "bad_request")
+    assert request(b"GET / HTTP/1.0\r\n\r\n").version == "1.0"  # HTTP/1.0 needs none
