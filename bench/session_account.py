@@ -47,6 +47,8 @@ class Account:
     server: float
     commands: float
     client: float
+    spawner: float = 0.0  # gsrv's: of `server`, its spawner's part, and its guardian's
+    guardian: float = 0.0
 
     @property
     def rest(self) -> float:
@@ -89,7 +91,11 @@ def measure(name: str, sessions: int) -> Account:
         finally:
             servers.stop(proc)
     per = 1000 / sessions
-    server = sum(own1.get(pid, t) - t for pid, t in own0.items())
+    spent = {pid: own1.get(pid, t) - t for pid, t in own0.items()}
+    role = {p.pid: _role(p) for p in own}
+    server = sum(spent.values())
+    spawner = sum(t for pid, t in spent.items() if role.get(pid) == "spawner")
+    guardian = sum(t for pid, t in spent.items() if role.get(pid) == "guardian")
     if name == "socat":  # its forks relay, then reap the commands: charged to the parent together
         server += reaped1 - reaped0
         commands = 0.0
@@ -97,7 +103,15 @@ def measure(name: str, sessions: int) -> Account:
         commands = reaped1 - reaped0
     client = (me1.user + me1.system) - (me0.user + me0.system)
     machine = measures.busy(machine1) - measures.busy(machine0)
-    return Account(rate, machine * per, server * per, commands * per, client * per)
+    return Account(rate, machine * per, server * per, commands * per, client * per, spawner * per, guardian * per)
+
+
+def _role(p: psutil.Process) -> str:
+    try:
+        argv = " ".join(p.cmdline())
+    except psutil.NoSuchProcess:
+        return "gone"
+    return "spawner" if "gsrv.spawn.spawner" in argv else "guardian" if "gsrv.spawn.guardian" in argv else "server"
 
 
 def main() -> int:
@@ -118,16 +132,18 @@ def main() -> int:
         f"({time.strftime('%Y-%m-%d')}): {args.sessions} × 10 B into `wc -c`, 20 at a time, medians of "
         f"{args.rounds} interleaved rounds; CPU in ms a session.",
         "",
-        "| server | sessions/s | / tcpserver | machine | / tcpserver | server's own | commands | client | rest |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | sessions/s | / tcpserver | machine | / tcpserver | server's own | of it: spawner, guardian "
+        "| commands | client | rest |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, accounts in found.items():
         m = {k: statistics.median(getattr(a, k) for a in accounts) for k in
-             ("rate", "machine", "server", "commands", "client", "rest")}  # fmt: skip
+             ("rate", "machine", "server", "commands", "client", "rest", "spawner", "guardian")}  # fmt: skip
         ratio = f"{m['rate'] / base:.2f}" if base else "-"
         cpu_ratio = f"{m['machine'] / base_cpu:.2f}" if base_cpu else "-"
         lines.append(f"| {name} | {m['rate']:,.0f} | {ratio} | {m['machine']:.2f} | {cpu_ratio} | "
-                     f"{m['server']:.2f} | {m['commands']:.2f} | {m['client']:.2f} | {m['rest']:.2f} |")  # fmt: skip
+                     f"{m['server']:.2f} | {m['spawner']:.2f}, {m['guardian']:.2f} | {m['commands']:.2f} | "
+                     f"{m['client']:.2f} | {m['rest']:.2f} |")  # fmt: skip
     lines += ["", "Servers:", *(f"- {name}: {PEERS[name][1]}" for name in found)]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -83,6 +83,15 @@ def http_status(address: tuple[str, int], head: bytes) -> bytes:
         return answer.split(b"\r\n", 1)[0]
 
 
+OTHER_INPUTS = [
+    (b"GET / HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n", b"HTTP/1.1 505 HTTP Version Not Supported"),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"HTTP/1.1 505 HTTP Version Not Supported"),
+    (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\x07b\r\n\r\n", b"HTTP/1.1 400 Bad Request"),
+    (b"GET / HTTP/1.1\r\nHost: evil.example@127.0.0.1\r\n\r\n", b"HTTP/1.1 400 Bad Request"),
+    (b"GET /a/../../etc/passwd HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"HTTP/1.1 400 Bad Request"),
+]
+
+
 @pytest.mark.timeout(120)
 def test_a_gsrv_nobody_reads_keeps_serving_through_every_hostile_prelude(gsrv, tmp_path: Path) -> None:
     users, tokens = tmp_path / "htpasswd", tmp_path / "tokens"
@@ -121,6 +130,8 @@ def test_a_gsrv_nobody_reads_keeps_serving_through_every_hostile_prelude(gsrv, t
         assert answer == b"HTTP/1.1 401 Unauthorized"
         answer = http_status(bearer, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xe9\xe9\xe9\r\n\r\n")
         assert answer == b"HTTP/1.1 401 Unauthorized"
+        for raw, status in OTHER_INPUTS:  # the probe's other inputs: each answered, none a traceback
+            assert http_status(basic, raw) == status
         with server.connect("cat") as sock:
             assert exchange(sock, b"still here") == b"still here"
     assert server.proc.poll() is None
