@@ -82,6 +82,7 @@ def measure(name: str, sessions: int) -> Account:
             time.sleep(0.5)
             root = psutil.Process(proc.pid)
             own = servers.server_processes(proc.pid)  # gsrv, spawner, guardian; tcpserver; socat
+            role = {p.pid: _role(p) for p in own}
             reaper = next((p for p in own if "gsrv.spawn.spawner" in " ".join(p.cmdline())), root)
             me = psutil.Process()
             own0, reaped0, me0, machine0 = _own(own), _reaped(reaper), me.cpu_times(), psutil.cpu_times()
@@ -92,7 +93,6 @@ def measure(name: str, sessions: int) -> Account:
             servers.stop(proc)
     per = 1000 / sessions
     spent = {pid: own1.get(pid, t) - t for pid, t in own0.items()}
-    role = {p.pid: _role(p) for p in own}
     server = sum(spent.values())
     spawner = sum(t for pid, t in spent.items() if role.get(pid) == "spawner")
     guardian = sum(t for pid, t in spent.items() if role.get(pid) == "guardian")
