@@ -29,13 +29,7 @@ def upgrade(
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
                  f"{extra}{headers}\r\n".encode())  # fmt: skip
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        head += chunk
-    return sock, head
+    return sock, read_until(sock, b"\r\n\r\n", 1)  # a byte at a time: the frames after it stay unread
 
 
 def masked(opcode: int, payload: bytes) -> bytes:
@@ -71,16 +65,21 @@ def close_code(sock: socket.socket, data_frames: bool = True) -> int | None:
         data += chunk
 
 
+def read_until(sock: socket.socket, marker: bytes, size: int) -> bytes:
+    """What the socket gives, `size` bytes a read, until `marker` came or the connection ended."""
+    got = b""
+    while marker not in got:
+        chunk = sock.recv(size)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
 def http_status(address: tuple[str, int], head: bytes) -> bytes:
     with socket.create_connection(address, timeout=20) as sock:
         sock.sendall(head)
-        answer = b""
-        while b"\r\n" not in answer:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-        return answer.split(b"\r\n", 1)[0]
+        return read_until(sock, b"\r\n", 4096).split(b"\r\n", 1)[0]
 
 
 OTHER_INPUTS = [
