@@ -63,12 +63,14 @@ class Shape:
     """What the spawner makes for sessions of one kind, ahead of time: a cgroup of a name of
     its own in each of `parents`, with `limits` written; a process enters by writing "0" into
     `enter` in each; `after` is written right after the spawn (the pids limit back down: it
-    was one higher while the spawner was inside)."""
+    was one higher while the spawner was inside); `top`: the parent whose cgroup counts the
+    session's processes (the kill's: v1's freezer, v2's one)."""
 
     parents: tuple[str, ...]
     limits: tuple[Write, ...] = ()
     enter: str = "tasks"
     after: tuple[Write, ...] = ()
+    top: int = 0
 
 
 class Scope:
@@ -219,7 +221,7 @@ def _v1_shape(where: tuple[str, ...], index: dict[str, int], limits: Limits) -> 
         (index["cpu"], "cpu.cfs_quota_us", quota, False) if limits.cpu else None,
     ]
     after = ((index["pids"], "pids.max", str(limits.pids), False),) if limits.pids else ()
-    return Shape(where, tuple(f for f in files if f is not None), "tasks", after)
+    return Shape(where, tuple(f for f in files if f is not None), "tasks", after, index["freezer"])
 
 
 def _v2_shape(where: tuple[str, ...], index: dict[str, int], limits: Limits) -> Shape:

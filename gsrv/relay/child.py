@@ -25,8 +25,8 @@ from gsrv.contain.root import Root
 from gsrv.contain.scope import Limits, Scope, Shape, Usage
 from gsrv.errors import SpawnError
 from gsrv.relay.stdio import Stdio
+from gsrv.spawn import wire
 from gsrv.spawn.client import Process, Spawner
-from gsrv.spawn.wire import NO_CGROUP
 
 GROUP_POLL_S = 0.02
 REAP_TIMEOUT_S = 5.0
@@ -174,13 +174,15 @@ class Launcher:
         errno says whether fds or memory ran out); stdio is then closed."""
         contain = launch.contain
         limits, accounting = (contain.limits, contain.accounting) if contain is not None else (Limits(), False)
-        shape = NO_CGROUP
+        shape, at_exit = wire.NO_CGROUP, wire.REAP
         try:
             if contain is not None and contain.scope == "cgroup":
                 assert self.root is not None, "a cgroup kill scope without gsrv's cgroup root"
                 shape = self._shape(limits, accounting)
+                read_at_end = accounting or limits.memory or limits.pids  # Scope.usage's counters
+                at_exit = wire.REAP_IF_EMPTY if read_at_end else wire.REAP_AND_REMOVE_IF_EMPTY
             process = self.spawner.spawn(launch.argv, launch.executable, env, launch.cwd, launch.umask, stdio.theirs,
-                                         setsid=not launch.pty, cgroup=shape)  # fmt: skip
+                                         setsid=not launch.pty, cgroup=shape, at_exit=at_exit)  # fmt: skip
         except SpawnError:
             stdio.unused()
             raise
@@ -231,11 +233,10 @@ class Child:
         if contained is not None and root is not None:
             self.kill_scope = CgroupMembers(Scope.of(root, process.cgroup, *contained), self.pid)
         else:
-            self.kill_scope = ProcessGroup(self.pid)
             # A process group has no member list to read, and the leader's zombie would keep
-            # it alive to killpg(0): reaped at its exit (its group's id stays taken while a
-            # member lives, so the ladder still signals no other group).
-            process.exited.rawlink(lambda _: self._launcher.spawner.reap(process))
+            # it alive to killpg(0): the spawner reaps it at its exit (wire.REAP; its group's
+            # id stays taken while a member lives, so the ladder still signals no other group).
+            self.kill_scope = ProcessGroup(self.pid)
         if self._launcher.tracker is not None:
             self._launcher.tracker.track(self.pid)
 
@@ -336,6 +337,8 @@ class Child:
 
     def group_alive(self) -> bool:
         """Whether anything of the kill scope (the process group, or the session's cgroup) lives."""
+        if self.process.alone:  # the spawner found its cgroup empty at its exit, and reaped it
+            return False
         if self._contained is None and self.exited.is_set():
             self.process.reaped.wait(REAP_TIMEOUT_S)  # asked for at the exit: its zombie answers killpg(0)
         return self.kill_scope.alive()

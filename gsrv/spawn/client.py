@@ -46,9 +46,9 @@ class Process:
     """One child as the spawner reports it."""
 
     __slots__ = ("pid", "error", "stuck", "cgroup", "started", "exited", "status", "reaped", "rusage", "generation",
-                 "reaping")  # fmt: skip
+                 "reaping", "at_exit", "alone")  # fmt: skip
 
-    def __init__(self, generation: int) -> None:
+    def __init__(self, generation: int, at_exit: int = wire.HOLD) -> None:
         self.pid = 0
         self.error: SpawnError | None = None
         self.stuck: list[str] = []  # the cgroup writes of the spawner's way home that failed
@@ -60,6 +60,13 @@ class Process:
         self.rusage: tuple[float, int] | None = None  # cpu ms, maxrss KiB: the child and what it waited for
         self.generation = generation
         self.reaping = False  # asked for once: a second ask could name a reused pid
+        self.at_exit = at_exit  # what the spawner does at its exit (wire.HOLD, REAP, ...)
+        self.alone = False  # nothing of its cgroup was left at its exit: reaped then (no ladder signals)
+
+    @property
+    def reaped_at_exit(self) -> bool:
+        """The spawner reaps it at its exit, unasked: gsrv must never name its pid in a Reap."""
+        return self.at_exit == wire.REAP or self.alone
 
 
 def _subreaper() -> None:
@@ -137,11 +144,13 @@ class Spawner:
     # -- requests ---------------------------------------------------------------------------
 
     def spawn(self, argv: tuple[str, ...], executable: str, env: dict[str, str], cwd: str | None, umask: int,
-              stdio: tuple[int, int, int], setsid: bool = True, cgroup: Shape = wire.NO_CGROUP) -> Process:  # fmt: skip
+              stdio: tuple[int, int, int], setsid: bool = True, cgroup: Shape = wire.NO_CGROUP,
+              at_exit: int = wire.HOLD) -> Process:  # fmt: skip
         """Ask for one child without waiting; the answer comes to the Process returned (its
         `started` is set). stdio: gsrv's fds for 0, 1, 2 (-1: /dev/null); cgroup: the Shape of
-        the cgroups it is born in. Raises SpawnError: EAGAIN when the spawner cannot take it
-        now, EINVAL for a request no child can have (a NUL in an argument or a variable)."""
+        the cgroups it is born in; at_exit: what the spawner does at its exit (wire.HOLD, ...).
+        Raises SpawnError: EAGAIN when the spawner cannot take it now, EINVAL for a request no
+        child can have (a NUL in an argument or a variable)."""
         sock = self.sock
         if sock is None:
             raise SpawnError("no spawner is running (it is being restarted)", errno.EAGAIN)
@@ -152,7 +161,8 @@ class Spawner:
             raise SpawnError(f"illegal environment variable name: {next(n for n in env if '=' in n)!r}", errno.EINVAL)
         variables = tuple([f"{name}={value}" for name, value in env.items()])
         try:
-            message = wire.encode(wire.Spawn(seq, argv, executable, variables, cwd or "", umask, at, setsid, cgroup))
+            message = wire.encode(wire.Spawn(seq, argv, executable, variables, cwd or "", umask, at, setsid, cgroup,
+                                             at_exit))  # fmt: skip
         except wire.WireError as e:
             raise SpawnError(str(e), errno.EINVAL) from None
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, memoryview(bytes(_ints(fds))))] if fds else []
@@ -162,17 +172,23 @@ class Spawner:
             raise SpawnError("the spawner is behind (its socket is full)", errno.EAGAIN) from None
         except OSError as e:  # it died, and its EOF is not read yet: a new one comes
             raise SpawnError(f"cannot reach the spawner ({e.strerror}): waiting for a new one", errno.EAGAIN) from None
-        process = Process(self.generation)
+        process = Process(self.generation, at_exit)
         self._pending[seq] = (process, time.time())
         return process
 
     def reap(self, process: Process, cgroups: tuple[str, ...] = ()) -> None:
         """The stop ladder is done: the spawner may reap the child (its pid is free from then
         on) and remove its cgroups behind. `reaped` is set once it has, or at once if that
-        spawner is gone (gsrv reaped the child; the cgroups are removed here)."""
+        spawner is gone (gsrv reaped the child; the cgroups are removed here). One the spawner
+        reaps at its exit is never named (its pid may be another child's by now): only its
+        cgroups, unless the spawner removed them too."""
         if process.reaping:
             return
         process.reaping = True
+        if process.reaped_at_exit and process.generation == self.generation and process.pid:
+            if cgroups and not (process.alone and process.at_exit == wire.REAP_AND_REMOVE_IF_EMPTY):
+                self._queue_reap(0, cgroups)
+            return
         if process.generation != self.generation or not process.pid:
             process.reaped.set()
             if self._processes.get(process.pid) is process:
@@ -183,7 +199,10 @@ class Spawner:
                 self.log.warning("cgroup_left", cgroups=",".join(left), next="removed at gsrv's stop, or by its "
                                  "guardian, once empty")  # fmt: skip
             return
-        self._reaps.append((process.pid, cgroups))
+        self._queue_reap(process.pid, cgroups)
+
+    def _queue_reap(self, pid: int, cgroups: tuple[str, ...]) -> None:
+        self._reaps.append((pid, cgroups))
         if not self._reap_due:
             self._reap_due = True
             get_hub().loop.run_callback(self._send_reaps)
@@ -243,7 +262,7 @@ class Spawner:
         elif isinstance(report, wire.Exited):
             found = self._processes.get(report.pid)
             if found is not None and found.status is None:
-                found.status = report.status
+                found.status, found.alone = report.status, report.alone
                 found.exited.set()
         elif isinstance(report, wire.Left):
             self.cgroups_left += len(report.cgroups)

@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 
+from gsrv.contain.cgfiles import has_cgroups_below, read
 from gsrv.spawn import wire
 from gsrv.spawn.pool import Pool
 
@@ -48,12 +49,16 @@ class SpawnerLoop:
         self.control = control
         self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         self.homes = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in homes]
+        # a hierarchy is a file system of its own (v1's co-mounted cpu,cpuacct one): its home by device
+        self.home_on = {os.fstat(fd).st_dev: fd for fd in self.homes}
+        self.homes_for: dict[tuple[str, ...], list[int]] = {}  # a shape's parents -> the homes it leaves
         self.cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.poll = select.epoll()
         self.poll.register(control.fileno(), select.EPOLLIN)
         self.watched: dict[int, int] = {}  # pidfd -> pid
         self.unwatched: set[int] = set()  # pids whose pidfd could not be opened
         self.reap_at_exit: set[int] = set()  # gsrv asked for the reap before the exit
+        self.at_exit: dict[int, tuple[int, str, tuple[str, ...]]] = {}  # pid -> Spawn.at_exit, its top cgroup, all
         self.pidfds: dict[int, int] = {}  # pid -> its pidfd, while watched
         self.out: list[wire.Message] = [wire.Hello(wire.VERSION)]
         self.greeted = False  # gsrv's Hello came: its version is ours
@@ -144,6 +149,9 @@ class SpawnerLoop:
                 self.out.append(wire.Failed(request.seq, errno.EINVAL, f"{type(e).__name__}: {e}"))
             return
         self.out.append(wire.Spawned(request.seq, pid, tuple(stuck), cgroup))
+        if request.at_exit != wire.HOLD:
+            paths = self.pool.paths(shape, cgroup) if cgroup else ()
+            self.at_exit[pid] = (request.at_exit, paths[shape.top] if paths else "", paths)
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
@@ -177,23 +185,36 @@ class SpawnerLoop:
                 setsigdef=DEFAULT_SIGNALS,
             )
         finally:
-            stuck = self._go_home(after) if entered else []
+            stuck = self._go_home(after, self._homes_of(parents)) if entered else []
             if old_umask >= 0:
                 os.umask(old_umask)
             if cwd:
                 os.fchdir(self.cwd)
         return pid, stuck
 
-    def _go_home(self, after: list[tuple[str, str]]) -> list[str]:
+    def _homes_of(self, parents: tuple[str, ...]) -> list[int]:
+        """The homes in the hierarchies of these parents (those a spawn entered): every home
+        when one cannot be told (v2's one tree has one home anyway)."""
+        found = self.homes_for.get(parents)
+        if found is None:
+            try:
+                found = list(dict.fromkeys(self.home_on[os.stat(parent).st_dev] for parent in parents))
+            except (OSError, KeyError):
+                return self.homes
+            self.homes_for[parents] = found
+        return found
+
+    def _go_home(self, after: list[tuple[str, str]], homes: list[int] | None = None) -> list[str]:
         """The writes due once the child is born (pids.max back to the limit: the spawner
-        counted there), then back home; what failed is returned, never raised."""
+        counted there), then back home in the hierarchies it left (all: `homes` None); what
+        failed is returned, never raised."""
         failed = []
         for path, text in after:
             try:
                 _write(path, text.encode())
             except OSError as e:
                 failed.append(f"{path}: {e.strerror}")
-        for fd in self.homes:
+        for fd in self.homes if homes is None else homes:
             try:
                 os.write(fd, b"0")
             except OSError as e:
@@ -223,10 +244,7 @@ class SpawnerLoop:
         self._unwatch(pid)
         os.close(pidfd)
         if info is not None:
-            self.out.append(wire.Exited(pid, wait_status(info)))
-            if pid in self.reap_at_exit:
-                self.reap_at_exit.discard(pid)
-                self._reap(pid)
+            self._report_exit(pid, wait_status(info))
 
     def _poll_unwatched(self) -> None:
         for pid in list(self.unwatched):
@@ -237,13 +255,28 @@ class SpawnerLoop:
                 continue
             if info is not None and info.si_pid:
                 self.unwatched.discard(pid)
-                self.out.append(wire.Exited(pid, wait_status(info)))
-                if pid in self.reap_at_exit:
-                    self.reap_at_exit.discard(pid)
-                    self._reap(pid)
+                self._report_exit(pid, wait_status(info))
+
+    def _report_exit(self, pid: int, status: int) -> None:
+        """Its Exited; the reap at once where gsrv asked for it before, or its Spawn's at_exit
+        allows it (the cgroup empty, for the *_IF_EMPTY modes)."""
+        mode, top, paths = self.at_exit.pop(pid, (wire.HOLD, "", ()))
+        if pid in self.reap_at_exit:
+            self.reap_at_exit.discard(pid)
+            self.out.append(wire.Exited(pid, status, False))
+            self._reap(pid)
+            return
+        alone = mode in (wire.REAP_IF_EMPTY, wire.REAP_AND_REMOVE_IF_EMPTY) and _empty(top)
+        self.out.append(wire.Exited(pid, status, alone))
+        if mode == wire.REAP or alone:
+            self._reap(pid)
+        if alone and mode == wire.REAP_AND_REMOVE_IF_EMPTY:
+            self.pool.remove(paths)
 
     def _reap(self, pid: int) -> None:
         """gsrv is done with it; one still running (its ladder gave up) is reaped at its exit."""
+        if pid <= 0:  # reaped at its exit already (its cgroups come to be removed)
+            return
         try:
             found, status, usage = os.wait4(pid, os.WNOHANG)
         except ChildProcessError:
@@ -252,17 +285,29 @@ class SpawnerLoop:
             self.reap_at_exit.add(pid)
             return
         pidfd = self._unwatch(pid)  # its exit not reported yet (it came with this request): now
+        self.at_exit.pop(pid, None)
         if pidfd >= 0 or pid in self.unwatched:
             self.unwatched.discard(pid)
             if pidfd >= 0:
                 os.close(pidfd)
-            self.out.append(wire.Exited(pid, status))
+            self.out.append(wire.Exited(pid, status, False))
         self.out.append(wire.Reaped(pid, round((usage.ru_utime + usage.ru_stime) * 1000, 1), usage.ru_maxrss))
 
     def _flush(self) -> None:
         while self.out:
             batch, self.out = self.out[:BATCH_MAX], self.out[BATCH_MAX:]
             self.control.sendall(wire.encode(*batch))
+
+
+def _empty(top: str) -> bool:
+    """No process is left in the session's cgroup, nor any cgroup below it (a zombie is not
+    in it; one that cannot be read may hold some)."""
+    if not top:
+        return False
+    try:
+        return not read(os.path.join(top, "cgroup.procs")).split() and not has_cgroups_below(top)
+    except OSError:
+        return False
 
 
 def _write(path: str, data: bytes) -> None:

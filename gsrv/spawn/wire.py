@@ -20,7 +20,13 @@ from typing import Any, ClassVar
 
 from gsrv.contain.scope import Shape
 
-VERSION = 1
+VERSION = 2
+
+# A Spawn's `at_exit`: what the spawner does at the child's exit (DESIGN.md, invariant 4)
+HOLD = 0  # keep the zombie until gsrv's Reap: its ladder may still signal the pid or the group
+REAP = 1  # reap it at once (kill_scope = "group": a group has no member list, its zombie would answer killpg)
+REAP_IF_EMPTY = 2  # reap it at once if no process is left in its cgroup (the ladder then signals nothing)
+REAP_AND_REMOVE_IF_EMPTY = 3  # the same, and remove its cgroups: gsrv reads nothing of them
 
 NO_CGROUP = Shape(())  # a Spawn's cgroup when the child gets none of its own
 
@@ -44,7 +50,8 @@ class Hello:
 class Spawn:
     """Start one child. stdio: for fds 0, 1, 2 an index into the datagram's SCM_RIGHTS fds, or
     -1 for /dev/null; cwd "" and umask -1: the spawner's own; cgroup: NO_CGROUP, or the Shape
-    (contain/scope.py) of the pool cgroup the child is born in."""
+    (contain/scope.py) of the pool cgroup the child is born in; at_exit: HOLD, REAP,
+    REAP_IF_EMPTY or REAP_AND_REMOVE_IF_EMPTY (above)."""
 
     KIND: ClassVar[int] = 2
     seq: int
@@ -56,12 +63,13 @@ class Spawn:
     stdio: tuple[int, int, int]
     setsid: bool
     cgroup: Shape
+    at_exit: int
 
 
 @dataclass(frozen=True, slots=True)
 class Reap:
-    """gsrv's stop ladder is done with the child: reap it (now, or at its exit) and remove its
-    cgroups behind."""
+    """gsrv's stop ladder is done with the child: reap it (now, or at its exit; pid 0: it was
+    reaped at its exit) and remove its cgroups behind."""
 
     KIND: ClassVar[int] = 3
     pid: int
@@ -95,11 +103,14 @@ class Failed:
 
 @dataclass(frozen=True, slots=True)
 class Exited:
-    """The child exited (a zombie still: its pid and group stay taken); `status`: wait()'s word."""
+    """The child exited; `status`: wait()'s word. A zombie still (its pid and group stay
+    taken) unless it was reaped at its exit (its Reaped follows in the same datagram): with
+    REAP, or with the *_IF_EMPTY modes when `alone` (no process was left in its cgroup)."""
 
     KIND: ClassVar[int] = 6
     pid: int
     status: int
+    alone: bool
 
 
 @dataclass(frozen=True, slots=True)

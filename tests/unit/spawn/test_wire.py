@@ -18,15 +18,17 @@ texts = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("
 ints = st.integers(-(2**63), 2**63 - 1)
 writes = st.tuples(st.integers(0, 3), texts, texts, st.booleans())
 shapes = st.builds(Shape, st.lists(texts, max_size=3).map(tuple), st.lists(writes, max_size=3).map(tuple), texts,
-                   st.lists(writes, max_size=2).map(tuple))  # fmt: skip
+                   st.lists(writes, max_size=2).map(tuple), ints)  # fmt: skip
 strs = st.lists(texts, max_size=6).map(tuple)
 messages = st.one_of(
     st.builds(wire.Hello, ints),
-    st.builds(wire.Spawn, ints, strs, texts, strs, texts, ints, st.tuples(ints, ints, ints), st.booleans(), shapes),
+    st.builds(
+        wire.Spawn, ints, strs, texts, strs, texts, ints, st.tuples(ints, ints, ints), st.booleans(), shapes, ints
+    ),
     st.builds(wire.Reap, ints, strs),
     st.builds(wire.Spawned, ints, ints, strs, texts),
     st.builds(wire.Failed, ints, ints, texts),
-    st.builds(wire.Exited, ints, ints),
+    st.builds(wire.Exited, ints, ints, st.booleans()),
     st.builds(wire.Reaped, ints, st.floats(allow_nan=False), ints),
     st.builds(wire.Left, strs),
 )
@@ -41,7 +43,7 @@ def test_the_bytes_are_the_declared_layout() -> None:
     """Kind u8, then the fields: i64, u8 for a bool, a string and its NUL, a string list's count
     as u32; what DESIGN.md's table says, pinned so the encoder cannot drift from it."""
     assert wire.encode(wire.Hello(1)) == bytes([1]) + struct.pack("<q", 1)
-    spawn = wire.Spawn(7, ("cat", "-u"), "/bin/cat", ("A=1",), "", -1, (0, 1, -1), True, wire.NO_CGROUP)
+    spawn = wire.Spawn(7, ("cat", "-u"), "/bin/cat", ("A=1",), "", -1, (0, 1, -1), True, wire.NO_CGROUP, wire.REAP)
     assert wire.encode(spawn) == (
         bytes([2]) + struct.pack("<q", 7)
         + struct.pack("<I", 2) + b"cat\0-u\0"
@@ -50,7 +52,9 @@ def test_the_bytes_are_the_declared_layout() -> None:
         + b"\0"
         + struct.pack("<qqqq?", -1, 0, 1, -1, True)
         + struct.pack("<I", 0) + struct.pack("<I", 0) + b"tasks\0" + struct.pack("<I", 0)
+        + struct.pack("<qq", 0, 1)  # the shape's top, then at_exit (REAP)
     )  # fmt: skip
+    assert wire.encode(wire.Exited(9, 256, True)) == bytes([6]) + struct.pack("<qq?", 9, 256, True)
     assert wire.encode(wire.Reaped(9, 1.5, 2048)) == bytes([7]) + struct.pack("<qdq", 9, 1.5, 2048)
 
 
@@ -64,7 +68,7 @@ def test_a_file_system_name_that_is_not_utf8_keeps_its_bytes() -> None:
 
 @pytest.mark.parametrize("bad", [("a\0b",), ("ok", "x\0")])
 def test_a_nul_cannot_go_into_a_string(bad: tuple[str, ...]) -> None:
-    spawn = wire.Spawn(1, bad, "/bin/cat", (), "", -1, (0, 1, 2), True, wire.NO_CGROUP)
+    spawn = wire.Spawn(1, bad, "/bin/cat", (), "", -1, (0, 1, 2), True, wire.NO_CGROUP, wire.HOLD)
     with pytest.raises(wire.WireError, match="null byte"):
         wire.encode(spawn)
     with pytest.raises(wire.WireError, match="null byte"):
@@ -72,8 +76,8 @@ def test_a_nul_cannot_go_into_a_string(bad: tuple[str, ...]) -> None:
 
 
 def test_a_datagram_cut_anywhere_or_of_another_kind_is_refused() -> None:
-    whole = wire.encode(wire.Spawn(7, ("cat",), "/bin/cat", ("A=1",), "/", 0o22, (0, 1, 2), False,
-                                   Shape(("/a", "/b"), ((1, "pids.max", "11", False),), "tasks", ())))  # fmt: skip
+    shape = Shape(("/a", "/b"), ((1, "pids.max", "11", False),), "tasks", ())
+    whole = wire.encode(wire.Spawn(7, ("cat",), "/bin/cat", ("A=1",), "/", 0o22, (0, 1, 2), False, shape, wire.HOLD))
     for end in range(1, len(whole)):
         with pytest.raises(wire.WireError):
             wire.decode(whole[:end])
@@ -82,7 +86,7 @@ def test_a_datagram_cut_anywhere_or_of_another_kind_is_refused() -> None:
     with pytest.raises(wire.WireError, match="run past"):  # a count no datagram can hold
         wire.decode(bytes([3]) + struct.pack("<qI", 1, 10**6))
     with pytest.raises(wire.WireError, match="cannot fit"):
-        wire.decode(whole[:-4] + struct.pack("<I", 10**6))  # the Shape's after: a list of records
+        wire.decode(whole[:-20] + struct.pack("<I", 10**6) + whole[-16:])  # the Shape's after: a list of records
 
 
 @given(st.binary(max_size=64))
