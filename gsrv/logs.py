@@ -22,20 +22,26 @@ from gevent.socket import wait_read, wait_write
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 QUEUE_BYTES = 4 * 1024 * 1024
+PIPE_BUF = 4096  # lines written together at most: one write to a pipe this size is never split by another's
 STDERR_TEXT_MAX = 4096  # one `stderr` line's text: a traceback's last 4 KiB
 
 
+_second: list[object] = [-1, ""]  # the last second formatted, and its text: most lines share one
+
+
 def timestamp(now: float) -> str:
-    millis = int(now * 1000) % 1000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{millis:03d}Z"
+    second = int(now)
+    if _second[0] != second:
+        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_second[1]}.{int(now * 1000) % 1000:03d}Z"
 
 
 _QUOTE = re.compile(r'[ "=\\]')  # and anything not printable
 
 
 def _logfmt_value(value: object) -> str:
-    if type(value) is int:
-        return str(value)
+    if type(value) is int or type(value) is float:
+        return str(value)  # never a space, a quote or an equals sign (nan and inf included)
     text = str(value)
     if text and text.isprintable() and not _QUOTE.search(text):
         return text
@@ -124,7 +130,14 @@ class Log:
             self._wake.wait()
 
     def _write_some(self, wait_timeout: float | None = None) -> None:
-        line = self._queue[0]
+        queue = self._queue
+        if len(queue) > 1 and len(queue[0]) + len(queue[1]) <= PIPE_BUF:  # lines queued together: one write
+            size, lines = 0, []
+            while queue and size + len(queue[0]) <= PIPE_BUF:
+                size += len(queue[0])
+                lines.append(queue.popleft())
+            queue.appendleft(b"".join(lines))
+        line = queue[0]
         try:
             written = os.write(self._fd, line)
         except BlockingIOError:

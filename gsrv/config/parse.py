@@ -166,6 +166,7 @@ class ServiceConfig:
     pipe_size: int = key(_pipe_size, 0, "the child's stdin and stdout pipe capacity; 0: the kernel's", shown=True,
                          show=lambda size: format_size(size) if size else "default")  # fmt: skip
     launch: Launch = Launch((), "")  # derived: command[0] found on the child's PATH at load, behind its stages
+    base_env: tuple[tuple[str, str], ...] = ()  # derived: pass_env's variables of gsrv's environment, then env
     policy: Policy = Policy()  # its keys are the service table's too: TLS, PROXY, access, per-IP limits, privileges
     contain: Containment = Containment()  # ... and these: kill_scope, max_memory, max_pids, max_cpu, sandbox
     interact: Interaction = Interaction()  # ... and these: pty, transport, websocket
@@ -230,7 +231,8 @@ def _service(file: str, name: str, data: object, server_env: dict[str, str], cgr
     stages = dict(policy.stages + contain.stages + interact.stages)
     launch = compose(values["command"], executable, stages, policy.umask, values.get("cwd"), values["pipe_size"],
                      contain, interact.pty)  # fmt: skip
-    return ServiceConfig(name=name, launch=launch, policy=policy, contain=contain, interact=interact, **values)
+    return ServiceConfig(name=name, launch=launch, policy=policy, contain=contain, interact=interact,
+                         base_env=tuple(child_env.items()), **values)  # fmt: skip
 
 
 def _check_handoff(t: Table, listen: Address, policy: Policy, idle_timeout: float) -> None:

@@ -20,7 +20,7 @@ SWEEP_EVERY = 1024  # buckets added between sweeps of the full ones
 def allowed(ip: str | None, allow: tuple[Network, ...], deny: tuple[Network, ...]) -> bool:
     """Deny wins; an empty allow list allows everyone not denied. No address (a unix
     socket's client): no deny names it, and an allow list does not either."""
-    if ip is None:
+    if ip is None or not (allow or deny):
         return not allow
     try:
         address = ipaddress.ip_address(ip.partition("%")[0])

@@ -6,11 +6,10 @@ child's environment built from all that.
 
 from __future__ import annotations
 
-import os
 import socket as stdsocket
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,12 +39,10 @@ def peer_credentials(sock: socket) -> tuple[int, int, int] | None:
     return pid, uid, gid
 
 
-def build_env(
-    environ: Mapping[str, str], pass_env: Iterable[str], env: Iterable[tuple[str, str]], extra: Mapping[str, str]
-) -> dict[str, str]:
-    """The child's environment: the allowlist from gsrv's own, then the service's table, then UCSPI."""
-    result = {name: environ[name] for name in pass_env if name in environ}
-    result.update(env)
+def build_env(svc: ServiceConfig, extra: Mapping[str, str]) -> dict[str, str]:
+    """The child's environment: the allowlist from gsrv's own and the service's table (read at
+    load: gsrv never changes its environment), then UCSPI and what the transport carried."""
+    result = dict(svc.base_env)
     result.update(extra)
     return result
 
@@ -193,4 +190,4 @@ class Visit:
             extra |= cgi_env(request, http.path, remote, gateway)
         if prelude.user is not None:
             extra |= {"REMOTE_USER": prelude.user[0], "AUTH_TYPE": prelude.user[1]}
-        return build_env(os.environ, svc.pass_env, svc.env, extra)
+        return build_env(svc, extra)

@@ -11,7 +11,6 @@ after a backoff when it died young.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -95,7 +94,7 @@ class Prespawned:
         self.starting += 1
         try:
             stdio = Stdio.pipes(svc.stderr)
-            child = self.launcher.spawn(svc.launch, build_env(os.environ, svc.pass_env, svc.env, extra), stdio)
+            child = self.launcher.spawn(svc.launch, build_env(svc, extra), stdio)
             child.started()
         except SpawnError as e:
             self._backoff = min(max(self._backoff * 2, BACKOFF_S), BACKOFF_MAX_S)

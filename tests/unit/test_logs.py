@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import gevent
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from gsrv.logs import STDERR_TEXT_MAX, ErrorStream, Log, format_line, log_lines_from
+from gsrv.logs import PIPE_BUF, STDERR_TEXT_MAX, ErrorStream, Log, format_line, log_lines_from, timestamp
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -20,6 +23,35 @@ def test_log_line_formats() -> None:
     record = json.loads(format_line("json", "info", "child_stderr", fields, 0.5))
     assert record == {"ts": "1970-01-01T00:00:00.500Z", "level": "info", "event": "child_stderr", "service": "up",
                       "line": 'say "hi" = x', "exit": 0}  # fmt: skip
+
+
+@given(st.lists(st.floats(0, 4e9), min_size=1, max_size=8))
+def test_a_timestamp_is_the_calendars_whatever_came_before(moments: list[float]) -> None:
+    """The second's text is kept from the line before: any order of moments gives each its own."""
+    for now in moments:
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(now))) + f".{int(now * 1000) % 1000:03d}Z"
+        assert timestamp(now) == expected
+
+
+def test_lines_queued_together_go_out_whole_and_in_order() -> None:
+    """500 lines logged without a yield: one write carries several (never more than PIPE_BUF),
+    and the pipe gets every line once, in order."""
+    read_fd, write_fd = os.pipe()
+    log = Log(write_fd)
+    for n in range(500):
+        log.info("count", n=n, pad="x" * (n % 50))
+    writes = 0
+    while log._queue:
+        assert all(len(line) <= PIPE_BUF for line in log._queue)
+        log._write_some()
+        writes += 1
+    got = b""
+    while len(got.splitlines()) < 500:
+        got += os.read(read_fd, 1 << 16)
+    assert [line.split()[3] for line in got.decode().splitlines()] == [f"n={n}" for n in range(500)]
+    assert writes < 100, writes
+    os.close(read_fd)
+    os.close(write_fd)
 
 
 def _logged(read_fd: int) -> list[str]:
