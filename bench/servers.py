@@ -56,8 +56,9 @@ def wait_listening(pid: int, timeout: float = 15.0, ignore: int | None = None) -
     raise RuntimeError(f"pid {pid} did not listen within {timeout}s")
 
 
-def gsrv(extra: str = "", service: str = "") -> Callable[[list[str], str], subprocess.Popen[bytes]]:
-    """extra: lines for [server]; service: lines for the service's table."""
+def gsrv(extra: str = "", service: str = "", source: str = "") -> Callable[[list[str], str], subprocess.Popen[bytes]]:
+    """extra: lines for [server]; service: lines for the service's table; source: a tree of gsrv
+    to run instead of the installed one (another commit's, for a before-and-after run)."""
 
     def start(command: list[str], tmp: str) -> subprocess.Popen[bytes]:
         config = os.path.join(tmp, "bench.toml")
@@ -66,8 +67,9 @@ def gsrv(extra: str = "", service: str = "") -> Callable[[list[str], str], subpr
             f.write(f'[services.bench]\nlisten = "127.0.0.1:0"\ncommand = {command!r}\n'.replace("'", '"'))
             f.write("max_sessions = 1100\nbacklog = 2048\n" + service)
         with open(os.path.join(tmp, "gsrv.log"), "w") as log:
+            env = {**os.environ, "PYTHONPATH": source} if source else None  # its spawner and guardian too
             return subprocess.Popen([sys.executable, "-m", "gsrv", "serve", "-c", config], stderr=log,
-                                    stdin=subprocess.DEVNULL)  # fmt: skip
+                                    stdin=subprocess.DEVNULL, env=env)  # fmt: skip
 
     return start
 

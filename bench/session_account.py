@@ -11,7 +11,9 @@ per session the CPU of
 - the rest: what no process is charged for (softirq, cgroup teardown, RCU, the scheduler).
 
 Usage: python bench/session_account.py [--rounds 3] [--sessions 2000] [--peers NAME ...]
-       [--out bench/results/session_account.md]
+       [--before DIR] [--out bench/results/session_account.md]
+--before DIR adds a "before" row for each gsrv server, run from the gsrv tree in DIR (another
+commit's: `git archive COMMIT | tar -x -C DIR`), interleaved with the rest in each round.
 Every server listens on 127.0.0.1; only processes this script started are ended.
 """
 
@@ -29,14 +31,18 @@ import psutil
 import servers
 
 GROUP, ACCOUNTING = 'kill_scope = "group"\n', "accounting = true\n"
+SERVICES = {  # gsrv's servers: the lines of their service table
+    "gsrv socket": 'relay = "socket"\n', "gsrv socket group": 'relay = "socket"\n' + GROUP,
+    "gsrv socket accounting": 'relay = "socket"\n' + ACCOUNTING, "gsrv splice": "", "gsrv copy": 'relay = "copy"\n',
+}  # fmt: skip
 PEERS: dict[str, tuple[Callable[..., object], str]] = {
     "tcpserver": (servers.tcpserver, "tcpserver -c 2000 -b 1024 -R -H -l 0 127.0.0.1 PORT wc -c"),
     "socat": (servers.socat(65536), "socat -b 65536 TCP-LISTEN:PORT,...,fork EXEC:wc -c"),
-    "gsrv socket": (servers.gsrv(service='relay = "socket"\n'), 'gsrv, relay = "socket", defaults'),
-    "gsrv socket group": (servers.gsrv(service='relay = "socket"\n' + GROUP), '... kill_scope = "group"'),
-    "gsrv socket accounting": (servers.gsrv(service='relay = "socket"\n' + ACCOUNTING), "... accounting = true"),
-    "gsrv splice": (servers.gsrv(), 'gsrv, relay = "auto" (splice), defaults'),
-    "gsrv copy": (servers.gsrv(service='relay = "copy"\n'), 'gsrv, relay = "copy", defaults'),
+    "gsrv socket": (servers.gsrv(service=SERVICES["gsrv socket"]), 'gsrv, relay = "socket", defaults'),
+    "gsrv socket group": (servers.gsrv(service=SERVICES["gsrv socket group"]), '... kill_scope = "group"'),
+    "gsrv socket accounting": (servers.gsrv(service=SERVICES["gsrv socket accounting"]), "... accounting = true"),
+    "gsrv splice": (servers.gsrv(service=SERVICES["gsrv splice"]), 'gsrv, relay = "auto" (splice), defaults'),
+    "gsrv copy": (servers.gsrv(service=SERVICES["gsrv copy"]), 'gsrv, relay = "copy", defaults'),
 }  # fmt: skip
 
 
@@ -120,7 +126,16 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=2000)
     parser.add_argument("--peers", nargs="*", default=list(PEERS))
     parser.add_argument("--out", default="")
+    parser.add_argument("--before", default="", help="a gsrv tree to run beside this one, its rows 'before'")
     args = parser.parse_args()
+    if args.before:
+        peers = list(args.peers)
+        for name in peers:
+            if name.startswith("gsrv "):
+                service = SERVICES[name]
+                PEERS[f"{name} (before)"] = (servers.gsrv(service=service, source=args.before), f"as {name}, "
+                                             f"from {args.before}")  # fmt: skip
+                args.peers.insert(args.peers.index(name), f"{name} (before)")
     found: dict[str, list[Account]] = {name: [] for name in args.peers}
     for _ in range(args.rounds):
         for name in args.peers:
@@ -128,7 +143,8 @@ def main() -> int:
     base = statistics.median(a.rate for a in found["tcpserver"]) if "tcpserver" in found else 0.0
     base_cpu = statistics.median(a.machine for a in found["tcpserver"]) if "tcpserver" in found else 0.0
     lines = [
-        f"`python bench/session_account.py --rounds {args.rounds} --sessions {args.sessions}` "
+        f"`python bench/session_account.py --rounds {args.rounds} --sessions {args.sessions}"
+        f"{' --before ' + args.before if args.before else ''}` "
         f"({time.strftime('%Y-%m-%d')}): {args.sessions} × 10 B into `wc -c`, 20 at a time, medians of "
         f"{args.rounds} interleaved rounds; CPU in ms a session.",
         "",
