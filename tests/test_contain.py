@@ -436,14 +436,14 @@ def test_co_mounted_controllers_share_one_session_cgroup(tmp_path):
 
 @needs_v1
 def test_the_spawner_goes_home_with_a_configured_root(gsrv):
-    """[cgroup] root given as a path: after its sessions, the spawner is in the cgroups it
-    started in (gsrv's), not in the configured one."""
+    """[cgroup] root given as a path: after its sessions (each in two hierarchies, freezer and
+    pids), the spawner is in the cgroups it started in (gsrv's), not in the configured one."""
     name = f"gsrv-test-{os.getpid()}"
     made = [os.path.join(m, name) for m in ("/sys/fs/cgroup/freezer", "/sys/fs/cgroup/pids")]
     for path in made:
         os.mkdir(path)
     try:
-        server = gsrv(f'[cgroup]\nroot = "{made[0]}"\n' + service_toml("cat", ["cat"]))
+        server = gsrv(f'[cgroup]\nroot = "{made[0]}"\n' + service_toml("cat", ["cat"]) + "max_pids = 8\n")
         assert _talk(server.address("cat"), b"x") == b"x"
         spawner = server.spawner_pid()
         before = Path(f"/proc/{server.proc.pid}/cgroup").read_text()
