@@ -24,128 +24,20 @@ from gsrv.config.launch import Launch
 from gsrv.contain.root import Root
 from gsrv.contain.scope import Limits, Scope, Shape, Usage
 from gsrv.errors import SpawnError
+from gsrv.relay.ending import ending_of
+from gsrv.relay.killscope import CgroupMembers, ProcessGroup
 from gsrv.relay.stdio import Stdio
 from gsrv.spawn import wire
 from gsrv.spawn.client import Process, Spawner
 
 GROUP_POLL_S = 0.02
 REAP_TIMEOUT_S = 5.0
-FREEZE_WAIT_S = 1.0  # a task in uninterruptible sleep may delay the freeze: signal after this anyway
-FREEZE_POLL_S = 0.002
 STARTED_TIMEOUT_S = 30.0  # a spawner that neither answers nor dies: the session ends spawn_failed
 
 
 class GroupTracker(Protocol):
     def track(self, pgid: int) -> None: ...
     def untrack(self, pgid: int) -> None: ...
-
-
-class ProcessGroup:
-    """kill_scope = "group": the child's process group (it leads a session of its own)."""
-
-    def __init__(self, pgid: int) -> None:
-        self.pgid = pgid
-
-    def alive(self) -> bool:
-        try:
-            os.killpg(self.pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def signal(self, sig: signal.Signals) -> bool:
-        try:
-            os.killpg(self.pgid, sig)
-        except ProcessLookupError:
-            return False
-        return True
-
-    def now(self) -> tuple[float | None, int | None]:
-        """No cgroup to read: the caller reads the child's own figures."""
-        return None, None
-
-    def finish(self) -> Usage | None:
-        return None
-
-    cgroups: tuple[str, ...] = ()  # none of its own
-
-
-class CgroupMembers:
-    """kill_scope = "cgroup": every process in the session's cgroup, and its process group too
-    (safe to signal: the leader's zombie keeps the group's id taken). A signal other than v2's cgroup.kill
-    reaches them frozen (freeze, signal each, thaw), so a fork cannot slip by."""
-
-    def __init__(self, scope: Scope, pgid: int) -> None:
-        self.scope = scope
-        self.group = ProcessGroup(pgid)
-
-    def alive(self) -> bool:
-        """Whether a process of the session lives (a zombie does not: the leader's is held by
-        the spawner until the ladder is done, and orphans' are gsrv's, its subreaper's, to reap)."""
-        try:
-            return self.scope.populated()
-        except OSError:  # unreadable (out of fds): they may live
-            return True
-
-    def signal(self, sig: signal.Signals) -> bool:
-        """Each member once. KILL also goes to the process group (a second KILL is harmless,
-        and it reaches a member that moved itself out of the cgroup); TERM goes to the group
-        only when the cgroup has no member left, so no process handles it twice."""
-        scope = self.scope
-        if sig == signal.SIGKILL:
-            in_group = self.group.signal(sig)
-            with contextlib.suppress(OSError):
-                if scope.kill_all():
-                    return True
-        frozen = self._freeze(True)
-        try:
-            try:
-                members = scope.members()
-            except OSError:
-                members = []
-            sent = False
-            for pid in members:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-                    sent = True
-            if sig != signal.SIGKILL:
-                in_group = self.group.signal(sig) if not members else False
-        finally:
-            if frozen:
-                self._freeze(False)
-        return sent or in_group
-
-    def _freeze(self, frozen: bool) -> bool:
-        """Freeze (and wait, bounded, until the kernel says so) or thaw; False if the cgroup
-        refused: then the signals go out unfrozen, and a fork that slips by meets the next step."""
-        try:
-            self.scope.freeze(frozen)
-            deadline = time.monotonic() + FREEZE_WAIT_S
-            while frozen and not self.scope.is_frozen() and time.monotonic() < deadline:
-                gevent.sleep(FREEZE_POLL_S)
-        except OSError:
-            return False
-        return True
-
-    def now(self) -> tuple[float | None, int | None]:
-        """The session's CPU milliseconds and memory now, from its cgroup (with accounting)."""
-        try:
-            return self.scope.now()
-        except OSError:
-            return None, None
-
-    def finish(self) -> Usage | None:
-        """The accounting (the ladder left the cgroups empty; the spawner removes them behind)."""
-        try:
-            return self.scope.usage()
-        except OSError:
-            return None
-
-    @property
-    def cgroups(self) -> tuple[str, ...]:
-        return tuple(self.scope.paths)
 
 
 class Launcher:
@@ -207,6 +99,7 @@ class Child:
         self.usage: Usage | None = None  # the cgroup's accounting, once the ladder is done
         self.placement_failed: list[str] = []  # where the spawner could not go back to
         self._signal_in_exit = signal_in_exit
+        self._ended: tuple[int | None, int | None, str | None] | None = None  # _ending's, once exited
         self._launcher = launcher
         self._stdio = stdio
         self.signals_sent: list[str] = []
@@ -231,7 +124,9 @@ class Child:
         self.placement_failed = process.stuck
         root, contained = self._launcher.root, self._contained
         if contained is not None and root is not None:
-            self.kill_scope = CgroupMembers(Scope.of(root, process.cgroup, *contained), self.pid)
+            limits, accounting = contained
+            self.kill_scope = CgroupMembers(lambda: Scope.of(root, process.cgroup, limits, accounting), self.pid,
+                                            process)  # fmt: skip
         else:
             # A process group has no member list to read, and the leader's zombie would keep
             # it alive to killpg(0): the spawner reaps it at its exit (wire.REAP; its group's
@@ -262,36 +157,25 @@ class Child:
 
     @property
     def exit_code(self) -> int | None:
-        if self.status is None or not os.WIFEXITED(self.status) or self._exit_was_signal():
-            return None
-        return os.WEXITSTATUS(self.status)
+        return self._ending()[0]
 
     @property
     def killed_by(self) -> int | None:
         """The signal that ended the child (or, in a sandbox, the command bwrap ran), if one did."""
-        if self.status is None:
-            return None
-        if self._exit_was_signal():
-            return os.WEXITSTATUS(self.status) - 128
-        return os.WTERMSIG(self.status) if os.WIFSIGNALED(self.status) else None
+        return self._ending()[1]
 
     @property
     def signal_name(self) -> str | None:
         """The signal's name without SIG (TERM, KILL; RTMIN+3 or 42 for a real-time one)."""
-        number = self.killed_by
-        if number is None:
-            return None
-        try:
-            return signal.Signals(number).name.removeprefix("SIG")
-        except ValueError:  # the real-time signals between RTMIN and RTMAX have no member
-            return str(number)
+        return self._ending()[2]
 
-    def _exit_was_signal(self) -> bool:
-        """bwrap's exit 128+N for a command killed by signal N (N a signal this host has)."""
-        assert self.status is not None
-        if not (self._signal_in_exit and os.WIFEXITED(self.status)):
-            return False
-        return os.WEXITSTATUS(self.status) - 128 in signal.valid_signals()
+    def _ending(self) -> tuple[int | None, int | None, str | None]:
+        """The exit code, the signal and its name, read once from the status word (it is set once)."""
+        if self._ended is None:
+            if self.status is None:
+                return None, None, None
+            self._ended = ending_of(self.status, self._signal_in_exit)
+        return self._ended
 
     def close_stdin(self) -> None:
         """The child reads EOF; on a terminal, closing the master is a hangup (SIGHUP to its session)."""

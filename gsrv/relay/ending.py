@@ -7,10 +7,13 @@ decides a session's end.
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass
 
 from gsrv.relay.pump import End
 
+VALID_SIGNALS = frozenset(signal.valid_signals())
 POLL_S = 0.1  # while a child that exited may still have output in flight: look again this often
 
 # A relay direction that stopped abnormally, and the reason its session ends with (a reset).
@@ -99,3 +102,22 @@ class EndRules:
                 return Verdict("session_timeout", clean=False)
             waits.append(ends_at - f.now)
         return min(waits) if waits else None
+
+
+def ending_of(status: int, signal_in_exit: bool) -> tuple[int | None, int | None, str | None]:
+    """A wait() status word as (exit code, signal number, the signal's name without SIG: TERM,
+    KILL; RTMIN+3 or 42 for a real-time one); with `signal_in_exit` (bwrap's), an exit 128+N for
+    a signal N this host has is that signal."""
+    if os.WIFEXITED(status):
+        code = os.WEXITSTATUS(status)
+        if not (signal_in_exit and code - 128 in VALID_SIGNALS):
+            return code, None, None
+        number = code - 128
+    elif os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+    else:
+        return None, None, None
+    try:
+        return None, number, signal.Signals(number).name.removeprefix("SIG")
+    except ValueError:  # the real-time signals between RTMIN and RTMAX have no member
+        return None, number, str(number)

@@ -9,6 +9,7 @@ StderrLines and hands each line to the session's log.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -134,9 +135,25 @@ class StderrLog:
             self.line(line)
 
     def _read(self) -> None:
+        """The pipe is readable (or the teardown asks): what is there is read at once, and a
+        reader greenlet takes over only while the child may write more (most children write
+        nothing: their pipe's EOF then costs no greenlet)."""
         self._stop_watch()
-        if self.reader is None and self.fd >= 0:
-            self.reader = gevent.spawn(move, FdSource(self.fd, READ_CHUNK), _Lines(self), Meter(), READ_CHUNK)
+        if self.reader is not None or self.fd < 0:
+            return
+        try:
+            data = os.read(self.fd, READ_CHUNK)
+        except BlockingIOError:
+            data = None
+        except OSError:  # as the reader's end at a read error: the lines so far stay
+            data = b""
+        if data == b"":  # EOF: the child and whatever shared its stderr are done with it
+            self.fd = -1  # (the ladder closes it)
+            return
+        if data:
+            for line in self.lines.feed(data, time.monotonic()):
+                self.line(line)
+        self.reader = gevent.spawn(move, FdSource(self.fd, READ_CHUNK), _Lines(self), Meter(), READ_CHUNK)
 
     def _stop_watch(self) -> None:
         if self.watch is not None:

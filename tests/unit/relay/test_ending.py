@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gsrv.relay.ending import FAILURES, POLL_S, EndRules, Facts, Verdict
+from gsrv.relay.ending import FAILURES, POLL_S, EndRules, Facts, Verdict, ending_of
 from gsrv.relay.pump import End
 
 GRACE = 1.0
@@ -77,3 +77,21 @@ def test_failures_name_the_side_that_failed() -> None:
         ("out", End.SINK_CLOSED): "client_reset",
         ("out", End.SOURCE_ERROR): "child_exit",
     }
+
+
+@pytest.mark.parametrize(
+    ("status", "signal_in_exit", "expected"),
+    [
+        (0, False, (0, None, None)),
+        (3 << 8, False, (3, None, None)),
+        (15, False, (None, 15, "TERM")),  # killed by SIGTERM
+        (9 | 0x80, False, (None, 9, "KILL")),  # and dumped core
+        (137 << 8, False, (137, None, None)),  # a plain exit 137: no sandbox, no signal
+        (137 << 8, True, (None, 9, "KILL")),  # bwrap's 128 + 9
+        (170 << 8, True, (None, 42, "42")),  # a real-time signal: no name of its own
+        (200 << 8, True, (200, None, None)),  # 72 is no signal here: an exit
+        (0x137F, False, (None, None, None)),  # stopped (WIFSTOPPED): no end yet
+    ],
+)
+def test_a_status_word_reads_as_an_exit_or_a_signal(status, signal_in_exit, expected):
+    assert ending_of(status, signal_in_exit) == expected
