@@ -1,4 +1,5 @@
-# make run: set up .venv and serve conf/gsrv.toml in the foreground.
+# make run: set up .venv and serve conf/gsrv.toml in the foreground. Each install also builds the spawner in C
+# (setup.py; GSRV_BUILD_SPAWNER=0 leaves it out, and gsrv runs its Python spawner).
 # make test: set up .venv with the test extra and run the whole suite (what CI runs).
 # make unit: the in-process tier only (tests/unit: no lint, no socket, no subprocess), in seconds.
 # make quick: lint and every test but those marked slow (the big transfers, the 1,000 requests).
@@ -13,22 +14,22 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml $(BIN)/python
+$(VENV)/.installed: pyproject.toml setup.py gsrv/spawn/spawner.c $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml setup.py gsrv/spawn/spawner.c $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-$(VENV)/.installed-bench: pyproject.toml $(BIN)/python
+$(VENV)/.installed-bench: pyproject.toml setup.py gsrv/spawn/spawner.c $(BIN)/python
 	$(BIN)/pip install -q -e '.[bench]'
 	touch $@
 
 run: $(VENV)/.installed
 	$(BIN)/gsrv serve -c $(CONFIG)
 
-$(VENV)/.installed-ops: pyproject.toml $(BIN)/python
+$(VENV)/.installed-ops: pyproject.toml setup.py gsrv/spawn/spawner.c $(BIN)/python
 	$(BIN)/pip install -q -e '.[ops]'
 	touch $@
 

@@ -202,6 +202,16 @@ def _written(p: psutil.Process) -> int:
     return 0
 
 
+def _whole(reply: bytes) -> bool:
+    """A whole response: its head, then Content-Length's bytes (gsrv sends one for a short
+    output) or a chunked body's last chunk."""
+    head, found, body = reply.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+    return len(body) >= int(length.group(1)) if length else body.endswith(b"0\r\n\r\n")
+
+
 def idle_keepalive(port: int, pid: int, count: int = 1000) -> dict[str, float]:
     """count connections, one request each, then held idle: gsrv's RSS growth per connection."""
     proc = psutil.Process(pid)
@@ -212,7 +222,7 @@ def idle_keepalive(port: int, pid: int, count: int = 1000) -> dict[str, float]:
         sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         sock.sendall(request)
         reply = b""
-        while not reply.endswith(b"0\r\n\r\n"):
+        while not _whole(reply):
             data = sock.recv(4096)
             if not data:
                 raise RuntimeError("a kept-alive connection closed")

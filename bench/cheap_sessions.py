@@ -92,7 +92,7 @@ def spaced_latency(addr: tuple[str, int], pid: int, count: int = 40, every: floa
 def _spawner(pid: int) -> psutil.Process | None:
     with contextlib.suppress(psutil.Error):
         for child in psutil.Process(pid).children():
-            if "gsrv.spawn.spawner" in " ".join(child.cmdline()):
+            if servers.is_spawner(" ".join(child.cmdline())):
                 return child
     return None
 

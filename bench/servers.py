@@ -56,6 +56,11 @@ def wait_listening(pid: int, timeout: float = 15.0, ignore: int | None = None) -
     raise RuntimeError(f"pid {pid} did not listen within {timeout}s")
 
 
+def is_spawner(argv: str) -> bool:
+    """gsrv's spawner, the Python one or the compiled one, by its command line."""
+    return "gsrv.spawn.spawner" in argv or "gsrv-spawner" in argv
+
+
 def gsrv(extra: str = "", service: str = "", source: str = "") -> Callable[[list[str], str], subprocess.Popen[bytes]]:
     """extra: lines for [server]; service: lines for the service's table; source: a tree of gsrv
     to run instead of the installed one (another commit's, for a before-and-after run)."""

@@ -89,7 +89,7 @@ def measure(name: str, sessions: int) -> Account:
             root = psutil.Process(proc.pid)
             own = servers.server_processes(proc.pid)  # gsrv, spawner, guardian; tcpserver; socat
             role = {p.pid: _role(p) for p in own}
-            reaper = next((p for p in own if "gsrv.spawn.spawner" in " ".join(p.cmdline())), root)
+            reaper = next((p for p in own if servers.is_spawner(" ".join(p.cmdline()))), root)
             me = psutil.Process()
             own0, reaped0, me0, machine0 = _own(own), _reaped(reaper), me.cpu_times(), psutil.cpu_times()
             rate = measures.sessions_per_s(address, proc.pid, sessions)["sessions/s"]
@@ -117,7 +117,7 @@ def _role(p: psutil.Process) -> str:
         argv = " ".join(p.cmdline())
     except psutil.NoSuchProcess:
         return "gone"
-    return "spawner" if "gsrv.spawn.spawner" in argv else "guardian" if "gsrv.spawn.guardian" in argv else "server"
+    return "spawner" if servers.is_spawner(argv) else "guardian" if "gsrv.spawn.guardian" in argv else "server"
 
 
 def main() -> int:

@@ -22,6 +22,7 @@ from gsrv.clients import operate as operator
 from gsrv.clients.send import send
 from gsrv.config import keys
 from gsrv.config.parse import TABLES, Config, ServiceConfig, load
+from gsrv.config.spawner import C_SPAWNER, chosen
 from gsrv.config.units import format_size
 from gsrv.contain.root import Root
 from gsrv.errors import ConfigError
@@ -33,7 +34,7 @@ from gsrv.ops.notify import Notifier
 from gsrv.relay.child import Launcher
 from gsrv.relay.pump import HAS_SPLICE
 from gsrv.server import Server, longest_stop
-from gsrv.spawn.client import Spawner
+from gsrv.spawn.client import PYTHON_SPAWNER, Spawner
 from gsrv.spawn.guardian import Guardian
 
 DEFAULT_CONFIG = "conf/gsrv.toml"
@@ -156,6 +157,8 @@ def check(path: str, overrides: list[str], reference: bool = False) -> int:
     stop = f"(a stop takes at most {longest_stop(config.server):g}s: a supervisor's stop timeout must exceed it)"
     print(f"  server: {_pairs(dict(keys.changed(config.server)))} {stop}")
     print(f"  cgroup: root={config.cgroup.root} mode={config.cgroup.host.describe()}")
+    impl, why_not_c = chosen(config.server.spawner)
+    print(f"  spawner: {impl} ({config.server.spawner}{': ' + why_not_c if why_not_c else ''})")
     guard = config.guard
     print(f"  guard: max_rss={format_size(guard.max_rss)} min_available={guard.min_available} "
           f"interval={guard.interval:g}s")  # fmt: skip
@@ -228,7 +231,11 @@ def _serve(config: Config, log: Log, undo: contextlib.ExitStack) -> None:
     root = Root(host) if host.mode != "none" else None
     # no child outlives gsrv, even one killed with SIGKILL: the guardian ends what is left
     guardian = Guardian(log, host.mode, tuple(root.paths) if root else ())
-    spawner = Spawner(log, root.spawner_homes if root is not None else (), guardian.owns)
+    impl, why_not_c = chosen(config.server.spawner)
+    if why_not_c is not None:
+        log.warning("spawner_fallback", impl=impl, why=why_not_c, next='the Python spawner runs (spawner = "auto")')
+    program = (C_SPAWNER,) if impl == "c" else PYTHON_SPAWNER
+    spawner = Spawner(log, root.spawner_homes if root is not None else (), guardian.owns, program, impl)
     server = Server(config, log, Launcher(spawner, root, guardian))
     starting = [True]
     undo.callback(lambda: server.stop_listening() if starting[0] else None)  # a start that failed: its listeners

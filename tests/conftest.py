@@ -213,13 +213,14 @@ class Gsrv:
 
     def spawner_pid(self) -> int | None:
         """The spawner running now (a new one replaces one that died)."""
-        return self._own_child("gsrv.spawn.spawner")
+        return self._own_child("gsrv.spawn.spawner", "gsrv-spawner")  # the Python one, or the compiled one
 
-    def _own_child(self, module: str) -> int | None:
+    def _own_child(self, *marks: str) -> int | None:
         try:
             for p in self.ps.children():
                 with contextlib.suppress(psutil.NoSuchProcess):
-                    if module in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                    argv = " ".join(p.cmdline())
+                    if any(mark in argv for mark in marks) and p.status() != psutil.STATUS_ZOMBIE:
                         return int(p.pid)
         except psutil.NoSuchProcess:
             pass
@@ -256,17 +257,29 @@ class Gsrv:
             self.proc.stderr.close()
 
 
+# The compiled spawner is built by the package's build unless GSRV_BUILD_SPAWNER=0 (CI's run of
+# the fallback): then the tests that ask for it by name are skipped, and every gsrv runs the Python one.
+C_SPAWNER_BUILT = os.environ.get("GSRV_BUILD_SPAWNER", "1") != "0"
+SPAWNERS = [
+    "python",
+    pytest.param("c", marks=pytest.mark.skipif(not C_SPAWNER_BUILT, reason="GSRV_BUILD_SPAWNER=0: not built")),
+]
+
+
 @pytest.fixture
-def gsrv(tmp_path: Path) -> Iterator[Callable[..., Gsrv]]:
-    """Start gsrv with the given config text (prepended with a [server] table if none)."""
+def gsrv(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Gsrv]]:
+    """Start gsrv with the given config text (prepended with a [server] table if none). A test
+    module's `spawner_impl` fixture (params SPAWNERS) runs each of its gsrvs with that spawner."""
     started: list[Gsrv] = []
+    impl = request.getfixturevalue("spawner_impl") if "spawner_impl" in request.fixturenames else None
 
     def start(text: str, read_log: bool = True, env: dict[str, str] | None = None) -> Gsrv:
         if "[server]" not in text:
             text = '[server]\nkill_grace = "1s"\n' + text
         path = tmp_path / f"gsrv{len(started)}.toml"
         path.write_text(text)
-        server = Gsrv(path, read_log=read_log, env=env)
+        spawner = ["--set", f"server.spawner={impl}"] if impl else None
+        server = Gsrv(path, read_log=read_log, env=env, extra_args=spawner)
         started.append(server)
         return server
 

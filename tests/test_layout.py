@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Callable
 
 import pytest
+from conftest import C_SPAWNER_BUILT
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gsrv"
@@ -177,6 +178,10 @@ def test_a_wheel_ships_every_subpackage_and_runs_from_a_fresh_venv(tmp_path):
     assert check.returncode == 0, check.stderr
     shipped = len(tomllib.loads((ROOT / "conf" / "gsrv.toml").read_text())["services"])
     assert f"ok, {shipped} service(s)" in check.stdout
+    # the build compiled the spawner in C into the wheel, and gsrv takes it (unless CI's fallback run)
+    impl = "c" if C_SPAWNER_BUILT else "python"
+    assert pathlib.Path(site, "gsrv", "spawn", "gsrv-spawner").exists() == C_SPAWNER_BUILT
+    assert f"  spawner: {impl} (auto" in check.stdout, check.stdout
 
 
 @pytest.mark.timeout(120)

@@ -10,17 +10,27 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import exchange, lives, service_toml, wait_until
+from conftest import SPAWNERS, exchange, lives, service_toml, wait_until
 
+from gsrv.config.spawner import C_SPAWNER
 from gsrv.spawn import wire
+from gsrv.spawn.client import PYTHON_SPAWNER
 
 SIGPIPE_BIT = 1 << (signal.SIGPIPE - 1)
+PROGRAMS = {"python": PYTHON_SPAWNER, "c": (C_SPAWNER,)}
+
+
+@pytest.fixture(params=SPAWNERS, autouse=True)
+def spawner_impl(request: pytest.FixtureRequest) -> str:
+    """Every test here runs against both spawners, the compiled one and the Python one."""
+    return str(request.param)
+
+
 SIGXFSZ_BIT = 1 << (signal.SIGXFSZ - 1)
 
 
@@ -188,13 +198,13 @@ def test_a_request_the_spawner_cannot_start_ends_only_its_session(gsrv, tmp_path
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("first", [wire.Hello(wire.VERSION + 1), wire.Reap(1, ())])
-def test_a_spawner_spoken_to_in_another_version_says_so_and_exits(first: wire.Message) -> None:
+def test_a_spawner_spoken_to_in_another_version_says_so_and_exits(first: wire.Message, spawner_impl: str) -> None:
     """The wire's first message is each side's Hello: the spawner answers its own (what gsrv
     checks), and leaves a peer of another version (or one that skips the Hello) with an EOF
     and a line on stderr, having started nothing."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours:
-        proc = subprocess.Popen([sys.executable, "-m", "gsrv.spawn.spawner", str(theirs.fileno()), "1"],
+        proc = subprocess.Popen([*PROGRAMS[spawner_impl], str(theirs.fileno()), "1"],
                                 pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)  # fmt: skip
         theirs.close()
         ours.settimeout(20)
@@ -203,3 +213,10 @@ def test_a_spawner_spoken_to_in_another_version_says_so_and_exits(first: wire.Me
         assert ours.recv(1 << 16) == b""
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 2 and "speaks wire version" in err, (proc.returncode, err)
+
+
+def test_the_log_says_which_spawner_runs(gsrv, spawner_impl):
+    """`[server] spawner` as asked: spawner_started names the one running, and it serves."""
+    server = gsrv(service_toml("echo", ["cat"]))
+    assert f"impl={spawner_impl}" in server.wait_log(r"event=spawner_started "), server.lines
+    assert _ask(server.address("echo"), b"hi") == b"hi"

@@ -1,23 +1,25 @@
-"""What the spawner does at a child's exit (a Spawn's `at_exit`, gsrv/spawn/wire.py), spoken to
-over its wire: a zombie held until gsrv's Reap wherever gsrv's ladder may still signal the pid
-or the group (invariant 4), and the exit and the reap in one answer where it cannot."""
+"""What the spawner, the compiled one and the Python one, does at a child's exit (a Spawn's
+`at_exit`, gsrv/spawn/wire.py), spoken to over its wire: a zombie held until gsrv's Reap
+wherever gsrv's ladder may still signal the pid or the group (invariant 4), and the exit and
+the reap in one answer where it cannot."""
 
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import SPAWNERS, wait_until
 
+from gsrv.config.spawner import C_SPAWNER
 from gsrv.contain.cgfiles import remove_tree, tasks
 from gsrv.contain.host import discover
 from gsrv.contain.scope import Shape
 from gsrv.spawn import wire
+from gsrv.spawn.client import PYTHON_SPAWNER
 
 HOST = discover()
 pytestmark = [pytest.mark.timeout(60), pytest.mark.skipif(HOST.mode != "v1", reason="a v1 (or hybrid) cgroup host")]
@@ -27,10 +29,9 @@ DAEMON = ("/bin/sh", "-c", "sleep 60 & exit 0")  # exits at once, and leaves a p
 class Spawner:
     """A spawner process and our end of its wire."""
 
-    def __init__(self, home: str) -> None:
+    def __init__(self, program: tuple[str, ...], home: str) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.proc = subprocess.Popen([sys.executable, "-m", "gsrv.spawn.spawner", str(theirs.fileno()), "1", home],
-                                     pass_fds=[theirs.fileno()])  # fmt: skip
+        self.proc = subprocess.Popen([*program, str(theirs.fileno()), "1", home], pass_fds=[theirs.fileno()])
         theirs.close()
         self.sock.settimeout(20)
         self.send(wire.Hello(wire.VERSION))
@@ -68,9 +69,11 @@ def parent() -> Iterator[str]:
     remove_tree(path)
 
 
-@pytest.fixture
-def spawner() -> Iterator[Spawner]:
-    found = Spawner(os.path.join(HOST.homes["freezer"], "tasks"))  # where it goes back after a spawn
+@pytest.fixture(params=SPAWNERS)
+def spawner(request: pytest.FixtureRequest) -> Iterator[Spawner]:
+    """The compiled spawner and the Python one, each case against both."""
+    program = (C_SPAWNER,) if request.param == "c" else PYTHON_SPAWNER
+    found = Spawner(program, os.path.join(HOST.homes["freezer"], "tasks"))  # where it goes back after a spawn
     yield found
     found.close()
 

@@ -23,6 +23,8 @@ from gsrv.config.interact import Interaction, parse_interaction
 from gsrv.config.keys import AT_ONCE, key, required
 from gsrv.config.launch import Launch, compose
 from gsrv.config.policy import Policy, parse_policy
+from gsrv.config.spawner import CHOICES as SPAWNERS
+from gsrv.config.spawner import c_spawner_problem
 from gsrv.config.table import Table, did_you_mean
 from gsrv.config.units import Amount, describe, format_size
 from gsrv.config.web import WebSocketConfig
@@ -94,6 +96,9 @@ class ServerConfig:
                             shown=True)  # fmt: skip
     eof_grace: float = key(keys.duration(), "1s", "how long to wait for the child's exit after its stdout closed, "
                            "and for stdout to close after it exited (a grandchild may hold it)")  # fmt: skip
+    spawner: str = key(keys.choice(*SPAWNERS), "auto", '"auto" (the compiled spawner where the build made it and it '
+                       'is root\'s or gsrv\'s, not group- or world-writable; else the Python one, with a warning) | '
+                       '"c" (that one, or a config error) | "python"', reload="needs a restart")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -350,6 +355,8 @@ def _parse(file: str, text: str, environ: dict[str, str] | None, overrides: tupl
             raise ConfigError(file, f"[{table}]", f"is not a known table ({hint})")
     raw_server = _table(file, "server", data.get("server", {}))
     server = ServerConfig(**keys.read_all(Table(file, "server", raw_server, keys.names(ServerConfig)), ServerConfig))
+    if server.spawner == "c" and (problem := c_spawner_problem()):
+        raise ConfigError(file, "[server] spawner", f'is "c", but {problem} (use "auto" or "python")')
     guard = _guard(file, data.get("guard", {}))
     raw_services = data.get("services", {})
     if not isinstance(raw_services, dict) or not raw_services:

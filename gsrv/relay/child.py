@@ -5,7 +5,8 @@ of its own, does so only once gsrv is gone). Each child leads its own session; t
 signals its kill scope: the process group (killpg reaches a shell pipeline's parts) or, with
 a cgroup per session, every process in that cgroup, daemonized ones included. The spawner
 (gsrv/spawn) starts it and keeps it a zombie until the ladder is done, so no pid or process
-group the ladder signals can be a reused one.
+group the ladder signals can be a reused one; where the ladder can signal nothing after the
+exit (the Spawn's `at_exit`: a process group, or a cgroup the exit left empty) it reaps it then.
 """
 
 from __future__ import annotations

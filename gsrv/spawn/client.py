@@ -78,15 +78,22 @@ def _subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
+PYTHON_SPAWNER = (sys.executable, "-m", "gsrv.spawn.spawner")
+
+
 class Spawner:
     """The spawner process and gsrv's end of its socket. `homes`: the cgroup files it writes
     "0" into to go back after a spawn (where it lives). `known` answers whether a pid is one
-    gsrv knows other than a session's child (its guardian), for the count after a death."""
+    gsrv knows other than a session's child (its guardian), for the count after a death.
+    `program`: the spawner's argv before its arguments (the Python one, or the compiled
+    gsrv-spawner: config/spawner.py chooses), `impl` its name in the log."""
 
-    def __init__(self, log: Log, homes: tuple[str, ...] = (), known: Callable[[int], bool] = lambda pid: False):
+    def __init__(self, log: Log, homes: tuple[str, ...] = (), known: Callable[[int], bool] = lambda pid: False,
+                 program: tuple[str, ...] = PYTHON_SPAWNER, impl: str = "python") -> None:  # fmt: skip
         self.log = log
         self.homes = homes
         self.known = known
+        self.program, self.impl = program, impl
         self.generation = 0
         self.cgroups_left = 0  # session cgroups it (or gsrv) could not remove behind their sessions
         self.proc: subprocess.Popen[bytes] | None = None
@@ -103,6 +110,7 @@ class Spawner:
         self._closed = False
         self._restarting: gevent.Greenlet | None = None
         self._gone = Event()  # the current spawner process exited (gsrv reaped it)
+        self._buffer = bytearray(READ_MAX)  # its answers are read into this
 
     @property
     def pid(self) -> int:
@@ -121,8 +129,7 @@ class Spawner:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gsrv.spawn.spawner", str(theirs.fileno()), str(self.generation + 1),
-                 *self.homes],
+                [*self.program, str(theirs.fileno()), str(self.generation + 1), *self.homes],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 pass_fds=[theirs.fileno()], close_fds=True, start_new_session=True,
             )  # fmt: skip
@@ -139,7 +146,7 @@ class Spawner:
         self.started_at = time.monotonic()
         self._watch = get_hub().loop.io(ours.fileno(), READ)
         self._watch.start(self._readable)
-        self.log.info("spawner_started", pid=self.proc.pid, generation=self.generation)
+        self.log.info("spawner_started", pid=self.proc.pid, generation=self.generation, impl=self.impl)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -226,11 +233,12 @@ class Spawner:
         assert sock is not None
         while True:
             try:
-                data = sock.recv(READ_MAX)
+                size = sock.recv_into(self._buffer)  # one buffer for every read: recv(1 MiB) made one each
             except BlockingIOError:
                 return
             except OSError:
-                data = b""
+                size = 0
+            data = self._buffer[:size]
             if not data:
                 self._died()
                 return
