@@ -31,12 +31,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import cgi_hosts
 import measures
 import psutil
 import servers
+from session_account import Account, own_cpu, publish
 
 HTTPD = ["busybox", "httpd", "-i", "-h", os.path.join(servers.HERE, "peers", "www")]
 Start = Callable[[str], tuple[subprocess.Popen[bytes], int, str]]  # tmp -> (process, port, path)
@@ -87,31 +87,6 @@ PEERS: dict[str, tuple[Start, str]] = {
 }
 
 
-@dataclass
-class Account:
-    rate: float  # requests/s
-    machine: float  # CPU ms a request, each of these
-    server: float
-    commands: float
-    client: float
-    spawner: float = 0.0
-
-    @property
-    def rest(self) -> float:
-        return self.machine - self.server - self.commands - self.client
-
-
-def _own(processes: list[psutil.Process]) -> dict[int, float]:
-    found = {}
-    for p in processes:
-        try:
-            t = p.cpu_times()
-            found[p.pid] = t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
 def _reaped(processes: list[psutil.Process]) -> float:
     total = 0.0
     for p in processes:
@@ -145,10 +120,10 @@ def measure(name: str, requests: int) -> Account:
             spawners = [p for p in own if servers.is_spawner(" ".join(p.cmdline()))]
             reapers = spawners or own  # gsrv's spawner reaps; lighttpd and tcpserver reap their own
             client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            own0, reaped0, machine0 = _own(own), _reaped(reapers), psutil.cpu_times()
+            own0, reaped0, machine0 = own_cpu(own), _reaped(reapers), psutil.cpu_times()
             rate = _ab(port, path, requests)
             time.sleep(0.3)  # the last reaps
-            own1, reaped1, machine1 = _own(own), _reaped(reapers), psutil.cpu_times()
+            own1, reaped1, machine1 = own_cpu(own), _reaped(reapers), psutil.cpu_times()
             client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         finally:
             servers.stop(proc)
@@ -198,12 +173,7 @@ def main() -> int:
         cpu = f"{m['machine'] / peer['machine']:.2f}" if peer and name.startswith("gsrv") else "-"
         lines.append(f"| {name} | {m['rate']:,.0f} | {rate} | {m['machine']:.2f} | {cpu} | {m['server']:.2f} | "
                      f"{m['spawner']:.2f} | {m['commands']:.2f} | {m['client']:.2f} | {m['rest']:.2f} |")  # fmt: skip
-    lines += ["", "Servers:", *(f"- {name}: {PEERS[name][1]}" for name in names)]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(lines, {name: PEERS[name][1] for name in names}, args.out)
     return 0
 
 

@@ -48,6 +48,8 @@ PEERS: dict[str, tuple[Callable[..., object], str]] = {
 
 @dataclass
 class Account:
+    """One server's account (bench/http_account.py's too, per request)."""
+
     rate: float  # sessions/s
     machine: float  # CPU ms a session, each of these
     server: float
@@ -61,7 +63,8 @@ class Account:
         return self.machine - self.server - self.commands - self.client
 
 
-def _own(processes: list[psutil.Process]) -> dict[int, float]:
+def own_cpu(processes: list[psutil.Process]) -> dict[int, float]:
+    """Each process's CPU seconds so far, by pid (one gone is left out)."""
     found = {}
     for p in processes:
         try:
@@ -91,10 +94,10 @@ def measure(name: str, sessions: int) -> Account:
             role = {p.pid: _role(p) for p in own}
             reaper = next((p for p in own if servers.is_spawner(" ".join(p.cmdline()))), root)
             me = psutil.Process()
-            own0, reaped0, me0, machine0 = _own(own), _reaped(reaper), me.cpu_times(), psutil.cpu_times()
+            own0, reaped0, me0, machine0 = own_cpu(own), _reaped(reaper), me.cpu_times(), psutil.cpu_times()
             rate = measures.sessions_per_s(address, proc.pid, sessions)["sessions/s"]
             time.sleep(0.3)  # the last reaps
-            own1, reaped1, me1, machine1 = _own(own), _reaped(reaper), me.cpu_times(), psutil.cpu_times()
+            own1, reaped1, me1, machine1 = own_cpu(own), _reaped(reaper), me.cpu_times(), psutil.cpu_times()
         finally:
             servers.stop(proc)
     per = 1000 / sessions
@@ -160,13 +163,17 @@ def main() -> int:
         lines.append(f"| {name} | {m['rate']:,.0f} | {ratio} | {m['machine']:.2f} | {cpu_ratio} | "
                      f"{m['server']:.2f} | {m['spawner']:.2f}, {m['guardian']:.2f} | {m['commands']:.2f} | "
                      f"{m['client']:.2f} | {m['rest']:.2f} |")  # fmt: skip
-    lines += ["", "Servers:", *(f"- {name}: {PEERS[name][1]}" for name in found)]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(lines, {name: PEERS[name][1] for name in found}, args.out)
     return 0
+
+
+def publish(table: list[str], servers_named: dict[str, str], out: str) -> None:
+    """The table, then what each server was; printed, and written to `out` if given."""
+    text = "\n".join([*table, "", "Servers:", *(f"- {name}: {how}" for name, how in servers_named.items())]) + "\n"
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

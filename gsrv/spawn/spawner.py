@@ -4,13 +4,16 @@ Run by gsrv as `python -m gsrv.spawn.spawner CONTROL_FD GENERATION HOME...`; pla
 single-threaded, few fds open. Over CONTROL_FD (a SOCK_SEQPACKET socketpair) it takes spawn
 requests, their stdio arriving as SCM_RIGHTS, and answers with the pid or an errno; it reports
 each child's exit (`waitid(WNOWAIT)` on a pidfd: the child stays a zombie, so the pid and its
-process group cannot be reused) and reaps it (wait4, for its rusage) only when gsrv says its
-stop ladder is done. For a spawn it places itself in the session's cgroups ("0" to each
-tasks or cgroup.procs file) and goes back to HOME after, so the child is born inside.
+process group cannot be reused) and reaps it (wait4, for its rusage) when gsrv says its stop
+ladder is done, or at the exit where the request's `at_exit` says the ladder can signal
+nothing after it (a process group; a session cgroup left empty). For a spawn it places itself
+in the session's cgroups ("0" to each tasks or cgroup.procs file) and goes back to HOME in
+those hierarchies after, so the child is born inside.
 It exits at EOF on CONTROL_FD (gsrv is gone); its children then belong to gsrv's guardian.
 Its session cgroups come from a pool it fills when idle (gsrv/spawn/pool.py), and it removes
-them once gsrv says a session is done. Imports only the wire (gsrv/spawn/wire.py: the messages
-both sides speak) and cgroup file operations of gsrv: gsrv's side is gsrv/spawn/client.py.
+them once gsrv says a session is done (or at the exit, with REAP_AND_REMOVE_IF_EMPTY). Imports
+only the wire (gsrv/spawn/wire.py: the messages both sides speak) and cgroup file operations of
+gsrv: gsrv's side is gsrv/spawn/client.py. gsrv/spawn/spawner.c is the same process in C.
 """
 
 from __future__ import annotations
