@@ -33,6 +33,8 @@ from gsrv.spawn.client import Process, Spawner
 
 GROUP_POLL_S = 0.02
 REAP_TIMEOUT_S = 5.0
+ORPHANS_WAIT_S = 1.0  # for gsrv's own reaping of a session's orphaned zombies (a loop's turn, normally)
+ORPHANS_POLL_S = 0.002
 STARTED_TIMEOUT_S = 30.0  # a spawner that neither answers nor dies: the session ends spawn_failed
 
 
@@ -281,6 +283,19 @@ class Child:
             self._launcher.spawner.reap(self.process, self.kill_scope.cgroups)
 
     def wait_reaped(self) -> None:
-        """Until the spawner reaped it (its rusage is then known), if it has exited."""
+        """Until the spawner reaped it (its rusage is then known), if it has exited; then, for a
+        session cgroup, until gsrv reaped the zombies of its group's orphans too."""
         if self.exited.is_set():
             self.process.reaped.wait(REAP_TIMEOUT_S)
+            if isinstance(self.kill_scope, CgroupMembers) and self.process.reaped.is_set():
+                self._orphans_reaped()
+
+    def _orphans_reaped(self) -> None:
+        """A session's orphans left its cgroup only by exiting (it was empty when the ladder
+        ended), but their zombies are gsrv's, its subreaper's, reaped at the loop's next turn,
+        and killpg still finds the group until then. Wait for that, bounded, signalling nothing
+        (once the leader is reaped the group's id may be another's after its last member)."""
+        group = self.kill_scope.group if isinstance(self.kill_scope, CgroupMembers) else None
+        deadline = time.monotonic() + ORPHANS_WAIT_S
+        while group is not None and group.alive() and time.monotonic() < deadline:
+            gevent.sleep(ORPHANS_POLL_S)
