@@ -114,6 +114,7 @@ def test_chromium_fetch_uploads_a_64_mib_blob_and_a_form_post_reaches_a_cgi_scri
     chromium.find_element(By.ID, "send").click()
     WebDriverWait(chromium, 30).until(lambda d: d.find_elements(By.ID, "got"))
     assert chromium.find_element(By.ID, "got").text == "FROM A FORM"
+    server.wait_log(r"method=POST path=/form status=200")  # the last request's line: the reader may lag the page
     sums = [line for line in server.lines if "path=/sum" in line]
     assert len(sums) == 1 and f"bytes_in={64 * 1024 * 1024} " in sums[0] and "status=200" in sums[0], sums
     assert server.count_log(r"method=POST path=/form status=200") == 1
@@ -279,6 +280,7 @@ def test_a_cut_connection_reattaches_the_page_to_its_shell_with_no_byte_lost_or_
         keys.send_keys("echo pid=$$\n")
         wait.until(lambda d: len(re.findall(r"^pid=\d+$", d.execute_script(SCREEN), re.M)) == 2)
         assert re.findall(r"^pid=(\d+)$", chromium.execute_script(SCREEN), re.M) == [pid, pid]
+        server.wait_log(r"event=session_reattached service=shell")
         assert server.count_log(r"event=session_reattached service=shell") == 1
         assert server.count_log(r"event=session_end .*relay=") == 0  # one session (and the page's files)
     finally:
