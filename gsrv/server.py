@@ -142,7 +142,7 @@ class Server:
         """The sessions' greenlets (each runs in one, plus its pumps), the preludes (TLS
         handshakes, PROXY headers) and gsrv's own."""
         preludes = sum(s.gate.pending for s in self._every_service())
-        return sum(1 + len(session.greenlets) for session in self.all_sessions()) + preludes + OWN_GREENLETS
+        return sum(1 + session.greenlets for session in self.all_sessions()) + preludes + OWN_GREENLETS
 
     def flush_metrics(self) -> None:
         """Feed byte and backpressure counters from running sessions (about once a second)."""

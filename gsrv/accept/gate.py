@@ -18,6 +18,7 @@ from gsrv.accept.held import Held
 from gsrv.accept.shortage import RETRY_MAX_S, RETRY_S, Shortages
 from gsrv.errors import RESOURCE_ERRORS
 from gsrv.logs import Log
+from gsrv.workers import WORKERS, Task
 
 if TYPE_CHECKING:
     from gsrv.accept.listeners import Listener
@@ -114,7 +115,7 @@ class Gate(Generic[C, S]):
         self.answering: frozenset[str] = frozenset()  # the pauses whose held clients get the busy answer at once
         self.answering_new: frozenset[str] = frozenset()  # ... during which new clients are accepted to get it
         self._expiry: gevent.Greenlet | None = None  # the busy answer for the first held client, when due
-        self._preludes: set[gevent.Greenlet] = set()
+        self._preludes: set[Task] = set()
         self.closed = False
         self.log = log
         self.active = 0
@@ -228,26 +229,25 @@ class Gate(Generic[C, S]):
 
     def _prelude(self, conn: C, since: float) -> None:
         self.pending += 1
-        greenlet = gevent.spawn(self._run_prelude, conn)
-        greenlet.link(lambda done: self._prelude_done(conn, since, done))  # also when killed before it ran
-        self._preludes.add(greenlet)
+        task = WORKERS.start(self._run_prelude, conn, then=lambda done: self._prelude_done(conn, since, done))
+        self._preludes.add(task)  # (its `then` runs however it ends: killed before it ran too)
 
     def _run_prelude(self, conn: C) -> _Finished[C]:
         return _Finished(self.handler.prelude(conn))
 
-    def _prelude_done(self, conn: C, since: float, greenlet: gevent.Greenlet) -> None:
+    def _prelude_done(self, conn: C, since: float, task: Task) -> None:
         """A connection back from its prelude queues for a slot; None: not this gate's any more.
         A prelude killed before it ran (a drain) or that raised (a bug): the connection ends here."""
         self.pending -= 1
-        self._preludes.discard(greenlet)
-        outcome = greenlet.value
+        self._preludes.discard(task)
+        outcome = task.value
         if isinstance(outcome, _Finished) and outcome.ready is not None:
             if self.closed:
                 self.handler.drop(outcome.ready, "shutdown")
             else:
                 self._hold(outcome.ready, since)
         elif not isinstance(outcome, _Finished):
-            error = None if greenlet.exception is None else f"{type(greenlet.exception).__name__}: {greenlet.exception}"
+            error = None if task.exception is None else f"{type(task.exception).__name__}: {task.exception}"
             self.handler.drop(conn, "shutdown" if self.closed else "internal_error", error)
         self.update()
 
@@ -303,7 +303,7 @@ class Gate(Generic[C, S]):
             return
         self.active += 1
         self.spawning += 1
-        gevent.spawn(self._run, conn, started)
+        WORKERS.start(self._run, conn, started)
         self.update()
 
     def _park(self, conn: C, error: int) -> None:
@@ -362,7 +362,8 @@ class Gate(Generic[C, S]):
             self._expiry.kill(block=False)
         while self.knocking:
             self.handler.drop(self.knocking.popleft(), reason)
-        gevent.killall(list(self._preludes), block=False)  # each ends its own (reason shutdown)
+        for task in list(self._preludes):
+            task.kill(block=False)  # each ends its own (reason shutdown)
 
     def accept_failed(self, error: OSError) -> None:
         if error.errno in RESOURCE_ERRORS:

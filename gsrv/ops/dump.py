@@ -16,15 +16,18 @@ from gevent import get_hub
 from greenlet import greenlet  # type: ignore[import-untyped]
 
 from gsrv.logs import Log
+from gsrv.workers import WORKERS
 
 TOP = 12  # the most common places greenlets wait, each on one line
 
 
 def live_greenlets() -> list[greenlet]:
     """The live greenlets of gsrv's loop: its hub, the main greenlet, and all the hub runs
-    (the threads of gevent's threadpool have hubs of their own, left out)."""
+    but the workers waiting for a job (gsrv/workers.py: counted apart, as `idle_workers`;
+    the threads of gevent's threadpool have hubs of their own, left out)."""
     hub = get_hub()
-    found = [g for g in gc.get_objects() if isinstance(g, greenlet) and not g.dead]
+    idle = {id(g) for g in WORKERS.idle}
+    found = [g for g in gc.get_objects() if isinstance(g, greenlet) and not g.dead and id(g) not in idle]
     return [g for g in found if g is hub or g is hub.parent or g.parent is hub]
 
 
@@ -42,8 +45,8 @@ def dump(log: Log, sessions: int, pending: int, children: int) -> None:
     found = live_greenlets()
     places = Counter(_where(g) for g in found)
     log.info(
-        "dump", greenlets=len(found), sessions=sessions, pending=pending, children=children,
-        fds=len(os.listdir("/proc/self/fd")) - 1,
+        "dump", greenlets=len(found), idle_workers=len(WORKERS.idle), sessions=sessions, pending=pending,
+        children=children, fds=len(os.listdir("/proc/self/fd")) - 1,
     )  # fmt: skip
     for place, count in places.most_common(TOP):
         log.info("dump_greenlets", count=count, at=place)

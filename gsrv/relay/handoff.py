@@ -15,7 +15,6 @@ import socket as stdsocket
 import termios
 import time
 
-import gevent
 from gevent.socket import socket
 
 from gsrv.edge.refusal import reset
@@ -26,6 +25,7 @@ from gsrv.relay.linger import linger
 from gsrv.relay.pump import Meter, queued
 from gsrv.relay.relays import Closing, RelayDefaults, RelayEvents
 from gsrv.relay.stdio import Stdio
+from gsrv.workers import Task
 
 
 class SocketRelay(RelayDefaults):
@@ -38,7 +38,7 @@ class SocketRelay(RelayDefaults):
     cut_input = False
     hung_up = False  # no terminal
     __slots__ = ("sock", "fd", "header_length", "inbound", "outbound", "rwnd", "events", "reset_seen", "held", "tcp",
-                 "input_done", "client_eof", "output_eof", "greenlets")  # fmt: skip
+                 "input_done", "client_eof", "output_eof", "tasks")  # fmt: skip
 
     @property
     def detached_since(self) -> float | None:
@@ -50,7 +50,7 @@ class SocketRelay(RelayDefaults):
         self.input_done = False  # the client's FIN (TCP_INFO's state; a unix socket: POLLRDHUP)
         self.client_eof = False
         self.output_eof = False  # the child exited and its group is gone
-        self.greenlets: list[gevent.Greenlet] = []  # none: the child moves the bytes
+        self.tasks: list[Task] = []  # none: the child moves the bytes
         self.fd: int = sock.fileno()
         self.header_length = header_length  # the PROXY header's bytes: received, but never the child's
         self.rwnd = Meter()  # its `blocked`: time the client's receive window limited sending

@@ -2,7 +2,7 @@
 `Relay` protocol), the base of the relays that pump (`PipeRelay`, the copy relay), and its
 splice and TLS variants, one chosen when the session starts.
 
-A relay runs both directions in greenlets of its own and leaves the facts a session's end
+A relay runs both directions in tasks of their own (gsrv/workers.py) and leaves the facts a session's end
 rules need (relay/ending.py): bytes each way, last activity, time blocked (the meters), the
 client's EOF, the output's EOF, a failure (reported through `RelayEvents.abort`). It also
 owns how the connection closes: a FIN after all output, then a lingering read so that
@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-import gevent
 from gevent.socket import socket
 
 from gsrv.edge.hello import Declined, Hello
@@ -41,6 +40,7 @@ from gsrv.relay.pump import (
 )
 from gsrv.relay.record import RecordedSink, RecordedSource, Recording
 from gsrv.relay.stdio import Stdio
+from gsrv.workers import WORKERS, Task
 
 if TYPE_CHECKING:
     from gsrv.relay.ws.reattach import Link  # a terminal page's connection: only the WebSocket relay takes one
@@ -77,7 +77,7 @@ class Relay(Protocol):
     kept_alive: bool  # after close(): the connection stays open for its next request (HTTP keep-alive)
     input_done: bool  # the client's EOF reached the child
     output_eof: bool  # the child's output reached its end, and all of it the client
-    greenlets: list[gevent.Greenlet]
+    tasks: list[Task]  # its directions' (and a WebSocket's stderr and pings)
 
     @property
     def name(self) -> str: ...  # how bytes move, for the log's relay=
@@ -136,7 +136,7 @@ class PipeRelay(RelayDefaults):
     closes_after_stop = False
     kept_alive = False
     __slots__ = ("sock", "chunk", "child_end", "inbound", "outbound", "discarded", "input_done", "client_eof",
-                 "output_eof", "greenlets", "recording")  # fmt: skip
+                 "output_eof", "tasks", "recording")  # fmt: skip
 
     def __init__(self, sock: socket, chunk: int, child_end: Pipes | PtyEnd | None = None) -> None:
         self.sock, self.chunk = sock, chunk
@@ -145,7 +145,7 @@ class PipeRelay(RelayDefaults):
         self.input_done = False  # the client's EOF reached the child (a closed stdin, a terminal's EOF)
         self.client_eof = False  # the client finished sending (to the child, or discarded)
         self.output_eof = False  # the child's output reached its end and all of it the client
-        self.greenlets: list[gevent.Greenlet] = []
+        self.tasks: list[Task] = []
         self.recording: Recording | None = None  # record = DIR: the child's bytes as an asciicast file
 
     @property
@@ -208,12 +208,12 @@ class PipeRelay(RelayDefaults):
     # -- running ------------------------------------------------------------------------
 
     def start(self, child: Child, events: RelayEvents) -> None:
-        """Both directions, each in its own greenlet; a bug in one ends the session."""
-        self.greenlets = [gevent.spawn(guarded, self._up, child, events),
-                          gevent.spawn(guarded, self._down, child, events)]  # fmt: skip
+        """Both directions, each in a task of its own; a bug in one ends the session."""
+        self.tasks = [WORKERS.start(guarded, direction, child, events) for direction in (self._up, self._down)]
 
     def stop(self) -> None:
-        gevent.killall(self.greenlets)
+        for task in self.tasks:
+            task.kill()
         if self.recording is not None:
             self.recording.close()  # what is queued is written, off the loop
 

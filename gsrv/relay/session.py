@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import gevent
 from gevent.event import Event
 
 from gsrv.config.parse import ServerConfig, ServiceConfig
@@ -76,9 +75,10 @@ class Session:
         return time.monotonic() - self._started
 
     @property
-    def greenlets(self) -> list[gevent.Greenlet]:
-        """The relay's directions and the stderr reader (the session's own is not counted)."""
-        return (self.relay.greenlets if self.relay else []) + self.stderr.greenlets
+    def greenlets(self) -> int:
+        """How many greenlets work for it: the relay's directions and the stderr reader (the
+        session's own is not counted)."""
+        return (len(self.relay.tasks) if self.relay else 0) + len(self.stderr.greenlets)
 
     def meters(self) -> list[tuple[str, Meter]]:
         return self.relay.meters() if self.relay else []

@@ -44,6 +44,7 @@ from gsrv.relay.ws.messages import Frames, Messages
 from gsrv.relay.ws.reattach import Link, Seat
 from gsrv.relay.ws.watchers import Watchers
 from gsrv.relay.ws.window import Window
+from gsrv.workers import WORKERS
 
 # After the upgrade, how each end that is not the child's own is told (code, and the reason's text).
 CLOSE_CODES = {
@@ -161,11 +162,11 @@ class WebSocketRelay(PipeRelay):
                 self.client.send(answer(fields))
         super().start(child, events)
         if self.err is not None and child.stderr >= 0:
-            self.greenlets.append(gevent.spawn(guarded, self._stderr, child, events))
+            self.tasks.append(WORKERS.start(guarded, self._stderr, child, events))
         else:
             self.err_done.set()
         if self.ws.ping_interval:
-            self.greenlets.append(gevent.spawn(guarded, self._ping, child, events))
+            self.tasks.append(WORKERS.start(guarded, self._ping, child, events))
 
     def _in(self, child: Child) -> End:
         resized = functools.partial(self._resized, child)
