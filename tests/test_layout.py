@@ -19,12 +19,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gsrv"
 
 # part -> the parts it may import (itself always). A part is a subpackage or a top-level module.
-LEAVES = {"errors", "logs", "periodic", "loop"}
+LEAVES = {"errors", "logs", "periodic", "loop", "workers"}
 MAY_IMPORT = {
     "errors": set(),
     "logs": set(),
     "periodic": set(),
     "loop": set(),
+    "workers": set(),
     "contain": set(),
     "config": {"errors", "contain"},
     "accept": {"config", "contain"} | LEAVES,
@@ -102,7 +103,7 @@ def test_the_rules_catch_an_import_that_runs_back_up(tmp_path):
     assert _imports(bad) == {"gsrv.relay.session", "gsrv.errors"}
     assert _broken("gsrv.edge.door", bad) == [
         "gsrv.edge.door imports gsrv.relay.session "
-        "(edge may import only ['config', 'errors', 'logs', 'loop', 'periodic'])"
+        "(edge may import only ['config', 'errors', 'logs', 'loop', 'periodic', 'workers'])"
     ]
 
 
