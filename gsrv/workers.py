@@ -11,7 +11,8 @@ A task ends as a gevent greenlet does: kill() raises GreenletExit where it waits
 hub, as gevent's kill does) and, unless told not to, waits until it has ended; one killed
 before it began never runs. An exception other than GreenletExit is reported as gevent
 reports a greenlet's (the hub's handle_error: a traceback on stderr) and kept in `exception`;
-the worker goes on to its next job. At most KEEP workers wait; one more ends. The SIGUSR1
+the worker goes on to its next job (an exception thrown at a waiting worker too). At most
+KEEP workers wait; one more ends. The SIGUSR1
 dump counts the waiting ones apart from the live greenlets (ops/dump.py), so a leaked job
 still shows there.
 """
@@ -116,7 +117,20 @@ class Workers:
             if len(self.idle) >= self.keep:
                 return
             self.idle.append(me)
-            task = hub.switch()
+            task = self._wait(hub, me)
+
+    def _wait(self, hub: Any, me: greenlet) -> Task:
+        """The next job. Something thrown at a waiting worker (a timer its last job left armed)
+        is reported, as a bug, and the worker waits on: it may have been given a job already,
+        and a gevent greenlet that had ended would have ignored it."""
+        while True:
+            try:
+                task: Task = hub.switch()
+                return task
+            except GreenletExit:  # the interpreter's end
+                raise
+            except BaseException:
+                hub.handle_error(me, *sys.exc_info())
 
 
 WORKERS = Workers()

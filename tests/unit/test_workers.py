@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gevent
 import pytest
+from gevent import get_hub
 from gevent.event import Event
 from greenlet import getcurrent  # type: ignore[import-untyped]
 
@@ -15,7 +16,12 @@ from gsrv.workers import DONE, Workers
 def test_a_worker_that_finished_its_job_runs_the_next() -> None:
     workers = Workers(keep=4)
     ran: list[object] = []
-    first = workers.start(lambda: ran.append(getcurrent()) or "one")
+
+    def job() -> str:
+        ran.append(getcurrent())
+        return "one"
+
+    first = workers.start(job)
     gevent.sleep(0)
     assert first.dead and first.value == "one" and len(workers.idle) == 1
     second = workers.start(lambda: ran.append(getcurrent()))
@@ -89,3 +95,16 @@ def test_no_more_than_keep_workers_wait() -> None:
     gevent.sleep(0)
     gevent.sleep(0)
     assert all(t.dead for t in tasks) and len(workers.idle) == 3
+
+
+def test_a_throw_at_a_waiting_worker_is_reported_and_it_still_serves(capsys: pytest.CaptureFixture[str]) -> None:
+    workers = Workers(keep=4)
+    workers.start(lambda: None)
+    gevent.sleep(0)
+    waiting = workers.idle[0]
+    get_hub().loop.run_callback(waiting.throw, ValueError("a stray timer"))  # as a timer its job left would
+    gevent.sleep(0)
+    assert "a stray timer" in capsys.readouterr().err and not waiting.dead
+    again = workers.start(lambda: 7)
+    gevent.sleep(0)
+    assert again.value == 7 and workers.idle == [waiting]
