@@ -12,9 +12,8 @@ hub, as gevent's kill does) and, unless told not to, waits until it has ended; o
 before it began never runs. An exception other than GreenletExit is reported as gevent
 reports a greenlet's (the hub's handle_error: a traceback on stderr) and kept in `exception`;
 the worker goes on to its next job (an exception thrown at a waiting worker too). At most
-KEEP workers wait; one more ends. The SIGUSR1
-dump counts the waiting ones apart from the live greenlets (ops/dump.py), so a leaked job
-still shows there.
+KEEP workers wait; one more ends. The SIGUSR1 dump counts the waiting ones apart from the
+live greenlets (ops/dump.py), so a leaked job still shows there.
 """
 
 from __future__ import annotations
