@@ -1,8 +1,8 @@
-"""Greenlets kept for the next job: a session's run, its prelude and its relay's directions
+"""Greenlets reused from one job to the next: a session's run, its prelude and its relay's directions
 each run as a `Task` in one of these, and a greenlet that finished its job waits for the next
 instead of ending.
 
-Why: a new gevent greenlet per job cost ~30 µs here against ~6 µs for a kept one (issue 37,
+Why: a new gevent greenlet per job cost ~30 µs here against ~6 µs for a reused one (issue 37,
 bench/results/session_account.md): the object, its first switch, and the 16 KiB frame stack
 CPython 3.11 maps at a greenlet's first call and unmaps at its end. A plain session made one,
 a splice session three, an HTTP request four.
@@ -12,7 +12,7 @@ hub, as gevent's kill does) and, unless told not to, waits until it has ended; o
 before it began never runs. An exception other than GreenletExit is reported as gevent
 reports a greenlet's (the hub's handle_error: a traceback on stderr) and kept in `exception`;
 the worker goes on to its next job (an exception thrown at a waiting worker too). At most
-KEEP workers wait; one more ends. The SIGUSR1 dump counts the waiting ones apart from the
+MAX_IDLE workers wait; one more ends. The SIGUSR1 dump counts the waiting ones apart from the
 live greenlets (ops/dump.py), so a leaked job still shows there.
 """
 
@@ -26,7 +26,7 @@ from gevent import GreenletExit, get_hub
 from gevent.hub import Waiter
 from greenlet import getcurrent, greenlet  # type: ignore[import-untyped]
 
-KEEP = 64  # workers kept waiting for a job: more than the sessions that start in one loop turn
+MAX_IDLE = 64  # workers waiting for a job at most: more than the sessions that start in one loop turn
 
 PENDING, RUNNING, DONE = "pending", "running", "done"
 
@@ -83,11 +83,11 @@ class Task:
 
 
 class Workers:
-    """The kept workers of gsrv's loop (one set per process: see WORKERS)."""
+    """The reused workers of gsrv's loop (one set per process: see WORKERS)."""
 
-    def __init__(self, keep: int = KEEP) -> None:
+    def __init__(self, max_idle: int = MAX_IDLE) -> None:
         self.idle: list[greenlet] = []
-        self.keep = keep
+        self.max_idle = max_idle
 
     def start(self, fn: Callable[..., Any], *args: Any, then: Callable[[Task], None] | None = None) -> Task:
         """Run fn(*args) in a worker from the loop's next turn (as gevent.spawn does)."""
@@ -113,7 +113,7 @@ class Workers:
                     hub.handle_error(me, *sys.exc_info())
                 task._ended()
             del task  # (holds nothing of the last job while it waits)
-            if len(self.idle) >= self.keep:
+            if len(self.idle) >= self.max_idle:
                 return
             self.idle.append(me)
             task = self._wait(hub, me)

@@ -288,14 +288,14 @@ class Child:
         if self.exited.is_set():
             self.process.reaped.wait(REAP_TIMEOUT_S)
             if isinstance(self.kill_scope, CgroupMembers) and self.process.reaped.is_set():
-                self._orphans_reaped()
+                self._orphans_reaped(self.kill_scope.group)
 
-    def _orphans_reaped(self) -> None:
+    @staticmethod
+    def _orphans_reaped(group: ProcessGroup) -> None:
         """A session's orphans left its cgroup only by exiting (it was empty when the ladder
         ended), but their zombies are gsrv's, its subreaper's, reaped at the loop's next turn,
         and killpg still finds the group until then. Wait for that, bounded, signalling nothing
         (once the leader is reaped the group's id may be another's after its last member)."""
-        group = self.kill_scope.group if isinstance(self.kill_scope, CgroupMembers) else None
         deadline = time.monotonic() + ORPHANS_WAIT_S
-        while group is not None and group.alive() and time.monotonic() < deadline:
+        while group.alive() and time.monotonic() < deadline:
             gevent.sleep(ORPHANS_POLL_S)

@@ -106,21 +106,15 @@ typedef struct {
     const char *bad; /* set: the datagram is not messages of this version */
 } In;
 
-static int64_t get_i64(In *in) {
-    int64_t v = 0;
-    if (in->bad || in->size - in->at < 8) { in->bad = "a message cut short"; return 0; }
-    memcpy(&v, in->data + in->at, 8);
+static void get8(In *in, void *out) { /* 8 bytes as they are (an i64 or an f64), or zeros */
+    if (in->bad || in->size - in->at < 8) { in->bad = "a message cut short"; return; }
+    memcpy(out, in->data + in->at, 8);
     in->at += 8;
-    return v;
 }
 
-static double get_f64(In *in) {
-    double v = 0;
-    if (in->bad || in->size - in->at < 8) { in->bad = "a message cut short"; return 0; }
-    memcpy(&v, in->data + in->at, 8);
-    in->at += 8;
-    return v;
-}
+static int64_t get_i64(In *in) { int64_t v = 0; get8(in, &v); return v; }
+
+static double get_f64(In *in) { double v = 0; get8(in, &v); return v; }
 
 static int get_bool(In *in) {
     if (in->bad || in->at >= in->size) { in->bad = "a message cut short"; return 0; }

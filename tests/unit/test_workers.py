@@ -1,6 +1,6 @@
-"""Tasks in kept workers (gsrv/workers.py) on a real gevent loop: a worker runs one job after
+"""Tasks in reused workers (gsrv/workers.py) on a real gevent loop: a worker runs one job after
 another, a kill ends a job where it waits (or before it began) and each end is seen once, a
-bug is reported and the worker goes on, and no more than `keep` workers wait."""
+bug is reported and the worker goes on, and no more than `max_idle` workers wait."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from gsrv.workers import DONE, Workers
 
 
 def test_a_worker_that_finished_its_job_runs_the_next() -> None:
-    workers = Workers(keep=4)
+    workers = Workers(max_idle=4)
     ran: list[object] = []
 
     def job() -> str:
@@ -26,12 +26,12 @@ def test_a_worker_that_finished_its_job_runs_the_next() -> None:
     assert first.dead and first.value == "one" and len(workers.idle) == 1
     second = workers.start(lambda: ran.append(getcurrent()))
     gevent.sleep(0)
-    assert second.dead and ran[0] is ran[1], "the kept greenlet ran the second job"
+    assert second.dead and ran[0] is ran[1], "the same greenlet ran the second job"
 
 
 @pytest.mark.timeout(10)
 def test_a_kill_ends_a_job_where_it_waits_and_returns_once_it_ended() -> None:
-    workers = Workers(keep=4)
+    workers = Workers(max_idle=4)
     steps: list[str] = []
     never = Event()
 
@@ -57,7 +57,7 @@ def test_a_kill_ends_a_job_where_it_waits_and_returns_once_it_ended() -> None:
 
 
 def test_a_task_killed_before_it_began_never_runs_and_its_end_is_told() -> None:
-    workers = Workers(keep=4)
+    workers = Workers(max_idle=4)
     ran: list[int] = []
     ended: list[bool] = []
     task = workers.start(ran.append, 1, then=lambda t: ended.append(t.dead))
@@ -71,7 +71,7 @@ def test_a_task_killed_before_it_began_never_runs_and_its_end_is_told() -> None:
 
 
 def test_a_bug_is_reported_and_kept_and_the_worker_goes_on(capsys: pytest.CaptureFixture[str]) -> None:
-    workers = Workers(keep=4)
+    workers = Workers(max_idle=4)
 
     def bug() -> None:
         raise ValueError("a bug in a job")
@@ -85,8 +85,8 @@ def test_a_bug_is_reported_and_kept_and_the_worker_goes_on(capsys: pytest.Captur
     assert again.value == 7 and len(workers.idle) == 1
 
 
-def test_no_more_than_keep_workers_wait() -> None:
-    workers = Workers(keep=3)
+def test_no_more_than_max_idle_workers_wait() -> None:
+    workers = Workers(max_idle=3)
     release = Event()
     tasks = [workers.start(release.wait) for _ in range(8)]
     gevent.sleep(0)
@@ -98,7 +98,7 @@ def test_no_more_than_keep_workers_wait() -> None:
 
 
 def test_a_throw_at_a_waiting_worker_is_reported_and_it_still_serves(capsys: pytest.CaptureFixture[str]) -> None:
-    workers = Workers(keep=4)
+    workers = Workers(max_idle=4)
     workers.start(lambda: None)
     gevent.sleep(0)
     waiting = workers.idle[0]
