@@ -36,6 +36,7 @@ from gsrv.relay.pump import HAS_SPLICE
 from gsrv.server import Server, longest_stop
 from gsrv.spawn.client import PYTHON_SPAWNER, Spawner
 from gsrv.spawn.guardian import Guardian
+from gsrv.upgrade.check import check as upgrade_check
 
 DEFAULT_CONFIG = "conf/gsrv.toml"
 
@@ -68,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("target", metavar="HOST:PORT", help="or unix:/path")
     send.add_argument("--raw", action="store_true",
                       help="put this terminal in raw mode while connected (for a pty = true service)")  # fmt: skip
+    upgrade = sub.add_parser("upgrade", help="(being built, issue 38) --check: the new code's answer to a record")
+    upgrade.add_argument("--check", action="store_true", help="read the state record on --record-fd and answer")
+    upgrade.add_argument("--record-fd", type=int, metavar="FD", help="the state record's fd (with --check)")
     load = sub.add_parser("load", help="put load on a service and report throughput, latency, errors")
     loadgen.add_arguments(load)
     for name, text, target in (("sessions", "list the running sessions (the admin listener's /sessions)", None),
@@ -372,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.config, args.overrides)
     if args.cmd == "load":
         return loadgen.main(args)
+    if args.cmd == "upgrade":
+        if not args.check or args.record_fd is None:
+            print("Error: only `gsrv upgrade --check --record-fd FD` is built yet (issue 38)", file=sys.stderr)
+            return 2
+        return upgrade_check(args.record_fd)
     if args.cmd in ("sessions", "end", "pause", "resume", "drain"):
         return operate(args)
     return send(args.target, args.raw)

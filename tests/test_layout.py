@@ -34,7 +34,7 @@ MAY_IMPORT = {
     "relay": {"edge", "config", "contain", "spawn"} | LEAVES,
     "ops": {"accept", "config", "state"} | LEAVES,
     "clients": set(),
-    "upgrade": {"errors"},
+    "upgrade": {"errors", "config", "spawn", "__init__"},
     "state": LEAVES,
     "service": {"accept", "edge", "relay", "ops", "config", "state"} | LEAVES,
     "server": {"service", "state", "accept", "relay", "ops", "config", "contain"} | LEAVES,
