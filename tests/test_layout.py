@@ -38,7 +38,8 @@ MAY_IMPORT = {
     "state": LEAVES,
     "service": {"accept", "edge", "relay", "ops", "config", "state"} | LEAVES,
     "server": {"service", "state", "accept", "relay", "ops", "config", "contain"} | LEAVES,
-    "cli": {"server", "state", "accept", "edge", "relay", "ops", "clients", "config", "contain", "spawn", "__init__"}
+    "cli": {"server", "state", "accept", "edge", "relay", "ops", "clients", "config", "contain", "spawn", "upgrade"}
+    | {"__init__"}
     | LEAVES,
     "__main__": {"cli"},
     "__init__": set(),
