@@ -3,39 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shlex
-import signal
 import sys
 
-import gevent
-import psutil
-from gevent import get_hub
-from gevent.queue import Queue
-
 from gsrv import __version__
-from gsrv.accept.guard import Guard, Sampler
-from gsrv.accept.listeners import BindError
 from gsrv.clients import loadgen
 from gsrv.clients import operate as operator
 from gsrv.clients.send import send
+from gsrv.compose import load_or_say, serve
 from gsrv.config import keys
-from gsrv.config.parse import TABLES, Config, ServiceConfig, load
-from gsrv.config.spawner import C_SPAWNER, chosen
+from gsrv.config.parse import TABLES, ServiceConfig
+from gsrv.config.spawner import chosen
 from gsrv.config.units import format_size
-from gsrv.contain.root import Root
-from gsrv.errors import ConfigError
-from gsrv.logs import ErrorStream, Log
-from gsrv.ops.admin import Admin
-from gsrv.ops.dump import dump
-from gsrv.ops.metrics import ProcessState
-from gsrv.ops.notify import Notifier
-from gsrv.relay.child import Launcher
 from gsrv.relay.pump import HAS_SPLICE
-from gsrv.server import Server, longest_stop
-from gsrv.spawn.client import PYTHON_SPAWNER, Spawner
-from gsrv.spawn.guardian import Guardian
+from gsrv.server import longest_stop
 from gsrv.upgrade.check import check as upgrade_check
 
 DEFAULT_CONFIG = "conf/gsrv.toml"
@@ -69,9 +51,6 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("target", metavar="HOST:PORT", help="or unix:/path")
     send.add_argument("--raw", action="store_true",
                       help="put this terminal in raw mode while connected (for a pty = true service)")  # fmt: skip
-    upgrade = sub.add_parser("upgrade", help="(being built, issue 38) --check: the new code's answer to a record")
-    upgrade.add_argument("--check", action="store_true", help="read the state record on --record-fd and answer")
-    upgrade.add_argument("--record-fd", type=int, metavar="FD", help="the state record's fd (with --check)")
     load = sub.add_parser("load", help="put load on a service and report throughput, latency, errors")
     loadgen.add_arguments(load)
     for name, text, target in (("sessions", "list the running sessions (the admin listener's /sessions)", None),
@@ -79,10 +58,17 @@ def _parser() -> argparse.ArgumentParser:
                                ("pause", "hold a service's new clients in the backlog", "SERVICE"),
                                ("resume", "end the operator's pause or drain of a service", "SERVICE"),
                                ("drain", "pause a service, end its sessions after drain_timeout", "SERVICE"),
+                               ("upgrade", "re-exec the running gsrv into the installed code, its sessions kept "
+                                "(the same PID); exit 0 once the new code serves", None),
                                ):  # fmt: skip
         cmd = sub.add_parser(name, help=text)
         if target:
             cmd.add_argument("target", metavar=target)
+        elif name == "upgrade":
+            cmd.add_argument("--exec", dest="exec_path", metavar="PATH", help="the new code's gsrv entry point "
+                             "(default: the running executable, as it was started)")  # fmt: skip
+            cmd.add_argument("--check", action="store_true", help=argparse.SUPPRESS)  # the new code's, run by gsrv
+            cmd.add_argument("--record-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
         else:
             cmd.add_argument("--service", help="only this service's sessions")
             cmd.add_argument("--json", action="store_true", help="the sessions as JSON, as /sessions gives them")
@@ -95,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 def operate(args: argparse.Namespace) -> int:
     """The operator's commands: the admin listener of the config (or --admin), its first token
     (or GSRV_ADMIN_TOKEN)."""
-    config = _load(args.config, [])
+    config = load_or_say(args.config, [])
     if config is None:
         return 2
     if config.admin is None:
@@ -111,25 +97,19 @@ def operate(args: argparse.Namespace) -> int:
     base = f"http://{address}"
     if args.cmd == "sessions":
         return operator.sessions(base, token, args.service, args.json)
+    if args.cmd == "upgrade":
+        return operator.upgrade(base, token, args.exec_path)
     if args.cmd == "end":
         return operator.act(base, token, f"/sessions/{args.target}/end", f"ended {args.target}")
     past = {"pause": "paused", "resume": "resumed", "drain": "draining"}[args.cmd]
     return operator.act(base, token, f"/services/{args.target}/{args.cmd}", f"{past} {args.target}")
 
 
-def _load(path: str, overrides: list[str]) -> Config | None:
-    try:
-        return load(path, tuple(overrides))
-    except ConfigError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return None
-
-
 def check(path: str, overrides: list[str], reference: bool = False) -> int:
     if reference:
         print(key_reference())
         return 0
-    config = _load(path, overrides)
+    config = load_or_say(path, overrides)
     if config is None:
         return 2
     print(f"{path}: ok, {len(config.services)} service(s)")
@@ -205,169 +185,6 @@ def key_reference() -> str:
     return "\n".join(rows)
 
 
-class _CannotStart(Exception):
-    """A start that failed after something was made: the message for the user (exit 1)."""
-
-
-def serve(path: str, overrides: list[str]) -> int:
-    """Serve until stopped. What each step makes is undone by the ExitStack, in reverse, on
-    every way out: a start that fails halfway leaves no listener, guardian or cgroup behind."""
-    config = _load(path, overrides)
-    if config is None:
-        return 2
-    log = Log(2, config.server.log_level, config.server.log_format)
-    try:
-        with contextlib.ExitStack() as undo:
-            _serve(config, log, undo)
-    except _CannotStart as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
-    log.info("stopped")
-    log.flush()
-    return 0
-
-
-def _serve(config: Config, log: Log, undo: contextlib.ExitStack) -> None:
-    errors = ErrorStream(log)  # what Python or gevent would write to fd 2: log lines, never a blocking write
-    undo.enter_context(contextlib.redirect_stderr(errors))
-    get_hub().exception_stream = errors
-    host = config.cgroup.host
-    root = Root(host) if host.mode != "none" else None
-    # no child outlives gsrv, even one killed with SIGKILL: the guardian ends what is left
-    guardian = Guardian(log, host.mode, tuple(root.paths) if root else ())
-    impl, why_not_c = chosen(config.server.spawner)
-    if why_not_c is not None:
-        log.warning("spawner_fallback", impl=impl, why=why_not_c, next='the Python spawner runs (spawner = "auto")')
-    program = (C_SPAWNER,) if impl == "c" else PYTHON_SPAWNER
-    spawner = Spawner(log, root.spawner_homes if root is not None else (), guardian.owns, program, impl)
-    server = Server(config, log, Launcher(spawner, root, guardian))
-    starting = [True]
-    undo.callback(lambda: server.stop_listening() if starting[0] else None)  # a start that failed: its listeners
-    try:
-        server.bind()
-        admin = _admin(config, server, log)
-    except BindError as e:
-        raise _CannotStart(str(e)) from None
-    guardian.start()  # the processes once the listeners are bound: a start that fails starts none
-    undo.callback(guardian.close)
-    swept: list[str] = []
-    try:
-        if root is not None:
-            swept = root.create(guardian.pid)
-            undo.callback(_remove_root, root, log)
-            root.enable(set().union(*(s.contain.limits.controllers(host.mode) for s in config.services)))
-    except OSError as e:
-        raise _CannotStart(f"[cgroup] root: cannot make gsrv's cgroups: {e.strerror or e}") from None
-    try:
-        spawner.start()
-    except OSError as e:
-        raise _CannotStart(f"cannot start the spawner: {e.strerror or e}") from None
-    undo.callback(spawner.close)
-    log.info("containment", cgroups=host.describe(), root=",".join(root.paths) if root else None,
-             services=",".join(f"{s.name}:{s.contain.scope}" for s in config.services),
-             swept=",".join(swept) or None)  # fmt: skip
-    guard = Guard(config.guard, Sampler(), server.pause_accept, server.resume_accept, log)
-    guard.check()  # before any listener accepts: a gsrv started under pressure starts paused
-    if admin is not None:
-        admin.metrics_state = lambda: _state(server, guard, log, spawner)
-        admin.control.guard = lambda: _guard_status(guard, server)
-    notifier = Notifier.from_environ(os.environ, log)  # under systemd's Type=notify
-    if notifier is not None:
-        server.lifecycle.observers.append(notifier.changed)
-        undo.callback(notifier.close)
-    signals: Queue[int] = Queue()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-        gevent.signal_handler(signum, signals.put, signum)  # handlers only record
-    worker = gevent.spawn(_handle_signals, server, guard, signals)
-    server.start()
-    starting[0] = False  # from here on the drain closes the listeners
-    guard.start()
-    undo.callback(guard.stop)
-    if admin is not None:
-        admin.start(server.flush_metrics)
-        undo.callback(admin.stop)
-    undo.callback(worker.kill)  # first of all: no signal is handled from here on (a reload would open listeners)
-    server.stopped.wait()
-
-
-def _remove_root(root: Root, log: Log) -> None:
-    left = root.remove()
-    if left:
-        log.warning("cgroups_left", cgroups=",".join(left), next="the guardian removes them once they are empty")
-
-
-def _admin(config: Config, server: Server, log: Log) -> Admin | None:
-    """The admin endpoint and the metrics it serves, if [admin] asks for one."""
-    if config.admin is None:
-        return None
-    admin = Admin(config.admin, server.lifecycle.not_ready, log)
-    admin.control.operator = server
-    server.metrics = admin.metrics
-    return admin
-
-
-def _state(server: Server, guard: Guard, log: Log, spawner: Spawner) -> ProcessState:
-    """What a scrape reads: the server's services, the guard's figures, the log's drops."""
-    lifecycle = server.lifecycle
-    last = guard.last
-    return ProcessState(
-        services=server.service_states(),
-        accept_paused=lifecycle.accept_paused,
-        accept_pauses=guard.pauses + int(lifecycle.drain_started is not None),
-        accept_paused_seconds=guard.paused_seconds() + lifecycle.drain_seconds(),
-        guard_rss=last.rss if last else None,
-        guard_available=last.available if last else None,
-        greenlets=server.greenlets(),
-        log_dropped=log.dropped,
-        cgroups_left=spawner.cgroups_left,
-    )
-
-
-def _guard_status(guard: Guard, server: Server) -> dict[str, object]:
-    """The memory guard now against its thresholds (the status page)."""
-    last, cfg = guard.last, server.config.guard
-    figures: dict[str, object] = {"paused": server.lifecycle.memory_pressure, "max_rss": cfg.max_rss}
-    if last is not None:
-        figures |= {"rss": last.rss, "available": last.available, "total": last.total,
-                    "min_available": cfg.min_available.of(last.total)}  # fmt: skip
-    return figures
-
-
-def _handle_signals(server: Server, guard: Guard, signals: Queue[int]) -> None:
-    """Each signal in turn; one whose work fails is logged, and the next is still handled (a
-    SIGTERM after a failed reload must still stop gsrv)."""
-    stops = [0]
-    while True:
-        signum = signals.get()
-        try:
-            _handle_signal(server, guard, signum, stops)
-        except Exception as e:
-            server.log.error("signal_failed", signal=signal.Signals(signum).name, error=f"{type(e).__name__}: {e}",
-                             next="handling the next signal")  # fmt: skip
-
-
-def _handle_signal(server: Server, guard: Guard, signum: int, stops: list[int]) -> None:
-    name = signal.Signals(signum).name
-    if signum == signal.SIGUSR1:
-        pending = sum(s.gate.waiting for s in server.services)
-        children = len(psutil.Process().children(recursive=True)) - 2  # less the guardian and the spawner
-        dump(server.log, server.active_sessions, pending, children)
-        return
-    if signum == signal.SIGHUP:
-        server.log.info("signal", signal=name, next="reload")
-        new = server.reload()
-        if new is not None:
-            guard.configure(new.guard)
-        return
-    stops[0] += 1
-    if stops[0] == 1:
-        server.log.info("signal", signal=name, next="announce" if server.config.server.drain_announce else "drain")
-        server.begin_stop()
-    else:
-        server.log.warning("signal", signal=name, next="stop now, skipping the drain")
-        server.force_stop()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "check":
@@ -376,11 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.config, args.overrides)
     if args.cmd == "load":
         return loadgen.main(args)
-    if args.cmd == "upgrade":
-        if not args.check or args.record_fd is None:
-            print("Error: only `gsrv upgrade --check --record-fd FD` is built yet (issue 38)", file=sys.stderr)
+    if args.cmd == "upgrade" and args.check:
+        if args.record_fd is None:
+            print("Error: gsrv upgrade --check needs --record-fd FD (gsrv runs it itself)", file=sys.stderr)
             return 2
         return upgrade_check(args.record_fd)
-    if args.cmd in ("sessions", "end", "pause", "resume", "drain"):
+    if args.cmd in ("sessions", "end", "pause", "resume", "drain", "upgrade"):
         return operate(args)
     return send(args.target, args.raw)

@@ -153,6 +153,24 @@ class Log:
         else:
             self._queue[0] = line[written:]
 
+    def handed_over(self) -> list[str]:
+        """An upgrade's exec: the lines not written yet, taken out of the queue (the record
+        carries them; the new code writes them first)."""
+        lines = [line.decode("utf-8", "replace") for line in self._queue]
+        self._queue.clear()
+        self._queued = 0
+        return lines
+
+    def take_over(self, lines: list[str]) -> None:
+        """The lines the previous code had not written, before any of this code's."""
+        for line in lines:
+            data = line.encode("utf-8", "replace")
+            self._queue.append(data)
+            self._queued += len(data)
+        if lines and self._writer is None:
+            self._writer = gevent.spawn(self._write_loop)
+        self._wake.set()
+
     def flush(self, timeout: float = 1.0) -> None:
         """Write what is queued, for at most `timeout` seconds (used at exit)."""
         deadline = time.monotonic() + timeout

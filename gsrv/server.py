@@ -5,10 +5,9 @@ The state (gsrv/state.py) decides; the server applies each change to every servi
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import gevent
 
@@ -50,19 +49,21 @@ class Server:
         self.metrics: Metrics | None = None  # set by the composer when an admin endpoint exists
         self.watchdog = Watchdog()
         self.stopped = self.lifecycle.stopped
-        self._ids = itertools.count(1)
+        self.ids_given = 0  # session ids given (an upgrade carries it: ids stay unique at the same pid)
         self._pid = os.getpid()
         self._announcer: gevent.Greenlet | None = None
         self._drainer: gevent.Greenlet | None = None
 
     def next_session_id(self) -> str:
-        return f"{self._pid}-{next(self._ids)}"
+        self.ids_given += 1
+        return f"{self._pid}-{self.ids_given}"
 
-    def bind(self) -> None:
-        """Bind every listener, or none: raises BindError naming the service and address."""
+    def bind(self, taken: Callable[[str], int | None] | None = None) -> None:
+        """Bind every listener, or none: raises BindError naming the service and address.
+        `taken`: an upgrade's new code takes each service's listener by its role instead."""
         try:
             for service in self.services:
-                service.bind()
+                service.bind(taken(f"listener:{service.cfg.name}") if taken is not None else None)
         except BindError:
             self.stop_listening()
             raise

@@ -16,8 +16,9 @@ from typing import Any, Protocol
 
 import gevent
 
-from gsrv.accept.gate import ENDED, Gate
-from gsrv.accept.listeners import Listener, close_listener, open_listener, tune
+from gsrv.accept.gate import Gate
+from gsrv.accept.handler import ENDED
+from gsrv.accept.listeners import Listener, close_listener, open_listener, take_listener, tune
 from gsrv.config.address import host_port
 from gsrv.config.parse import Config, ServiceConfig
 from gsrv.edge.arrival import Arrival, Prelude, Visit
@@ -30,8 +31,9 @@ from gsrv.edge.upgrade import console_site
 from gsrv.errors import RESOURCE_ERRORS
 from gsrv.logs import Log
 from gsrv.ops.metrics import Metrics
-from gsrv.relay.child import Launcher
+from gsrv.relay.child import Child, Launcher
 from gsrv.relay.prespawn import Prespawned
+from gsrv.relay.relays import Relay
 from gsrv.relay.session import Session
 from gsrv.relay.watchdog import Watchdog
 from gsrv.relay.ws.reattach import Link
@@ -95,8 +97,13 @@ class Service:
         listener = self.listener
         return listener is not None and listener.started and not self.gate.paused and not self.gate.closed
 
-    def bind(self) -> None:
-        sock = open_listener(f"service {self.cfg.name}", self.cfg.listen, self.cfg.backlog, self.cfg.mode, os.environ)
+    def bind(self, taken: int | None = None) -> None:
+        """Bind (or inherit) the listener; `taken`: the fd an upgrade's previous code listened on."""
+        what = f"service {self.cfg.name}"
+        if taken is not None:
+            sock = take_listener(what, taken)
+        else:
+            sock = open_listener(what, self.cfg.listen, self.cfg.backlog, self.cfg.mode, os.environ)
         tune(sock, self.cfg.keepalive)
         name = sock.getsockname()
         self._address = f"unix:{name}" if sock.family == stdsocket.AF_UNIX else host_port(name[0], name[1])
@@ -179,6 +186,17 @@ class Service:
                 close_between(session.visit)
             else:
                 self.keepalive.wait(session.visit, http.between_requests)
+
+    def adopt(self, visit: Visit, relay: Relay, child: Child, spawn_seconds: float | None) -> Session:
+        """A session an upgrade moved (gsrv/upgrade), its child running: counted against its
+        client's address, given its slot, then run as any session."""
+        server = self.server
+        session = Session(self.cfg, server.config.server, visit, server.log, server.watchdog, server.launcher,
+                          relay=relay, on_end=self._ended)  # fmt: skip
+        session.child, session.spawn_seconds = child, spawn_seconds
+        self.door.counted(visit)
+        self.gate.adopt(session)
+        return session
 
     def _join(self, visit: Visit, hello: Hello) -> None:
         """A terminal page's hello that names a running session (edge/door.py): its reattach

@@ -34,11 +34,25 @@ MAY_IMPORT = {
     "relay": {"edge", "config", "contain", "spawn"} | LEAVES,
     "ops": {"accept", "config", "state"} | LEAVES,
     "clients": set(),
-    "upgrade": {"errors", "config", "spawn", "__init__"},
+    "upgrade": {"errors", "config", "spawn", "relay", "edge", "contain", "state", "server", "__init__"} | LEAVES,
     "state": LEAVES,
     "service": {"accept", "edge", "relay", "ops", "config", "state"} | LEAVES,
     "server": {"service", "state", "accept", "relay", "ops", "config", "contain"} | LEAVES,
-    "cli": {"server", "state", "accept", "edge", "relay", "ops", "clients", "config", "contain", "spawn", "upgrade"}
+    "compose": {"server", "state", "accept", "relay", "ops", "config", "contain", "spawn", "upgrade"} | LEAVES,
+    "cli": {
+        "compose",
+        "server",
+        "state",
+        "accept",
+        "edge",
+        "relay",
+        "ops",
+        "clients",
+        "config",
+        "contain",
+        "spawn",
+        "upgrade",
+    }
     | {"__init__"}
     | LEAVES,
     "__main__": {"cli"},

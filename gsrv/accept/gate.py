@@ -10,10 +10,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic
 
 import gevent
 
+from gsrv.accept.handler import ENDED, C, Handler, S
 from gsrv.accept.held import Held
 from gsrv.accept.shortage import RETRY_MAX_S, RETRY_S, Shortages
 from gsrv.errors import RESOURCE_ERRORS
@@ -24,11 +25,6 @@ if TYPE_CHECKING:
     from gsrv.accept.listeners import Listener
 
 SPAWNS_IN_FLIGHT = 8  # sessions whose command was asked for and not yet started: then accept waits
-ENDED = -1  # Handler.spawned: the session ended without a command
-
-
-C = TypeVar("C")  # a connection accepted, not yet a session
-S = TypeVar("S")  # a running session
 
 
 @dataclass(frozen=True)
@@ -36,41 +32,6 @@ class _Finished(Generic[C]):
     """A prelude that ran to its end: the connection ready for a slot, or None."""
 
     ready: C | None
-
-
-class Handler(Protocol[C, S]):
-    """What a gate asks of its service, in a connection's order (trio's serve_listeners takes
-    one handler the same way)."""
-
-    @property
-    def has_prelude(self) -> bool:
-        """Whether connections run `prelude` (a PROXY header, a TLS handshake) before a slot."""
-
-    def arrive(self, sock: Any, address: Any) -> C | None:
-        """At accept, without yielding: the connection, or None when a rule refused it."""
-
-    def prelude(self, conn: C) -> C | None:
-        """In its own greenlet, no slot held: the connection with what its prelude found (what
-        start() takes), or None when the connection is not this gate's any more (refused, or
-        handed to a running session)."""
-
-    def start(self, conn: C) -> S | int | None:
-        """Ask for its command without yielding: the session; an errno when fds or memory ran
-        out (the connection is kept, to try again); None when it ended the connection."""
-
-    def spawned(self, session: S) -> int | None:
-        """Wait until its command started: None when it runs; an errno as start() gives; ENDED
-        when the session ended (its command could not start)."""
-
-    def run(self, session: S) -> None:
-        """The session until its child is reaped; its slot frees when this returns."""
-
-    def drop(self, conn: C, reason: str, error: str | None = None) -> None:
-        """End a connection that never became a session (a drain, a prelude that raised)."""
-
-    def busy(self, conn: C) -> None:
-        """In its own greenlet: the busy answer (queue_timeout passed, or a pause that answers),
-        and the connection ends."""
 
 
 def may_accept(
@@ -117,6 +78,7 @@ class Gate(Generic[C, S]):
         self._expiry: gevent.Greenlet | None = None  # the busy answer for the first held client, when due
         self._preludes: set[Task] = set()
         self.closed = False
+        self.settling = False  # an upgrade ends what is not started yet, without closing the gate
         self.log = log
         self.active = 0
         self.paused: set[str] = set()
@@ -248,7 +210,7 @@ class Gate(Generic[C, S]):
                 self._hold(outcome.ready, since)
         elif not isinstance(outcome, _Finished):
             error = None if task.exception is None else f"{type(task.exception).__name__}: {task.exception}"
-            self.handler.drop(conn, "shutdown" if self.closed else "internal_error", error)
+            self.handler.drop(conn, "shutdown" if self.closed or self.settling else "internal_error", error)
         self.update()
 
     def _start_ready(self) -> None:
@@ -328,11 +290,15 @@ class Gate(Generic[C, S]):
                 parked = True
                 self._park(conn, outcome)
         finally:
-            self.active -= 1
-            if not parked:
-                self._try_again()  # a session ended: its fds are free again
-            self._start_ready()
-            self.update()
+            self._ended(parked)
+
+    def _ended(self, parked: bool = False) -> None:
+        """A session's run returned (or its connection was parked): its slot frees."""
+        self.active -= 1
+        if not parked:
+            self._try_again()  # a session ended: its fds are free again
+        self._start_ready()
+        self.update()
 
     def _resources_back(self) -> None:
         """A command started: if fds or memory had run short, the parked clients go first."""
@@ -364,6 +330,37 @@ class Gate(Generic[C, S]):
             self.handler.drop(self.knocking.popleft(), reason)
         for task in list(self._preludes):
             task.kill(block=False)  # each ends its own (reason shutdown)
+
+    def settle(self) -> None:
+        """An upgrade, accept paused: end the connections not started yet (parked, held,
+        knocking; preludes once killed), as close() does, but the gate stays open (an upgrade
+        that fails before its exec serves on)."""
+        self.settling = True
+        while self._parked:
+            self.handler.drop(self._parked.popleft(), "shutdown")
+        for conn in self.ready.take_all():
+            self.handler.drop(conn, "shutdown")
+        while self.knocking:
+            self.handler.drop(self.knocking.popleft(), "shutdown")
+        for task in list(self._preludes):
+            task.kill(block=False)
+
+    @property
+    def settled(self) -> bool:
+        """Nothing between accept and a running session (an upgrade waits for it)."""
+        return not (self.pending or self.spawning or len(self.ready) or self._parked or self.knocking)
+
+    def adopt(self, session: S) -> None:
+        """A session an upgrade's previous code ran, its child long started: its slot, and its
+        run in a worker (the slot frees when it returns, as any session's)."""
+        self.active += 1
+        WORKERS.start(self._run_adopted, session)
+
+    def _run_adopted(self, session: S) -> None:
+        try:
+            self.handler.run(session)
+        finally:
+            self._ended()
 
     def accept_failed(self, error: OSError) -> None:
         if error.errno in RESOURCE_ERRORS:

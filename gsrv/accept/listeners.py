@@ -113,6 +113,17 @@ def _inherit(fd: int) -> gsocket.socket:
     return sock
 
 
+def take_listener(what: str, fd: int) -> gsocket.socket:
+    """A listening socket an upgrade's previous code held (its fd inherited across the exec);
+    raises BindError naming `what`."""
+    try:
+        sock = _inherit(fd)
+    except (OSError, ValueError) as e:
+        raise BindError(f"{what}: cannot take over its listener (fd {fd}) from the previous code: {e}") from None
+    os.set_inheritable(fd, False)  # until the next upgrade makes it inheritable on purpose
+    return sock
+
+
 def systemd_fd(name: str, environ: Mapping[str, str]) -> int:
     """The fd systemd passed under NAME (LISTEN_FDNAMES), for this process (LISTEN_PID)."""
     if environ.get("LISTEN_PID") != str(os.getpid()) or not environ.get("LISTEN_FDS", "").isdigit():

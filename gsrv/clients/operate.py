@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,12 +22,12 @@ class Refused(Exception):
     """The admin listener could not be reached, or said no: what to tell the person."""
 
 
-def call(base: str, token: str | None, method: str, path: str) -> Any:
+def call(base: str, token: str | None, method: str, path: str, body: dict[str, object] | None = None) -> Any:
     """One request; its JSON answer. Raises Refused with a sentence a person can act on."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     data = None
     if method == "POST":
-        headers["Content-Type"], data = "application/json", b"{}"
+        headers["Content-Type"], data = "application/json", json.dumps(body or {}).encode()
     request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as reply:
@@ -91,3 +92,37 @@ def _size(n: int) -> str:
         if size < 1024 or unit == "GiB":
             break
     return f"{size:.1f}{unit}"
+
+
+UPGRADE_WAIT_S = 120.0  # the check, the settling (upgrade_wait, the ladders), the exec and the takeover
+UPGRADE_POLL_S = 0.2
+
+
+def upgrade(base: str, token: str | None, exec_path: str | None) -> int:
+    """POST /upgrade, then GET /upgrade until the new code serves (exit 0) or the upgrade was
+    refused or failed (exit 1, why printed)."""
+    try:
+        answer = call(base, token, "POST", "/upgrade", {"exec": exec_path} if exec_path else {})
+    except Refused as e:
+        print(f"Error: upgrade refused: {e}", file=sys.stderr)
+        return 1
+    number = answer.get("upgrade")
+    deadline = time.monotonic() + UPGRADE_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(UPGRADE_POLL_S)
+        try:
+            status = call(base, token, "GET", "/upgrade")
+        except Refused:
+            continue  # between the exec and the new code's admin listener: its backlog holds us
+        last = status.get("last") or {}
+        if last.get("upgrade") == number and not status.get("running"):
+            if last.get("result") == "ok":
+                print(
+                    f"upgraded: upgrade {number}, from gsrv {last.get('from_version')}, {last.get('moved')} "
+                    f"session(s) moved, {last.get('ended')} ended, exec to serving {last.get('exec_ms')} ms"
+                )
+                return 0
+            print(f"Error: upgrade {number} {last.get('result')}: {last.get('why')}", file=sys.stderr)
+            return 1
+    print(f"Error: upgrade {number}: no result within {UPGRADE_WAIT_S:g}s (see gsrv's log)", file=sys.stderr)
+    return 1

@@ -92,6 +92,9 @@ class ServerConfig:
                                 shown=True)  # fmt: skip
     drain_timeout: float = key(keys.duration(), "30s", "on SIGTERM/SIGINT: how long running sessions may finish",
                                reload="applies to the next drain", shown=True)  # fmt: skip
+    upgrade_wait: float = key(keys.duration(), "10s", "gsrv upgrade: how long sessions that cannot move (TLS, "
+                              "and those README lists) may finish before the exec ends them (reason=shutdown "
+                              "upgrade=1)", reload="applies to the next upgrade", shown=True)  # fmt: skip
     kill_grace: float = key(keys.duration(), "2s", "stop ladder: time between TERM and KILL to a session's group",
                             shown=True)  # fmt: skip
     eof_grace: float = key(keys.duration(), "1s", "how long to wait for the child's exit after its stdout closed, "

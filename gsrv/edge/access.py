@@ -63,6 +63,11 @@ class Admission:
         self.live[key] = self.live.get(key, 0) + 1
         return None
 
+    def hold(self, ip: str | None) -> None:
+        """Count a session admitted before (an upgrade's): no rule is asked again."""
+        key = ip or "unix"
+        self.live[key] = self.live.get(key, 0) + 1
+
     def release(self, ip: str | None) -> None:
         key = ip or "unix"
         left = self.live.get(key, 0) - 1

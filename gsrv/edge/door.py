@@ -276,6 +276,12 @@ class Door:
                 answered = False  # the banner goes out below, on the plain socket
         self.refusals.refuse(visit, "busy", b"" if answered else banner, error=error, answered=answered)
 
+    def counted(self, visit: Visit) -> None:
+        """A session an upgrade moved: counted against its client's address as at its admission."""
+        admission, ip = self.admission, visit.client_ip
+        admission.hold(ip)
+        visit.arrival.at_end(lambda: admission.release(ip))
+
     def _admit(self, visit: Visit, rule_ip: str | None, ip: str | None) -> bool:
         refused = self.admission.check(rule_ip, ip, time.monotonic())
         if refused is not None:

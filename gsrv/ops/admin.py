@@ -16,7 +16,7 @@ from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gsrv.accept.listeners import open_listener
+from gsrv.accept.listeners import open_listener, take_listener
 from gsrv.config.address import host_port, valid_host
 from gsrv.config.parse import AdminConfig
 from gsrv.logs import Log
@@ -79,17 +79,25 @@ class Admin:
     """Binds at once (a taken port is a startup error); serves from start() on, and feeds the
     byte counters from running sessions every FLUSH_S."""
 
-    def __init__(self, config: AdminConfig, not_ready: Readiness, log: Log) -> None:
+    def __init__(self, config: AdminConfig, not_ready: Readiness, log: Log, taken: int | None = None) -> None:
         self.not_ready, self.log = not_ready, log
         self.metrics_state: Callable[[], ProcessState] | None = None
         self.metrics = Metrics(lambda: self.metrics_state() if self.metrics_state else _EMPTY)
         self.control = Control(config)
         self.control.history = History(self.metrics.registry)
-        sock = open_listener("admin endpoint", config.listen, 128, 0o600, {})
+        if taken is not None:  # an upgrade's previous code listened on it
+            sock = take_listener("admin endpoint", taken)
+        else:
+            sock = open_listener("admin endpoint", config.listen, 128, 0o600, {})
         self.server = WSGIServer(sock, self.app, log=None, error_log=_ErrorLog(log), handler_class=_Handler,
                                  spawn=Pool(CONNECTIONS_MAX))  # fmt: skip
         self._flusher: Periodic | None = None
         self._sampler: Periodic | None = None  # the status page's history
+
+    @property
+    def fd(self) -> int:
+        """Its listener's (an upgrade hands it over)."""
+        return int(self.server.socket.fileno())
 
     @property
     def address(self) -> str:

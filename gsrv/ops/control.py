@@ -44,6 +44,13 @@ class Operator(Protocol):
     def service_readiness(self, name: str) -> str | None: ...  # KeyError: no such service
 
 
+class Upgrading(Protocol):
+    """What the view asks of the upgrades (gsrv/upgrade/leave.py)."""
+
+    def ask(self, exec_path: str | None, who: dict[str, object], wait: bool = True) -> dict[str, object]: ...
+    def status(self) -> dict[str, object]: ...
+
+
 @dataclass(frozen=True)
 class Reply:
     status: str
@@ -64,9 +71,11 @@ class Control:
         self.operator: Operator | None = None
         self.history: History | None = None  # the plots' samples (the composer starts its sampling)
         self.guard: Callable[[], dict[str, object]] | None = None  # the memory guard's figures now
+        self.upgrades: Upgrading | None = None
 
     def handles(self, path: str) -> bool:
-        return path in STATIC or path == "/status.json" or path.startswith(("/sessions", "/services", "/readyz/"))
+        return path in STATIC or path in ("/status.json", "/upgrade") or path.startswith(("/sessions", "/services",
+                                                                                          "/readyz/"))  # fmt: skip
 
     def handle(self, environ: dict[str, Any]) -> Reply:
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
@@ -91,6 +100,8 @@ class Control:
             return Reply("200 OK", _listing(found))
         if method == "GET" and parts == ["services"]:
             return reply("200 OK", {"services": operator.list_services()})
+        if parts == ["upgrade"] and self.upgrades is not None:
+            return self._upgrade(self.upgrades, method, environ)
         if method == "POST" and len(parts) == 3 and parts[0] == "sessions" and parts[2] == "end":
             if operator.end_session(parts[1], self._who(environ)):
                 return reply("200 OK", {"ended": parts[1]})
@@ -99,8 +110,22 @@ class Control:
             if operator.act(parts[1], parts[2], self._who(environ)):
                 return reply("200 OK", {"service": parts[1], "action": parts[2]})
             return reply("404 Not Found", {"error": f"no service {parts[1]} in the running config"})
-        allowed = "GET /sessions, GET /services, POST /sessions/ID/end, POST /services/NAME/pause|resume|drain"
+        allowed = ("GET /sessions, GET /services, POST /sessions/ID/end, POST /services/NAME/pause|resume|drain, "
+                   "GET|POST /upgrade")  # fmt: skip
         return reply("404 Not Found", {"error": f"{method} {path}: no such action (try {allowed})"})
+
+    def _upgrade(self, upgrades: Upgrading, method: str, environ: dict[str, Any]) -> Reply:
+        """GET: the last upgrade's result; POST {"exec": PATH?}: one now, answered once the new
+        code's check has (202: the exec follows; 409: refused, and why)."""
+        if method == "GET":
+            return reply("200 OK", upgrades.status())
+        exec_path = environ["gsrv.body"].get("exec")
+        if exec_path is not None and not isinstance(exec_path, str):
+            return reply("400 Bad Request", {"error": f'"exec" must be a path, not {exec_path!r}'})
+        answer = upgrades.ask(exec_path, self._who(environ))
+        if answer.get("result") == "exec":
+            return reply("202 Accepted", answer)
+        return reply("409 Conflict", {**answer, "error": answer.get("why")})
 
     def _status(self, operator: Operator) -> Reply:
         """What the status page shows, in one answer (at most PAGE_SESSIONS sessions described:
@@ -152,6 +177,7 @@ class Control:
             body = None
         if not isinstance(body, dict):
             return reply("400 Bad Request", {"error": "a POST's body must be a JSON object, like {}"})
+        environ["gsrv.body"] = body
         return None
 
     def _token(self, authorization: str) -> str | None:

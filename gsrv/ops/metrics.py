@@ -130,7 +130,30 @@ class Metrics:
                                 registry=r)  # fmt: skip
         self.responses = Counter("gsrv_http_responses", "HTTP responses by status class (2xx, 4xx, ...; transport "
                                  '"http")', ["service", "status"], registry=r)  # fmt: skip
+        self.upgrades = Counter("gsrv_upgrades", "gsrv upgrade, by result (ok, refused, failed)", ["result"],
+                                registry=r)  # fmt: skip
         self.registry.register(_StateCollector(state))
+
+    def upgraded(self, result: str) -> None:
+        self.upgrades.labels(result).inc()
+
+    def _counters(self) -> dict[str, Counter]:
+        return {name: value for name, value in vars(self).items() if isinstance(value, Counter)}
+
+    def handed_over(self) -> dict[str, list[list[object]]]:
+        """Every counter's values by labels (an upgrade carries them: /metrics does not reset;
+        the histograms start anew)."""
+        return {name: [[sample.labels, sample.value] for metric in counter.collect() for sample in metric.samples
+                       if sample.name.endswith("_total")]
+                for name, counter in self._counters().items()}  # fmt: skip
+
+    def take_over(self, values: dict[str, list[list[object]]]) -> None:
+        counters = self._counters()
+        for name, samples in values.items():
+            counter = counters.get(name)
+            for labels, value in samples if counter is not None else []:
+                if isinstance(labels, dict) and isinstance(value, int | float) and value > 0:
+                    counter.labels(**labels).inc(value)  # type: ignore[union-attr]
 
     def flush(self, service: str, meters: Sequence[tuple[str, Meter]]) -> None:
         """Add what each meter moved (and waited) since the last flush; a socket handoff's

@@ -29,7 +29,8 @@ from gsrv.relay.ending import ending_of
 from gsrv.relay.killscope import CgroupMembers, ProcessGroup
 from gsrv.relay.stdio import Stdio
 from gsrv.spawn import wire
-from gsrv.spawn.client import Process, Spawner
+from gsrv.spawn.client import Spawner
+from gsrv.spawn.process import Process
 
 GROUP_POLL_S = 0.02
 REAP_TIMEOUT_S = 5.0
@@ -114,6 +115,16 @@ class Child:
             stdio.stderr,
         )
 
+    @classmethod
+    def moved(cls, process: Process, stdio: Stdio, contained: tuple[Limits, bool] | None, signal_in_exit: bool,
+              launcher: Launcher) -> Child:  # fmt: skip
+        """A child the previous code started, taken over by an upgrade (gsrv/upgrade): its answer
+        came long ago, its kill scope is rebuilt, and the guardian hears of its group again."""
+        process.started.set()
+        child = cls(process, stdio, contained, signal_in_exit, launcher)
+        child.started()
+        return child
+
     def started(self) -> None:
         """Wait for the spawner's answer. Raises SpawnError (the stdio and the cgroup gone)."""
         process = self.process
@@ -137,6 +148,11 @@ class Child:
             self.kill_scope = ProcessGroup(self.pid)
         if self._launcher.tracker is not None:
             self._launcher.tracker.track(self.pid)
+
+    @property
+    def contained(self) -> tuple[Limits, bool] | None:
+        """The limits and accounting of its cgroups, if it has some (an upgrade carries them)."""
+        return self._contained
 
     @property
     def status(self) -> int | None:

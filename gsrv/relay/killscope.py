@@ -16,7 +16,7 @@ import gevent
 
 from gsrv.contain.scope import Scope, Usage
 from gsrv.spawn import wire
-from gsrv.spawn.client import Process
+from gsrv.spawn.process import Process
 
 FREEZE_WAIT_S = 1.0  # a task in uninterruptible sleep may delay the freeze: signal after this anyway
 FREEZE_POLL_S = 0.002

@@ -69,6 +69,8 @@ class Session:
         self.stderr = StderrLog(self.stderr_line)  # the child's stderr as log lines (stderr = "log")
         self._wake = Event()
         self._started = visit.started  # a prelude's time counts: session_timeout runs from accept
+        self.relaying = False  # between its start and its verdict: no teardown step has run (an upgrade may move it)
+        self.end_fields: dict[str, object] = {}  # added to its line (an upgrade's end: upgrade=1)
 
     @property
     def duration(self) -> float:
@@ -90,6 +92,11 @@ class Session:
         if self._aborted is None:
             self._aborted = reason
             self._wake.set()
+
+    @property
+    def ending(self) -> bool:
+        """An abnormal end was asked for (it may not have been obeyed yet)."""
+        return self._aborted is not None
 
     def changed(self) -> None:
         self._wake.set()
@@ -186,6 +193,7 @@ class Session:
         except Exception as e:  # a bug must end only this session, and say so
             extra = {"error": f"{type(e).__name__}: {e}"}
         finally:
+            self.relaying = False
             self.reason = verdict.reason
             try:
                 self._teardown(verdict.clean)
@@ -202,6 +210,7 @@ class Session:
             self.stderr.open(child.stderr, child.exited)
         relay.start(child, self)
         self.watchdog.add(self)
+        self.relaying = True
         ws = svc.interact.websocket
         rules = EndRules(self._started, self.server.eof_grace, svc.idle_timeout, svc.session_timeout,
                          ws.reattach if ws else 0.0)  # fmt: skip
@@ -339,6 +348,7 @@ class Session:
             signal=signame,
             stderr_dropped=self.stderr.dropped or None,
             reason=self.reason,
+            **self.end_fields,
             **extra,
         )
         if self.on_end is not None:

@@ -33,6 +33,7 @@ from gsrv.errors import SpawnError
 from gsrv.logs import Log, log_lines_from
 from gsrv.loop import READ, ChildWatcher, Watcher
 from gsrv.spawn import wire
+from gsrv.spawn.process import Process
 
 READ_MAX = 1 << 20
 RESTART_S = 0.1  # after a spawner died young: doubling up to RESTART_MAX_S
@@ -40,33 +41,6 @@ RESTART_MAX_S = 5.0
 YOUNG_S = 1.0  # a spawner that dies sooner than this after its start is restarted with backoff
 CLOSE_WAIT_S = 1.0
 PR_SET_CHILD_SUBREAPER = 36
-
-
-class Process:
-    """One child as the spawner reports it."""
-
-    __slots__ = ("pid", "error", "stuck", "cgroup", "started", "exited", "status", "reaped", "rusage", "generation",
-                 "reaping", "at_exit", "alone")  # fmt: skip
-
-    def __init__(self, generation: int, at_exit: int = wire.HOLD) -> None:
-        self.pid = 0
-        self.error: SpawnError | None = None
-        self.stuck: list[str] = []  # the cgroup writes of the spawner's way home that failed
-        self.cgroup = ""  # the name of the cgroups it was started in (made ahead by the spawner)
-        self.started = Event()  # the spawner answered (pid or error)
-        self.exited = Event()
-        self.status: int | None = None  # the wait() status word
-        self.reaped = Event()
-        self.rusage: tuple[float, int] | None = None  # cpu ms, maxrss KiB: the child and what it waited for
-        self.generation = generation
-        self.reaping = False  # asked for once: a second ask could name a reused pid
-        self.at_exit = at_exit  # what the spawner does at its exit (wire.HOLD, REAP, ...)
-        self.alone = False  # nothing of its cgroup was left at its exit: reaped then (no ladder signals)
-
-    @property
-    def reaped_at_exit(self) -> bool:
-        """The spawner reaps it at its exit, unasked: gsrv must never name its pid in a Reap."""
-        return self.at_exit == wire.REAP or self.alone
 
 
 def _subreaper() -> None:
@@ -96,7 +70,9 @@ class Spawner:
         self.program, self.impl = program, impl
         self.generation = 0
         self.cgroups_left = 0  # session cgroups it (or gsrv) could not remove behind their sessions
-        self.proc: subprocess.Popen[bytes] | None = None
+        self._pid = 0  # the spawner process running now (0: none yet)
+        self._popen: subprocess.Popen[bytes] | None = None  # kept: one collected would reap the spawner itself
+        self.stderr_fd = -1  # gsrv's end of its stderr, read into the log
         self.sock: socket.socket | None = None
         self.started_at = 0.0
         self._seq = itertools.count(1)
@@ -114,7 +90,7 @@ class Spawner:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid if self.proc is not None else 0
+        return self._pid
 
     def start(self) -> None:
         """Become the subreaper and start the spawner (at serve, before any session)."""
@@ -125,19 +101,49 @@ class Spawner:
         self._any_child.start(self._child_status, self._any_child)
         self._launch()
 
+    def adopt(self, pid: int, sock_fd: int, stderr_fd: int, generation: int, processes: list[Process]) -> None:
+        """An upgrade's new code takes over the spawner the previous code ran (gsrv/upgrade):
+        its socket and stderr as the record names them, the children it holds. It speaks this
+        wire's version (the check refused a new code that does not), so no Hello is sent."""
+        loop = get_hub().loop
+        loop.install_sigchld()
+        _subreaper()
+        self._any_child = loop.child(0)
+        self._any_child.start(self._child_status, self._any_child)
+        self._pid, self.generation, self.stderr_fd = pid, generation, stderr_fd
+        log_lines_from(stderr_fd, self.log, "spawner")
+        self.sock = socket.socket(fileno=sock_fd)
+        self.sock.setblocking(False)
+        self.started_at = time.monotonic()
+        self._processes = {process.pid: process for process in processes}
+        self._watch = get_hub().loop.io(sock_fd, READ)
+        self._watch.start(self._readable)
+        get_hub().loop.run_callback(self._readable)  # answers that queued in the socket across the exec
+
+    def handed_over(self) -> dict[str, object]:
+        """What the new code needs to adopt it (the fds are the record's: `sock`, `stderr_fd`);
+        an upgrade execs only once it is `quiet`."""
+        return {"pid": self._pid, "generation": self.generation, "impl": self.impl, "wire": wire.VERSION}
+
+    @property
+    def quiet(self) -> bool:
+        """No spawn in flight and no reap waiting to be sent: its state is all in its children."""
+        return not self._pending and not self._reaps and self.sock is not None
+
     def _launch(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [*self.program, str(theirs.fileno()), str(self.generation + 1), *self.homes],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 pass_fds=[theirs.fileno()], close_fds=True, start_new_session=True,
             )  # fmt: skip
         finally:
             theirs.close()
-        assert self.proc.stderr is not None
-        log_lines_from(os.dup(self.proc.stderr.fileno()), self.log, "spawner")  # its stderr: log lines
-        self.proc.stderr.close()
+        assert proc.stderr is not None
+        self._popen, self._pid, self.stderr_fd = proc, proc.pid, os.dup(proc.stderr.fileno())
+        log_lines_from(self.stderr_fd, self.log, "spawner")  # its stderr: log lines
+        proc.stderr.close()
         ours.sendall(wire.encode(wire.Hello(wire.VERSION)))  # first, while the socket is still blocking
         ours.setblocking(False)
         self.sock = ours
@@ -146,7 +152,7 @@ class Spawner:
         self.started_at = time.monotonic()
         self._watch = get_hub().loop.io(ours.fileno(), READ)
         self._watch.start(self._readable)
-        self.log.info("spawner_started", pid=self.proc.pid, generation=self.generation, impl=self.impl)
+        self.log.info("spawner_started", pid=self._pid, generation=self.generation, impl=self.impl)
 
     # -- requests ---------------------------------------------------------------------------
 

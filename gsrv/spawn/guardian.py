@@ -44,7 +44,9 @@ class Guardian:
         self.log = log
         self._args = [cgroup_mode, *cgroups] if cgroups else []
         self.proc: subprocess.Popen[bytes] | None = None
-        self._fd = -1
+        self._pid = 0
+        self._fd = -1  # the pipe's write end: its EOF is gsrv's end
+        self.stderr_fd = -1  # gsrv's end of its stderr, read into the log
         self._pending = bytearray()
         self._loop = get_hub().loop
         self._flush_due = False
@@ -59,14 +61,38 @@ class Guardian:
         assert self.proc.stdin is not None and self.proc.stderr is not None
         from gsrv.logs import log_lines_from  # gevent's: gsrv's side only
 
-        log_lines_from(os.dup(self.proc.stderr.fileno()), self.log, "guardian")  # its stderr: log lines
+        self.stderr_fd = os.dup(self.proc.stderr.fileno())
+        log_lines_from(self.stderr_fd, self.log, "guardian")  # its stderr: log lines
         self.proc.stderr.close()
-        self._fd = self.proc.stdin.fileno()
+        self._pid, self._fd = self.proc.pid, self.proc.stdin.fileno()
         os.set_blocking(self._fd, False)
+
+    def handed_over(self) -> dict[str, object]:
+        """What the new code needs to adopt it (the fds are the record's): its pid, and reports
+        the pipe could not take yet (they go first after the exec)."""
+        self._flush()
+        return {"pid": self._pid, "pending": self._pending.decode()}
+
+    def adopt(self, pid: int, fd: int, stderr_fd: int, pending: str = "") -> None:
+        """An upgrade's new code takes over the guardian the previous code ran: its pipe's write
+        end and its stderr, as the record names them (gsrv/upgrade). It saw no EOF: the fds were
+        inherited across the exec, and the groups it tracks are still the sessions'."""
+        from gsrv.logs import log_lines_from
+
+        self._pid, self._fd, self.stderr_fd = pid, fd, stderr_fd
+        os.set_blocking(fd, False)
+        log_lines_from(stderr_fd, self.log, "guardian")
+        if pending:
+            self._send(pending.encode())
+
+    @property
+    def fd(self) -> int:
+        """The pipe's write end (an upgrade hands it over): -1 once closed."""
+        return -1 if self._closed else self._fd
 
     @property
     def pid(self) -> int:
-        return self.proc.pid if self.proc is not None else 0
+        return self._pid
 
     def owns(self, pid: int) -> bool:
         """Whether `pid` is the guardian itself (gsrv's child, not a session's)."""
@@ -80,7 +106,7 @@ class Guardian:
 
     def _flush(self) -> None:
         self._flush_due = False
-        if self._closed or self.proc is None:
+        if self._closed or self._fd < 0:
             return
         try:
             written = os.write(self._fd, self._pending)
@@ -99,12 +125,14 @@ class Guardian:
 
     def close(self) -> None:
         """A clean stop: every group was reaped; EOF lets the guardian exit at once."""
-        if self.proc is None:
+        if self._fd < 0 or self._closed:
             return
-        assert self.proc.stdin is not None
         self._flush()
         self._closed = True  # a flush still scheduled must not write to a reused fd number
-        self.proc.stdin.close()
+        if self.proc is not None and self.proc.stdin is not None:
+            self.proc.stdin.close()
+        else:
+            os.close(self._fd)
 
 
 def _end_groups(groups: set[int]) -> None:

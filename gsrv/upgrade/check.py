@@ -17,7 +17,7 @@ from gsrv.errors import ConfigError
 from gsrv.spawn import wire
 from gsrv.upgrade.record import VERSION, Record, RecordError, read
 
-ROLES = ("listener:", "spawner", "guardian", "session:")  # what an fd may be taken over as
+ROLES = ("listener:", "admin", "spawner", "guardian", "session:")  # what an fd may be taken over as
 
 
 def check(fd: int, out: TextIO = sys.stdout) -> int:
@@ -26,6 +26,7 @@ def check(fd: int, out: TextIO = sys.stdout) -> int:
         record = read(fd)
         _can_take(record)
         config = load(record.config, record.overrides)
+        _keeps_services(record, {s.name for s in config.services})
     except (RecordError, ConfigError) as e:
         print(f"upgrade_check refused: {e}", file=out)
         return 2
@@ -44,3 +45,13 @@ def _can_take(record: Record) -> None:
     if speaks != wire.VERSION:
         raise RecordError(f"the running spawner speaks wire version {speaks!r}; this gsrv speaks {wire.VERSION} "
                           "only, and keeps the running spawner (its children stay its own)")  # fmt: skip
+
+
+def _keeps_services(record: Record, names: set[str]) -> None:
+    """Every service with running sessions is in the new config: a session moves into its
+    service of the same name (remove a service by a reload, and let it drain, first)."""
+    busy = record.state.get("busy_services", [])
+    gone = sorted(str(name) for name in busy if name not in names) if isinstance(busy, list) else []
+    if gone:
+        raise RecordError(f"{record.config} has no service {', '.join(gone)}, which has running sessions: "
+                          "keep it in the file until they end")  # fmt: skip

@@ -12,7 +12,8 @@ import gevent
 import pytest
 from gevent.event import Event
 
-from gsrv.accept.gate import ENDED, SPAWNS_IN_FLIGHT, Gate, may_accept
+from gsrv.accept.gate import SPAWNS_IN_FLIGHT, Gate, may_accept
+from gsrv.accept.handler import ENDED
 from gsrv.accept.held import Held
 from gsrv.logs import Log
 

@@ -1,0 +1,253 @@
+"""`gsrv upgrade` (issue 38): the running gsrv re-execs itself in place, its listeners and its
+`relay = "socket"` sessions kept (the same gsrv PID, the same child, every byte once); what
+cannot move ends with reason=shutdown upgrade=1; a broken new code or config refuses the upgrade
+and gsrv serves on. Also `gsrv upgrade --check` on its own, the record on an inherited fd."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import PY, SPAWNERS, random_stream
+
+from gsrv.spawn import wire
+from gsrv.upgrade.record import Record, write
+
+GOOD = '[services.echo]\nlisten = "127.0.0.1:0"\ncommand = ["cat"]\n'
+SERVED = """
+[server]
+kill_grace = "1s"
+upgrade_wait = "1s"
+[admin]
+listen = "127.0.0.1:0"
+[services.handed]
+listen = "127.0.0.1:0"
+command = ["cat"]
+relay = "socket"
+[services.piped]
+listen = "127.0.0.1:0"
+command = ["cat"]
+"""
+CHUNK = 64 * 1024
+
+
+@pytest.fixture(params=SPAWNERS)
+def spawner_impl(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def admin_of(server) -> str:  # type: ignore[no-untyped-def]
+    line = server.wait_log(r"event=admin_listening address=\S+")
+    return line.split("address=")[1].split()[0]
+
+
+def upgrade(server, *args: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    """`gsrv upgrade` as an operator runs it, against this gsrv's admin listener."""
+    return subprocess.run([PY, "-m", "gsrv", "upgrade", "-c", str(server.config), "--admin", admin_of(server), *args],
+                          capture_output=True, text=True, timeout=150)  # fmt: skip
+
+
+def sessions(server) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+    with urllib.request.urlopen(f"http://{admin_of(server)}/sessions", timeout=30) as reply:
+        found: list[dict[str, object]] = json.loads(reply.read())["sessions"]
+        return found
+
+
+class Stream:
+    """A paced stream of known bytes to one connection and its echo back: digests both ways,
+    and the largest gap between received bytes (the pause an upgrade cost the client)."""
+
+    def __init__(self, sock: socket.socket, pace_s: float = 0.005) -> None:
+        self.sock, self.pace_s = sock, pace_s
+        self.sent, self.received = hashlib.sha256(), hashlib.sha256()
+        self.sent_bytes = self.received_bytes = 0
+        self.largest_gap = 0.0
+        self.enough = threading.Event()
+        self._sender = threading.Thread(target=self._send, daemon=True)
+        self._receiver = threading.Thread(target=self._receive, daemon=True)
+        self._sender.start()
+        self._receiver.start()
+
+    def _send(self) -> None:
+        for piece in random_stream(1 << 30, chunk=CHUNK):  # bounded: 1 GiB at most
+            if self.enough.is_set():
+                break
+            self.sock.sendall(piece)
+            self.sent.update(piece)
+            self.sent_bytes += len(piece)
+            time.sleep(self.pace_s)
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def _receive(self) -> None:
+        last = time.monotonic()
+        while data := self.sock.recv(1 << 20):
+            now = time.monotonic()
+            self.largest_gap = max(self.largest_gap, now - last)
+            last = now
+            self.received.update(data)
+            self.received_bytes += len(data)
+
+    def finish(self) -> None:
+        self.enough.set()
+        self._sender.join(timeout=60)
+        self._receiver.join(timeout=60)
+        assert not self._receiver.is_alive(), "the echo never ended"
+
+
+@pytest.mark.timeout(240)
+def test_a_socket_session_moves_across_three_upgrades_with_every_byte_once(gsrv, spawner_impl) -> None:  # type: ignore[no-untyped-def]
+    server = gsrv(SERVED)
+    sock = server.connect("handed", timeout=60)
+    stream = Stream(sock)
+    deadline = time.monotonic() + 20
+    while not sessions(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = sessions(server)[0]["pid"]
+    for n in range(1, 4):
+        done = upgrade(server)
+        assert done.returncode == 0, (done.stdout, done.stderr, server.lines[-20:])
+        assert f"upgraded: upgrade {n}" in done.stdout and "1 session(s) moved" in done.stdout, done.stdout
+        assert server.proc.poll() is None
+        moved = sessions(server)
+        assert [s["pid"] for s in moved] == [child], moved  # the same child, the same session
+    stream.finish()
+    sock.close()
+    print(f"streamed {stream.sent_bytes} bytes; the client's largest gap between received bytes: "
+          f"{stream.largest_gap * 1000:.1f} ms")  # fmt: skip
+    assert stream.received_bytes == stream.sent_bytes and stream.received.digest() == stream.sent.digest()
+    line = server.wait_log(r"event=session_end service=handed")
+    assert f"bytes_in={stream.sent_bytes} bytes_out={stream.sent_bytes}" in line and "reason=eof" in line, line
+    assert server.count_log(r"event=session_end") == 1
+    assert server.count_log(r"event=upgrade upgrade=\d result=ok .*moved=1 lost=0") == 3
+    assert server.count_log(r"event=spawner_started") == 1  # the running spawner was kept
+
+
+@pytest.mark.timeout(120)
+def test_what_cannot_move_ends_with_upgrade_1_and_new_clients_wait_in_the_backlog(gsrv) -> None:  # type: ignore[no-untyped-def]
+    server = gsrv(SERVED)
+    piped = server.connect("piped")
+    piped.sendall(b"before\n")
+    assert piped.recv(100) == b"before\n"
+    failures: list[str] = []
+    served = [0]
+    stop = threading.Event()
+
+    def knock() -> None:  # new clients through the whole upgrade: none refused, each served
+        while not stop.is_set():
+            try:
+                with server.connect("handed") as sock:
+                    sock.sendall(b"x")
+                    sock.shutdown(socket.SHUT_WR)
+                    if sock.recv(10) != b"x":
+                        failures.append("no echo")
+                    served[0] += 1
+            except OSError as e:
+                failures.append(repr(e))
+            time.sleep(0.02)
+
+    knocker = threading.Thread(target=knock, daemon=True)
+    knocker.start()
+    done = upgrade(server)
+    time.sleep(0.5)
+    stop.set()
+    knocker.join(timeout=60)
+    assert done.returncode == 0 and "1 ended" in done.stdout, (done.stdout, done.stderr)
+    line = server.wait_log(r"event=session_end service=piped")
+    assert "reason=shutdown upgrade=1" in line, line
+    assert failures == [] and served[0] > 0, (failures, served)
+    assert server.wait_log(r"event=upgrade upgrade=1 result=ok")
+    piped.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_broken_config_or_new_code_refuses_the_upgrade_and_gsrv_serves_on(gsrv, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = gsrv(SERVED)
+    held = server.connect("handed")
+    held.sendall(b"one\n")
+    assert held.recv(100) == b"one\n"
+    good = server.config.read_text()
+    server.config.write_text(good.replace('upgrade_wait = "1s"', 'upgrade_wait = "soon"'))
+    refused = upgrade(server)  # the command reads the file too (for the admin listener): it says so first
+    assert refused.returncode == 2 and "upgrade_wait" in refused.stderr and "soon" in refused.stderr, refused.stderr
+    asked = urllib.request.Request(f"http://{admin_of(server)}/upgrade", data=b"{}", method="POST",
+                                   headers={"Content-Type": "application/json"})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as answer:  # gsrv's own check refuses it, the key named
+        urllib.request.urlopen(asked, timeout=90)
+    assert answer.value.code == 409
+    why = json.loads(answer.value.read())["why"]
+    assert "upgrade_wait" in why and "soon" in why, why
+    server.config.write_text(good)
+    broken = tmp_path / "new-gsrv"
+    broken.write_text(f"#!{sys.executable}\nraise ImportError('made for the test: the new code cannot import')\n")
+    broken.chmod(0o755)
+    failed = upgrade(server, "--exec", str(broken))
+    assert failed.returncode == 1 and "made for the test" in failed.stderr, failed.stderr
+    held.sendall(b"two\n")  # the session never noticed
+    assert held.recv(100) == b"two\n"
+    with server.connect("handed") as fresh:
+        fresh.sendall(b"new")
+        fresh.shutdown(socket.SHUT_WR)
+        assert fresh.recv(10) == b"new"
+    held.close()
+    assert server.count_log(r"event=upgrade upgrade=\d result=refused") == 2
+    assert server.count_log(r"event=upgrade_exec") == 0
+    with urllib.request.urlopen(f"http://{admin_of(server)}/metrics", timeout=30) as reply:
+        assert 'gsrv_upgrades_total{result="refused"} 2.0' in reply.read().decode()
+
+
+@pytest.mark.timeout(120)
+def test_sigusr2_upgrades_and_signals_sent_meanwhile_are_handled_after(gsrv) -> None:  # type: ignore[no-untyped-def]
+    server = gsrv(SERVED)
+    held = server.connect("handed")
+    held.sendall(b"one\n")
+    assert held.recv(100) == b"one\n"
+    start = len(server.lines)
+    server.signal(signal.SIGUSR2)
+    server.wait_log(r"event=upgrade_exec", start=start, timeout=60)
+    for _ in range(5):  # blocked from the exec until the new code's handlers are in: none is lost, none kills it
+        server.signal(signal.SIGHUP)
+        server.signal(signal.SIGUSR1)
+    server.wait_log(r"event=upgrade upgrade=1 result=ok .*moved=1", start=start, timeout=60)
+    server.wait_log(r"event=reloaded", start=start, timeout=30)
+    server.wait_log(r"event=dump|idle_workers=", start=start, timeout=30)
+    assert server.proc.poll() is None
+    held.sendall(b"two\n")
+    assert held.recv(100) == b"two\n"
+    held.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_check_runs_as_its_own_process_with_the_record_on_an_inherited_fd(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "gsrv.toml"
+    config.write_text(GOOD)
+    fd = write(Record(executable=sys.executable, argv=(sys.executable,), gsrv_version="0.1.0", config=str(config),
+                      fds={"spawner": 6}, state={"spawner": {"wire": wire.VERSION}}))  # fmt: skip
+    try:
+        run = subprocess.run([sys.executable, "-m", "gsrv", "upgrade", "--check", "--record-fd", str(fd)],
+                             pass_fds=(fd,), capture_output=True, text=True, timeout=50)  # fmt: skip
+        assert run.returncode == 0 and run.stdout.startswith("upgrade_check ok: "), (run.stdout, run.stderr)
+        gone = re.sub(r"\[services\.echo\]", "[services.other]", GOOD)
+        busy = write(Record(executable=sys.executable, argv=(sys.executable,), gsrv_version="0.1.0",
+                            config=str(config), state={"spawner": {"wire": wire.VERSION},
+                                                       "busy_services": ["echo"]}))  # fmt: skip
+        config.write_text(gone)
+        try:
+            run = subprocess.run([sys.executable, "-m", "gsrv", "upgrade", "--check", "--record-fd", str(busy)],
+                                 pass_fds=(busy,), capture_output=True, text=True, timeout=50)  # fmt: skip
+        finally:
+            os.close(busy)
+        assert run.returncode == 2 and "has no service echo, which has running sessions" in run.stdout, run.stdout
+    finally:
+        os.close(fd)
