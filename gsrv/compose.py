@@ -58,14 +58,21 @@ def serve(path: str, overrides: list[str]) -> int:
         print(f"Error: cannot take over from the previous code: {e}", file=sys.stderr)
         return 1
     config = load_or_say(path, overrides)
-    if config is None:
-        return 2
-    log = Log(2, config.server.log_level, config.server.log_format)
+    log = Log(2, config.server.log_level, config.server.log_format) if config else Log(2)
     if taken is not None:
         log.take_over(taken.record.state.get("log", []))
+    if config is None:
+        if taken is not None:
+            taken.failed_now(f"the config {path} does not load", log)
+        return 2
     try:
         with contextlib.ExitStack() as undo:
-            _serve(config, log, undo, taken)
+            try:
+                _serve(config, log, undo, taken)
+            except Exception as e:
+                if taken is not None and not taken.done:  # before the undo: it would end the sessions
+                    taken.failed_now(f"{type(e).__name__}: {e}", log)
+                raise
     except _CannotStart as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1

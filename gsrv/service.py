@@ -95,7 +95,8 @@ class Service:
     def _accepts(self) -> bool:
         """Whether children may be started ahead: listening, and no pause (memory, a drain)."""
         listener = self.listener
-        return listener is not None and listener.started and not self.gate.paused and not self.gate.closed
+        gate = self.gate
+        return listener is not None and listener.started and not (gate.paused or gate.closed or gate.settling)
 
     def bind(self, taken: int | None = None) -> None:
         """Bind (or inherit) the listener; `taken`: the fd an upgrade's previous code listened on."""
@@ -197,6 +198,11 @@ class Service:
         self.door.counted(visit)
         self.gate.adopt(session)
         return session
+
+    def adopt_idle(self, visit: Visit, left: float) -> None:
+        """An HTTP connection an upgrade moved between its requests: counted, and waiting again."""
+        self.door.counted(visit)
+        self.keepalive.wait(visit, left)
 
     def _join(self, visit: Visit, hello: Hello) -> None:
         """A terminal page's hello that names a running session (edge/door.py): its reattach

@@ -319,7 +319,7 @@ def test_shipped_config_passes_check() -> None:
     assert result.stdout.splitlines()[0] == f"conf/gsrv.toml: ok, {shipped} service(s)"
     assert "relay=socket (the child holds the connection)" in result.stdout  # the whoami demo
     assert "relay=copy (pty) pty=true" in result.stdout  # the python demo
-    stop = "server: drain_announce=off drain_timeout=30s kill_grace=2s (a stop takes at most 41s: "
+    stop = "server: drain_announce=off drain_timeout=30s upgrade_wait=10s kill_grace=2s (a stop takes at most 41s: "
     assert stop in result.stdout, result.stdout
 
 

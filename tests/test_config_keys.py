@@ -102,7 +102,12 @@ def test_every_declared_default_is_a_valid_value() -> None:
     }  # fmt: skip
     assert dict(keys.changed(svc.policy)) == {"queue_timeout": "off"}  # whether a full service answers busy: shown
     assert dict(keys.changed(config.guard)) == {}
-    shown = {"drain_announce": "off", "drain_timeout": "30s", "kill_grace": "2s"}  # a stop's length, always shown
+    shown = {
+        "drain_announce": "off",
+        "drain_timeout": "30s",
+        "upgrade_wait": "10s",
+        "kill_grace": "2s",
+    }  # a stop's and an upgrade's length, always shown (fmt: skip)
     assert dict(keys.changed(config.server)) == shown
 
 

@@ -20,7 +20,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import PY, SPAWNERS, random_stream
+from conftest import PY, random_stream
+from test_http import bodies_of
 
 from gsrv.spawn import wire
 from gsrv.upgrade.record import Record, write
@@ -39,13 +40,21 @@ relay = "socket"
 [services.piped]
 listen = "127.0.0.1:0"
 command = ["cat"]
+relay = "splice"
+[services.copied]
+listen = "127.0.0.1:0"
+command = ["cat"]
+relay = "copy"
+[services.terminal]
+listen = "127.0.0.1:0"
+command = ["cat"]
+pty = true
+[services.web]
+listen = "127.0.0.1:0"
+command = ["sh", "-c", 'printf "Content-Type: text/plain\\r\\n\\r\\n%s" "$QUERY_STRING"']
+transport = "http"
 """
 CHUNK = 64 * 1024
-
-
-@pytest.fixture(params=SPAWNERS)
-def spawner_impl(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def admin_of(server) -> str:  # type: ignore[no-untyped-def]
@@ -107,9 +116,12 @@ class Stream:
 
 
 @pytest.mark.timeout(240)
-def test_a_socket_session_moves_across_three_upgrades_with_every_byte_once(gsrv, spawner_impl) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("service", ["handed", "piped", "copied"])
+def test_a_session_moves_across_three_upgrades_with_every_byte_once(gsrv, service: str) -> None:  # type: ignore[no-untyped-def]
+    """Each path that moves (socket, splice, copy): the same gsrv, the same child, the same
+    session, every byte once, one session_end line with the whole session's bytes."""
     server = gsrv(SERVED)
-    sock = server.connect("handed", timeout=60)
+    sock = server.connect(service, timeout=60)
     stream = Stream(sock)
     deadline = time.monotonic() + 20
     while not sessions(server) and time.monotonic() < deadline:
@@ -127,7 +139,7 @@ def test_a_socket_session_moves_across_three_upgrades_with_every_byte_once(gsrv,
     print(f"streamed {stream.sent_bytes} bytes; the client's largest gap between received bytes: "
           f"{stream.largest_gap * 1000:.1f} ms")  # fmt: skip
     assert stream.received_bytes == stream.sent_bytes and stream.received.digest() == stream.sent.digest()
-    line = server.wait_log(r"event=session_end service=handed")
+    line = server.wait_log(rf"event=session_end service={service}")
     assert f"bytes_in={stream.sent_bytes} bytes_out={stream.sent_bytes}" in line and "reason=eof" in line, line
     assert server.count_log(r"event=session_end") == 1
     assert server.count_log(r"event=upgrade upgrade=\d result=ok .*moved=1 lost=0") == 3
@@ -137,9 +149,9 @@ def test_a_socket_session_moves_across_three_upgrades_with_every_byte_once(gsrv,
 @pytest.mark.timeout(120)
 def test_what_cannot_move_ends_with_upgrade_1_and_new_clients_wait_in_the_backlog(gsrv) -> None:  # type: ignore[no-untyped-def]
     server = gsrv(SERVED)
-    piped = server.connect("piped")
+    piped = server.connect("terminal")  # a pty session does not move (yet): it ends, upgrade=1
     piped.sendall(b"before\n")
-    assert piped.recv(100) == b"before\n"
+    assert b"before" in piped.recv(100)
     failures: list[str] = []
     served = [0]
     stop = threading.Event()
@@ -164,7 +176,7 @@ def test_what_cannot_move_ends_with_upgrade_1_and_new_clients_wait_in_the_backlo
     stop.set()
     knocker.join(timeout=60)
     assert done.returncode == 0 and "1 ended" in done.stdout, (done.stdout, done.stderr)
-    line = server.wait_log(r"event=session_end service=piped")
+    line = server.wait_log(r"event=session_end service=terminal")
     assert "reason=shutdown upgrade=1" in line, line
     assert failures == [] and served[0] > 0, (failures, served)
     assert server.wait_log(r"event=upgrade upgrade=1 result=ok")
@@ -205,6 +217,96 @@ def test_a_broken_config_or_new_code_refuses_the_upgrade_and_gsrv_serves_on(gsrv
     assert server.count_log(r"event=upgrade_exec") == 0
     with urllib.request.urlopen(f"http://{admin_of(server)}/metrics", timeout=30) as reply:
         assert 'gsrv_upgrades_total{result="refused"} 2.0' in reply.read().decode()
+
+
+@pytest.mark.timeout(120)
+def test_a_kept_alive_http_connection_asking_every_10_ms_is_never_closed_across_an_upgrade(gsrv) -> None:  # type: ignore[no-untyped-def]
+    """A request in flight finishes first; the connection between requests (or its next request,
+    unread at the waiting gate) moves: every response correct, the connection never closed."""
+    server = gsrv(SERVED)
+    answers: list[bytes] = []
+    stop = threading.Event()
+    problems: list[str] = []
+
+    def ask() -> None:
+        with server.connect("web") as sock:
+            n = 0
+            while not stop.is_set() and n < 5000:  # bounded: 50 s at 10 ms
+                n += 1
+                sock.sendall(b"GET /?%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % n)
+                reply = b""
+                while not bodies_of(reply):
+                    data = sock.recv(4096)
+                    if not data:
+                        problems.append(f"closed after {n - 1} responses")
+                        return
+                    reply += data
+                if not reply.startswith(b"HTTP/1.1 200 OK") or bodies_of(reply) != [b"%d" % n]:
+                    problems.append(f"request {n}: {reply!r}")
+                answers.append(reply)
+                time.sleep(0.01)
+
+    client = threading.Thread(target=ask, daemon=True)
+    client.start()
+    deadline = time.monotonic() + 20
+    while len(answers) < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    before = len(answers)
+    done = upgrade(server)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    after = len(answers)
+    while len(answers) < after + 20 and time.monotonic() < deadline + 30 and not problems:
+        time.sleep(0.05)
+    stop.set()
+    client.join(timeout=30)
+    assert problems == [] and before >= 20 and len(answers) >= after + 20, (problems, before, after, len(answers))
+    assert "ended=0" in server.wait_log(r"event=upgrade upgrade=1 result=ok"), server.lines[-5:]
+    assert server.count_log(r"service=web .*reason=shutdown") == 0
+
+
+BROKEN_NEW_CODE = """#!{python}
+import sys
+
+sys.path.insert(0, {root!r})
+if sys.argv[1:2] == ["serve"]:  # the check passes: the new code breaks after the exec
+    from gsrv.upgrade import record, take
+
+    def broken(*args, **kwargs):
+        raise record.RecordError("made for the test: the new code fails {where}")
+
+    {patch}
+from gsrv.cli import main
+
+raise SystemExit(main())
+"""
+BREAKS = {"in the state reader": "take.read = broken", "mid-takeover": "take.Taken.spawner = broken"}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", list(BREAKS))
+def test_a_takeover_that_fails_after_the_exec_falls_back_to_the_previous_code(gsrv, tmp_path: Path, where: str) -> None:  # type: ignore[no-untyped-def]
+    """New code (--exec) that passes the check but fails after the exec: the previous code takes
+    over again from the same record, at the same PID; the session never noticed."""
+    server = gsrv(SERVED)
+    held = server.connect("handed")
+    held.sendall(b"one\n")
+    assert held.recv(100) == b"one\n"
+    child = sessions(server)[0]["pid"]
+    broken = tmp_path / "new-gsrv"
+    root = str(Path(__file__).resolve().parent.parent)
+    broken.write_text(BROKEN_NEW_CODE.format(python=sys.executable, root=root, where=where, patch=BREAKS[where]))
+    broken.chmod(0o755)
+    failed = upgrade(server, "--exec", str(broken))
+    assert failed.returncode == 1, (failed.stdout, failed.stderr)
+    assert f"made for the test: the new code fails {where}" in failed.stderr, failed.stderr
+    assert "the previous code took over again" in failed.stderr, failed.stderr
+    server.wait_log(r"event=upgrade_takeover_failed .*made for the test")
+    assert server.proc.poll() is None
+    assert [s["pid"] for s in sessions(server)] == [child]
+    held.sendall(b"two\n")
+    assert held.recv(100) == b"two\n"
+    held.close()
+    assert server.count_log(r"reason=upgrade_failed") == 0
 
 
 @pytest.mark.timeout(120)

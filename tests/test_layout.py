@@ -34,7 +34,8 @@ MAY_IMPORT = {
     "relay": {"edge", "config", "contain", "spawn"} | LEAVES,
     "ops": {"accept", "config", "state"} | LEAVES,
     "clients": set(),
-    "upgrade": {"errors", "config", "spawn", "relay", "edge", "contain", "state", "server", "__init__"} | LEAVES,
+    "upgrade": {"errors", "config", "spawn", "relay", "edge", "contain", "state", "server", "service", "__init__"}
+    | LEAVES,
     "state": LEAVES,
     "service": {"accept", "edge", "relay", "ops", "config", "state"} | LEAVES,
     "server": {"service", "state", "accept", "relay", "ops", "config", "contain"} | LEAVES,

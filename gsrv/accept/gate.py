@@ -98,7 +98,7 @@ class Gate(Generic[C, S]):
         return self.pending + len(self.ready)
 
     def full(self) -> bool:
-        return self.short or self.spawning >= SPAWNS_IN_FLIGHT or not self._room()
+        return self.short or self.settling or self.spawning >= SPAWNS_IN_FLIGHT or not self._room()
 
     def _room(self) -> bool:
         """may_accept with the gate's counts: room for one more connection (a new one, or a
@@ -210,7 +210,7 @@ class Gate(Generic[C, S]):
                 self._hold(outcome.ready, since)
         elif not isinstance(outcome, _Finished):
             error = None if task.exception is None else f"{type(task.exception).__name__}: {task.exception}"
-            self.handler.drop(conn, "shutdown" if self.closed or self.settling else "internal_error", error)
+            self.handler.drop(conn, "shutdown" if self.closed else "internal_error", error)
         self.update()
 
     def _start_ready(self) -> None:
@@ -331,24 +331,26 @@ class Gate(Generic[C, S]):
         for task in list(self._preludes):
             task.kill(block=False)  # each ends its own (reason shutdown)
 
-    def settle(self) -> None:
-        """An upgrade, accept paused: end the connections not started yet (parked, held,
-        knocking; preludes once killed), as close() does, but the gate stays open (an upgrade
-        that fails before its exec serves on)."""
-        self.settling = True
-        while self._parked:
-            self.handler.drop(self._parked.popleft(), "shutdown")
-        for conn in self.ready.take_all():
-            self.handler.drop(conn, "shutdown")
-        while self.knocking:
-            self.handler.drop(self.knocking.popleft(), "shutdown")
-        for task in list(self._preludes):
-            task.kill(block=False)
+    def settle(self, on: bool = True) -> None:
+        """An upgrade: accept waits (the backlog holds new clients) and kept-alive connections
+        whose next request came stay knocking, unread (they move); a prelude under way runs on,
+        and its session starts. Those parked end (reason shutdown), and those held for a slot
+        get the busy answer (without a queue: shutdown). The gate stays open: an upgrade that
+        fails before its exec serves on (`settle(False)`)."""
+        self.settling = on
+        if on:
+            while self._parked:
+                self.handler.drop(self._parked.popleft(), "shutdown")
+            if self.queue_timeout:
+                self._answer(self.ready.take_all())
+            for conn in self.ready.take_all():
+                self.handler.drop(conn, "shutdown")
+        self.update()
 
     @property
     def settled(self) -> bool:
         """Nothing between accept and a running session (an upgrade waits for it)."""
-        return not (self.pending or self.spawning or len(self.ready) or self._parked or self.knocking)
+        return not (self.pending or self.spawning or len(self.ready) or self._parked)
 
     def adopt(self, session: S) -> None:
         """A session an upgrade's previous code ran, its child long started: its slot, and its

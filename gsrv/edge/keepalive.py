@@ -6,6 +6,7 @@ it goes back to its service's gate (`knock`); after `between_requests`, or at a 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 
 import gevent
@@ -19,11 +20,12 @@ from gsrv.loop import READ
 class Waiting:
     """One kept-alive connection's watchers."""
 
-    __slots__ = ("visit", "io", "timer")
+    __slots__ = ("visit", "io", "timer", "until")
 
     def __init__(self, visit: Visit, seconds: float) -> None:
         loop = get_hub().loop
         self.visit = visit
+        self.until = time.monotonic() + seconds  # its between_requests ends then
         self.io = loop.io(visit.sock.fileno(), READ)
         self.timer = loop.timer(seconds)
 
@@ -65,6 +67,17 @@ class KeepAlive:
         if waiting is not None:
             waiting.stop()
             gevent.spawn(close, visit)  # in a greenlet: TLS's close_notify may wait to send
+
+    def idle(self) -> list[tuple[Visit, float]]:
+        """The connections between requests and the seconds each has left (an upgrade moves them)."""
+        now = time.monotonic()
+        return [(visit, max(0.0, waiting.until - now)) for visit, waiting in self.waiting.items()]
+
+    def close_tls(self) -> None:
+        """An upgrade: those over TLS end now, as a drain ends them (their state cannot move)."""
+        for visit in [v for v in self.waiting if v.prelude.tls is not None]:
+            self.waiting.pop(visit).stop()
+            gevent.spawn(close, visit)
 
     def close_all(self) -> None:
         """A drain: every connection between requests ends now (a FIN)."""

@@ -136,7 +136,7 @@ class PipeRelay(RelayDefaults):
     closes_after_stop = False
     kept_alive = False
     __slots__ = ("sock", "chunk", "child_end", "inbound", "outbound", "discarded", "input_done", "client_eof",
-                 "output_eof", "tasks", "recording")  # fmt: skip
+                 "output_eof", "tasks", "recording", "phase_in", "phase_out")  # fmt: skip
 
     def __init__(self, sock: socket, chunk: int, child_end: Pipes | PtyEnd | None = None) -> None:
         self.sock, self.chunk = sock, chunk
@@ -147,6 +147,9 @@ class PipeRelay(RelayDefaults):
         self.output_eof = False  # the child's output reached its end and all of it the client
         self.tasks: list[Task] = []
         self.recording: Recording | None = None  # record = DIR: the child's bytes as an asciicast file
+        # Where each direction is, so an upgrade's new code starts only those still running:
+        # "relay", "discard" (in: the child stopped reading, the client's bytes are dropped), "done"
+        self.phase_in = self.phase_out = "relay"
 
     @property
     def name(self) -> str:
@@ -208,8 +211,10 @@ class PipeRelay(RelayDefaults):
     # -- running ------------------------------------------------------------------------
 
     def start(self, child: Child, events: RelayEvents) -> None:
-        """Both directions, each in a task of its own; a bug in one ends the session."""
-        self.tasks = [WORKERS.start(guarded, direction, child, events) for direction in (self._up, self._down)]
+        """Both directions, each in a task of its own; a bug in one ends the session. (A relay an
+        upgrade moved starts only the directions that had not ended.)"""
+        running = [d for d, phase in ((self._up, self.phase_in), (self._down, self.phase_out)) if phase != "done"]
+        self.tasks = [WORKERS.start(guarded, direction, child, events) for direction in running]
 
     def stop(self) -> None:
         for task in self.tasks:
@@ -235,21 +240,29 @@ class PipeRelay(RelayDefaults):
     # -- the directions -----------------------------------------------------------------
 
     def _up(self, child: Child, events: RelayEvents) -> None:
-        end = self._in(child)
-        if end is End.SOURCE_EOF:
-            self.client_eof = True
-            self.child_end.end_input(child)  # a terminal in raw mode may wait here (eof_grace)
-            self.input_done = True
-        elif end is End.SINK_CLOSED:
-            self.child_end.stopped_reading(child)
-            end = self._discard()
-            self.client_eof = end is End.SOURCE_EOF
-        if end is End.SOURCE_ERROR:
-            events.abort(self._failure("in", end))
+        try:
+            end = self._in(child) if self.phase_in == "relay" else End.SINK_CLOSED
+            if end is End.SOURCE_EOF:
+                self.client_eof = True
+                self.child_end.end_input(child)  # a terminal in raw mode may wait here (eof_grace)
+                self.input_done = True
+            elif end is End.SINK_CLOSED:
+                if self.phase_in == "relay":
+                    self.child_end.stopped_reading(child)
+                    self.phase_in = "discard"
+                end = self._discard()
+                self.client_eof = end is End.SOURCE_EOF
+            if end is End.SOURCE_ERROR:
+                events.abort(self._failure("in", end))
+        finally:
+            self.phase_in = "done"
         events.changed()
 
     def _down(self, child: Child, events: RelayEvents) -> None:
-        end = self._out(child)
+        try:
+            end = self._out(child)
+        finally:
+            self.phase_out = "done"
         if end is End.SOURCE_EOF:
             self.output_eof = True
         else:

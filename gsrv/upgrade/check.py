@@ -17,7 +17,7 @@ from gsrv.errors import ConfigError
 from gsrv.spawn import wire
 from gsrv.upgrade.record import VERSION, Record, RecordError, read
 
-ROLES = ("listener:", "admin", "spawner", "guardian", "session:")  # what an fd may be taken over as
+ROLES = ("listener:", "admin", "spawner", "guardian", "session:", "idle:")  # what an fd may be taken over as
 
 
 def check(fd: int, out: TextIO = sys.stdout) -> int:

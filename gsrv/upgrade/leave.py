@@ -7,10 +7,12 @@ The order, each step a point an upgrade can still turn back from until the exec:
 2. the check: the new code, as its own process started by the spawner (gsrv never forks),
    reads a record of the state now on its stdin and answers `upgrade_check ok` (exit 0) or why
    not; anything else refuses the upgrade, and gsrv serves on;
-3. settle: accept paused on every listener (the backlog holds new clients), connections not
-   started yet ended (reason=shutdown upgrade=1), children started ahead retired, idle
-   keep-alive connections closed; sessions that cannot move get `upgrade_wait` to finish,
-   then are ended (reason=shutdown upgrade=1) and their ladders run;
+3. settle: accept waits on every listener (the backlog holds new clients), and so does the
+   next request of a kept-alive connection (unread: the connection moves); a prelude under way
+   runs on; parked connections end (reason=shutdown), held ones get the busy answer; children
+   started ahead are retired; HTTP connections between requests over TLS end as a drain ends
+   them; sessions that cannot move (or a copy that still holds a chunk) get `upgrade_wait` to
+   finish, then are ended (reason=shutdown upgrade=1) and their ladders run;
 4. the exec: with nothing in flight (no spawn unanswered, no reap unsent), in one step that
    never yields: the record written and sealed, the fds made inheritable, the signals gsrv
    handles blocked (the mask survives execve; the new code unblocks them once its handlers
@@ -20,6 +22,7 @@ The order, each step a point an upgrade can still turn back from until the exec:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -36,23 +39,25 @@ from gsrv import __version__
 from gsrv.errors import SpawnError
 from gsrv.spawn import wire
 from gsrv.state import State
-from gsrv.upgrade.moving import movable, packed
+from gsrv.upgrade.moving import idle_packed, packed, ready
 from gsrv.upgrade.record import Record, RecordError, write
 
 if TYPE_CHECKING:
+    from gsrv.edge.arrival import Visit
     from gsrv.logs import Log
     from gsrv.server import Server
+    from gsrv.service import Service
     from gsrv.spawn.client import Spawner
     from gsrv.spawn.guardian import Guardian
 
 RECORD_ENV = "GSRV_UPGRADE_RECORD"  # the record's fd number, for the new code
-UPGRADE_PAUSE = "upgrading"  # the gates' pause while an upgrade settles
+PREVIOUS_ENV = "GSRV_UPGRADE_PREVIOUS"  # with --exec: the running code's executable and argv (JSON), to fall back to
+FAILED_ENV = "GSRV_UPGRADE_FAILED"  # a fallback's: why the newer code's takeover failed
 HELD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD}
 CHECK_TIMEOUT_S = 60.0  # the new code's import and config parse
 CHECK_OUTPUT_MAX = 64 * 1024
 SETTLE_POLL_S = 0.02
 ENDED_WAIT_S = 10.0  # beyond kill_grace: the ladders of the sessions ended for the upgrade
-LOG_FLUSH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ class Upgrades:
         """This code was an upgrade's exec: the count goes on, `last` is this one's result."""
         self.count = int(previous.get("count", 0))
         self.last = result
-        self.counted("ok")
+        self.counted(str(result["result"]))
 
     def status(self) -> dict[str, object]:
         return {"count": self.count, "running": self.running, "last": self.last}
@@ -213,14 +218,13 @@ class Upgrades:
         how many sessions were ended."""
         server = self.server
         for service in server.services:
-            service.gate.pause(UPGRADE_PAUSE)
             service.gate.settle()
-            service.keepalive.close_all()
+            service.keepalive.close_tls()  # plain ones between requests move
             service.prespawned.retire("upgrade")
         deadline = time.monotonic() + server.config.server.upgrade_wait
         while not self._quiet() and time.monotonic() < deadline:
             gevent.sleep(SETTLE_POLL_S)
-        ended = [s for s in server.all_sessions() if not movable(s)]
+        ended = [s for s in server.all_sessions() if not ready(s)]  # or a copy still holding a chunk
         for session in ended:
             session.end_fields["upgrade"] = 1
             session.abort("shutdown")
@@ -231,26 +235,39 @@ class Upgrades:
 
     def _quiet(self) -> bool:
         """Nothing but sessions that move: no connection between accept and its session, no
-        spawn or ladder in flight, every session movable."""
+        spawn or ladder in flight, every session ready to move now."""
         server = self.server
         services = [*server.services, *server.retired]
         return (all(s.gate.settled and not s.prespawned.stopping for s in services) and self.spawner.quiet
-                and all(movable(s) for s in server.all_sessions()) and not server.retired)  # fmt: skip
+                and all(ready(s) for s in server.all_sessions()) and not server.retired)  # fmt: skip
 
     def _resume(self) -> None:
         for service in self.server.services:
-            service.gate.settling = False
-            service.gate.resume(UPGRADE_PAUSE)
+            service.gate.settle(False)
             service.prespawned.fill()
 
     # -- the record and the exec ---------------------------------------------------------
 
-    def _record(self, target: Target, number: int, state: dict[str, Any], sessions: tuple[Any, ...]) -> Record:
+    def _idle(self) -> list[tuple[Service, Visit, float]]:
+        """HTTP connections between requests (or whose next request waits at the paused gate,
+        unread: they have the whole between_requests again), plain ones (TLS ones were ended)."""
+        idle = []
+        for service in self.server.services:
+            http = service.cfg.interact.http
+            between = http.between_requests if http is not None else 0.0
+            idle += [(service, visit, left) for visit, left in service.keepalive.idle()]
+            idle += [(service, visit, between) for visit in service.gate.knocking if visit.prelude.tls is None]
+        return idle
+
+    def _record(self, target: Target, number: int, state: dict[str, Any], moving: tuple[Any, ...]) -> Record:
+        """The record: `moving` is every (values, fds) that moves; the sessions' values are also
+        under "sessions" (`state` may add "idle": the connections between requests)."""
         config, fds = self.server.config, self._fds()
-        for _values, session_fds in sessions:
-            fds.update(session_fds)
+        for _values, moving_fds in moving:
+            fds.update(moving_fds)
         spawner = self.spawner
-        carried = {"spawner": spawner.handed_over(), "sessions": [values for values, _fds in sessions], **state}
+        sessions = [values for values, moving_fds in moving if any(r.startswith("session:") for r in moving_fds)]
+        carried = {"spawner": spawner.handed_over(), "sessions": sessions, **state}
         return Record(sys.executable, tuple(sys.orig_argv), __version__, config.path, config.overrides, fds, carried)
 
     def _fds(self) -> dict[str, int]:
@@ -271,10 +288,11 @@ class Upgrades:
         return fds
 
     def _exec(self, target: Target, number: int, who: dict[str, object], began: float, ended: int) -> None:
-        """From here nothing yields: the state is read, written and handed over in one step."""
-        self.log.flush(LOG_FLUSH_S)  # (it yields: before the state is read)
+        """From its caller's last look at `_quiet` on, nothing yields: the state is read, written and
+        handed over in one step (the log's queued lines too: the record carries them)."""
         server = self.server
         sessions = tuple(packed(s) for s in server.all_sessions())
+        idle = tuple(idle_packed(visit, service.cfg.name, left) for service, visit, left in self._idle())
         missing = [fd for fd in self._fds().values() if fd < 0]
         if missing:  # a lost guardian or spawner fd is caught here, not by the guardian's EOF
             raise RecordError(f"a helper's fd is gone ({self._fds()}): no exec")
@@ -287,14 +305,18 @@ class Upgrades:
                  "metrics": server.metrics.handed_over() if server.metrics is not None else {},
                  "guardian": self.guardian.handed_over(),
                  "log": self.log.handed_over()}  # fmt: skip
-        record = self._record(target, number, state, sessions)
+        state["idle"] = [values for values, _fds in idle]
+        record = self._record(target, number, state, (*sessions, *idle))
         fd = write(record)
         inherited = [*record.fds.values(), fd]
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
             for each in inherited:
                 os.set_inheritable(each, True)
-            os.execve(target.executable, list(target.argv), {**os.environ, RECORD_ENV: str(fd)})
+            env = {**os.environ, RECORD_ENV: str(fd)}
+            if (target.executable, target.argv) != (sys.executable, tuple(sys.orig_argv)):  # --exec: another code
+                env[PREVIOUS_ENV] = json.dumps([sys.executable, *sys.orig_argv])
+            os.execve(target.executable, list(target.argv), env)
         except OSError as e:
             for each in inherited:
                 with contextlib.suppress(OSError):

@@ -1,12 +1,17 @@
 """A session across an upgrade's exec: packed by the previous code into the record's plain
 values and fds (`packed`), unpacked by the new code into the parts a Service adopts
-(`unpacked`). What moves today: `relay = "socket"` sessions, whose bytes the kernel moves
-(gsrv holds none), between their start and their verdict. Every other session finishes
-within `upgrade_wait` or is ended before the exec (gsrv/upgrade/leave.py).
+(`unpacked`). What moves, between a session's start and its verdict:
+- `relay = "socket"`: the child holds the connection, the kernel moves the bytes;
+- splice and copy (plain TCP or unix, pipes, no recording): each direction moves from where
+  it was (relaying, discarding, done), with its counts; a splice direction never holds a byte,
+  a copy direction is `ready` only between chunks (the chunk it read was written).
+Every other session finishes within `upgrade_wait` or is ended before the exec
+(gsrv/upgrade/leave.py).
 """
 
 from __future__ import annotations
 
+import base64
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -15,43 +20,54 @@ from gevent import socket as gsocket
 
 from gsrv.contain.scope import Limits
 from gsrv.edge.arrival import Arrival, Prelude, Visit
+from gsrv.edge.http import HttpConnection
 from gsrv.edge.proxy import ProxyHeader
+from gsrv.edge.stream import PlainStream
 from gsrv.relay.child import Child, Launcher
+from gsrv.relay.childend import Pipes
 from gsrv.relay.handoff import SocketRelay
+from gsrv.relay.relays import PipeRelay, SpliceRelay
 from gsrv.relay.session import Session
 from gsrv.relay.stdio import Stdio
 from gsrv.spawn.process import Process
 
-MOVES = frozenset({"socket"})  # the relays whose sessions move
+PUMPED = {"splice": SpliceRelay, "copy": PipeRelay}  # the pumping relays that move: exactly these classes
 
 
 def movable(session: Session) -> bool:
     """Running (started, no verdict yet, no end asked for), on a relay that moves, without TLS
     (Python's ssl can neither export a connection's state nor import it)."""
     relay, child = session.relay, session.child
-    return (session.relaying and not session.ending and relay is not None and relay.name in MOVES
-            and child is not None and child.pid > 0 and session.visit.prelude.tls is None)  # fmt: skip
+    if not (session.relaying and not session.ending and child is not None and child.pid > 0
+            and session.visit.prelude.tls is None):  # fmt: skip
+        return False
+    if isinstance(relay, SocketRelay):
+        return True
+    return (type(relay) is PUMPED.get(relay.name if relay is not None else "") and isinstance(relay, PipeRelay)
+            and relay.recording is None and isinstance(relay.child_end, Pipes))  # fmt: skip
+
+
+def ready(session: Session) -> bool:
+    """Movable now: no byte in gsrv's hands (a copy direction between its chunks)."""
+    relay = session.relay
+    return movable(session) and not (isinstance(relay, PipeRelay) and (relay.inbound.holding
+                                                                        or relay.outbound.holding))  # fmt: skip
 
 
 def packed(session: Session) -> tuple[dict[str, Any], dict[str, int]]:
     """A movable session's values and its fds by role (`session:SID:socket`, `...:stderr`)."""
     relay, child, visit = session.relay, session.child, session.visit
-    assert isinstance(relay, SocketRelay) and child is not None
-    process, prelude, sid = child.process, visit.prelude, session.sid
+    assert isinstance(relay, SocketRelay | PipeRelay) and child is not None
+    process, sid = child.process, session.sid
     contained = child.contained
     values = {
-        "sid": sid,
-        "service": session.svc.name,
+        **_visit_values(visit, session.svc.name),
         "relay": relay.name,
-        "started": visit.started,  # CLOCK_MONOTONIC: the same clock after the exec
-        "connection_sid": visit.connection_sid,
-        "peer": _plain(visit.arrival.peer),
-        "client": _plain(prelude.client),
-        "header": {k: _plain(v) for k, v in asdict(prelude.header).items()} if prelude.header else None,
-        "user": _plain(prelude.user),
-        "header_length": relay.header_length,
         "spawn_seconds": session.spawn_seconds,
-        "reported": [relay.inbound.reported, relay.outbound.reported, relay.rwnd.reported_blocked],  # the metrics'
+        "pumped": None if isinstance(relay, SocketRelay) else _pumped(relay),
+        "header_length": relay.header_length if isinstance(relay, SocketRelay) else 0,
+        "reported": [relay.inbound.reported, relay.outbound.reported,
+                     relay.rwnd.reported_blocked if isinstance(relay, SocketRelay) else 0.0],  # the metrics'
         "child": {
             "pid": process.pid, "generation": process.generation, "at_exit": process.at_exit,
             "cgroup": process.cgroup, "status": process.status, "alone": process.alone, "stuck": process.stuck,
@@ -59,10 +75,32 @@ def packed(session: Session) -> tuple[dict[str, Any], dict[str, int]]:
             "contained": None if contained is None else {**asdict(contained[0]), "accounting": contained[1]},
         },
     }  # fmt: skip
-    fds = {f"session:{sid}:socket": relay.fd}
-    if child.stderr >= 0:
-        fds[f"session:{sid}:stderr"] = child.stderr
+    fds = {f"session:{sid}:socket": relay.sock.fileno()}
+    for name in ("stdin", "stdout", "stderr"):
+        if getattr(child, name) >= 0:
+            fds[f"session:{sid}:{name}"] = getattr(child, name)
     return values, fds
+
+
+def _pumped(relay: PipeRelay) -> dict[str, Any]:
+    """A pumping relay's own facts: where each direction is, and its meters."""
+    return {"chunk": relay.chunk, "phase_in": relay.phase_in, "phase_out": relay.phase_out,
+            "input_done": relay.input_done, "client_eof": relay.client_eof, "output_eof": relay.output_eof,
+            "meters": [[m.total, m.last, m.blocked, m.reported, m.reported_blocked]
+                       for m in (relay.inbound, relay.outbound, relay.discarded)]}  # fmt: skip
+
+
+def _pumping(name: str, sock: gsocket.socket, facts: dict[str, Any]) -> PipeRelay:
+    relay = PUMPED[name](sock, int(facts["chunk"]))  # (copy: on pipes, its default child end)
+    relay.phase_in, relay.phase_out = str(facts["phase_in"]), str(facts["phase_out"])
+    relay.input_done, relay.client_eof = bool(facts["input_done"]), bool(facts["client_eof"])
+    relay.output_eof = bool(facts["output_eof"])
+    for meter, (total, last, blocked, reported, reported_blocked) in zip(
+        (relay.inbound, relay.outbound, relay.discarded), facts["meters"], strict=True
+    ):
+        meter.total, meter.last, meter.blocked = int(total), float(last), float(blocked)
+        meter.reported, meter.reported_blocked = int(reported), float(reported_blocked)
+    return relay
 
 
 @dataclass(frozen=True)
@@ -71,7 +109,7 @@ class Unpacked:
 
     service: str
     visit: Visit
-    relay: SocketRelay
+    relay: SocketRelay | PipeRelay
     child: Child
     spawn_seconds: float | None
 
@@ -82,14 +120,10 @@ def unpacked(values: dict[str, Any], fds: dict[str, int], launcher: Launcher, si
     sid = str(values["sid"])
     fd = fds[f"session:{sid}:socket"]
     sock = gsocket.socket(fileno=fd)
-    os.set_blocking(fd, True)  # the child's, as the handoff gave it (gevent made it non-blocking)
-    header = values["header"]
-    prelude = Prelude(
-        header=ProxyHeader(**{k: _tuple(v) for k, v in header.items()}) if header else None,
-        client=_tuple(values["client"]), user=_tuple(values["user"]),
-    )  # fmt: skip
-    visit = Visit(Arrival(sock, _tuple(values["peer"])), sid, float(values["started"]), prelude,
-                  str(values["connection_sid"]))  # fmt: skip
+    pumped = values["pumped"]
+    if pumped is None:
+        os.set_blocking(fd, True)  # the child's, as the handoff gave it (gevent made it non-blocking)
+    visit = _visit(values, sock)
     moved = values["child"]
     process = Process(int(moved["generation"]), int(moved["at_exit"]))
     process.pid, process.cgroup, process.alone = int(moved["pid"]), str(moved["cgroup"]), bool(moved["alone"])
@@ -97,19 +131,66 @@ def unpacked(values: dict[str, Any], fds: dict[str, int], launcher: Launcher, si
     if moved["status"] is not None:
         process.status = int(moved["status"])
         process.exited.set()
-    stderr = fds.get(f"session:{sid}:stderr", -1)
+    stdin, stdout, stderr = (fds.get(f"session:{sid}:{name}", -1) for name in ("stdin", "stdout", "stderr"))
     contained = moved["contained"]
     limits = None
     if contained is not None:
         limits = (Limits(int(contained["memory"]), int(contained["pids"]), float(contained["cpu"])),
                   bool(contained["accounting"]))  # fmt: skip
-    child = Child.moved(process, Stdio((-1, -1, -1), stderr=stderr, socket=fd), limits, signal_in_exit, launcher)
+    stdio = Stdio((-1, -1, -1), stdin, stdout, stderr, socket=fd if pumped is None else -1)
+    child = Child.moved(process, stdio, limits, signal_in_exit, launcher)
     child.signals_sent = [str(s) for s in moved["signals_sent"]]
-    relay = SocketRelay(sock, int(values["header_length"]))
-    relay.inbound.reported, relay.outbound.reported, relay.rwnd.reported_blocked = values["reported"]
+    relay: SocketRelay | PipeRelay
+    if pumped is None:
+        relay = SocketRelay(sock, int(values["header_length"]))
+        relay.inbound.reported, relay.outbound.reported, relay.rwnd.reported_blocked = values["reported"]
+    else:
+        relay = _pumping(str(values["relay"]), sock, pumped)
     spawn_seconds = values["spawn_seconds"]
     return Unpacked(str(values["service"]), visit, relay, child,
                     None if spawn_seconds is None else float(spawn_seconds))  # fmt: skip
+
+
+def idle_packed(visit: Visit, service: str, left: float) -> tuple[dict[str, Any], dict[str, int]]:
+    """An HTTP connection between its requests (plain: TLS ones end), and the seconds its
+    between_requests has left: values and its fd (`idle:SID:socket`)."""
+    http = visit.prelude.http
+    assert http is not None and visit.prelude.tls is None
+    values = {**_visit_values(visit, service), "left": left, "served": http.served,
+              "buffered": base64.b64encode(http.buffered).decode()}  # fmt: skip
+    return values, {f"idle:{visit.sid}:socket": visit.sock.fileno()}
+
+
+def idle_unpacked(values: dict[str, Any], fds: dict[str, int]) -> tuple[str, Visit, float]:
+    """The service, the connection between its requests, the seconds it has left."""
+    sock = gsocket.socket(fileno=fds[f"idle:{values['sid']}:socket"])
+    http = HttpConnection(PlainStream(sock), False)
+    http.served, http.buffered = int(values["served"]), base64.b64decode(values["buffered"])
+    return str(values["service"]), _visit(values, sock, http), float(values["left"])
+
+
+def _visit_values(visit: Visit, service: str) -> dict[str, Any]:
+    prelude = visit.prelude
+    return {
+        "sid": visit.sid,
+        "service": service,
+        "started": visit.started,  # CLOCK_MONOTONIC: the same clock after the exec
+        "connection_sid": visit.connection_sid,
+        "peer": _plain(visit.arrival.peer),
+        "client": _plain(prelude.client),
+        "header": {k: _plain(v) for k, v in asdict(prelude.header).items()} if prelude.header else None,
+        "user": _plain(prelude.user),
+    }
+
+
+def _visit(values: dict[str, Any], sock: gsocket.socket, http: HttpConnection | None = None) -> Visit:
+    header = values["header"]
+    prelude = Prelude(
+        header=ProxyHeader(**{k: _tuple(v) for k, v in header.items()}) if header else None,
+        client=_tuple(values["client"]), user=_tuple(values["user"]), http=http,
+    )  # fmt: skip
+    return Visit(Arrival(sock, _tuple(values["peer"])), str(values["sid"]), float(values["started"]), prelude,
+                 str(values["connection_sid"]))  # fmt: skip
 
 
 def _plain(value: Any) -> Any:
