@@ -100,8 +100,9 @@ def _serve(config: Config, log: Log, undo: contextlib.ExitStack, taken: Taken | 
     starting = [True]
     undo.callback(lambda: server.stop_listening() if starting[0] else None)  # a start that failed: its listeners
     try:
-        server.bind(taken.fd if taken is not None else None)
-        admin = _admin(config, server, log, taken.fd("admin") if taken is not None else None)
+        server.bind(taken.listener if taken is not None else None)
+        admin_fd = taken.listener("admin", str(config.admin.listen)) if taken and config.admin else None
+        admin = _admin(config, server, log, admin_fd)
     except BindError as e:
         raise _CannotStart(str(e)) from None
     if taken is not None:
@@ -152,6 +153,7 @@ def _serve(config: Config, log: Log, undo: contextlib.ExitStack, taken: Taken | 
     starting[0] = False  # from here on the drain closes the listeners
     if taken is not None:
         running = taken.run(server, moved, log)
+        taken.operator(server)
         taken.close_rest(log)
         upgrades.took_over(taken.state("upgrade"), taken.served(log, len(moved), running))
         taken.unblock()  # the signals the previous code blocked before its exec: handled from here on

@@ -58,12 +58,13 @@ class Server:
         self.ids_given += 1
         return f"{self._pid}-{self.ids_given}"
 
-    def bind(self, taken: Callable[[str], int | None] | None = None) -> None:
+    def bind(self, taken: Callable[[str, str], int | None] | None = None) -> None:
         """Bind every listener, or none: raises BindError naming the service and address.
-        `taken`: an upgrade's new code takes each service's listener by its role instead."""
+        `taken`: an upgrade's new code takes each service's listener by its role and address."""
         try:
             for service in self.services:
-                service.bind(taken(f"listener:{service.cfg.name}") if taken is not None else None)
+                role, address = f"listener:{service.cfg.name}", str(service.cfg.listen)
+                service.bind(taken(role, address) if taken is not None else None)
         except BindError:
             self.stop_listening()
             raise

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import PY, random_stream
+from conftest import PY, random_stream, service_toml, tls_files
 from test_http import bodies_of
 
 from gsrv.spawn import wire
@@ -264,6 +265,38 @@ def test_a_kept_alive_http_connection_asking_every_10_ms_is_never_closed_across_
     assert server.count_log(r"service=web .*reason=shutdown") == 0
 
 
+@pytest.mark.timeout(120)
+def test_a_tls_session_finishes_within_upgrade_wait_or_ends_as_a_drain_ends_it(gsrv, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Choice (a): TLS state cannot move, so the upgrade waits upgrade_wait for TLS sessions; one
+    that ends meanwhile ends as usual, one still running is ended (reason=shutdown upgrade=1)."""
+    _, tls = tls_files(tmp_path)
+    server = gsrv('[server]\nkill_grace = "1s"\nupgrade_wait = "5s"\n[admin]\nlisten = "127.0.0.1:0"\n'
+                  + service_toml("secure", ["cat"], tls=tls))  # fmt: skip
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    finishing = context.wrap_socket(server.connect("secure"), server_hostname="127.0.0.1")
+    staying = context.wrap_socket(server.connect("secure"), server_hostname="127.0.0.1", suppress_ragged_eofs=False)
+    for sock in (finishing, staying):
+        sock.sendall(b"hello\n")
+        assert sock.recv(100) == b"hello\n"
+    start = len(server.lines)
+    asked = threading.Thread(target=lambda: results.append(upgrade(server)), daemon=True)
+    results: list[subprocess.CompletedProcess[str]] = []
+    asked.start()
+    server.wait_log(r"event=upgrade_checked", start=start, timeout=60)  # settling: TLS sessions get upgrade_wait
+    finishing.sendall(b"bye\n")
+    assert finishing.recv(100) == b"bye\n"
+    finishing.unwrap().close()  # close_notify, then the FIN: its input ended, its child exits
+    asked.join(timeout=90)
+    assert results and results[0].returncode == 0 and "1 ended" in results[0].stdout, results
+    ends = [line for line in server.lines if "event=session_end service=secure" in line]
+    assert len(ends) == 2, ends
+    assert "reason=eof" in ends[0] and "upgrade=1" not in ends[0], ends
+    assert "reason=shutdown upgrade=1" in ends[1] and "tls=TLSv1.3" in ends[1], ends
+    with pytest.raises((ssl.SSLError, OSError)):  # cut (a reset, no close_notify): never a clean end
+        staying.recv(100)  # (a close_notify would read as b"": ragged EOFs are not suppressed here)
+    staying.close()
+
+
 BROKEN_NEW_CODE = """#!{python}
 import sys
 
@@ -315,6 +348,9 @@ def test_sigusr2_upgrades_and_signals_sent_meanwhile_are_handled_after(gsrv) -> 
     held = server.connect("handed")
     held.sendall(b"one\n")
     assert held.recv(100) == b"one\n"
+    paused = urllib.request.Request(f"http://{admin_of(server)}/services/piped/pause", data=b"{}", method="POST",
+                                    headers={"Content-Type": "application/json"})  # fmt: skip
+    urllib.request.urlopen(paused, timeout=30).close()
     start = len(server.lines)
     server.signal(signal.SIGUSR2)
     server.wait_log(r"event=upgrade_exec", start=start, timeout=60)
@@ -328,6 +364,9 @@ def test_sigusr2_upgrades_and_signals_sent_meanwhile_are_handled_after(gsrv) -> 
     held.sendall(b"two\n")
     assert held.recv(100) == b"two\n"
     held.close()
+    with urllib.request.urlopen(f"http://{admin_of(server)}/services", timeout=30) as reply:
+        states = {s["name"]: s for s in json.loads(reply.read())["services"]}
+    assert "paused_by_admin" in str(states["piped"]), states["piped"]  # the operator's pause goes on
 
 
 @pytest.mark.timeout(60)

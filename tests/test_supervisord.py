@@ -227,3 +227,51 @@ def test_fcgi_program_restarts_each_process_in_turn_under_load_without_a_failed_
     for name in names:
         ends = [line for line in sup.log(name).splitlines() if "event=session_end" in line]
         assert all(" exit=0 " in line and "reason=eof" in line for line in ends), name
+
+
+@pytest.mark.timeout(240)
+def test_upgrades_under_supervisord_keep_the_pid_running_and_every_loaded_session(supervisor, tmp_path) -> None:
+    """Five upgrades asked the supervisor's way (`supervisorctl signal USR2`) while `gsrv load`
+    runs at a steady rate: the supervised PID never changes, status stays RUNNING throughout,
+    no session fails and no connection is refused."""
+    config = SERVER + '[admin]\nlisten = "127.0.0.1:0"\n' + service_toml("sum", ["sha256sum"])
+    sup = Supervisor(tmp_path, config)
+    supervisor.append(sup)
+    host, port = sup.address("sum")
+    wait_until(lambda: "RUNNING" in sup.ctl("status", "gsrv"), 20, "gsrv RUNNING in supervisorctl status")
+    pid = sup.ctl("pid", "gsrv").strip()
+    argv = [PY, "-m", "gsrv", "load", f"{host}:{port}", "--sessions", "1000000", "--concurrency", "8",
+            "--rate", "100", "--bytes", "64KiB", "--verify", "--json"]  # fmt: skip
+    load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    statuses: list[str] = []
+    watching = threading.Event()
+
+    def watch() -> None:  # supervisorctl status through the upgrades
+        while not watching.is_set():
+            words = sup.ctl("status", "gsrv", timeout=30).split()
+            statuses.append(words[1] if len(words) > 1 else "?")
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        for n in range(1, 6):
+            served = sup.log().count("event=session_end")
+            wait_until(lambda: sup.log().count("event=session_end") >= served + 20, 60, "sessions served")  # noqa: B023
+            assert "gsrv: signalled" in sup.ctl("signal", "USR2", "gsrv")
+            sup.wait_log(rf"event=upgrade upgrade={n} result=ok", timeout=60)
+            assert sup.ctl("pid", "gsrv").strip() == pid
+    finally:
+        watching.set()
+        watcher.join(timeout=60)
+        load.send_signal(signal.SIGINT)
+        try:
+            out, _err = load.communicate(timeout=60)
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait(timeout=10)
+    report = json.loads(out)
+    assert report["failed"] == 0 and report["sessions"] > 100, (report["errors"], report["error_examples"])
+    assert statuses and set(statuses) == {"RUNNING"}, statuses
+    assert sup.log().count("event=spawner_started") == 1

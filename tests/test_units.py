@@ -49,6 +49,7 @@ def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
     service = _unit("gsrv.service")["Service"]
     assert (service["Type"], service["KillMode"], service["Delegate"]) == ("notify", "mixed", "yes")
+    assert service["ExecReload"] == f"{SHIPPED_EXEC} upgrade -c /etc/gsrv/gsrv.toml"  # an upgrade in place
     socket_unit = _unit("gsrv.socket")["Socket"]
     assert socket_unit["Accept"] == "no"
     assert load(str(UNITS / "gsrv.toml")).services[0].listen.name == socket_unit["FileDescriptorName"]

@@ -27,6 +27,11 @@ def check(fd: int, out: TextIO = sys.stdout) -> int:
         _can_take(record)
         config = load(record.config, record.overrides)
         _keeps_services(record, {s.name for s in config.services})
+        running_root = record.state.get("cgroup_root", config.cgroup.root)
+        if config.cgroup.root != running_root:
+            raise RecordError(f"{record.config}: [cgroup] root cannot change in an upgrade (running: "
+                              f"\"{running_root}\", file: \"{config.cgroup.root}\"): the sessions' cgroups are "
+                              "below the running one; restart gsrv to change it")  # fmt: skip
     except (RecordError, ConfigError) as e:
         print(f"upgrade_check refused: {e}", file=out)
         return 2

@@ -37,6 +37,7 @@ from gevent.socket import wait_read
 
 from gsrv import __version__
 from gsrv.errors import SpawnError
+from gsrv.service import ADMIN_DRAIN, ADMIN_PAUSE
 from gsrv.spawn import wire
 from gsrv.state import State
 from gsrv.upgrade.moving import idle_packed, packed, ready
@@ -267,7 +268,11 @@ class Upgrades:
             fds.update(moving_fds)
         spawner = self.spawner
         sessions = [values for values, moving_fds in moving if any(r.startswith("session:") for r in moving_fds)]
-        carried = {"spawner": spawner.handed_over(), "sessions": sessions, **state}
+        listens = {f"listener:{s.cfg.name}": str(s.cfg.listen) for s in self.server.services}
+        if config.admin is not None:
+            listens["admin"] = str(config.admin.listen)
+        carried = {"spawner": spawner.handed_over(), "sessions": sessions, "listens": listens,
+                   "cgroup_root": config.cgroup.root, **state}  # fmt: skip
         return Record(sys.executable, tuple(sys.orig_argv), __version__, config.path, config.overrides, fds, carried)
 
     def _fds(self) -> dict[str, int]:
@@ -302,6 +307,7 @@ class Upgrades:
                              "settled_ms": round((time.monotonic() - began) * 1000, 1), "ended": ended,
                              "from_version": __version__, "exec_at": time.monotonic()},
                  "server": {"ids_given": server.ids_given},
+                 "operator": {s.cfg.name: sorted(s.gate.paused & {ADMIN_PAUSE, ADMIN_DRAIN}) for s in server.services},
                  "metrics": server.metrics.handed_over() if server.metrics is not None else {},
                  "guardian": self.guardian.handed_over(),
                  "log": self.log.handed_over()}  # fmt: skip

@@ -21,6 +21,7 @@ from gsrv.edge.keepalive import close as close_between
 from gsrv.errors import GsrvError
 from gsrv.logs import Log
 from gsrv.relay.relays import Closing
+from gsrv.service import ADMIN_DRAIN, ADMIN_PAUSE
 from gsrv.upgrade.leave import FAILED_ENV, HELD_SIGNALS, PREVIOUS_ENV, RECORD_ENV
 from gsrv.upgrade.moving import Unpacked, idle_unpacked, unpacked
 from gsrv.upgrade.record import Record, read
@@ -93,6 +94,13 @@ class Taken:
             os.set_inheritable(fd, False)
         return fd
 
+    def listener(self, role: str, address: str) -> int | None:
+        """A listener's fd, if the config still names the address it listens on (a moved address
+        is bound anew, as a reload binds it; the old socket is closed with the rest)."""
+        if self.state("listens").get(role) != address:
+            return None
+        return self.fd(role)
+
     def state(self, part: str) -> dict[str, Any]:
         found = self.record.state.get(part)
         return found if isinstance(found, dict) else {}
@@ -146,6 +154,13 @@ class Taken:
                 continue
             service.adopt_idle(visit, left)
         return running
+
+    def operator(self, server: Server) -> None:
+        """The operator's pauses and drains go on (a drain's drain_timeout counts from now)."""
+        for name, reasons in self.state("operator").items():
+            for action, reason in (("pause", ADMIN_PAUSE), ("drain", ADMIN_DRAIN)):
+                if reason in reasons:
+                    server.act(str(name), action, {"by": "upgrade"})
 
     def close_rest(self, log: Log) -> None:
         """Fds the record named that nothing took (a listener of a service this config removed)."""
