@@ -20,8 +20,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
-from conftest import PY, random_stream, service_toml, tls_files
+from conftest import PY, random_stream, service_toml, tls_files, wait_until
 from test_http import bodies_of
 
 from gsrv.spawn import wire
@@ -75,6 +76,13 @@ def sessions(server) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
         return found
 
 
+def running_child(server) -> object:  # type: ignore[no-untyped-def]
+    """The one session's child pid, once gsrv lists it (a socket-handoff child may answer its
+    client before gsrv has read the spawner's answer)."""
+    wait_until(lambda: sessions(server), 30, "the session listed")
+    return sessions(server)[0]["pid"]
+
+
 class Stream:
     """A paced stream of known bytes to one connection and its echo back: digests both ways,
     and the largest gap between received bytes (the pause an upgrade cost the client)."""
@@ -124,10 +132,7 @@ def test_a_session_moves_across_three_upgrades_with_every_byte_once(gsrv, servic
     server = gsrv(SERVED)
     sock = server.connect(service, timeout=60)
     stream = Stream(sock)
-    deadline = time.monotonic() + 20
-    while not sessions(server) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    child = sessions(server)[0]["pid"]
+    child = running_child(server)
     for n in range(1, 4):
         done = upgrade(server)
         assert done.returncode == 0, (done.stdout, done.stderr, server.lines[-20:])
@@ -324,7 +329,7 @@ def test_a_takeover_that_fails_after_the_exec_falls_back_to_the_previous_code(gs
     held = server.connect("handed")
     held.sendall(b"one\n")
     assert held.recv(100) == b"one\n"
-    child = sessions(server)[0]["pid"]
+    child = running_child(server)
     broken = tmp_path / "new-gsrv"
     root = str(Path(__file__).resolve().parent.parent)
     broken.write_text(BROKEN_NEW_CODE.format(python=sys.executable, root=root, where=where, patch=BREAKS[where]))
@@ -340,6 +345,37 @@ def test_a_takeover_that_fails_after_the_exec_falls_back_to_the_previous_code(gs
     assert held.recv(100) == b"two\n"
     held.close()
     assert server.count_log(r"reason=upgrade_failed") == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_takeover_that_fails_with_no_previous_code_accounts_for_every_session(gsrv, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """New code that fails mid-takeover with no previous code to return to (as after an upgrade
+    of the installed code: the old is gone from disk): each session is logged as ended
+    (reason=upgrade_failed), gsrv exits 1, and the guardian ends the sessions' processes."""
+    server = gsrv(SERVED)
+    held = server.connect("handed")
+    held.sendall(b"one\n")
+    assert held.recv(100) == b"one\n"
+    child = int(str(running_child(server)))
+    broken = tmp_path / "new-gsrv"
+    root = str(Path(__file__).resolve().parent.parent)
+    patch = 'take.Taken.spawner = broken\n    import os\n\n    os.environ.pop("GSRV_UPGRADE_PREVIOUS")'
+    broken.write_text(BROKEN_NEW_CODE.format(python=sys.executable, root=root, where="mid-takeover", patch=patch))
+    broken.chmod(0o755)
+    failed = upgrade(server, "--exec", str(broken))
+    assert failed.returncode == 1, (failed.stdout, failed.stderr)
+    assert server.wait(timeout=60) == 1
+    line = server.wait_log(r"event=session_end service=handed .*reason=upgrade_failed")
+    assert "made for the test" in line, line
+    wait_until(lambda: gone(child), 30, "the guardian to end the session's child")
+    held.close()
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @pytest.mark.timeout(120)

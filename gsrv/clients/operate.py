@@ -22,6 +22,10 @@ class Refused(Exception):
     """The admin listener could not be reached, or said no: what to tell the person."""
 
 
+class Gone(Refused):
+    """Nothing listens at the admin address (a connection refused, not one left waiting)."""
+
+
 def call(base: str, token: str | None, method: str, path: str, body: dict[str, object] | None = None) -> Any:
     """One request; its JSON answer. Raises Refused with a sentence a person can act on."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -42,7 +46,8 @@ def call(base: str, token: str | None, method: str, path: str, body: dict[str, o
         raise Refused(f"{base}{path}: {e.code}: {error}{hint}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise Refused(f"no gsrv answers at {base} ({reason}): is it running with this config's [admin]?") from None
+        kind = Gone if isinstance(reason, ConnectionRefusedError) else Refused
+        raise kind(f"no gsrv answers at {base} ({reason}): is it running with this config's [admin]?") from None
 
 
 def sessions(base: str, token: str | None, service: str | None, as_json: bool) -> int:
@@ -96,6 +101,7 @@ def _size(n: int) -> str:
 
 UPGRADE_WAIT_S = 120.0  # the check, the settling (upgrade_wait, the ladders), the exec and the takeover
 UPGRADE_POLL_S = 0.2
+GONE_S = 10.0  # refused this long (across an exec the listener's backlog holds us instead): gsrv is gone
 
 
 def upgrade(base: str, token: str | None, exec_path: str | None) -> int:
@@ -108,12 +114,21 @@ def upgrade(base: str, token: str | None, exec_path: str | None) -> int:
         return 1
     number = answer.get("upgrade")
     deadline = time.monotonic() + UPGRADE_WAIT_S
+    gone_since: float | None = None
     while time.monotonic() < deadline:
         time.sleep(UPGRADE_POLL_S)
         try:
             status = call(base, token, "GET", "/upgrade")
+        except Gone as e:
+            gone_since = gone_since or time.monotonic()
+            if time.monotonic() - gone_since >= GONE_S:
+                print(f"Error: upgrade {number} failed: {e} for {GONE_S:g}s: gsrv stopped (its log says why: "
+                      "event=upgrade_takeover_failed, reason=upgrade_failed)", file=sys.stderr)  # fmt: skip
+                return 1
+            continue
         except Refused:
-            continue  # between the exec and the new code's admin listener: its backlog holds us
+            continue  # an answer late or cut across the exec: ask again
+        gone_since = None
         last = status.get("last") or {}
         if last.get("upgrade") == number and not status.get("running"):
             if last.get("result") == "ok":

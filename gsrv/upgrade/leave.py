@@ -143,6 +143,9 @@ class Upgrades:
             ended = self._settle()
             if not self._quiet():
                 raise RecordError("sessions or spawns were still in flight after the ended ones' ladders")
+            state = self.server.lifecycle.state
+            if state not in (State.SERVING, State.PAUSED):  # a SIGTERM while it settled: the stop goes on
+                raise RecordError(f"gsrv began to stop ({state.value}) while the upgrade settled: no exec")
             self._exec(target, number, who, began, ended)
         except Exception as e:
             self._resume()
