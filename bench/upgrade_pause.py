@@ -9,7 +9,10 @@
    copy) with three upgrades during it: sha256 both ways, the child's pid and gsrv's pid
    unchanged, one session_end line with the whole session's bytes, the largest gap.
 
-Usage: python bench/upgrade_pause.py [--sessions 100,1000,10000] [--stream] [--rate 50]
+3. With --load: `gsrv load`'s capacity against a `sha256sum` service (sessions/s, 64 KiB each),
+   then `gsrv load` at half of it across five upgrades: failed sessions and errors.
+
+Usage: python bench/upgrade_pause.py [--sessions 100,1000,10000] [--stream] [--rate 50] [--load]
 Traffic stays on 127.0.0.1; the script ends only the gsrv it started, by PID.
 """
 
@@ -220,12 +223,46 @@ def _stream(tmp: str, pid: int, address: dict[str, tuple[str, int]], log_path: s
             "largest_gap_ms": round(largest[0] * 1000, 1)}  # fmt: skip
 
 
+def load_across_upgrades() -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = STALLED.format(most=10) + '[services.sum]\nlisten = "127.0.0.1:0"\ncommand = ["sha256sum"]\n'
+        proc, address, log_path = serve(tmp, config, SERVICES + 1)
+        target = "{}:{}".format(*address["sum"])
+        load = [sys.executable, "-m", "gsrv", "load", target, "--concurrency", "16", "--bytes", "64KiB", "--verify",
+                "--json"]  # fmt: skip
+        try:
+            measured = json.loads(subprocess.run([*load, "--sessions", "3000"], capture_output=True, text=True,
+                                                 timeout=300).stdout)  # fmt: skip
+            capacity = float(measured["sessions_per_s"])
+            half = subprocess.Popen([*load, "--sessions", "1000000", "--rate", str(capacity / 2)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            took = []
+            try:
+                for _ in range(5):
+                    time.sleep(2)
+                    took.append(round(upgrade(f"{tmp}/gsrv.toml", address["admin"])[0], 2))
+                time.sleep(2)
+            finally:
+                half.send_signal(2)
+                out, _err = half.communicate(timeout=120)
+            report = json.loads(out)
+            row = {"capacity_per_s": round(capacity, 1), "rate_per_s": round(capacity / 2, 1),
+                   "sessions": report["sessions"], "failed": report["failed"], "errors": report["errors"],
+                   "upgrades_s": took}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            return row
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", default="100,1000,10000")
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--rate", type=float, default=50.0, help="the paced stream's MB/s")
     parser.add_argument("--bytes", type=int, default=1 << 30)
+    parser.add_argument("--load", action="store_true")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process holds a socket per session
@@ -233,6 +270,8 @@ def main() -> None:
         pause_against_sessions([int(n) for n in args.sessions.split(",")])
     if args.stream:
         stream_across_upgrades(args.rate, args.bytes)
+    if args.load:
+        load_across_upgrades()
 
 
 if __name__ == "__main__":
