@@ -338,3 +338,49 @@ def test_the_status_page_shows_services_plots_a_new_session_and_ends_it_at_390_p
     blocked = [e["message"] for e in chromium.get_log("browser") if "Content Security Policy" in e["message"]]
     assert not blocked, "\n".join(blocked)
     held.close()
+
+
+@pytest.mark.timeout(180)
+def test_an_upgrade_keeps_the_terminal_pages_shell_and_its_watcher_and_the_page_does_not_reload(gsrv, chromium) -> None:  # type: ignore[no-untyped-def]
+    """`gsrv upgrade` with a bash in the terminal page and a watcher's page open: both pages
+    reconnect on their own (the exec closed their connections without a close frame), the shell
+    is the same process (`echo $$`), the watcher streams on, and neither page reloaded."""
+    import re
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_gsrv_upgrade import upgrade
+
+    bash = service_toml("shell", BASH, transport="websocket", pty=True, env={"PS1": "gsrv$ "})
+    server = gsrv('[admin]\nlisten = "127.0.0.1:0"\n' + bash
+                  + '[services.shell.websocket]\nconsole = true\nreattach = "5m"\nshare = "read-only"\n')  # fmt: skip
+    host, port = server.address("shell")
+    chromium.get(f"http://{host}:{port}/")
+    wait = WebDriverWait(chromium, 60)
+    wait.until(lambda d: "gsrv$ " in d.execute_script(SCREEN))
+    keys = chromium.find_element(By.CSS_SELECTOR, ".xterm-helper-textarea")
+    keys.send_keys("echo pid=$$\n")
+    wait.until(lambda d: re.search(r"^pid=\d+$", d.execute_script(SCREEN), re.M))
+    pid = re.findall(r"^pid=(\d+)$", chromium.execute_script(SCREEN), re.M)[0]
+    link = wait.until(lambda d: d.execute_script("const a = document.querySelector('#status a'); return a && a.href"))
+    page = chromium.current_window_handle
+    chromium.execute_script("window.gsrvMark = 'not reloaded'")
+    chromium.switch_to.new_window("window")
+    chromium.get(link)
+    watcher = chromium.current_window_handle
+    wait.until(lambda d: "watching" in d.find_element(By.ID, "status").text)
+    chromium.execute_script("window.gsrvMark = 'not reloaded'")
+    done = upgrade(server)
+    assert done.returncode == 0 and "1 session(s) moved" in done.stdout, (done.stdout, done.stderr)
+    chromium.switch_to.window(page)
+    wait.until(lambda d: d.execute_script("return window.gsrvConnects") == 2)  # it reconnected by itself
+    keys.send_keys("echo pid=$$ after\n")
+    wait.until(lambda d: re.search(r"^pid=\d+ after$", d.execute_script(SCREEN), re.M))
+    assert re.findall(r"^pid=(\d+) after$", chromium.execute_script(SCREEN), re.M) == [pid]
+    assert chromium.execute_script("return window.gsrvMark") == "not reloaded"
+    chromium.switch_to.window(watcher)
+    wait.until(lambda d: d.execute_script("return window.gsrvConnects") == 2)  # it reconnected by itself too
+    wait.until(lambda d: re.search(rf"^pid={pid} after$", d.execute_script(SCREEN), re.M))  # it streams on
+    assert chromium.execute_script("return window.gsrvMark") == "not reloaded"
+    server.wait_log(r"event=session_reattached service=shell")
+    assert server.count_log(r"event=session_end .*relay=websocket") == 0  # one session, never ended

@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import PY, random_stream, service_toml, tls_files, wait_until
+from termclient import answered
 from test_http import bodies_of
 
 from gsrv.spawn import wire
@@ -300,6 +301,56 @@ def test_a_tls_session_finishes_within_upgrade_wait_or_ends_as_a_drain_ends_it(g
     with pytest.raises((ssl.SSLError, OSError)):  # cut (a reset, no close_notify): never a clean end
         staying.recv(100)  # (a close_notify would read as b"": ragged EOFs are not suppressed here)
     staying.close()
+
+
+TERMINAL = """
+[server]
+kill_grace = "1s"
+[admin]
+listen = "127.0.0.1:0"
+[services.shell]
+listen = "127.0.0.1:0"
+command = ["sh", "-i"]
+transport = "websocket"
+pty = true
+[services.shell.websocket]
+reattach = "1m"
+share = "read-only"
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_terminal_session_is_detached_by_the_upgrade_and_reattached_with_its_shell(gsrv, term) -> None:  # type: ignore[no-untyped-def]
+    """The terminal page's session with reattach: its connection closes at the exec (no close
+    frame: the page reconnects), the session moves detached, the page's token and offset take it
+    back: the same shell (`echo $$` the same pid), no byte lost or doubled; a watcher rejoins."""
+    server = gsrv(TERMINAL)
+    page = term(server, "shell", {})
+    answer = answered(page)
+    page.send(b"iecho pid=$$\r")
+    page.pump(lambda: re.search(rb"pid=(\d+)\r\n", bytes(page.output)) is not None)
+    before = re.search(rb"pid=(\d+)\r\n", bytes(page.output))
+    assert before is not None
+    watcher = term(server, "shell", {"watch": answer["watch"]})
+    answered(watcher)
+    done = upgrade(server)
+    assert done.returncode == 0 and "1 session(s) moved" in done.stdout, (done.stdout, done.stderr)
+    page.pump(lambda: False, timeout=30)  # the exec closed it: no close frame (a page reconnects on 1006)
+    assert page.closed is None
+    offset = len(page.output)
+    again = term(server, "shell", {"resume": answer["token"], "offset": offset})
+    assert answered(again)["offset"] == offset
+    again.send(b"iecho pid=$$ again\r")
+    again.pump(lambda: b" again\r\n" in again.output and re.search(rb"pid=\d+ again\r\n", bytes(again.output)))
+    after = re.search(rb"pid=(\d+) again\r\n", bytes(again.output))
+    assert after is not None and after.group(1) == before.group(1), (bytes(page.output), bytes(again.output))
+    watching = term(server, "shell", {"watch": answer["watch"]})
+    watching.pump(lambda: b" again\r\n" in watching.output)  # a watcher rejoins with its token and streams on
+    server.wait_log(r"event=session_reattached ")
+    assert server.count_log(r"event=session_end service=shell") == 0
+    again.send(b"iexit\r")
+    again.pump(lambda: False, timeout=30)
+    assert again.closed is not None and again.closed[0] == 1000, again.closed
 
 
 BROKEN_NEW_CODE = """#!{python}

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -215,14 +216,7 @@ def test_fcgi_program_restarts_each_process_in_turn_under_load_without_a_failed_
             after = served()
             wait_until(lambda: served() >= after + 20, 30, f"the new {name} to serve sessions")  # noqa: B023
     finally:
-        load.send_signal(signal.SIGINT)
-        try:
-            out, err = load.communicate(timeout=60)
-        finally:
-            if load.poll() is None:
-                load.kill()
-                load.wait(timeout=10)
-    report = json.loads(out)
+        report = stop_load(load)
     assert report["failed"] == 0 and report["sessions"] > 0, (report["errors"], report["error_examples"])
     for name in names:
         ends = [line for line in sup.log(name).splitlines() if "event=session_end" in line]
@@ -264,14 +258,21 @@ def test_upgrades_under_supervisord_keep_the_pid_running_and_every_loaded_sessio
     finally:
         watching.set()
         watcher.join(timeout=60)
-        load.send_signal(signal.SIGINT)
-        try:
-            out, _err = load.communicate(timeout=60)
-        finally:
-            if load.poll() is None:
-                load.kill()
-                load.wait(timeout=10)
-    report = json.loads(out)
+        report = stop_load(load)
     assert report["failed"] == 0 and report["sessions"] > 100, (report["errors"], report["error_examples"])
     assert statuses and set(statuses) == {"RUNNING"}, statuses
     assert sup.log().count("event=spawner_started") == 1
+
+
+def stop_load(load: subprocess.Popen[str]) -> dict[str, Any]:
+    """SIGINT to a `gsrv load --json` (it stops starting sessions and finishes those running):
+    its report."""
+    load.send_signal(signal.SIGINT)
+    try:
+        out, _err = load.communicate(timeout=60)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait(timeout=10)
+    report: dict[str, Any] = json.loads(out)
+    return report

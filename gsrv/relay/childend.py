@@ -60,12 +60,18 @@ class PtyEnd:
     pipe). Its settings are the child's: tcgetattr on the master reads the slave's."""
 
     name = "pty"
-    __slots__ = ("eof_grace", "hung_up", "_sink")
+    __slots__ = ("eof_grace", "hung_up", "_sink", "carried")
 
     def __init__(self, eof_grace: float) -> None:
         self.eof_grace = eof_grace
         self.hung_up = False  # gsrv hung up the terminal: the client's input ended in raw mode
         self._sink: PtySink | None = None
+        self.carried = b""  # the last byte written, as an upgrade's previous code left it
+
+    @property
+    def last(self) -> bytes:
+        """The last byte written to the terminal (whether a line is open: its EOF's business)."""
+        return self._sink.last if self._sink is not None else self.carried
 
     def stdio(self, stderr: str) -> Stdio:
         """A new pty: its slave is the child's stdin and stdout (stderr too with "stdout")."""
@@ -73,6 +79,7 @@ class PtyEnd:
 
     def sink(self, child: Child) -> Sink:
         self._sink = PtySink(child.pty_master)
+        self._sink.last = self.carried
         return self._sink
 
     def source(self, child: Child, chunk: int) -> Source:
@@ -85,7 +92,7 @@ class PtyEnd:
             attrs = termios.tcgetattr(child.pty_master)
         except (OSError, termios.error):  # the child's side is gone: nothing to tell it
             return
-        eof = eof_input(attrs, self._sink.last if self._sink else b"")
+        eof = eof_input(attrs, self.last)
         if eof:
             fd = Fd(child.pty_master, WRITE)
             try:

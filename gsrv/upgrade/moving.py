@@ -5,6 +5,8 @@ values and fds (`packed`), unpacked by the new code into the parts a Service ado
 - splice and copy (plain TCP or unix, pipes, no recording): each direction moves from where
   it was (relaying, discarding, done), with its counts; a splice direction never holds a byte,
   a copy direction is `ready` only between chunks (the chunk it read was written).
+- the terminal page's sessions with reattach: detached, then reattached by the page
+  (upgrade/terminal.py).
 Every other session finishes within `upgrade_wait` or is ended before the exec
 (gsrv/upgrade/leave.py).
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 from gevent import socket as gsocket
 
+from gsrv.config.parse import ServiceConfig
 from gsrv.contain.scope import Limits
 from gsrv.edge.arrival import Arrival, Prelude, Visit
 from gsrv.edge.http import HttpConnection
@@ -29,7 +32,9 @@ from gsrv.relay.handoff import SocketRelay
 from gsrv.relay.relays import PipeRelay, SpliceRelay
 from gsrv.relay.session import Session
 from gsrv.relay.stdio import Stdio
+from gsrv.relay.ws.relay import WebSocketRelay
 from gsrv.spawn.process import Process
+from gsrv.upgrade.terminal import terminal_facts, terminal_movable, terminal_relay
 
 PUMPED = {"splice": SpliceRelay, "copy": PipeRelay}  # the pumping relays that move: exactly these classes
 
@@ -43,6 +48,8 @@ def movable(session: Session) -> bool:
         return False
     if isinstance(relay, SocketRelay):
         return True
+    if isinstance(relay, WebSocketRelay):
+        return terminal_movable(relay)
     return (type(relay) is PUMPED.get(relay.name if relay is not None else "") and isinstance(relay, PipeRelay)
             and relay.recording is None and isinstance(relay.child_end, Pipes))  # fmt: skip
 
@@ -65,6 +72,7 @@ def packed(session: Session) -> tuple[dict[str, Any], dict[str, int]]:
         "relay": relay.name,
         "spawn_seconds": session.spawn_seconds,
         "pumped": None if isinstance(relay, SocketRelay) else _pumped(relay),
+        "terminal": terminal_facts(relay) if isinstance(relay, WebSocketRelay) else None,
         "header_length": relay.header_length if isinstance(relay, SocketRelay) else 0,
         "reported": [relay.inbound.reported, relay.outbound.reported,
                      relay.rwnd.reported_blocked if isinstance(relay, SocketRelay) else 0.0],  # the metrics'
@@ -75,10 +83,14 @@ def packed(session: Session) -> tuple[dict[str, Any], dict[str, int]]:
             "contained": None if contained is None else {**asdict(contained[0]), "accounting": contained[1]},
         },
     }  # fmt: skip
-    fds = {f"session:{sid}:socket": relay.sock.fileno()}
-    for name in ("stdin", "stdout", "stderr"):
-        if getattr(child, name) >= 0:
-            fds[f"session:{sid}:{name}"] = getattr(child, name)
+    fds = (
+        {} if isinstance(relay, WebSocketRelay) else {f"session:{sid}:socket": relay.sock.fileno()}
+    )  # (a page reconnects)
+    ends = ("pty", "stderr") if child.pty_master >= 0 else ("stdin", "stdout", "stderr")
+    for name in ends:
+        fd = child.pty_master if name == "pty" else getattr(child, name)
+        if fd >= 0:
+            fds[f"session:{sid}:{name}"] = fd
     return values, fds
 
 
@@ -90,8 +102,7 @@ def _pumped(relay: PipeRelay) -> dict[str, Any]:
                        for m in (relay.inbound, relay.outbound, relay.discarded)]}  # fmt: skip
 
 
-def _pumping(name: str, sock: gsocket.socket, facts: dict[str, Any]) -> PipeRelay:
-    relay = PUMPED[name](sock, int(facts["chunk"]))  # (copy: on pipes, its default child end)
+def _pumping(relay: PipeRelay, facts: dict[str, Any]) -> PipeRelay:
     relay.phase_in, relay.phase_out = str(facts["phase_in"]), str(facts["phase_out"])
     relay.input_done, relay.client_eof = bool(facts["input_done"]), bool(facts["client_eof"])
     relay.output_eof = bool(facts["output_eof"])
@@ -114,15 +125,30 @@ class Unpacked:
     spawn_seconds: float | None
 
 
-def unpacked(values: dict[str, Any], fds: dict[str, int], launcher: Launcher, signal_in_exit: bool) -> Unpacked:
+def unpacked(values: dict[str, Any], fds: dict[str, int], launcher: Launcher, svc: ServiceConfig | None,
+             eof_grace: float) -> Unpacked:  # fmt: skip
     """The new code's: the parts of a session `packed` described, its fds taken from `fds`
-    (by role). Raises KeyError, TypeError or ValueError for values that are not a session's."""
+    (by role), for the service's config now (None: the config has no such service). Raises
+    KeyError, TypeError or ValueError for values that are not a session's (or that it cannot
+    serve: a terminal whose service no longer has a websocket table with reattach)."""
     sid = str(values["sid"])
-    fd = fds[f"session:{sid}:socket"]
-    sock = gsocket.socket(fileno=fd)
-    pumped = values["pumped"]
-    if pumped is None:
-        os.set_blocking(fd, True)  # the child's, as the handoff gave it (gevent made it non-blocking)
+    pumped, terminal = values["pumped"], values.get("terminal")
+    relay: SocketRelay | PipeRelay
+    if terminal is not None:
+        ws = svc.interact.websocket if svc is not None else None
+        if ws is None:
+            raise ValueError(f"session {sid}: its service has no websocket table now")
+        relay = _pumping(terminal_relay(terminal, ws, int(pumped["chunk"]), eof_grace), pumped)
+        sock, fd = relay.sock, -1
+    else:
+        fd = fds[f"session:{sid}:socket"]
+        sock = gsocket.socket(fileno=fd)
+        if pumped is None:
+            os.set_blocking(fd, True)  # the child's, as the handoff gave it (gevent made it non-blocking)
+            relay = SocketRelay(sock, int(values["header_length"]))
+            relay.inbound.reported, relay.outbound.reported, relay.rwnd.reported_blocked = values["reported"]
+        else:
+            relay = _pumping(PUMPED[str(values["relay"])](sock, int(pumped["chunk"])), pumped)
     visit = _visit(values, sock)
     moved = values["child"]
     process = Process(int(moved["generation"]), int(moved["at_exit"]))
@@ -131,21 +157,18 @@ def unpacked(values: dict[str, Any], fds: dict[str, int], launcher: Launcher, si
     if moved["status"] is not None:
         process.status = int(moved["status"])
         process.exited.set()
-    stdin, stdout, stderr = (fds.get(f"session:{sid}:{name}", -1) for name in ("stdin", "stdout", "stderr"))
+    stdin, stdout, stderr, pty = (fds.get(f"session:{sid}:{name}", -1) for name in ("stdin", "stdout", "stderr", "pty"))
+    if pty >= 0:
+        stdin = stdout = pty
     contained = moved["contained"]
     limits = None
     if contained is not None:
         limits = (Limits(int(contained["memory"]), int(contained["pids"]), float(contained["cpu"])),
                   bool(contained["accounting"]))  # fmt: skip
-    stdio = Stdio((-1, -1, -1), stdin, stdout, stderr, socket=fd if pumped is None else -1)
+    stdio = Stdio((-1, -1, -1), stdin, stdout, stderr, pty, socket=fd if pumped is None else -1)
+    signal_in_exit = svc.launch.signal_in_exit if svc is not None else False
     child = Child.moved(process, stdio, limits, signal_in_exit, launcher)
     child.signals_sent = [str(s) for s in moved["signals_sent"]]
-    relay: SocketRelay | PipeRelay
-    if pumped is None:
-        relay = SocketRelay(sock, int(values["header_length"]))
-        relay.inbound.reported, relay.outbound.reported, relay.rwnd.reported_blocked = values["reported"]
-    else:
-        relay = _pumping(str(values["relay"]), sock, pumped)
     spawn_seconds = values["spawn_seconds"]
     return Unpacked(str(values["service"]), visit, relay, child,
                     None if spawn_seconds is None else float(spawn_seconds))  # fmt: skip

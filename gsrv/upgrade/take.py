@@ -118,11 +118,11 @@ class Taken:
         moved = []
         for values in self.record.state.get("sessions", []):
             sid = str(values["sid"])
-            roles = (f"session:{sid}:{name}" for name in ("socket", "stdin", "stdout", "stderr"))
+            roles = (f"session:{sid}:{name}" for name in ("socket", "stdin", "stdout", "stderr", "pty"))
             fds = {role: fd for role in roles if (fd := self.fd(role)) is not None}
             service = next((s for s in server.services if s.cfg.name == values["service"]), None)
-            signal_in_exit = service.cfg.launch.signal_in_exit if service is not None else False
-            moved.append(unpacked(values, fds, server.launcher, signal_in_exit))
+            eof_grace = server.config.server.eof_grace
+            moved.append(unpacked(values, fds, server.launcher, service.cfg if service else None, eof_grace))
         return moved
 
     def spawner(self, spawner: Spawner, moved: list[Unpacked]) -> None:

@@ -62,6 +62,13 @@ class Seat:
         self.drops = 0
         self.ended = False  # the session is ending: no connection takes it now
 
+    def moved(self, token: str, drops: int) -> None:
+        """An upgrade's new code: the session's token as the page has it, its connection gone
+        with the previous code (the page reconnects: a close without a close frame, 1006)."""
+        self.token, self.drops = token, drops + 1
+        self.detached_since = time.monotonic()
+        self.attached.clear()
+
     @property
     def detached(self) -> bool:
         return self.detached_since is not None

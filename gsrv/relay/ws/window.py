@@ -51,6 +51,15 @@ class Window:
             if self.sent - self.base > self.size:
                 self._forget(self.sent - self.size)
 
+    def handed_over(self) -> dict[str, object]:
+        """Its counts and the output it keeps (an upgrade carries them, base64 being the record's)."""
+        return {"sent": self.sent, "acked": self.acked, "on": self.on, "base": self.base, "skip": self._skip,
+                "kept": None if self.kept is None else [bytes(piece) for piece in self.kept]}  # fmt: skip
+
+    def take_over(self, sent: int, acked: int, on: bool, base: int, skip: int, kept: list[bytes] | None) -> None:
+        self.sent, self.acked, self.on, self.base, self._skip = sent, acked, on, base, skip
+        self.kept = None if kept is None else deque(kept)
+
     def ack(self, text: bytes) -> None:
         """An "a" message's payload: the output rendered so far, in bytes."""
         if not text.isdigit() or len(text) > ACK_MAX:
