@@ -429,6 +429,20 @@ def gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.timeout(60)
+def test_an_upgrade_is_refused_while_gsrv_announces_its_stop(gsrv) -> None:  # type: ignore[no-untyped-def]
+    server = gsrv(SERVED.replace('upgrade_wait = "1s"', 'upgrade_wait = "1s"\ndrain_announce = "20s"'))
+    server.signal(signal.SIGTERM)
+    server.wait_log(r"event=announcing")
+    asked = urllib.request.Request(f"http://{admin_of(server)}/upgrade", data=b"{}", method="POST",
+                                   headers={"Content-Type": "application/json"})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(asked, timeout=30)
+    assert answer.value.code == 409
+    assert json.loads(answer.value.read())["why"] == "gsrv is announcing: an upgrade needs a serving gsrv"
+    server.wait_log(r"event=upgrade result=refused why=.*announcing")
+
+
 @pytest.mark.timeout(120)
 def test_sigusr2_upgrades_and_signals_sent_meanwhile_are_handled_after(gsrv) -> None:  # type: ignore[no-untyped-def]
     server = gsrv(SERVED)
@@ -444,7 +458,8 @@ def test_sigusr2_upgrades_and_signals_sent_meanwhile_are_handled_after(gsrv) -> 
     for _ in range(5):  # blocked from the exec until the new code's handlers are in: none is lost, none kills it
         server.signal(signal.SIGHUP)
         server.signal(signal.SIGUSR1)
-    server.wait_log(r"event=upgrade upgrade=1 result=ok .*moved=1", start=start, timeout=60)
+    line = server.wait_log(r"event=upgrade upgrade=1 result=ok .*moved=1", start=start, timeout=60)
+    assert "largest_pause_ms=0.0" in line, line  # a socket handoff's bytes never stopped
     server.wait_log(r"event=reloaded", start=start, timeout=30)
     server.wait_log(r"event=dump|idle_workers=", start=start, timeout=30)
     assert server.proc.poll() is None

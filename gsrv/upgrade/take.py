@@ -200,6 +200,9 @@ class Taken:
             "from_version": upgrade.get("from_version"),
             "moved": running, "lost": moved - running, "ended": upgrade.get("ended", 0),
             "settled_ms": upgrade.get("settled_ms"), "exec_ms": round((time.monotonic() - exec_at) * 1000, 1),
+            "largest_pause_ms": 0.0,
         }  # fmt: skip
+        pumped = any(values.get("pumped") is not None for values in self.record.state.get("sessions", []))
+        result["largest_pause_ms"] = result["exec_ms"] if pumped else 0.0  # a socket handoff's bytes never stop
         (log.info if self.failed is None else log.error)("upgrade", **result)
         return result
