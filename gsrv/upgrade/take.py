@@ -113,8 +113,8 @@ class Taken:
         guardian.adopt(int(state["pid"]), fd, err, str(state.get("pending", "")))
 
     def sessions(self, server: Server) -> list[Unpacked]:
-        """The moved sessions' parts, their fds taken (a session of a service this config does
-        not have is among them: `run` ends it)."""
+        """The moved sessions' parts, their fds taken (one of a service this config does not
+        have is among them: `run` ends it)."""
         moved = []
         for values in self.record.state.get("sessions", []):
             sid = str(values["sid"])
@@ -134,7 +134,8 @@ class Taken:
 
     def run(self, server: Server, moved: list[Unpacked], log: Log) -> int:
         """Each moved session adopted by its service and running; returns how many. One whose
-        service this config lacks is ended (reason=upgrade_failed) through a service-less ladder."""
+        service this config lacks (the check refuses such a config; a race can still make one)
+        gets `upgrade_session_lost` and its child's stop ladder, its connection reset."""
         running = 0
         for parts in moved:
             service = next((s for s in server.services if s.cfg.name == parts.service), None)
